@@ -1,0 +1,240 @@
+"""Typed run configuration: pydantic models loaded from manifests/*.yaml, overridable from the CLI.
+
+Every section forbids unknown keys. Fields marked ``runtime=True`` (batch sizes, worker counts,
+endpoints) do not change a stage's output and are left out of its config fingerprint, so tuning
+them never invalidates committed shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+
+_UNSET: Any = object()
+
+
+def runtime(default: Any = _UNSET, **kwargs: Any) -> Any:
+    """A field that tunes speed or placement only: excluded from the config fingerprint."""
+    extra = kwargs.pop("json_schema_extra", {}) or {}
+    extra["runtime"] = True
+    if default is not _UNSET:
+        kwargs["default"] = default
+    return Field(json_schema_extra=extra, **kwargs)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SamplingConfig(Section):
+    """Decoding parameters (the method's defaults differ per use; each stage sets its own)."""
+
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    n: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class EngineConfig(Section):
+    """Which engine backend runs a model, and how. Chosen per stage in the manifest."""
+
+    backend: Literal["hf", "vllm", "openai", "noop"] = "hf"
+    model: str = ""
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = runtime("auto")
+    batch_size: int = runtime(32, ge=1)
+    max_batch_tokens: int = runtime(65_536, ge=1)
+    max_pixels: int = Field(1_003_520, ge=28 * 28)
+    min_pixels: int = Field(3_136, ge=1)
+    preprocess_workers: int = runtime(2, ge=0)
+    chunk_size: int = runtime(4096, ge=1)
+    gpu_memory_utilization: float = runtime(0.9, gt=0.0, le=1.0)
+    tensor_parallel_size: int = runtime(1, ge=1)
+    base_url: str = runtime("http://127.0.0.1:8000/v1")
+    api_key_env: str = runtime("OPENAI_API_KEY")
+    concurrency: int = runtime(64, ge=1)
+    timeout_s: float = runtime(120.0, gt=0)
+    max_retries: int = runtime(4, ge=0)
+    noop_text: str = "A placeholder caption."
+
+
+class DownloadConfig(Section):
+    """URL list -> image WebDataset shards (img2dataset)."""
+
+    urls: str | None = None
+    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = "auto"
+    url_col: str = "url"
+    caption_col: str | None = None
+    save_additional_columns: list[str] = Field(default_factory=list)
+    image_size: int = Field(512, ge=8)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    min_image_size: int = Field(0, ge=0)
+    max_image_area: float = Field(float("inf"), gt=0)
+    max_aspect_ratio: float = Field(float("inf"), gt=0)
+    timeout_s: float = runtime(10.0, gt=0)
+    retries: int = runtime(0, ge=0)
+    processes: int = runtime(1, ge=1)
+    threads: int = runtime(32, ge=1)
+    user_agent_token: str = runtime("caprl-pipeline")
+    disallowed_header_directives: list[str] = runtime(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+
+
+class QAConfig(Section):
+    """MCQ generation and the quality gate."""
+
+    generator: EngineConfig = Field(default_factory=EngineConfig)
+    filter: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class TrainConfig(Section):
+    """RL training of the captioner (or registering a trained checkpoint)."""
+
+    policy: EngineConfig = Field(default_factory=EngineConfig)
+    reader: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class AnnotateConfig(Section):
+    """The captioner over image shards."""
+
+    captioner: EngineConfig = Field(default_factory=EngineConfig)
+    prompt: str = "Please describe this image in detail."
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=2048)
+    )
+
+
+class EvaluateConfig(Section):
+    """Prism-style caption quality."""
+
+    captioner: EngineConfig = Field(default_factory=EngineConfig)
+    reader: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class SlurmConfig(Section):
+    """How `submit` renders sbatch scripts: environment set-up lines run before the task."""
+
+    setup: list[str] = runtime(default_factory=list)
+    partition: str | None = runtime(None)
+    account: str | None = runtime(None)
+    extra_sbatch: list[str] = runtime(default_factory=list)
+
+
+class RunConfig(Section):
+    """One run of the pipeline: where it lives, how rows are cut into shards, and each stage's settings."""
+
+    name: str = "run"
+    root: str = "./run"
+    shard_size: int = Field(10_000, ge=1, le=10_000)
+    work_dir: str | None = runtime(None, description="local scratch for staging outputs (default: system temp)")
+    storage_options: dict[str, Any] = runtime(default_factory=dict)
+    stages: dict[str, str] = Field(
+        default_factory=dict, description="extra stages: name -> 'module' or 'module:attr' (plugins)"
+    )
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    qa: QAConfig = Field(default_factory=QAConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    extra: dict[str, Any] = Field(default_factory=dict, description="free-form settings for plugin stages")
+
+    def section(self, stage: str) -> BaseModel | dict[str, Any]:
+        """The config section a stage reads (plugin stages read `extra[stage]`)."""
+        value = getattr(self, stage, None)
+        if isinstance(value, BaseModel):
+            return value
+        return self.extra.get(stage, {})
+
+    def fingerprint(self, stage: str) -> str:
+        """sha256 of what determines a stage's output: its section (less runtime fields) and shard_size."""
+        section = self.section(stage)
+        payload = {"stage": stage, "shard_size": self.shard_size, "section": _semantic_dump(section)}
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def _semantic_dump(value: Any) -> Any:
+    """model_dump without the fields marked runtime=True, recursively."""
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, field in type(value).model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("runtime"):
+                continue
+            out[name] = _semantic_dump(getattr(value, name))
+        return out
+    if isinstance(value, dict):
+        return {k: _semantic_dump(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_semantic_dump(v) for v in value]
+    return value
+
+
+def load_config(manifest: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> RunConfig:
+    """Load a manifest YAML (or defaults), apply `key.path=value` overrides, then explicit fields."""
+    data: dict[str, Any] = {}
+    if manifest is not None:
+        path = Path(manifest)
+        if not path.is_file():
+            raise ConfigError(f"manifest not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"manifest {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"manifest {path} must be a mapping at the top level")
+        data = loaded or {}
+    for item in overrides or []:
+        _apply_override(data, item)
+    for key, value in fields.items():
+        if value is not None:
+            data[key] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, manifest)) from None
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {item!r}: expected key.path=value, e.g. annotate.captioner.batch_size=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"bad override {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(exc: ValidationError, manifest: str | Path | None) -> str:
+    where = f" in {manifest}" if manifest else ""
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        problems.append(f"{loc}: {msg}")
+    return f"invalid configuration{where}: " + "; ".join(problems)

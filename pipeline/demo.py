@@ -1,0 +1,120 @@
+"""The demo: synthetic scenes served over HTTP on 127.0.0.1, then every available stage end to end on CPU."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import random
+import socket
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import world
+from pipeline.errors import PipelineError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MANIFEST = REPO_ROOT / "manifests" / "demo.yaml"
+WORLD_TABLE = "world.parquet"
+URL_LIST = "urls.parquet"
+
+
+def make_demo_data(out_dir: str | Path, n_images: int = 60, seed: int = 0, size: int = world.IMAGE_SIZE) -> Path:
+    """Render n scenes to out_dir/images/*.png and write out_dir/world.parquet (ground truth). Deterministic."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_images):
+        scene = world.sample_scene(rng)
+        name = f"scene_{i:05d}.png"
+        (out / "images" / name).write_bytes(world.encode(world.render(scene, size)))
+        mcqs = world.pick_mcqs(scene, rng, k=5)
+        rows.append({
+            "scene_id": i,
+            "file": f"images/{name}",
+            "scene": scene.to_json(),
+            "reference_caption": world.caption(scene, i % 3),
+            "mcqs": json.dumps([q.to_dict() for q in mcqs]),
+        })
+    pq.write_table(pa.Table.from_pylist(rows), out / WORLD_TABLE)
+    return out
+
+
+def write_url_list(data_dir: str | Path, base_url: str) -> Path:
+    """urls.parquet: one row per scene with its URL and the ground truth carried through as extra columns."""
+    data = Path(data_dir)
+    table = pq.read_table(data / WORLD_TABLE).to_pylist()
+    rows = [{"url": f"{base_url.rstrip('/')}/{r['file']}", "caption": r["reference_caption"],
+             "scene_id": r["scene_id"], "scene": r["scene"], "mcqs": r["mcqs"]} for r in table]
+    path = data / URL_LIST
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@contextmanager
+def serve_directory(directory: str | Path, port: int = 0):
+    """A quiet threaded HTTP server for `directory` on 127.0.0.1; yields its base URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # noqa: D401 - silence request logs
+            pass
+
+    handler = functools.partial(Quiet, directory=str(directory))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as exc:
+        raise PipelineError(f"cannot serve the demo images on 127.0.0.1:{port}: {exc}; pass another --port") from None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str | None, out=sys.stdout) -> int:
+    """Generate the demo world, serve it, and run every available stage over all its shards."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_stage
+    from pipeline.shards import format_shard_spec
+    from pipeline.stage import STAGE_ORDER, available_stages
+
+    data = Path(data_dir)
+    if not (data / WORLD_TABLE).exists():
+        make_demo_data(data, n_images=n_images)
+        print(f"demo: rendered {n_images} scenes into {data}/", file=out)
+    manifest_path = manifest or (str(DEMO_MANIFEST) if DEMO_MANIFEST.exists() else None)
+    config = load_config(manifest_path, overrides=[f"download.urls={data / URL_LIST}"], root=root)
+    num_shards = -(-n_images // config.shard_size)
+    shards = list(range(num_shards))
+    with serve_directory(data, port) as base_url:
+        write_url_list(data, base_url)
+        print(f"demo: serving {data}/ at {base_url}; root {config.root}; shards {format_shard_spec(shards)}", file=out)
+        stages = [s for s in STAGE_ORDER if s in available_stages(config)]
+        if not stages:
+            print("demo: no stage is implemented yet; the demo world is ready in", data, file=out)
+            return 0
+        code = 0
+        for stage in stages:
+            report = run_stage(config, stage, shards, out=out)
+            code = max(code, report.exit_code)
+            if report.exit_code:
+                break
+    print(f"demo: finished ({', '.join(stages)}); outputs under {config.root}", file=out)
+    return code

@@ -1,0 +1,37 @@
+"""Errors a user can cause and fix: the CLI prints them as one line, never a traceback."""
+
+
+class PipelineError(Exception):
+    """A mistake in the user's input or environment, reported as one clear line."""
+
+
+class ShardSpecError(PipelineError):
+    """A shard spec such as '0-999' or '3,7,10-12' that cannot be parsed."""
+
+
+class ConfigError(PipelineError):
+    """A run manifest or override that does not validate."""
+
+
+class StorageError(PipelineError):
+    """The storage root cannot be reached or read."""
+
+
+class MissingInputError(PipelineError):
+    """A shard's input from the previous stage is not committed."""
+
+
+class RunDriftError(PipelineError):
+    """Settings that would renumber the shards of an existing run."""
+
+
+class UnknownStageError(PipelineError):
+    """A stage name that is not registered."""
+
+
+class Preempted(BaseException):  # noqa: N818 - a signal, not an error
+    """Raised in the main thread on SIGTERM/SIGUSR1 so the current shard aborts cleanly."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"received signal {signum}")
+        self.signum = signum

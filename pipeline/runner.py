@@ -1,0 +1,174 @@
+"""Run one stage over a set of shards in this process: skip committed, isolate failures, report."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.config import RunConfig
+from pipeline.errors import PipelineError, Preempted
+from pipeline.shards import format_shard_spec, shard_name
+from pipeline.stage import RunContext, ShardContext, ShardStats, load_stage, marker_digest, timed
+from pipeline.storage import Storage, now_iso, task_identity
+
+log = logging.getLogger("pipeline.runner")
+
+EXIT_OK = 0
+EXIT_SHARDS_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75
+"""EX_TEMPFAIL: the task stopped on a signal before finishing; safe to requeue."""
+
+
+@dataclass
+class RunReport:
+    stage: str
+    committed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    preempted: int | None = None
+    stats: dict[int, ShardStats] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        if self.preempted is not None:
+            return EXIT_PREEMPTED
+        return EXIT_SHARDS_FAILED if self.failed else EXIT_OK
+
+    def summary(self) -> str:
+        parts = [f"{self.stage}: {len(self.committed)} committed, {len(self.skipped)} skipped (already committed)"]
+        if self.failed:
+            parts.append(f"{len(self.failed)} FAILED [{format_shard_spec(self.failed)}]")
+        if self.preempted is not None:
+            parts.append(f"stopped by signal {self.preempted}; rerun to finish")
+        return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def preemption_signals() -> Iterator[None]:
+    """Turn SIGTERM/SIGUSR1 into a Preempted exception in the main thread for the duration."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Preempted(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, prev in old.items():
+            signal.signal(sig, prev)
+
+
+def run_stage(
+    config: RunConfig,
+    stage: str,
+    shards: list[int],
+    *,
+    force: bool = False,
+    storage: Storage | None = None,
+    resources: dict[str, Any] | None = None,
+    progress: bool = True,
+    out=None,
+) -> RunReport:
+    """Run `stage` over `shards` in sequence with one set of shared resources (engines load once)."""
+    out = out or sys.stdout
+    module = load_stage(stage, config)
+    storage = storage or Storage(config.root, config.storage_options, config.work_dir)
+    storage.check_reachable()
+    storage.ensure_run_meta({"shard_size": config.shard_size})
+    resources = {} if resources is None else resources
+    fingerprint = config.fingerprint(stage)
+    report = RunReport(stage=stage)
+    input_stage = getattr(module, "INPUT_STAGE", None)
+
+    prepare = getattr(module, "prepare", None)
+    if prepare is not None:
+        prepare(RunContext(config, storage, stage, shards, resources, log))
+
+    done = storage.committed(stage, fingerprint)
+    upstream = storage.markers(input_stage) if input_stage else {}
+
+    def is_current(shard: int) -> bool:
+        marker = done.get(shard)
+        if marker is None:
+            return False
+        if input_stage and shard in upstream:
+            key = f"{input_stage}/{shard_name(shard)}"
+            recorded = marker.get("inputs", {}).get(key)
+            return recorded is None or recorded == marker_digest(upstream[shard])
+        return True
+
+    todo = [s for s in shards if force or not is_current(s)]
+    report.skipped = [s for s in shards if s not in todo]
+    if report.skipped:
+        print(f"{stage}: skipping {len(report.skipped)} committed shard(s) [{format_shard_spec(report.skipped)}]", file=out)
+
+    bar = tqdm(todo, desc=stage, unit="shard", disable=not progress or not todo, file=sys.stderr, leave=False)
+    with preemption_signals():
+        try:
+            for shard in bar:
+                _run_one(module, config, storage, stage, shard, fingerprint, resources, report, out)
+        except Preempted as sig:
+            report.preempted = sig.signum
+    bar.close()
+    print(report.summary(), file=out)
+    return report
+
+
+def _run_one(module, config, storage, stage, shard, fingerprint, resources, report, out) -> None:
+    name = shard_name(shard)
+    txn = storage.begin(stage, shard)
+    storage.claim(stage, shard)
+    ctx = ShardContext(
+        config=config, storage=storage, stage=stage, output_dir=module.OUTPUT_DIR,
+        txn=txn, resources=resources, log=logging.getLogger(f"pipeline.{stage}"),
+    )
+    started = time.time()
+    try:
+        stats = timed(lambda: module.run_shard(ctx, shard))
+        if not isinstance(stats, ShardStats):
+            raise TypeError(f"stage {stage}.run_shard returned {type(stats).__name__}, expected ShardStats")
+        with open(ctx.output("_stats.json"), "w") as f:
+            json.dump({"stage": stage, "shard": shard, **stats.to_dict()}, f, indent=2, sort_keys=True)
+        txn.commit({
+            "config_fingerprint": fingerprint,
+            "inputs": ctx.inputs,
+            "rows": {"total": stats.rows, "ok": stats.ok, "failed": stats.failed},
+            "stats": stats.to_dict(),
+            "started_at": started,
+        })
+        storage.clear_failure(stage, shard)
+        report.committed.append(shard)
+        report.stats[shard] = stats
+        print(f"{stage} {name}: {stats.line()}", file=out, flush=True)
+    except Preempted:
+        txn.cleanup()
+        storage.release(stage, shard)
+        raise
+    except Exception as exc:  # noqa: BLE001 - isolate any shard failure
+        txn.cleanup()
+        message = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+        storage.record_failure(stage, shard, {
+            "stage": stage, "shard": shard, "error": message, "error_type": type(exc).__name__,
+            "traceback": traceback.format_exc(), "failed_at": now_iso(), **task_identity(),
+        })
+        report.failed[shard] = message
+        print(f"{stage} {name}: FAILED: {message}", file=out, flush=True)
+        log.debug("shard %s failed", name, exc_info=True)
+    finally:
+        storage.release(stage, shard)

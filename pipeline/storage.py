@@ -1,0 +1,362 @@
+"""The dataset layout on any fsspec URL and the shard commit protocol.
+
+Layout (ROOT is a local path or a URL such as s3://bucket/prefix)::
+
+    ROOT/run.json                       shard numbering guard
+    ROOT/<stage dir>/00042.*            committed outputs (images/, qa/, captions/, eval/...)
+    ROOT/_done/<stage>/00042.json       commit markers, written last
+    ROOT/_failed/<stage>/00042.json     the last failure of an uncommitted shard
+    ROOT/_running/<stage>/00042.json    claims of shards in progress
+    ROOT/_tmp/                          staging for local roots (same filesystem: renames are atomic)
+    ROOT/logs/                          task logs, sbatch scripts
+
+Commit protocol: a stage writes every output into a private staging folder; commit moves each
+file to its final name (an atomic rename locally; on object stores an upload whose size is
+verified), then writes the marker. A shard is committed iff its marker exists, its config
+fingerprint matches, and every output it lists exists with the recorded size. A killed task
+leaves at worst final-named files without a marker, which nothing trusts and the rerun replaces.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+import pipeline
+from pipeline.errors import MissingInputError, RunDriftError, StorageError
+from pipeline.shards import shard_name
+
+DONE_DIR = "_done"
+FAILED_DIR = "_failed"
+RUNNING_DIR = "_running"
+TMP_DIR = "_tmp"
+LOGS_DIR = "logs"
+RUN_META = "run.json"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@cache
+def code_version() -> str:
+    """pipeline version plus the git commit of the checkout it runs from, when there is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{pipeline.__version__}+{sha}" if sha else pipeline.__version__
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Storage:
+    """A pipeline ROOT on any fsspec filesystem."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None, work_dir: str | None = None):
+        self.root_url = root.rstrip("/") or "/"
+        try:
+            self.fs, path = url_to_fs(self.root_url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise StorageError(f"cannot open storage root {root!r}: {exc}") from None
+        self.root = path.rstrip("/") or "/"
+        self.is_local = "file" in _protocols(self.fs)
+        if self.is_local:
+            self.root = os.path.abspath(self.root)
+        self.work_dir = work_dir
+        self.storage_options = storage_options or {}
+
+    # -- paths -------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """Filesystem path (no protocol) of a location under ROOT."""
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def url(self, *parts: str) -> str:
+        """Full URL (with protocol) of a location under ROOT, for users and other libraries."""
+        p = self.path(*parts)
+        return p if self.is_local else self.fs.unstrip_protocol(p)
+
+    # -- basic I/O ---------------------------------------------------------------------------
+    def check_reachable(self, create: bool = True) -> None:
+        """Fail with one clear line if ROOT cannot be listed (or created)."""
+        try:
+            if create:
+                self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            raise StorageError(f"storage root {self.root_url} does not exist") from None
+        except Exception as exc:  # noqa: BLE001 - any backend error means unreachable
+            raise StorageError(f"storage root {self.root_url} is unreachable: {type(exc).__name__}: {exc}") from None
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_json(self, *parts: str) -> Any | None:
+        try:
+            with self.fs.open(self.path(*parts), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, rel: str, data: Any) -> None:
+        """Write JSON atomically (rename locally; a single PUT on object stores)."""
+        self.write_bytes(rel, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+    def write_bytes(self, rel: str, blob: bytes) -> None:
+        target = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{os.path.dirname(target)}/.{os.path.basename(target)}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, blob)
+
+    def remove(self, rel: str) -> None:
+        try:
+            self.fs.rm(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def list_json(self, rel_dir: str) -> dict[str, Any]:
+        """name -> parsed JSON for every *.json directly under rel_dir (empty if absent)."""
+        d = self.path(rel_dir)
+        try:
+            names = self.fs.ls(d, detail=False)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for name in names:
+            base = name.rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(".json") and not base.startswith("."):
+                try:
+                    with self.fs.open(name, "rb") as f:
+                        out[base[: -len(".json")]] = json.loads(f.read())
+                except (FileNotFoundError, json.JSONDecodeError):
+                    continue
+        return out
+
+    def open(self, rel: str, mode: str = "rb"):
+        return self.fs.open(self.path(rel), mode)
+
+    # -- run.json guard ----------------------------------------------------------------------
+    def ensure_run_meta(self, meta: dict[str, Any], must_match: tuple[str, ...] = ("shard_size",)) -> dict[str, Any]:
+        """Record the run's numbering settings, or refuse settings that would renumber its shards."""
+        existing = self.read_json(RUN_META)
+        if existing is None:
+            record = {**meta, "created_at": now_iso(), "code_version": code_version()}
+            self.write_json(RUN_META, record)
+            return record
+        for key in must_match:
+            if key in meta and key in existing and existing[key] != meta[key]:
+                raise RunDriftError(
+                    f"refusing to run: {key} is {meta[key]!r} but {self.url(RUN_META)} records {existing[key]!r}; "
+                    "this would renumber the existing shards. Use a new --root, or restore the original setting."
+                )
+        missing = {k: v for k, v in meta.items() if k not in existing}
+        if missing:
+            existing.update(missing)
+            self.write_json(RUN_META, existing)
+        return existing
+
+    def run_meta(self) -> dict[str, Any] | None:
+        return self.read_json(RUN_META)
+
+    # -- commit markers ----------------------------------------------------------------------
+    def marker_rel(self, stage: str, shard: int) -> str:
+        return f"{DONE_DIR}/{stage}/{shard_name(shard)}.json"
+
+    def marker(self, stage: str, shard: int) -> dict[str, Any] | None:
+        return self.read_json(self.marker_rel(stage, shard))
+
+    def markers(self, stage: str) -> dict[int, dict[str, Any]]:
+        """shard -> marker for every committed-looking shard of a stage (one listing)."""
+        return {int(k): v for k, v in self.list_json(f"{DONE_DIR}/{stage}").items() if k.isdigit()}
+
+    def output_sizes(self, rel_dirs: set[str]) -> dict[str, int]:
+        """rel path -> size for every file under the given output dirs (one listing per dir)."""
+        sizes: dict[str, int] = {}
+        for rel_dir in rel_dirs:
+            try:
+                entries = self.fs.find(self.path(rel_dir), detail=True)
+            except FileNotFoundError:
+                continue
+            for path, info in entries.items():
+                rel = path[len(self.root) :].lstrip("/") if path.startswith(self.root) else path
+                sizes[rel] = int(info.get("size") or 0)
+        return sizes
+
+    def committed(self, stage: str, fingerprint: str | None = None) -> dict[int, dict[str, Any]]:
+        """shard -> marker for shards that are committed: marker present, fingerprint matching, outputs intact."""
+        markers = self.markers(stage)
+        dirs = {rel.rsplit("/", 1)[0] for m in markers.values() for rel in m.get("outputs", {}) if "/" in rel}
+        sizes = self.output_sizes(dirs)
+        good = {}
+        for shard, m in markers.items():
+            if fingerprint is not None and m.get("config_fingerprint") != fingerprint:
+                continue
+            if all(sizes.get(rel) == info["size"] for rel, info in m.get("outputs", {}).items()):
+                good[shard] = m
+        return good
+
+    def is_committed(self, stage: str, shard: int, fingerprint: str | None = None) -> bool:
+        m = self.marker(stage, shard)
+        if m is None or (fingerprint is not None and m.get("config_fingerprint") != fingerprint):
+            return False
+        for rel, info in m.get("outputs", {}).items():
+            try:
+                if int(self.fs.size(self.path(rel))) != info["size"]:
+                    return False
+            except FileNotFoundError:
+                return False
+        return True
+
+    def require_committed(self, stage: str, shard: int) -> dict[str, Any]:
+        """The marker of an upstream shard, or a clear error telling the user what to run first."""
+        if not self.is_committed(stage, shard):
+            raise MissingInputError(
+                f"input shard {shard_name(shard)} of stage '{stage}' is not committed under {self.root_url}; "
+                f"run: python -m pipeline run --stage {stage} --shards {shard}"
+            )
+        return self.marker(stage, shard)  # type: ignore[return-value]
+
+    # -- failure and claim records -----------------------------------------------------------
+    def record_failure(self, stage: str, shard: int, record: dict[str, Any]) -> None:
+        self.write_json(f"{FAILED_DIR}/{stage}/{shard_name(shard)}.json", record)
+
+    def clear_failure(self, stage: str, shard: int) -> None:
+        self.remove(f"{FAILED_DIR}/{stage}/{shard_name(shard)}.json")
+
+    def failures(self, stage: str) -> dict[int, dict[str, Any]]:
+        return {int(k): v for k, v in self.list_json(f"{FAILED_DIR}/{stage}").items() if k.isdigit()}
+
+    def claim(self, stage: str, shard: int) -> None:
+        self.write_json(f"{RUNNING_DIR}/{stage}/{shard_name(shard)}.json", task_identity())
+
+    def release(self, stage: str, shard: int) -> None:
+        self.remove(f"{RUNNING_DIR}/{stage}/{shard_name(shard)}.json")
+
+    def claims(self, stage: str) -> dict[int, dict[str, Any]]:
+        return {int(k): v for k, v in self.list_json(f"{RUNNING_DIR}/{stage}").items() if k.isdigit()}
+
+    # -- transactions ------------------------------------------------------------------------
+    def begin(self, stage: str, shard: int) -> ShardTransaction:
+        """Start (re)writing a shard: drop its marker first, clear stale staging, open a fresh staging dir."""
+        self.remove(self.marker_rel(stage, shard))
+        token = uuid.uuid4().hex[:12]
+        if self.is_local:
+            base = self.path(TMP_DIR, stage)
+            os.makedirs(base, exist_ok=True)
+            prefix = f"{shard_name(shard)}-"
+            for entry in os.listdir(base):
+                if entry.startswith(prefix):
+                    shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+            staging = os.path.join(base, prefix + token)
+            os.makedirs(staging)
+        else:
+            staging = tempfile.mkdtemp(prefix=f"pipeline-{stage}-{shard_name(shard)}-", dir=self.work_dir)
+        return ShardTransaction(storage=self, stage=stage, shard=shard, staging=staging)
+
+
+def task_identity() -> dict[str, Any]:
+    """Who is doing the work: host, pid and SLURM ids when present."""
+    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "time": now_iso()}
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        if var in os.environ:
+            ident[var.lower()] = os.environ[var]
+    return ident
+
+
+@dataclass
+class ShardTransaction:
+    """Outputs of one shard in progress. Stages write to `path(rel)`; nothing is visible until commit."""
+
+    storage: Storage
+    stage: str
+    shard: int
+    staging: str
+    _outputs: list[str] = field(default_factory=list)
+    done: bool = False
+
+    def path(self, rel: str) -> str:
+        """A local path to write the output that will be committed as ROOT/<rel>."""
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise ValueError(f"output path must be relative to ROOT: {rel!r}")
+        local = os.path.join(self.staging, rel.replace("/", "__"))
+        if rel not in self._outputs:
+            self._outputs.append(rel)
+        return local
+
+    @property
+    def outputs(self) -> list[str]:
+        return list(self._outputs)
+
+    def commit(self, marker_fields: dict[str, Any]) -> dict[str, Any]:
+        """Finalize every staged output, then write the marker (last). Returns the marker."""
+        st = self.storage
+        outputs: dict[str, dict[str, Any]] = {}
+        for rel in self._outputs:
+            local = os.path.join(self.staging, rel.replace("/", "__"))
+            if not os.path.exists(local):
+                raise FileNotFoundError(f"stage declared output {rel} but did not write it")
+            size = os.path.getsize(local)
+            outputs[rel] = {"size": size, "sha256": sha256_file(local)}
+            target = st.path(rel)
+            if st.is_local:
+                with open(local, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(local, target)
+            else:
+                st.fs.put_file(local, target)
+                remote = int(st.fs.size(target))
+                if remote != size:
+                    raise OSError(f"upload of {rel} is {remote} bytes, expected {size}")
+        marker = {
+            "stage": self.stage,
+            "shard": self.shard,
+            "outputs": outputs,
+            "code_version": code_version(),
+            "committed_at": now_iso(),
+            **task_identity(),
+            **marker_fields,
+        }
+        st.write_json(st.marker_rel(self.stage, self.shard), marker)
+        self.done = True
+        self.cleanup()
+        return marker
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)

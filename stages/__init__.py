@@ -1,0 +1,1 @@
+"""One module per stage, each exposing run_shard(ctx, shard) -> ShardStats (see pipeline/stage.py)."""
