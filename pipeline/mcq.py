@@ -166,3 +166,17 @@ def reader_messages(caption: str, shown: ShuffledMCQ, few_shot: bool = True) -> 
             msgs.append({"role": "assistant", "content": f"{READER_PREFILL} {answer}."})
     msgs.append({"role": "user", "content": _reader_user_turn(caption, shown.mcq.question, shown.lettered())})
     return msgs
+
+
+FILTER_SYSTEM = "Answer the multiple-choice question. Reply with the letter of one option only."
+
+
+def filter_messages(shown: ShuffledMCQ, with_image: bool) -> list[dict]:
+    """The quality gate's query: the question (with the image, or without it), options, letter answer.
+
+    With the image the gate appends NONE_OF_THE_ABOVE via shuffle_options(extra_option=...).
+    The assistant turn is left for the engine to pre-fill with READER_PREFILL.
+    """
+    text = f"Question: {shown.mcq.question.strip()}\n" + "\n".join(shown.lettered())
+    content: list[dict] | str = [{"type": "image"}, {"type": "text", "text": text}] if with_image else text
+    return [{"role": "system", "content": FILTER_SYSTEM}, {"role": "user", "content": content}]
