@@ -14,9 +14,13 @@ the header, so a tiny file declaring 50,000 x 50,000 pixels is refused before an
 
 from __future__ import annotations
 
+import atexit
+import io
 import math
 import os
 import re
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -102,7 +106,7 @@ def precheck(data: bytes, max_pixels: float) -> str | None:
     if truncated:
         return f"decode_error: truncated {kind.upper()} ({truncated})"
     try:
-        with Image.open(_BytesView(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
     except Image.DecompressionBombError as exc:
         return f"too_large: {exc}"
@@ -132,19 +136,6 @@ def _truncated(kind: str, data: bytes) -> str | None:
     if kind == "webp" and len(data) < int.from_bytes(data[4:8], "little") + 8:
         return f"{len(data)} of {int.from_bytes(data[4:8], 'little') + 8} bytes"
     return None
-
-
-class _BytesView:
-    """A minimal read-only file over bytes for PIL (avoids copying the body)."""
-
-    def __init__(self, data: bytes):
-        import io
-
-        self._f = io.BytesIO(data)
-        self.read, self.seek, self.tell = self._f.read, self._f.seek, self._f.tell
-
-    def close(self) -> None:
-        self._f.close()
 
 
 class GuardedResizer(Resizer):
@@ -213,9 +204,45 @@ def classify(message: str | None) -> str | None:
 
 # -- running img2dataset ----------------------------------------------------------------------
 
-def make_pool(processes: int) -> Pool:
-    """A spawned worker pool (img2dataset's own choice: fork is unsafe with threads)."""
-    return get_context("spawn").Pool(processes)
+_POOLS: dict[int, Pool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(processes: int) -> Pool:
+    """A spawned worker pool of `processes` workers, started once per process and reused by every shard and run.
+
+    Spawn, as img2dataset does (fork is unsafe with threads). Workers import cv2/albumentations, which
+    takes seconds, so the pool outlives a shard; it is terminated at exit, and each worker exits on its
+    own if this process dies (SIGKILL included).
+    """
+    with _POOLS_LOCK:
+        pool = _POOLS.get(processes)
+        if pool is None:
+            pool = get_context("spawn").Pool(processes, initializer=_watch_parent, initargs=(os.getpid(),))
+            _POOLS[processes] = pool
+        return pool
+
+
+@atexit.register
+def close_pools() -> None:
+    """Terminate the shared pools (also runs at interpreter exit)."""
+    with _POOLS_LOCK:
+        for pool in _POOLS.values():
+            pool.terminate()
+            pool.join()
+        _POOLS.clear()
+
+
+def _watch_parent(parent: int) -> None:
+    """Pool initializer: exit the worker when the process that started it is gone."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
 
 def make_downloader(opts: FetchOptions, out_dir: str, sub_size: int) -> Downloader:

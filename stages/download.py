@@ -24,7 +24,7 @@ from fsspec.core import split_protocol
 from pipeline import imageshards, urllist
 from pipeline.config import DownloadConfig, RunConfig
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.fetch import TRANSIENT, FetchOptions, fetch, make_pool
+from pipeline.fetch import TRANSIENT, FetchOptions, fetch, shared_pool
 from pipeline.shards import MAX_SHARD, format_shard_spec, shard_name
 from pipeline.stage import RunContext, ShardContext, ShardStats
 from pipeline.storage import Storage, code_version, now_iso
@@ -152,7 +152,7 @@ def _fetch(ctx: ShardContext, rows: list[int], urls: list[str | None]) -> tuple[
     """Fetch rows, then up to `retries` more passes over transient failures. (results, seconds, retried)."""
     cfg = ctx.config.download
     opts = fetch_options(cfg)
-    pool = ctx.resource(f"download.pool.{cfg.processes}", lambda: make_pool(cfg.processes)) if cfg.processes > 1 else None
+    pool = shared_pool(cfg.processes) if cfg.processes > 1 else None
     t0 = time.perf_counter()
     results = fetch(rows, urls, opts, os.path.join(ctx.txn.staging, "fetch-0"), pool)
     retried = 0
