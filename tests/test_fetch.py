@@ -74,3 +74,12 @@ def test_guarded_resizer_refuses_before_decoding_and_resizes_otherwise():
 ])
 def test_classify(message, reason):
     assert classify(message) == reason
+
+
+def test_rows_without_a_usable_url_fail_without_a_request(tmp_path):
+    from pipeline.fetch import FetchOptions, fetch
+
+    out = fetch([0, 1, 2], [None, "", "not a url"], FetchOptions(), str(tmp_path))
+    assert out.column("row").to_pylist() == [0, 1, 2]
+    assert out.column("error").to_pylist() == ["invalid_url"] * 3
+    assert not (tmp_path / "in").exists()  # img2dataset was never started
