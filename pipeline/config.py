@@ -73,7 +73,10 @@ class EngineConfig(Section):
 class DownloadConfig(Section):
     """URL list -> image WebDataset shards (img2dataset fetches, resizes and encodes)."""
 
-    urls: str | None = Field(None, description="URL list: a parquet/csv/tsv/jsonl/txt file or a folder of them")
+    urls: str | None = runtime(
+        None, description="URL list: a parquet/csv/tsv/jsonl/txt file or a folder of them; its content (not its "
+        "path) is guarded by run.json's input_fingerprint, so moving the list does not invalidate shards"
+    )
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = "auto"
     input_storage_options: dict[str, Any] | None = runtime(
         None, description="fsspec options for the URL list (default: storage_options when on the root's protocol)"

@@ -122,6 +122,9 @@ def test_reruns_are_byte_identical_and_guarded(tmp_path, image_server):
         run_stage(config(tmp_path / name, urls), "download", [0], progress=False)
         tars.append((tmp_path / name / "images" / "00000.tar").read_bytes())
     assert tars[0] == tars[1]
+    moved = tmp_path / "moved.parquet"
+    moved.write_bytes(urls.read_bytes())  # same content elsewhere: committed shards stay valid
+    assert run_stage(config(tmp_path / "one", moved), "download", [0], progress=False).skipped == [0]
 
     with pytest.raises(ShardRangeError, match=r"beyond the input: 5 rows at shard_size 8 make shards 0-0"):
         run_stage(config(tmp_path / "one", urls), "download", [0, 3], progress=False)
