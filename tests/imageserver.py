@@ -90,6 +90,13 @@ class ImageServer(http.server.ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
+    def handle_error(self, request, client_address) -> None:
+        """Clients that gave up (timeouts) close their end: not worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     def hit(self, path: str) -> None:
         with self._lock:
             self.hits[path] += 1
