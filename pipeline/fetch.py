@@ -294,13 +294,16 @@ def fetch(rows: list[int], urls: list[str | None], opts: FetchOptions, work_dir:
     """Fetch urls[i] for row rows[i]; returns RESULT_SCHEMA with exactly one row per input, sorted by row."""
     invalid = [(r, u) for r, u in zip(rows, urls, strict=True) if not _plausible(u)]
     todo = [(r, u) for r, u in zip(rows, urls, strict=True) if _plausible(u)]
-    tables = [_invalid_rows(invalid)] if invalid else []
+    tables = [_error_rows(invalid, "invalid_url", "invalid_url: not an absolute URL: {!r}")] if invalid else []
     if todo:
-        tables.append(_run_img2dataset(todo, opts, work_dir, pool))
+        fetched = _run_img2dataset(todo, opts, work_dir, pool)
+        seen = set(fetched.column("row").to_pylist())
+        lost = [(r, u) for r, u in todo if r not in seen]  # a sample img2dataset failed to record
+        tables += [fetched, _error_rows(lost, "other", "other: img2dataset recorded no result for {}")]
     if not tables:
         return RESULT_SCHEMA.empty_table()
     out = pa.concat_tables(tables).sort_by("row")
-    if out.num_rows != len(rows) or out.column("row").to_pylist() != sorted(rows):
+    if out.column("row").to_pylist() != sorted(rows):
         raise FetchError(f"img2dataset returned {out.num_rows} results for {len(rows)} URLs")
     return out
 
@@ -309,13 +312,14 @@ def _plausible(url: str | None) -> bool:
     return isinstance(url, str) and "://" in url
 
 
-def _invalid_rows(pairs: list[tuple[int, str | None]]) -> pa.Table:
+def _error_rows(pairs: list[tuple[int, str | None]], reason: str, template: str) -> pa.Table:
+    """Failure records for rows that never reached (or never came back from) img2dataset."""
     n = len(pairs)
     return pa.table({
         "row": pa.array([r for r, _ in pairs], pa.int64()),
         "status": pa.array(["error"] * n, pa.string()),
-        "error": pa.array(["invalid_url"] * n, pa.string()),
-        "error_message": pa.array([f"invalid_url: not an absolute URL: {u!r}" for _, u in pairs], pa.string()),
+        "error": pa.array([reason] * n, pa.string()),
+        "error_message": pa.array([template.format(u) for _, u in pairs], pa.string()),
         **{name: pa.nulls(n, RESULT_SCHEMA.field(name).type) for name in RESULT_SCHEMA.names[4:]},
     }, schema=RESULT_SCHEMA)
 
