@@ -1,0 +1,149 @@
+"""End to end on a real one-node SLURM cluster (tests/slurm_cluster.py): array submission, equality with a
+local run, scancel mid-shard + retry --submit, and a failing task reported by status."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.runner import run_stage
+from pipeline.shards import sample_key, shard_name
+from pipeline.storage import Storage
+from tests.sched_world import N_IMAGES, NUM_SHARDS, SHARD_SIZE, served_world, url_list, write_manifest  # noqa: F401
+from tests.slurm_cluster import job_tasks, wait_for_job
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+REPO = Path(__file__).resolve().parent.parent
+ALL = f"0-{NUM_SHARDS - 1}"
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m pipeline ...` from the repo root, as a user on the login node would run it."""
+    env = {**os.environ, "PIPELINE_HEARTBEAT_S": "0.5"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def submit(manifest: Path, stage: str, shards: str = ALL, tasks: int = 3, *extra: str) -> str:
+    out = cli("submit", "--stage", stage, "--shards", shards, "--tasks", str(tasks), "--manifest", str(manifest),
+              *extra).stdout
+    match = re.search(r"submitted job (\d+)", out)
+    assert match, out
+    return match.group(1)
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]  # type: ignore[union-attr]
+
+
+def committed(root: Path, stage: str) -> set[int]:
+    return set(Storage(str(root)).committed(stage))
+
+
+def test_array_outputs_equal_local_run(tmp_path, slurm_cluster, served_world):  # noqa: F811
+    root, local = tmp_path / "slurm_root", tmp_path / "local_root"
+    manifest = write_manifest(tmp_path / "m.yaml", root, served_world.urls)
+    for stage in ("fetch", "digest"):
+        job = submit(manifest, stage)
+        wait_for_job(job)
+        states = job_tasks(job)
+        assert sorted(states) == [0, 1, 2] and all(t["JobState"] == "COMPLETED" for t in states.values()), states
+        assert committed(root, stage) == set(range(NUM_SHARDS))
+        logs = sorted((root / "logs").glob(f"{stage}-{job}_*.log"))
+        assert len(logs) == 3 and "task 1/3" in logs[1].read_text() and "shards 2-3" in logs[1].read_text()
+        assert list((root / "logs").glob(f"{stage}-*.sbatch"))
+
+    config = load_config(manifest, root=str(local))
+    for stage in ("fetch", "digest"):
+        assert run_stage(config, stage, list(range(NUM_SHARDS)), progress=False, out=io.StringIO()).exit_code == 0
+    for shard in range(NUM_SHARDS):
+        name = shard_name(shard)
+        assert tar_members(root / "fetched" / f"{name}.tar") == tar_members(local / "fetched" / f"{name}.tar")
+        for rel in (f"fetched/{name}.parquet", f"digests/{name}.parquet"):
+            assert pq.read_table(root / rel).equals(pq.read_table(local / rel)), rel
+    keys = [k for s in range(NUM_SHARDS) for k in pq.read_table(root / f"digests/{shard_name(s)}.parquet")["key"].to_pylist()]
+    assert keys == [sample_key(i // SHARD_SIZE, i % SHARD_SIZE) for i in range(N_IMAGES)]
+
+
+def test_scancel_mid_shard_then_retry_submit(tmp_path, slurm_cluster, served_world):  # noqa: F811
+    root = tmp_path / "root"
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    manifest = write_manifest(tmp_path / "m.yaml", root, served_world.urls, hold={"shards": [2], "file": str(hold)})
+    job = submit(manifest, "fetch", ALL, 3, "--requeue")
+    claim = root / "_running" / "fetch" / "00002.json"
+    deadline = time.monotonic() + 90
+    while not (claim.exists() and committed(root, "fetch") == {0, 1, 4, 5}):
+        assert time.monotonic() < deadline, "task 1 never reached shard 2 while the others finished"
+        time.sleep(0.2)
+    status = cli("status", "--manifest", str(manifest), "--stage", "fetch").stdout
+    assert re.search(r"shard 2 running \(SLURM job \d+", status), status
+
+    subprocess.run(["scancel", f"{job}_1"], check=True)
+    wait_for_job(job)
+    assert job_tasks(job)[1]["JobState"] == "CANCELLED"
+    log = (root / "logs" / f"fetch-{job}_1.log").read_text()
+    assert "stopped by signal 15" in log, log
+    assert not claim.exists() and list((root / "_tmp" / "fetch").iterdir()) == []
+    assert committed(root, "fetch") == {0, 1, 4, 5}
+
+    assert cli("retry", "--stage", "fetch", "--manifest", str(manifest)).stdout.strip() == "2-3"
+    hold.unlink()
+    out = cli("retry", "--stage", "fetch", "--manifest", str(manifest), "--submit").stdout
+    retry_job = re.search(r"submitted job (\d+)", out).group(1)
+    assert "shards 2-3 in 2 task(s)" in out
+    wait_for_job(retry_job)
+    assert committed(root, "fetch") == set(range(NUM_SHARDS))
+    retry_script = sorted((root / "logs").glob("fetch-*.sbatch"))[-1].read_text()
+    assert "#SBATCH --requeue" in retry_script  # resources default to the last submission's
+    assert "SHARDS=2-3" in retry_script
+
+    keys, members = [], []
+    for shard in range(NUM_SHARDS):
+        keys += pq.read_table(root / f"fetched/{shard_name(shard)}.parquet")["key"].to_pylist()
+        members += [n for n, _ in tar_members(root / f"fetched/{shard_name(shard)}.tar")]
+    expected = [sample_key(i // SHARD_SIZE, i % SHARD_SIZE) for i in range(N_IMAGES)]
+    assert keys == expected  # no row lost or duplicated
+    assert sorted(members) == sorted([f"{k}.png" for k in expected] + [f"{k}.json" for k in expected])
+    assert cli("retry", "--stage", "fetch", "--manifest", str(manifest)).stdout.strip() == ""
+
+
+def test_failed_task_reported_by_status(tmp_path, slurm_cluster, served_world):  # noqa: F811
+    root = tmp_path / "root"
+    urls = url_list(served_world.data, served_world.base_url, tmp_path / "urls.parquet", broken=frozenset({7}))
+    manifest = write_manifest(tmp_path / "m.yaml", root, urls)
+    config = load_config(manifest)
+    assert run_stage(config, "fetch", list(range(NUM_SHARDS)), progress=False, out=io.StringIO()).exit_code == 0
+    tar = root / "fetched" / "00004.tar"
+    tar.write_bytes(b"\x00not a tar\x00" * (tar.stat().st_size // 11) + b"x" * (tar.stat().st_size % 11))
+
+    job = submit(manifest, "digest")
+    wait_for_job(job)
+    states = job_tasks(job)
+    assert states[2]["ExitCode"].startswith("1:") and states[0]["ExitCode"].startswith("0:"), states
+    assert committed(root, "digest") == {0, 1, 2, 3, 5}
+
+    status = cli("status", "--manifest", str(manifest)).stdout
+    table = {line.split()[0]: line.split() for line in status.splitlines()[1:3]}
+    assert table["fetch"][1:3] == ["6", "0"] and table["digest"][1:3] == ["5", "1"], status
+    assert re.search(r"digest: shard\(s\) 4 FAILED: .*(tar|header)", status), status
+    assert "fetch: failed rows in 2: http 404: 1" in status, status
+    failure = json.loads((root / "_failed" / "digest" / "00004.json").read_text())
+    assert failure["slurm_array_task_id"] == "2"
+    assert cli("retry", "--stage", "digest", "--manifest", str(manifest)).stdout.strip() == "4"
+    assert cli("retry", "--stage", "fetch", "--failed-only", "--manifest", str(manifest)).stdout.strip() == "2"
