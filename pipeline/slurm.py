@@ -111,6 +111,7 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
         f"--job-name={job_name}",
         f"--array={array}",
         f"--output={log_dir}/{spec.stage}-%A_%a.log",
+        "--open-mode=append",  # a requeued task adds to its log instead of truncating it
         f"--chdir={os.path.abspath(sc.workdir or os.getcwd())}",
         f"--signal=B:USR1@{sc.signal_s}",
         "--requeue" if spec.requeue else "--no-requeue",

@@ -147,3 +147,41 @@ def test_failed_task_reported_by_status(tmp_path, slurm_cluster, served_world): 
     assert failure["slurm_array_task_id"] == "2"
     assert cli("retry", "--stage", "digest", "--manifest", str(manifest)).stdout.strip() == "4"
     assert cli("retry", "--stage", "fetch", "--failed-only", "--manifest", str(manifest)).stdout.strip() == "2"
+
+
+def test_time_limit_warning_requeues_task(tmp_path, slurm_cluster, served_world):  # noqa: F811
+    """USR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): the task aborts its shard,
+    exits 75 and, with --requeue, puts itself back in the queue; the requeued run finishes only what is left."""
+    root = tmp_path / "root"
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    manifest = write_manifest(tmp_path / "m.yaml", root, served_world.urls, hold={"shards": [3], "file": str(hold)})
+    job = submit(manifest, "fetch", "2-3", 1, "--requeue", "--time", "10:00")
+    claim = root / "_running" / "fetch" / "00003.json"
+    deadline = time.monotonic() + 60
+    while not claim.exists():
+        assert time.monotonic() < deadline, "the task never reached shard 3"
+        time.sleep(0.1)
+    assert committed(root, "fetch") == {2}
+    first = json.loads((root / "_done" / "fetch" / "00002.json").read_text())["committed_at"]
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_0"], check=True)
+    log = root / "logs" / f"fetch-{job}_0.log"
+    deadline = time.monotonic() + 60
+    while "requeueing" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.1)
+    hold.unlink()
+    deadline = time.monotonic() + 30
+    while (task := job_tasks(job)[0])["JobState"] != "PENDING":
+        assert time.monotonic() < deadline, task
+        time.sleep(0.2)
+    assert task["Restarts"] == "1", task
+    # SLURM holds a requeued job back for a while (BeginTime); let it start now instead of in minutes.
+    subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], check=True)
+    wait_for_job(job, timeout=60)
+    assert committed(root, "fetch") == {2, 3}
+    text = log.read_text()
+    assert "stopped by signal 10" in text and "exit code 75" in text, text
+    assert "skipping 1 committed shard(s) [2]" in text, text  # the requeued run did not redo shard 2
+    assert json.loads((root / "_done" / "fetch" / "00002.json").read_text())["committed_at"] == first
+    assert job_tasks(job)[0]["JobState"] == "COMPLETED"
