@@ -24,7 +24,8 @@ def make_world(data_dir: Path) -> Path:
     return data_dir
 
 
-def write_manifest(path: Path, root: Path, urls: Path, hold: dict | None = None, setup: list[str] | None = None) -> Path:
+def write_manifest(path: Path, root: Path | str, urls: Path, hold: dict | None = None,
+                   slurm: dict | None = None, storage_options: dict | None = None) -> Path:
     """A manifest for `root` with the fetch/digest plugin stages over `urls`."""
     data = {
         "name": "schedtest",
@@ -32,7 +33,8 @@ def write_manifest(path: Path, root: Path, urls: Path, hold: dict | None = None,
         "shard_size": SHARD_SIZE,
         "stages": STAGES,
         "extra": {"fetch": {"urls": str(urls)}, **({"hold": hold} if hold else {})},
-        "slurm": {"setup": setup or []},
+        "slurm": slurm or {},
+        "storage_options": storage_options or {},
     }
     path.write_text(yaml.safe_dump(data))
     return path

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -185,3 +186,42 @@ def test_time_limit_warning_requeues_task(tmp_path, slurm_cluster, served_world)
     assert "skipping 1 committed shard(s) [2]" in text, text  # the requeued run did not redo shard 2
     assert json.loads((root / "_done" / "fetch" / "00002.json").read_text())["committed_at"] == first
     assert job_tasks(job)[0]["JobState"] == "COMPLETED"
+
+
+@pytest.fixture
+def s3_root(tmp_path):
+    """A bucket on a moto S3 server on 127.0.0.1 and the fsspec options that reach it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="runs")
+        yield "s3://runs/demo", {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
+                                 "client_kwargs": {"region_name": "us-east-1"}}
+    finally:
+        server.stop()
+
+
+def test_remote_root_on_s3(tmp_path, slurm_cluster, served_world, s3_root):  # noqa: F811
+    """ROOT on S3: the script is saved under ROOT/logs and kept locally for sbatch; task logs go to slurm.log_dir."""
+    root, options = s3_root
+    log_dir = tmp_path / "slurm_logs"
+    manifest = write_manifest(tmp_path / "m.yaml", root, served_world.urls, slurm={"log_dir": str(log_dir)},
+                              storage_options=options)
+    job = submit(manifest, "fetch", ALL, 2)
+    wait_for_job(job)
+    storage = Storage(root, options)
+    assert set(storage.committed("fetch")) == set(range(NUM_SHARDS))
+    assert len(list(log_dir.glob(f"fetch-{job}_*.log"))) == 2
+    local_script = next(log_dir.glob("fetch-*.sbatch"))
+    remote = [p for p in storage.fs.ls(storage.path("logs"), detail=False) if p.endswith(".sbatch")]
+    assert len(remote) == 1 and storage.fs.cat(remote[0]).decode() == local_script.read_text()
+    status = cli("status", "--manifest", str(manifest)).stdout
+    assert status.splitlines()[1].split()[:3] == ["fetch", "6", "0"], status
