@@ -196,9 +196,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def print_status(config: RunConfig, only: str | None = None, out=sys.stdout,
+def print_status(config: RunConfig, only: str | None = None, out=None,
                  stale_after: float = DEFAULT_STALE_AFTER) -> int:
     """Print the table and, under it, failure reasons, stale claims and row-level error counts."""
+    out = out or sys.stdout
     rows = collect_status(config, only, stale_after)
     if not rows:
         print(f"no stage has run under {config.root}", file=out)

@@ -36,7 +36,7 @@ def write_manifest(path: Path, root: Path | str, urls: Path, hold: dict | None =
         "slurm": slurm or {},
         "storage_options": storage_options or {},
     }
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 

@@ -1,0 +1,96 @@
+"""status and retry without a cluster: which shards are committed, failed, running, stale or pending."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.runner import run_stage
+from pipeline.status import classify_claim, collect_status
+from pipeline.storage import Storage
+from tests.sched_world import NUM_SHARDS, served_world, url_list, write_manifest  # noqa: F401 - fixture
+
+
+@pytest.fixture
+def half_run(tmp_path, served_world):  # noqa: F811
+    """fetch committed on shards 0-2 of 6 (row 4 of shard 1 broken), then digest fails on a corrupt shard 2."""
+    root = tmp_path / "root"
+    urls = url_list(served_world.data, served_world.base_url, tmp_path / "urls.parquet", broken=frozenset({4}))
+    manifest = write_manifest(tmp_path / "m.yaml", root, urls)
+    config = load_config(manifest)
+    assert run_stage(config, "fetch", [0, 1, 2], progress=False, out=io.StringIO()).exit_code == 0
+    (root / "fetched" / "00002.tar").write_bytes(b"x" * (root / "fetched" / "00002.tar").stat().st_size)
+    assert run_stage(config, "digest", [0, 1, 2], progress=False, out=io.StringIO()).exit_code == 1
+    return root, manifest, config
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_retry_lists_uncommitted_shards_of_the_run(half_run, capsys):
+    root, manifest, _ = half_run
+    # no run.json num_shards and no submission: retry needs to be told the run's shards
+    assert main(["retry", "--stage", "fetch", "--manifest", str(manifest)]) == 2
+    assert "pass --shards" in capsys.readouterr().err
+    assert main(["retry", "--stage", "fetch", "--manifest", str(manifest), "--shards", f"0-{NUM_SHARDS - 1}"]) == 0
+    assert capsys.readouterr().out.strip() == "3-5"
+    # a submission record under ROOT/logs defines the run's shards
+    (root / "logs").mkdir()
+    (root / "logs" / "digest-x.submit.json").write_text(json.dumps(
+        {"stage": "digest", "shard_spec": "0-3", "tasks": 2, "submitted_at": "2026-01-01T00:00:00+00:00"}))
+    assert main(["retry", "--stage", "digest", "--manifest", str(manifest)]) == 0
+    assert capsys.readouterr().out.strip() == "2-3"
+    assert main(["retry", "--stage", "fetch", "--manifest", str(manifest), "--failed-only"]) == 0
+    assert capsys.readouterr().out.strip() == "1"
+
+
+def test_status_table_failures_and_row_errors(half_run, capsys):
+    _, manifest, _ = half_run
+    assert main(["status", "--manifest", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    header, fetch, digest = out.splitlines()[:3]
+    assert header.split()[:6] == ["stage", "committed", "failed", "running", "stale", "pending"]
+    assert fetch.split()[:3] == ["fetch", "3", "0"] and fetch.split()[7:9] == ["8", "1"]
+    assert digest.split()[:3] == ["digest", "2", "1"]
+    assert "digest: shard(s) 2 FAILED: ReadError" in out
+    assert "fetch: failed rows in 1: http 404: 1" in out
+
+
+def test_stale_claims_of_dead_tasks(half_run, capsys):
+    root, manifest, config = half_run
+    storage = Storage(str(root))
+    dead = {"host": __import__("socket").gethostname(), "pid": _dead_pid(), "time": "2026-01-01T00:00:00+00:00"}
+    storage.write_json("_running/fetch/00004.json", dead)
+    storage.write_json("_running/fetch/00005.json", {**dead, "pid": __import__("os").getpid()})
+    (st,) = collect_status(config, "fetch")
+    assert [c.shard for c in st.stale] == [4] and [c.shard for c in st.running] == [5]
+    assert "is gone" in st.stale[0].reason
+    assert main(["retry", "--stage", "fetch", "--manifest", str(manifest), "--shards", "0-5"]) == 0
+    assert capsys.readouterr().out.strip() == "3-4"  # 5 is held by a live process
+    assert main(["retry", "--stage", "fetch", "--manifest", str(manifest), "--shards", "0-5",
+                 "--include-running"]) == 0
+    assert capsys.readouterr().out.strip() == "3-5"
+    main(["status", "--manifest", str(manifest), "--stage", "fetch"])
+    assert "shard 4 has a stale claim" in capsys.readouterr().out
+
+
+def test_classify_claim_rules():
+    now = 1_800_000_000.0
+    iso = "2027-01-15T08:00:00+00:00"  # 1_800_000_000 - 0
+    job = {"host": "node7", "pid": 1, "time": iso, "slurm_job_id": "42"}
+    assert classify_claim(1, job, {"42", "41_3"}, 600, now).live
+    gone = classify_claim(1, job, {"41"}, 600, now)
+    assert not gone.live and "no longer in squeue" in gone.reason
+    remote = {"host": "node7", "pid": 1, "time": iso}
+    assert classify_claim(1, remote, None, 600, now + 60).live
+    old = classify_claim(1, remote, None, 600, now + 601)
+    assert not old.live and "no heartbeat for 601s" in old.reason
