@@ -5,8 +5,8 @@
   per input row, status ok/error). A shard listed in `extra.hold.shards` waits while the file
   `extra.hold.file` exists (at most 120 s): a deterministic "slow shard" to cancel mid-way.
   `extra.hold` is not fetch's config section, so it does not change the fingerprint.
-- `digest` (like annotate): reads fetch's tar of the same shard and writes `digests/<shard>.parquet` with
-  each image's size and mean colour. A corrupt input tar fails the whole shard.
+- `digest` (like annotate): reads the download stage's image tar of the same shard and writes
+  `digests/<shard>.parquet` with each image's size and mean colour. A corrupt input tar fails the shard.
 """
 
 from __future__ import annotations
@@ -80,24 +80,24 @@ def fetch_shard(ctx: ShardContext, shard: int) -> ShardStats:
 
 def digest_shard(ctx: ShardContext, shard: int) -> ShardStats:
     """Size and mean colour of every image in fetch's shard."""
-    marker = ctx.require_input("fetch")
+    marker = ctx.require_input("download")
     tar_rel = next(rel for rel in marker["outputs"] if rel.endswith(".tar"))
     out = []
     with ctx.storage.open(tar_rel) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
-            if not member.name.endswith(".png"):
+            if not member.name.endswith((".png", ".jpg", ".webp")):
                 continue
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
             img = Image.open(io.BytesIO(data)).convert("RGB")
             mean = [round(float(v), 3) for v in np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(axis=0)]
-            out.append({"key": member.name[:-4], "status": "ok", "width": img.width, "height": img.height,
+            out.append({"key": member.name.rsplit(".", 1)[0], "status": "ok", "width": img.width, "height": img.height,
                         "mean_rgb": json.dumps(mean)})
     pq.write_table(pa.Table.from_pylist(out), ctx.output(".parquet"))
     return ShardStats(rows=len(out), ok=len(out))
 
 
 fetch = SimpleNamespace(NAME="fetch", OUTPUT_DIR="fetched", INPUT_STAGE=None, run_shard=fetch_shard)
-digest = SimpleNamespace(NAME="digest", OUTPUT_DIR="digests", INPUT_STAGE="fetch", run_shard=digest_shard)
+digest = SimpleNamespace(NAME="digest", OUTPUT_DIR="digests", INPUT_STAGE="download", run_shard=digest_shard)
 
 STAGES = {"fetch": "tests.plugin_stages:fetch", "digest": "tests.plugin_stages:digest"}
 """The manifest `stages:` mapping that registers both."""

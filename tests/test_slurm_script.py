@@ -111,7 +111,8 @@ def test_signal_to_batch_shell_aborts_shard_cleanly(tmp_path, served_world, sig)
     root = tmp_path / "root"
     hold = tmp_path / "hold"
     hold.write_text("")
-    manifest = write_manifest(tmp_path / "m.yaml", root, served_world.urls, hold={"shards": [2], "file": str(hold)})
+    urls = served_world.urls(tmp_path / "urls.parquet")
+    manifest = write_manifest(tmp_path / "m.yaml", root, urls, hold={"shards": [2], "file": str(hold)})
     config = load_config(manifest)
     storage = Storage(config.root)
     script = render_script(config, SubmitSpec(stage="fetch", shards=list(range(6)), tasks=3, manifest=str(manifest)),
