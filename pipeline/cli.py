@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 
 from pipeline.config import RunConfig, load_config
-from pipeline.errors import PipelineError
-from pipeline.runner import EXIT_USER_ERROR, run_stage
+from pipeline.errors import PipelineError, UnknownStageError
+from pipeline.runner import EXIT_USER_ERROR
 from pipeline.shards import format_shard_spec, parse_shard_spec
-from pipeline.stage import load_stage
+from pipeline.stage import load_stage, stage_modules
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -159,7 +158,7 @@ def _do_submit(args: argparse.Namespace, spec) -> int:
     from pipeline.slurm import submit
 
     config = _config(args)
-    load_stage(args.stage, config)
+    _check_stage(config, args.stage)
     sub = submit(config, spec, dry_run=args.dry_run)
     if args.dry_run:
         sys.stdout.write(sub.script)
@@ -168,6 +167,12 @@ def _do_submit(args: argparse.Namespace, spec) -> int:
     print(f"script: {sub.script_url}")
     print(f"logs:   {sub.log_dir}/{sub.stage}-{sub.job_id}_<task>.log")
     return 0
+
+
+def _check_stage(config: RunConfig, stage: str) -> None:
+    """A registered stage name (checked without importing the stage: login nodes stay quick)."""
+    if stage not in stage_modules(config):
+        raise UnknownStageError(f"unknown stage {stage!r}; known stages: {', '.join(stage_modules(config))}")
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -179,7 +184,7 @@ def _retry(args: argparse.Namespace) -> int:
     from pipeline.slurm import last_submission, retry_shards
 
     config = _config(args)
-    load_stage(args.stage, config)
+    _check_stage(config, args.stage)
     universe = parse_shard_spec(args.shards) if args.shards else None
     todo = retry_shards(config, args.stage, failed_only=args.failed_only, shards=universe,
                         include_running=args.include_running, stale_after=args.stale_after)
@@ -192,9 +197,9 @@ def _retry(args: argparse.Namespace) -> int:
         print(spec_text)
         print(f"{args.stage}: {len(todo)} shard(s) {what}", file=sys.stderr)
         return 0
-    if args.failed_only and "failed_only" not in inspect.signature(run_stage).parameters:
-        raise PipelineError("this checkout's runner has no `run --failed-only` yet (it comes with the download "
-                            "stage); rerun the shards with --force instead")
+    if args.failed_only and not hasattr(load_stage(args.stage, config), "retry_shard"):
+        raise PipelineError(f"stage {args.stage!r} cannot redo single rows (it has no retry_shard); "
+                            f"resubmit those shards with `run --force` instead")
     last = last_submission(config, args.stage) or {}
     defaults = dict(last.get("spec", {}))
     tasks = args.tasks or min(int(defaults.get("tasks") or last.get("tasks") or 1), len(todo))

@@ -52,8 +52,14 @@ def test_retry_lists_uncommitted_shards_of_the_run(half_run, capsys):
 
 def test_retry_without_run_json_uses_submissions(tmp_path, served_world, capsys):  # noqa: F811
     root = tmp_path / "root"
-    manifest = write_manifest(tmp_path / "m.yaml", root, served_world.urls(tmp_path / "urls.parquet"))
+    urls = served_world.urls(tmp_path / "urls.parquet", broken=frozenset({1}))
+    manifest = write_manifest(tmp_path / "m.yaml", root, urls)
     assert run_stage(load_config(manifest), "fetch", [0], progress=False, out=io.StringIO()).exit_code == 0
+    assert main(["retry", "--stage", "fetch", "--manifest", str(manifest), "--failed-only"]) == 0
+    assert capsys.readouterr().out.strip() == "0"
+    # fetch has no retry_shard: refused on the login node, before anything is submitted
+    assert main(["retry", "--stage", "fetch", "--manifest", str(manifest), "--failed-only", "--submit"]) == 2
+    assert "cannot redo single rows" in capsys.readouterr().err
     # no run.json num_shards and no submission: retry needs to be told the run's shards
     assert main(["retry", "--stage", "fetch", "--manifest", str(manifest)]) == 2
     assert "pass --shards" in capsys.readouterr().err
