@@ -80,7 +80,7 @@ class SlurmCluster:
         user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
         lines = [
             "ClusterName=pipetest",
-            f"SlurmctldHost={self.node}",
+            f"SlurmctldHost={self.node}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={d_port}",
             "AuthType=auth/none",
