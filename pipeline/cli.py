@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--stage", "-s", required=True, help="stage name")
     retry.add_argument("--shards", help="the run's shards (default: run.json or the recorded submissions)")
     retry.add_argument("--failed-only", action="store_true", help="committed shards with failed rows")
-    retry.add_argument("--include-running", action="store_true", help="also shards whose task looks alive")
+    retry.add_argument("--include-running", action="store_true", help="also shards whose task looks alive, and submit even while earlier jobs of the stage are queued")
     retry.add_argument("--submit", action="store_true", help="submit the shards as a new array")
     retry.add_argument("--tasks", type=int, help="array tasks (default: as the last submission, capped)")
     retry.add_argument("--dry-run", action="store_true", help="with --submit: print the script only")
@@ -181,7 +181,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from pipeline.slurm import last_submission, retry_shards
+    from pipeline.slurm import active_submissions, last_submission, retry_shards
 
     config = _config(args)
     _check_stage(config, args.stage)
@@ -200,6 +200,11 @@ def _retry(args: argparse.Namespace) -> int:
     if args.failed_only and not hasattr(load_stage(args.stage, config), "retry_shard"):
         raise PipelineError(f"stage {args.stage!r} cannot redo single rows (it has no retry_shard); "
                             f"resubmit those shards with `run --force` instead")
+    active = active_submissions(config, args.stage)
+    if active and not args.include_running:
+        raise PipelineError(f"job(s) {', '.join(active)} of stage {args.stage!r} are still queued or running and "
+                            "would run some of these shards too; wait for them (squeue -j ...) or scancel them, "
+                            "then retry (or pass --include-running)")
     last = last_submission(config, args.stage) or {}
     defaults = dict(last.get("spec", {}))
     tasks = args.tasks or min(int(defaults.get("tasks") or last.get("tasks") or 1), len(todo))

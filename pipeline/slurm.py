@@ -276,6 +276,19 @@ def squeue_job_ids() -> set[str] | None:
     return ids
 
 
+def active_submissions(config: RunConfig, stage: str) -> list[str]:
+    """Job ids of this stage's recorded submissions that SLURM still has queued or running."""
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    ids = [str(r["job_id"]) for r in submissions(storage, stage) if r.get("job_id")]
+    if not ids:
+        return []
+    queued = squeue_job_ids()
+    if queued is None:
+        return []
+    arrays = {q.split("_", 1)[0] for q in queued}
+    return [i for i in ids if i in arrays]
+
+
 def _main(argv: list[str]) -> int:
     """`python -m pipeline.slurm slice SPEC NUM_TASKS TASK`: print the shard spec array task TASK runs."""
     if len(argv) != 4 or argv[0] != "slice":

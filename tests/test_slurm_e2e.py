@@ -104,6 +104,9 @@ def test_scancel_mid_shard_then_retry_submit(tmp_path, slurm_cluster, served_wor
     status = cli("status", "--manifest", str(manifest), "--stage", "download").stdout
     assert re.search(r"shard 2 running \(SLURM job \d+", status), status
 
+    refused = cli("retry", "--stage", "download", "--manifest", str(manifest), "--submit", check=False)
+    assert refused.returncode == 2 and f"job(s) {job} of stage 'download' are still queued" in refused.stderr
+
     subprocess.run(["scancel", f"{job}_1"], check=True)
     wait_for_job(job)
     assert job_tasks(job)[1]["JobState"] == "CANCELLED"
