@@ -31,6 +31,20 @@ _MEM_RE = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
 SUBMISSION_SUFFIX = ".submit.json"
 
 
+def time_limit_seconds(text: str) -> int:
+    """SLURM's --time formats in seconds: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
 @dataclass
 class SubmitSpec:
     """What one array submission runs and with which resources."""
@@ -105,6 +119,9 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
     spec.validate()
     q = shlex.quote
     sc = config.slurm
+    if spec.time and sc.signal_s * 2 > time_limit_seconds(spec.time):
+        raise SlurmError(f"slurm.signal_s={sc.signal_s} (the stop warning before the time limit) leaves too "
+                         f"little of --time {spec.time} to work: lower slurm.signal_s or raise --time")
     array = f"0-{spec.tasks - 1}" + (f"%{spec.parallel}" if spec.parallel else "")
     job_name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{config.name}-{spec.stage}")
     directives = [
@@ -150,6 +167,14 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
         "set -uo pipefail",
         "export PYTHONUNBUFFERED=1",
         "",
+        "# python runs as a child so this shell can forward SLURM's signals to it (and requeue afterwards):",
+        "# SIGTERM (scancel, preemption) or SIGUSR1 (time limit near) -> the current shard aborts cleanly, exit 75.",
+        "GOT_USR1=0",
+        "GOT_SIGNAL=0",
+        "CHILD=",
+        'trap \'GOT_USR1=1; GOT_SIGNAL=1; [ -n "$CHILD" ] && kill -USR1 "$CHILD" 2>/dev/null\' USR1',
+        'trap \'GOT_SIGNAL=1; [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null\' TERM',
+        "",
         "# --- environment set-up (slurm.setup in the manifest)",
         *sc.setup,
         "",
@@ -162,15 +187,11 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
         f'echo "[$(date -u +%FT%TZ)] task $TASK/$NUM_TASKS job ${{SLURM_JOB_ID:-?}} on $(hostname): '
         f'stage {spec.stage} shards $MY_SHARDS"',
         "",
-        "# python runs as a child so this shell can forward SLURM's signals to it (and requeue afterwards):",
-        "# SIGTERM (scancel, preemption) or SIGUSR1 (time limit near) -> the current shard aborts cleanly, exit 75.",
-        "GOT_USR1=0",
-        "CHILD=",
-        'trap \'GOT_USR1=1; [ -n "$CHILD" ] && kill -USR1 "$CHILD" 2>/dev/null\' USR1',
-        'trap \'[ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null\' TERM',
+        f'if [ "$GOT_SIGNAL" -eq 1 ]; then echo "stopped before starting"; RC={EXIT_PREEMPTED}; else',
         '"$PYTHON" ' + " ".join(run_args) + " &",
         "CHILD=$!",
         'while true; do wait "$CHILD"; RC=$?; kill -0 "$CHILD" 2>/dev/null || break; done',
+        "fi",
         'echo "[$(date -u +%FT%TZ)] task $TASK exit code $RC"',
     ]
     if spec.requeue:

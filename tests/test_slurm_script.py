@@ -66,6 +66,7 @@ def test_render_defaults_and_task_cap(tmp_path):
     (["--mem", "lots"], "bad --mem"),
     (["--time", "4h"], "bad --time"),
     (["--tasks", "0"], "--tasks must be"),
+    (["--time", "3"], "slurm.signal_s=120"),
     (["--stage", "nope"], "unknown stage"),
 ])
 def test_submit_rejects_bad_options_in_one_line(tmp_path, capsys, args, needle):
@@ -77,6 +78,13 @@ def test_submit_rejects_bad_options_in_one_line(tmp_path, capsys, args, needle):
     assert main(argv + args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_time_limit_formats():
+    from pipeline.slurm import time_limit_seconds
+
+    assert [time_limit_seconds(t) for t in ["90", "5:30", "04:00:00", "1-12", "1-0:30", "2-01:00:05"]] == [
+        5400, 330, 14400, 129600, 88200, 176405]
 
 
 def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
@@ -124,7 +132,7 @@ def test_signal_to_batch_shell_aborts_shard_cleanly(tmp_path, served_world, sig)
         claim = root / "_running" / "fetch" / "00002.json"
         _wait(claim.exists, what="shard 2's claim")
         first = json.loads(claim.read_text())["time"]
-        _wait(lambda: claim.exists() and json.loads(claim.read_text())["time"] != first, timeout=5,
+        _wait(lambda: claim.exists() and json.loads(claim.read_text())["time"] != first, timeout=15,
               what="a heartbeat")
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == EXIT_PREEMPTED
@@ -139,3 +147,17 @@ def test_signal_to_batch_shell_aborts_shard_cleanly(tmp_path, served_world, sig)
     assert not (root / "_done" / "fetch" / "00003.json").exists()
     assert list((root / "_tmp" / "fetch").iterdir()) == []
     assert not (root / "_failed" / "fetch").exists()
+
+
+def test_signal_during_setup_stops_before_python(tmp_path):
+    """A SIGTERM while the environment set-up runs: python never starts, the task exits 75."""
+    ready = tmp_path / "ready"
+    config, _ = _config(tmp_path, setup=[f"touch {ready}", "sleep 2"])
+    script = render_script(config, SubmitSpec(stage="download", shards=[0, 1], tasks=1), Storage(config.root), "/l")
+    proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait(ready.exists, timeout=30, what="the setup lines")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == EXIT_PREEMPTED and "stopped before starting" in out, out
+    assert not (tmp_path / "root").exists()
