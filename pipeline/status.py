@@ -74,10 +74,12 @@ class StageStatus:
 
     def wall_rate(self) -> float | None:
         """Rows per second of wall-clock time, first shard start to last commit (all tasks together)."""
-        starts = [m["started_at"] for m in self.committed.values() if isinstance(m.get("started_at"), int | float)]
-        ends = [_epoch(m.get("committed_at")) for m in self.committed.values()]
-        ends = [e for e in ends if e is not None]
-        if not starts or not ends or max(ends) <= min(starts):
+        spans = [(m["started_at"], m["started_at"] + float(m.get("stats", {}).get("seconds", 0.0)))
+                 for m in self.committed.values() if isinstance(m.get("started_at"), int | float)]
+        if not spans:
+            return None
+        starts, ends = zip(*spans, strict=True)
+        if max(ends) <= min(starts):
             return None
         return (self.rows_ok + self.rows_failed) / (max(ends) - min(starts))
 
