@@ -84,6 +84,27 @@ class StageStatus:
         return (self.rows_ok + self.rows_failed) / (max(ends) - min(starts))
 
 
+    def to_row(self) -> dict[str, Any]:
+        pending = self.pending
+        return {
+            "stage": self.stage,
+            "committed": len(self.committed),
+            "failed": len(self.failed),
+            "running": len(self.running),
+            "stale": len(self.stale),
+            "pending": None if pending is None else len(pending),
+            "outdated": len(self.outdated),
+            "rows_ok": self.rows_ok,
+            "rows_failed": self.rows_failed,
+            "rows_per_s": None if (r := self.task_rate()) is None else round(r, 1),
+            "rows_per_s_wall": None if (w := self.wall_rate()) is None else round(w, 1),
+            "failed_shards": format_shard_spec(self.failed),
+            "failure_reasons": sorted({f.get("error", "?")[:200] for f in self.failed.values()}),
+            "stale_shards": format_shard_spec(c.shard for c in self.stale),
+            "row_errors": dict(self.row_errors),
+        }
+
+
 def _epoch(iso: Any) -> float | None:
     if not isinstance(iso, str):
         return None
@@ -170,7 +191,13 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
 
 
 def collect_status(config: RunConfig, only: str | None = None,
-                   stale_after: float = DEFAULT_STALE_AFTER) -> list[StageStatus]:
+                   stale_after: float = DEFAULT_STALE_AFTER) -> list[dict[str, Any]]:
+    """One plain dict per stage (counts, rows, rates, failed shards and reasons), e.g. for JSON output."""
+    return [st.to_row() for st in collect_stage_status(config, only, stale_after)]
+
+
+def collect_stage_status(config: RunConfig, only: str | None = None,
+                         stale_after: float = DEFAULT_STALE_AFTER) -> list[StageStatus]:
     from pipeline.slurm import squeue_job_ids
 
     storage = Storage(config.root, config.storage_options, config.work_dir)
@@ -202,7 +229,7 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
                  stale_after: float = DEFAULT_STALE_AFTER) -> int:
     """Print the table and, under it, failure reasons, stale claims and row-level error counts."""
     out = out or sys.stdout
-    rows = collect_status(config, only, stale_after)
+    rows = collect_stage_status(config, only, stale_after)
     if not rows:
         print(f"no stage has run under {config.root}", file=out)
         return 0

@@ -15,7 +15,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.runner import run_stage
-from pipeline.status import classify_claim, collect_status
+from pipeline.status import classify_claim, collect_stage_status, collect_status
 from pipeline.storage import Storage
 from tests.sched_world import served_world, write_manifest  # noqa: F401 - fixture
 
@@ -93,7 +93,9 @@ def test_stale_claims_of_dead_tasks(half_run, capsys):
     dead = {"host": socket.gethostname(), "pid": _dead_pid(), "time": "2026-01-01T00:00:00+00:00"}
     storage.write_json("_running/download/00004.json", dead)
     storage.write_json("_running/download/00005.json", {**dead, "pid": os.getpid()})
-    (st,) = collect_status(config, "download")
+    (st,) = collect_stage_status(config, "download")
+    (row,) = collect_status(config, "download")
+    assert row["stale"] == 1 and row["stale_shards"] == "4" and row["running"] == 1 and row["committed"] == 3
     assert [c.shard for c in st.stale] == [4] and [c.shard for c in st.running] == [5]
     assert "is gone" in st.stale[0].reason
     assert main(["retry", "--stage", "download", "--manifest", str(manifest)]) == 0
