@@ -155,12 +155,27 @@ class EvaluateConfig(Section):
 
 
 class SlurmConfig(Section):
-    """How `submit` renders sbatch scripts: environment set-up lines run before the task."""
+    """How `submit` renders sbatch scripts: environment set-up lines run before the task, defaults."""
 
-    setup: list[str] = runtime(default_factory=list)
+    setup: list[str] = runtime(
+        default_factory=list,
+        description="shell lines run before the task: module loads, `source venv/bin/activate`, conda activate",
+    )
+    python: str | None = runtime(
+        None, description="python that runs the task (default: `python` after setup lines, else this interpreter)"
+    )
     partition: str | None = runtime(None)
     account: str | None = runtime(None)
-    extra_sbatch: list[str] = runtime(default_factory=list)
+    extra_sbatch: list[str] = runtime(
+        default_factory=list, description="extra #SBATCH options, e.g. '--qos=normal' or '--constraint=a100'"
+    )
+    log_dir: str | None = runtime(
+        None, description="local/shared folder for task logs (default ROOT/logs for a local ROOT, ./slurm_logs else)"
+    )
+    signal_s: int = runtime(
+        120, ge=1, description="seconds before the time limit at which SLURM sends USR1 (the task stops cleanly)"
+    )
+    workdir: str | None = runtime(None, description="the folder tasks run in (default: where `submit` runs)")
 
 
 class RunConfig(Section):

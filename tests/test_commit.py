@@ -114,8 +114,7 @@ def test_uncommitted_final_named_file_is_not_trusted(tmp_path):
 
 
 def test_commit_protocol_on_s3(tmp_path, s3_server):
-    bucket = s3_server.make_bucket()
-    root = f"s3://{bucket}/run"
+    root = s3_server.make_bucket("commit-protocol") + "/run"
     cfg = load_config(_manifest(tmp_path, root), storage_options=s3_server.storage_options)
     report = run_stage(cfg, "synth", [0, 1, 2], progress=False)
     assert report.exit_code == 0 and sorted(report.committed) == [0, 1, 2]

@@ -212,7 +212,7 @@ def test_kill_mid_shard_then_rerun_equals_clean_run(tmp_path, image_server):
 
 
 def test_s3_root_and_s3_list_with_a_worker_pool(tmp_path, image_server, s3_server):
-    bucket = "s3://" + s3_server.make_bucket()
+    bucket = s3_server.make_bucket("download-test")
     fs = fsspec.filesystem("s3", **s3_server.storage_options)
     routes = ["img/a.jpg", "img/b.png", "404", "img/c.webp", "html.jpg", "img/d.jpg", "flaky.jpg",
               "img/e.jpg", "img/f.png", "redirect.jpg", "img/g.webp"]
