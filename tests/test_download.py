@@ -187,12 +187,14 @@ def test_kill_mid_shard_then_rerun_equals_clean_run(tmp_path, image_server):
     root = tmp_path / "killed"
     proc = _run_cli(root, urls)
     deadline = time.time() + 120
-    while image_server.hits["/hold/x.jpg"] + image_server.hits["/hold/y.jpg"] == 0:
-        assert proc.poll() is None, proc.communicate()[0].decode()
-        assert time.time() < deadline, "the stage never reached the held URL"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    try:
+        while image_server.hits["/hold/x.jpg"] + image_server.hits["/hold/y.jpg"] == 0:
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.time() < deadline, "the stage never reached the held URL"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
     storage = Storage(str(root))
     assert storage.marker("download", 0) is None and storage.marker("download", 1) is None
     assert not storage.committed("download")
@@ -250,15 +252,15 @@ def test_sigterm_stops_a_shard_with_requests_in_flight(tmp_path, image_server):
     urls = write_list(tmp_path / "urls.parquet", image_server, routes)
     proc = _run_cli(tmp_path / "run", urls, **{"download.threads": 2})
     deadline = time.time() + 120
-    while sum(n for path, n in image_server.hits.items() if path.startswith("/hold/")) < 2:
-        assert proc.poll() is None, proc.communicate()[0].decode()
-        assert time.time() < deadline, "the stage never reached the held URLs"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
     try:
+        while sum(n for path, n in image_server.hits.items() if path.startswith("/hold/")) < 2:
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.time() < deadline, "the stage never reached the held URLs"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0].decode()
     finally:
-        proc.kill()  # only if it hung (the failure this test is about)
+        proc.kill()  # a no-op unless it hung (the failure this test is about)
     assert proc.returncode == 75, out
     assert "stopped by signal 15" in out
     assert Storage(str(tmp_path / "run")).marker("download", 0) is None
