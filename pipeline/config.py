@@ -110,6 +110,17 @@ class TrainConfig(Section):
     reader: EngineConfig = Field(default_factory=EngineConfig)
 
 
+class QualityConfig(Section):
+    """The annotate stage's quality monitor: score a fraction of captions with the CapRL reward."""
+
+    fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of images scored (chosen by key hash)")
+    mcq_source: Literal["auto", "images", "qa"] = Field(
+        "auto", description="images: the image parquet's `mcqs` column; qa: ROOT/qa/<shard>.parquet; auto: qa if committed"
+    )
+    reader: EngineConfig = Field(default_factory=EngineConfig)
+    reward: dict[str, Any] = Field(default_factory=dict, description="RewardConfig fields (pipeline/reward.py)")
+
+
 class AnnotateConfig(Section):
     """The captioner over image shards."""
 
@@ -118,6 +129,17 @@ class AnnotateConfig(Section):
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=2048)
     )
+    input_pattern: str | None = Field(
+        None, description="WebDataset shards to caption instead of ROOT/images: a brace pattern "
+        "('s3://b/{00000..00999}.tar', k-th expansion = shard k) or a '{shard:05d}' template"
+    )
+    input_storage_options: dict[str, Any] = runtime(default_factory=dict)
+    reencode: Literal["no", "jpg", "png", "webp"] = Field("no", description="re-encode images in the caption tars")
+    reencode_quality: int = Field(95, ge=1, le=100)
+    truncated_is_error: bool = Field(False, description="a caption cut at max_new_tokens (finish_reason=length) is a failed row")
+    retry_failed_rows: bool = Field(True, description="redo failed rows once in smaller batches before writing")
+    retry_batch_size: int = runtime(4, ge=1)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
 
 
 class EvaluateConfig(Section):
