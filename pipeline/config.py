@@ -70,6 +70,22 @@ class EngineConfig(Section):
     noop_text: str = "A placeholder caption."
 
 
+class RewardConfig(Section):
+    """The CapRL reward: a text-only reader answers N shuffled MCQ draws from the caption alone."""
+
+    reader: EngineConfig = Field(default_factory=EngineConfig)
+    n_draws: int = Field(8, ge=1, description="questions drawn with replacement per caption")
+    mode: Literal["sample", "letter_prob", "option_text"] = Field(
+        "sample", description="sample: generate a letter; letter_prob / option_text: score choices")
+    expected: bool = Field(False, description="option_text: reward the right option's probability, not argmax")
+    few_shot: bool = True
+    seed: int = 0
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=1.0, max_new_tokens=10))
+    retries: int = runtime(1, ge=0, description="re-asks of failed reader calls before a reward is missing")
+    cache: str | None = runtime(None, description="fsspec directory of the reward cache (replayable runs)")
+
+
 class DownloadConfig(Section):
     """URL list -> image WebDataset shards (img2dataset)."""
 
@@ -108,6 +124,7 @@ class TrainConfig(Section):
 
     policy: EngineConfig = Field(default_factory=EngineConfig)
     reader: EngineConfig = Field(default_factory=EngineConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
 class AnnotateConfig(Section):
@@ -118,6 +135,7 @@ class AnnotateConfig(Section):
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=2048)
     )
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="reader for the quality monitor")
 
 
 class EvaluateConfig(Section):
