@@ -70,6 +70,22 @@ class EngineConfig(Section):
     noop_text: str = "A placeholder caption."
 
 
+class RewardConfig(Section):
+    """The CapRL reward: a text-only reader answers N shuffled MCQ draws from the caption alone."""
+
+    reader: EngineConfig = Field(default_factory=EngineConfig)
+    n_draws: int = Field(8, ge=1, description="questions drawn with replacement per caption")
+    mode: Literal["sample", "letter_prob", "option_text"] = Field(
+        "sample", description="sample: generate a letter; letter_prob / option_text: score choices")
+    expected: bool = Field(False, description="option_text: reward the right option's probability, not argmax")
+    few_shot: bool = True
+    seed: int = 0
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=1.0, max_new_tokens=10))
+    retries: int = runtime(1, ge=0, description="re-asks of failed reader calls before a reward is missing")
+    cache: str | None = runtime(None, description="fsspec directory of the reward cache (replayable runs)")
+
+
 class DownloadConfig(Section):
     """URL list -> image WebDataset shards (img2dataset)."""
 
@@ -108,17 +124,19 @@ class TrainConfig(Section):
 
     policy: EngineConfig = Field(default_factory=EngineConfig)
     reader: EngineConfig = Field(default_factory=EngineConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
 class QualityConfig(Section):
-    """The annotate stage's quality monitor: score a fraction of captions with the CapRL reward."""
+    """The annotate stage's quality monitor: score a fraction of captions with the CapRL reward.
+
+    The reader, answer mode and number of draws are annotate.reward (a RewardConfig).
+    """
 
     fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of images scored (chosen by key hash)")
     mcq_source: Literal["auto", "images", "qa"] = Field(
         "auto", description="images: the image parquet's `mcqs` column; qa: ROOT/qa/<shard>.parquet; auto: qa if committed"
     )
-    reader: EngineConfig = Field(default_factory=EngineConfig)
-    reward: dict[str, Any] = Field(default_factory=dict, description="RewardConfig fields (pipeline/reward.py)")
 
 
 class AnnotateConfig(Section):
@@ -140,6 +158,7 @@ class AnnotateConfig(Section):
     retry_failed_rows: bool = Field(True, description="redo failed rows once in smaller batches before writing")
     retry_batch_size: int = runtime(4, ge=1)
     quality: QualityConfig = Field(default_factory=QualityConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="reward (reader, mode, draws) of the quality monitor")
 
 
 class EvaluateConfig(Section):
