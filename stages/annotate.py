@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline import quality as quality_monitor
 from pipeline.captioning import CaptionJob, CaptionResult, FeedConfig, caption_images, summarize
-from pipeline.config import AnnotateConfig, RunConfig
+from pipeline.config import AnnotateConfig, EngineConfig, RunConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
 from pipeline.errors import ConfigError
 from pipeline.imageprep import decode_image, encode_image
@@ -54,10 +54,15 @@ def run_timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def captioner_key(cfg: EngineConfig) -> str:
+    """The resource key under which a process keeps its captioning engine."""
+    return "engine:annotate.captioner:" + hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+
+
 def captioner(ctx: ShardContext | RunContext) -> Engine:
     """The captioning engine of this process (created once, reused for every shard)."""
     cfg = ctx.config.annotate.captioner
-    key = "engine:annotate.captioner:" + hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+    key = captioner_key(cfg)
     if key not in ctx.resources:
         if cfg.backend != "noop" and not cfg.model:
             raise ConfigError("annotate.captioner.model is not set: give a checkpoint path or model name")
@@ -71,7 +76,7 @@ def prepare(run: RunContext) -> None:
     if cfg.input_pattern:
         for shard in run.shards[:1] + run.shards[-1:]:
             resolve_input(run.config, run.storage, shard)
-    quality_monitor.validate(cfg.quality)
+    quality_monitor.validate(cfg.quality, cfg.reward)
 
 
 # -- the shard --------------------------------------------------------------------------------
@@ -115,7 +120,8 @@ def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) ->
     stamp = run_timestamp()
 
     plan = _caption_pass(ctx, cfg, local_tar, src, extras, keep)
-    scores = quality_monitor.score_shard(ctx, cfg.quality, shard, plan_captions(plan), {i.key: i.mcqs for i in plan.infos})
+    quality = quality_monitor.score_shard(ctx, cfg.quality, cfg.reward, shard, plan_captions(plan),
+                                          {i.key: i.mcqs for i in plan.infos if i.mcqs is not None})
 
     engine_id = _engine_id(ctx, plan, keep)
     rows = []
@@ -124,14 +130,14 @@ def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) ->
             if info.key in keep:
                 row = keep[info.key]
             else:
-                row = _row(cfg, info, plan.results[info.key], engine_id, stamp, scores.get(info.key))
+                row = _row(cfg, info, plan.results[info.key], engine_id, stamp, quality.scores.get(info.key))
             rows.append(row)
             if row["status"] == "ok":
                 sink.write(info.key, _tar_files(cfg, row, info, sample))
     write_table(rows, CAPTION_SCHEMA, ctx.output(".parquet"))
     if local_tar != src.tar_url:
         os.remove(local_tar)
-    return _stats(rows, plan, src, engine_id, len(keep), ctx.output(".tar"), ctx.output(".parquet"))
+    return _stats(rows, plan, src, engine_id, quality, len(keep), ctx.output(".tar"), ctx.output(".parquet"))
 
 
 def plan_captions(plan: _Plan) -> dict[str, str]:
@@ -230,7 +236,8 @@ def _tar_files(cfg: AnnotateConfig, row: dict[str, Any], info: _SampleInfo, samp
     }
 
 
-def _stats(rows: list[dict[str, Any]], plan: _Plan, src: InputShard, engine_id: str, kept: int,
+def _stats(rows: list[dict[str, Any]], plan: _Plan, src: InputShard, engine_id: str,
+           quality: quality_monitor.QualityReport, kept: int,
            tar_path: str, parquet_path: str) -> ShardStats:
     stats = ShardStats.from_statuses([r["status"] for r in rows], [r["error_reason"] for r in rows])
     counts = summarize(plan.results.values())
@@ -242,6 +249,7 @@ def _stats(rows: list[dict[str, Any]], plan: _Plan, src: InputShard, engine_id: 
         "retried": counts["retried"], "retried_ok": counts["retried_ok"],
         "quality_scored": len(scored),
         "quality_mean": round(sum(scored) / len(scored), 4) if scored else None,
+        "quality_missing": quality.missing, "quality_source": quality.source,
     }
     return stats
 

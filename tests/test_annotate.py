@@ -1,0 +1,218 @@
+"""The annotate stage's mechanics on image-shard fixtures: outputs, bad rows, retries, inputs, quality."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import world
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.runner import run_stage
+from pipeline.shards import sample_key
+from pipeline.storage import Storage
+from stages import annotate
+from tests.annotate_support import (
+    NOT_AN_IMAGE,
+    ScriptedCaptioner,
+    commit_image_shard,
+    pixel_scene_caption,
+    scene_rows,
+    truncated,
+    write_shard_files,
+)
+
+
+def _config(root, *overrides: str):
+    base = ["annotate.captioner.backend=noop", "annotate.captioner.chunk_size=4", "shard_size=20"]
+    return load_config(None, base + list(overrides), root=str(root))
+
+
+def _run(config, shards=(0,), resources=None, **kw):
+    out = io.StringIO()
+    report = run_stage(config, "annotate", list(shards), progress=False, out=out, resources=resources, **kw)
+    return report, out.getvalue()
+
+
+def _tar_members(path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+@pytest.fixture
+def shard_rows():
+    rows = scene_rows(10)
+    rows[3]["image"] = truncated(rows[3]["image"])
+    rows[7]["image"] = NOT_AN_IMAGE
+    return rows
+
+
+def test_noop_run_writes_tar_and_manifest_with_bad_rows_recorded(tmp_path, shard_rows):
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, shard_rows)
+    report, out = _run(_config(tmp_path))
+    assert report.committed == [0], out
+
+    rows = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    assert [r["key"] for r in rows] == [sample_key(0, i) for i in range(10)]
+    bad = {r["key"]: r for r in rows if r["status"] != "ok"}
+    assert set(bad) == {sample_key(0, 3), sample_key(0, 7)}
+    assert all(r["error_reason"] == "decode_error" and "cannot decode" in r["error"] for r in bad.values())
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["caption"] == "A placeholder caption." and r["finish_reason"] == "stop" for r in ok)
+    assert all(r["width"] == r["height"] == world.IMAGE_SIZE for r in ok)
+    assert {r["model_id"] for r in rows} == {"noop:A placeholder caption."}
+    assert {r["prompt_hash"] for r in rows} == {annotate.prompt_hash("Please describe this image in detail.")}
+    assert json.loads(ok[0]["sampling"])["temperature"] == 1.0
+
+    members = _tar_members(tmp_path / "captions/00000.tar")
+    assert len(members) == 3 * 8  # ok rows only: image + txt + json
+    for src in shard_rows:
+        if src["key"] in bad:
+            assert f"{src['key']}.png" not in members
+            continue
+        assert members[f"{src['key']}.png"] == src["image"]  # original bytes
+        meta = json.loads(members[f"{src['key']}.json"])
+        assert meta["sha256"] == hashlib.sha256(src["image"]).hexdigest()
+        assert meta["source"]["scene"] == src["scene"] and meta["url"].endswith(".png")
+        assert members[f"{src['key']}.txt"] == b"A placeholder caption."
+
+    marker = storage.marker("annotate", 0)
+    assert marker["rows"] == {"total": 10, "ok": 8, "failed": 2}
+    assert marker["stats"]["errors"] == {"decode_error": 2}
+    assert "download/00000" in marker["inputs"]
+
+
+def test_missing_upstream_shard_is_a_clear_failure(tmp_path):
+    report, out = _run(_config(tmp_path))
+    assert report.failed and "run: python -m pipeline run --stage download --shards 0" in out
+
+
+def test_engine_failure_on_a_chunk_is_retried_in_smaller_batches(tmp_path):
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, scene_rows(10))
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
+                     "annotate.retry_batch_size=2")
+    engine = ScriptedCaptioner(pixel_scene_caption, fail_calls=[2])
+    report, out = _run(config, resources={annotate.captioner_key(config.annotate.captioner): engine})
+    assert report.committed == [0], out
+    rows = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    assert all(r["status"] == "ok" for r in rows)
+    assert engine.batches == [4, 4, 2, 2, 2]  # chunk 2 failed, its 4 rows redone in batches of 2
+    assert [r["attempts"] for r in rows] == [1] * 4 + [2] * 4 + [1] * 2
+    assert storage.marker("annotate", 0)["stats"]["extra"]["retried_ok"] == 4
+
+
+def test_a_poisoned_request_fails_alone_after_the_retry(tmp_path):
+    storage = Storage(str(tmp_path))
+    rows_in = scene_rows(8)
+    commit_image_shard(storage, 0, rows_in)
+    poison = world.Scene.from_dict(json.loads(rows_in[5]["scene"])).background
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
+                     "annotate.retry_batch_size=1")
+
+    def is_poison(img) -> bool:
+        return pixel_scene_caption(img).endswith(f"{poison} background.")
+
+    engine = ScriptedCaptioner(pixel_scene_caption, fail_when=is_poison)
+    report, _ = _run(config, resources={annotate.captioner_key(config.annotate.captioner): engine})
+    rows = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    expect_bad = {r["key"] for r in rows_in if world.Scene.from_dict(json.loads(r["scene"])).background == poison}
+    assert {r["key"] for r in rows if r["status"] != "ok"} == expect_bad
+    assert all(r["error_reason"] == "engine_error" and "poisoned" in r["error"] for r in rows if r["status"] != "ok")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(r["caption"].endswith("background.") for r in ok)
+
+
+@pytest.mark.parametrize("as_error", [False, True])
+def test_empty_and_truncated_captions(tmp_path, as_error):
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, scene_rows(6))
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
+                     f"annotate.truncated_is_error={as_error}")
+    texts = iter(["A caption.", "   ", "A caption cut off...", "A caption.", "A caption.", "A caption."] + ["x"] * 10)
+    engine = ScriptedCaptioner(lambda img: next(texts))
+    _run(config, resources={annotate.captioner_key(config.annotate.captioner): engine})
+    rows = {r["key"][-1]: r for r in pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()}
+    # rows 1 (empty) and, when configured, 2 (length) fail once, then are retried: the script now says "x"
+    assert rows["1"]["attempts"] == 2 and rows["1"]["caption"] == "x"
+    if as_error:
+        assert rows["2"]["attempts"] == 2 and rows["2"]["caption"] == "x"
+    else:
+        assert rows["2"]["attempts"] == 1 and rows["2"]["finish_reason"] == "length"
+    assert all(r["status"] == "ok" for r in rows.values())
+
+
+def test_failed_rows_stay_failed_without_retry(tmp_path):
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, scene_rows(3))
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
+                     "annotate.retry_failed_rows=false")
+    engine = ScriptedCaptioner(lambda img: "")
+    report, _ = _run(config, resources={annotate.captioner_key(config.annotate.captioner): engine})
+    assert report.committed == [0]
+    rows = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    assert [r["error_reason"] for r in rows] == ["empty_caption"] * 3
+    assert _tar_members(tmp_path / "captions/00000.tar") == {}
+
+
+def test_input_pattern_brace_range_and_template(tmp_path):
+    src = tmp_path / "wds"
+    src.mkdir()
+    for shard in range(3):
+        write_shard_files(str(src / f"part-{shard:05d}.tar"), str(src / f"part-{shard:05d}.parquet"),
+                          scene_rows(4, shard=shard))
+    for pattern in (str(src / "part-{00000..00002}.tar"), str(src / "part-{shard:05d}.tar")):
+        root = tmp_path / ("run" + str(len(pattern)))
+        report, out = _run(_config(root, f"annotate.input_pattern={pattern}"), shards=[0, 1, 2])
+        assert report.committed == [0, 1, 2], out
+        keys = pq.read_table(root / "captions/00002.parquet").column("key").to_pylist()
+        assert keys == [sample_key(2, i) for i in range(4)]
+        assert Storage(str(root)).marker("annotate", 1)["inputs"] == {}
+
+    with pytest.raises(ConfigError, match=r"expands to 3 shard\(s\)"):  # refused before any work
+        _run(_config(tmp_path / "x", f"annotate.input_pattern={src}/part-{{00000..00002}}.tar"), shards=[0, 5])
+
+
+def test_reencode_writes_the_requested_format(tmp_path):
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, scene_rows(2))
+    _run(_config(tmp_path, "annotate.reencode=jpg"))
+    members = _tar_members(tmp_path / "captions/00000.tar")
+    img = members[f"{sample_key(0, 0)}.jpg"]
+    assert img[:3] == b"\xff\xd8\xff"
+    assert pq.read_table(tmp_path / "captions/00000.parquet").column("image_ext").to_pylist() == ["jpg", "jpg"]
+
+
+def test_retry_shard_redoes_failed_rows_and_keeps_ok_rows_byte_identical(tmp_path):
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, scene_rows(6))
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
+                     "annotate.retry_failed_rows=false")
+    key = annotate.captioner_key(config.annotate.captioner)
+    flaky = ScriptedCaptioner(pixel_scene_caption, fail_calls=[1])  # the first chunk (rows 0-3) fails
+    _run(config, resources={key: flaky})
+    first = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    assert [r["status"] for r in first] == ["error"] * 4 + ["ok"] * 2
+    before = _tar_members(tmp_path / "captions/00000.tar")
+
+    from pipeline.stage import ShardContext
+
+    txn = storage.begin("annotate", 0)
+    healthy = ScriptedCaptioner(pixel_scene_caption)
+    ctx = ShardContext(config=config, storage=storage, stage="annotate", output_dir="captions", txn=txn,
+                       resources={key: healthy}, log=__import__("logging").getLogger("t"))
+    stats = annotate.retry_shard(ctx, 0, {})
+    assert healthy.batches == [4]
+    assert stats.ok == 6 and stats.extra["kept_from_previous"] == 2
+    again = pq.read_table(ctx.output(".parquet")).to_pylist()
+    assert again[4:] == first[4:]
+    after = _tar_members(ctx.output(".tar"))
+    for name, blob in before.items():
+        assert after[name] == blob
+    assert len(after) == 18
