@@ -28,6 +28,7 @@ def collect_status(config: RunConfig, only: str | None = None) -> list[dict]:
         ok = sum(m.get("rows", {}).get("ok", 0) for m in committed.values())
         bad = sum(m.get("rows", {}).get("failed", 0) for m in committed.values())
         secs = sum(m.get("stats", {}).get("seconds", 0.0) for m in committed.values())
+        quality = _mean_quality(committed.values())
         rows.append({
             "stage": stage,
             "committed": len(committed),
@@ -38,10 +39,22 @@ def collect_status(config: RunConfig, only: str | None = None) -> list[dict]:
             "rows_ok": ok,
             "rows_failed": bad,
             "rows_per_s": round((ok + bad) / secs, 1) if secs else None,
+            "quality": round(quality, 3) if quality is not None else None,
             "failed_shards": format_shard_spec(failed),
             "failure_reasons": sorted({f.get("error", "?")[:120] for f in failed.values()}),
         })
     return rows
+
+
+def _mean_quality(markers) -> float | None:
+    """Running mean caption quality over committed shards (stats.extra quality_mean weighted by quality_scored)."""
+    total = n = 0.0
+    for m in markers:
+        extra = m.get("stats", {}).get("extra", {})
+        if extra.get("quality_mean") is not None and extra.get("quality_scored"):
+            total += extra["quality_mean"] * extra["quality_scored"]
+            n += extra["quality_scored"]
+    return total / n if n else None
 
 
 def print_status(config: RunConfig, only: str | None = None, out=sys.stdout) -> int:
@@ -50,6 +63,8 @@ def print_status(config: RunConfig, only: str | None = None, out=sys.stdout) -> 
         print(f"no stage has run under {config.root}", file=out)
         return 0
     cols = ["stage", "committed", "stale", "failed", "running", "pending", "rows_ok", "rows_failed", "rows_per_s"]
+    if any(r.get("quality") is not None for r in rows):
+        cols.append("quality")
     widths = {c: max(len(c), *(len(str(r[c] if r[c] is not None else "-")) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols), file=out)
     for r in rows:

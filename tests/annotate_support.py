@@ -112,3 +112,46 @@ def pixel_scene_caption(img: Image.Image) -> str:
 
 def _dist(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return sum((x - y) ** 2 for x, y in zip(a, b, strict=False))
+
+
+def oracle_policy(rows: Sequence[dict], template: int = 0) -> Callable[[Image.Image], str]:
+    """A captioner policy that knows every fixture scene (looked up by its rendered pixels)."""
+    table = {}
+    for r in rows:
+        scene = world.Scene.from_dict(json.loads(r["scene"]))
+        table[hashlib.sha256(world.render(scene).convert("RGB").tobytes()).hexdigest()] = world.caption(scene, template)
+    return lambda img: table.get(hashlib.sha256(img.convert("RGB").tobytes()).hexdigest(), world.UNINFORMATIVE_CAPTION)
+
+
+class RuleReader:
+    """A stand-in for the reader model: answers by the world's rule reader (parses the caption)."""
+
+    model_id = "rule-reader"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    @staticmethod
+    def _parse(req: ChatRequest) -> tuple[str, str, list[str]]:
+        import re
+
+        user = req.messages[-1]["content"]
+        caption = re.search(r"<caption>\n(.*)\n</caption>", user, re.S).group(1)
+        question = re.search(r"Question: (.*)", user).group(1)
+        return caption, question, re.findall(r"^[A-F]\) (.*)$", user, re.M)
+
+    def _choice(self, req: ChatRequest) -> int:
+        caption, question, options = self._parse(req)
+        idx = world.rule_reader_answer(caption, question, options[:-1])
+        return len(options) - 1 if idx is None else idx
+
+    def generate(self, requests: Sequence[ChatRequest], params: Sampling) -> list[list[Generation]]:
+        self.calls.append(len(requests))
+        return [[Generation(text=f" {'ABCDEF'[self._choice(r)]}.", num_tokens=2)] for r in requests]
+
+    def score_choices(self, requests, choices):
+        self.calls.append(len(requests))
+        return [[0.0 if i == self._choice(r) else -5.0 for i in range(len(c))] for r, c in zip(requests, choices, strict=True)]
+
+    def close(self) -> None:
+        pass

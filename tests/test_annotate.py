@@ -10,17 +10,20 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import world
+from pipeline import quality, world
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.runner import run_stage
 from pipeline.shards import sample_key
+from pipeline.status import print_status
 from pipeline.storage import Storage
 from stages import annotate
 from tests.annotate_support import (
     NOT_AN_IMAGE,
+    RuleReader,
     ScriptedCaptioner,
     commit_image_shard,
+    oracle_policy,
     pixel_scene_caption,
     scene_rows,
     truncated,
@@ -216,3 +219,45 @@ def test_retry_shard_redoes_failed_rows_and_keeps_ok_rows_byte_identical(tmp_pat
     for name, blob in before.items():
         assert after[name] == blob
     assert len(after) == 18
+
+
+def _quality_run(tmp_path, rows_in, captions_template: int | None, fraction: float):
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, rows_in)
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
+                     f"annotate.quality.fraction={fraction}", "annotate.reward.reader.backend=hf",
+                     "annotate.reward.reader.model=rule", "annotate.reward.mode=sample")
+    policy = oracle_policy(rows_in) if captions_template is not None else (lambda img: world.UNINFORMATIVE_CAPTION)
+    reader = RuleReader()
+    resources = {annotate.captioner_key(config.annotate.captioner): ScriptedCaptioner(policy),
+                 quality.reader_key(config.annotate.reward): reader}
+    report, out = _run(config, resources=resources)
+    assert report.committed == [0], out
+    return config, storage, pq.read_table(tmp_path / "captions/00000.parquet").to_pylist(), reader
+
+
+def test_quality_monitor_scores_captions_with_the_reward(tmp_path):
+    rows_in = scene_rows(12)
+    config, storage, rows, reader = _quality_run(tmp_path / "good", rows_in, 0, 1.0)
+    assert [r["quality"] for r in rows] == [1.0] * 12
+    assert all(r["quality_questions"] == 5 for r in rows)
+    assert reader.calls == [12 * 8]  # one batched reader call for the shard, N=8 draws each
+    extra = storage.marker("annotate", 0)["stats"]["extra"]
+    assert extra["quality_scored"] == 12 and extra["quality_mean"] == 1.0 and extra["quality_source"] == "images"
+    out = io.StringIO()
+    print_status(config, out=out)
+    lines = out.getvalue().splitlines()
+    line = next(ln for ln in lines if ln.startswith("annotate"))
+    assert lines[0].split()[-1] == "quality" and line.split()[-1] == "1.0"
+
+    _, _, bad_rows, _ = _quality_run(tmp_path / "bad", rows_in, None, 1.0)
+    assert [r["quality"] for r in bad_rows] == [0.0] * 12  # "An image." answers nothing
+
+
+def test_quality_monitor_scores_a_deterministic_fraction(tmp_path):
+    rows_in = scene_rows(20)
+    _, storage, rows, _ = _quality_run(tmp_path, rows_in, 0, 0.5)
+    scored = {r["key"] for r in rows if r["quality"] is not None}
+    assert scored == {r["key"] for r in rows if quality.selected(r["key"], 0.5)}
+    assert 3 <= len(scored) <= 17
+    assert storage.marker("annotate", 0)["stats"]["extra"]["quality_scored"] == len(scored)
