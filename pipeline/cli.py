@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shards", required=True, help="shard spec: '0-999', '3,7,10-12' or '5'")
     _add_config_args(run)
     run.add_argument("--force", action="store_true", help="redo shards even if committed")
+    run.add_argument("--failed-only", action="store_true",
+                     help="for committed shards with failed rows, redo only those rows (stages with retry_shard, "
+                          "e.g. download); uncommitted shards run as usual")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     status = sub.add_parser("status", help="committed / failed / running shards per stage, read from ROOT alone")
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.runner import run_stage
 
             shards = parse_shard_spec(args.shards)
-            report = run_stage(_config(args), args.stage, shards, force=args.force, progress=not args.no_progress)
+            report = run_stage(_config(args), args.stage, shards, force=args.force,
+                               failed_only=args.failed_only, progress=not args.no_progress)
             return report.exit_code
         if args.command == "status":
             from pipeline.status import print_status

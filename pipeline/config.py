@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -87,10 +87,13 @@ class RewardConfig(Section):
 
 
 class DownloadConfig(Section):
-    """URL list -> image WebDataset shards (img2dataset)."""
+    """URL list -> image WebDataset shards (img2dataset fetches, resizes and encodes)."""
 
-    urls: str | None = None
+    urls: str | None = Field(None, description="URL list: a parquet/csv/tsv/jsonl/txt file or a folder of them")
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = "auto"
+    input_storage_options: dict[str, Any] | None = runtime(
+        None, description="fsspec options for the URL list (default: storage_options when on the root's protocol)"
+    )
     url_col: str = "url"
     caption_col: str | None = None
     save_additional_columns: list[str] = Field(default_factory=list)
@@ -98,18 +101,39 @@ class DownloadConfig(Section):
     resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "keep_ratio"
     resize_only_if_bigger: bool = True
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(95, ge=1, le=100)
+    encode_quality: int | None = Field(
+        None, ge=0, le=100, description="jpg/webp quality 1-100 (default 95); png compression 0-9 (default 3)"
+    )
     min_image_size: int = Field(0, ge=0)
     max_image_area: float = Field(float("inf"), gt=0)
     max_aspect_ratio: float = Field(float("inf"), gt=0)
+    max_decode_pixels: int = Field(89_478_485, ge=1, description="refuse bodies whose header declares more pixels")
+    extract_exif: bool = False
     timeout_s: float = runtime(10.0, gt=0)
-    retries: int = runtime(0, ge=0)
+    retries: int = runtime(1, ge=0, description="extra passes over rows that failed transiently (timeout, 5xx, 429)")
+    retry_backoff_s: float = runtime(2.0, ge=0)
     processes: int = runtime(1, ge=1)
     threads: int = runtime(32, ge=1)
     user_agent_token: str = runtime("caprl-pipeline")
     disallowed_header_directives: list[str] = runtime(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
+
+    @model_validator(mode="after")
+    def _check_quality(self) -> DownloadConfig:
+        q = self.encode_quality
+        if q is not None and self.encode_format == "png" and q > 9:
+            raise ValueError(f"encode_quality for png is a compression level 0-9, got {q}")
+        if q is not None and self.encode_format != "png" and q < 1:
+            raise ValueError(f"encode_quality for {self.encode_format} is 1-100, got {q}")
+        return self
+
+    @property
+    def quality(self) -> int:
+        """The encode quality actually used (per-format default when unset)."""
+        if self.encode_quality is not None:
+            return self.encode_quality
+        return 3 if self.encode_format == "png" else 95
 
 
 class QAConfig(Section):

@@ -35,6 +35,7 @@ class RunReport:
     stage: str
     committed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    retried: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     preempted: int | None = None
     stats: dict[int, ShardStats] = field(default_factory=dict)
@@ -47,6 +48,8 @@ class RunReport:
 
     def summary(self) -> str:
         parts = [f"{self.stage}: {len(self.committed)} committed, {len(self.skipped)} skipped (already committed)"]
+        if self.retried:
+            parts.append(f"{len(self.retried)} with failed rows redone [{format_shard_spec(self.retried)}]")
         if self.failed:
             parts.append(f"{len(self.failed)} FAILED [{format_shard_spec(self.failed)}]")
         if self.preempted is not None:
@@ -80,14 +83,24 @@ def run_stage(
     shards: list[int],
     *,
     force: bool = False,
+    failed_only: bool = False,
     storage: Storage | None = None,
     resources: dict[str, Any] | None = None,
     progress: bool = True,
     out=None,
 ) -> RunReport:
-    """Run `stage` over `shards` in sequence with one set of shared resources (engines load once)."""
+    """Run `stage` over `shards` in sequence with one set of shared resources (engines load once).
+
+    With `failed_only`, committed shards whose marker counts failed rows are handed to the stage's
+    `retry_shard(ctx, shard, previous_marker)`, which redoes only those rows; uncommitted shards run as usual.
+    """
     out = out or sys.stdout
     module = load_stage(stage, config)
+    retry = getattr(module, "retry_shard", None)
+    if failed_only and force:
+        raise PipelineError("--force and --failed-only exclude each other: --force redoes whole shards")
+    if failed_only and retry is None:
+        raise PipelineError(f"stage {stage!r} cannot redo single rows (it has no retry_shard); use --force")
     storage = storage or Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable()
     storage.ensure_run_meta({"shard_size": config.shard_size})
@@ -114,6 +127,8 @@ def run_stage(
         return True
 
     todo = [s for s in shards if force or not is_current(s)]
+    redo_rows = {s: done[s] for s in shards if failed_only and s not in todo and _failed_rows(done[s]) > 0}
+    todo = sorted([*todo, *redo_rows])
     report.skipped = [s for s in shards if s not in todo]
     if report.skipped:
         print(f"{stage}: skipping {len(report.skipped)} committed shard(s) [{format_shard_spec(report.skipped)}]", file=out)
@@ -122,7 +137,8 @@ def run_stage(
     with preemption_signals():
         try:
             for shard in bar:
-                _run_one(module, config, storage, stage, shard, fingerprint, resources, report, out)
+                _run_one(module, config, storage, stage, shard, fingerprint, resources, report, out,
+                         previous=redo_rows.get(shard))
         except Preempted as sig:
             report.preempted = sig.signum
     bar.close()
@@ -130,7 +146,12 @@ def run_stage(
     return report
 
 
-def _run_one(module, config, storage, stage, shard, fingerprint, resources, report, out) -> None:
+def _failed_rows(marker: dict[str, Any]) -> int:
+    return int(marker.get("rows", {}).get("failed", 0) or 0)
+
+
+def _run_one(module, config, storage, stage, shard, fingerprint, resources, report, out, previous=None) -> None:
+    """Run (or, given the previous marker, retry the failed rows of) one shard inside a transaction."""
     name = shard_name(shard)
     txn = storage.begin(stage, shard)
     storage.claim(stage, shard)
@@ -140,7 +161,10 @@ def _run_one(module, config, storage, stage, shard, fingerprint, resources, repo
     )
     started = time.time()
     try:
-        stats = timed(lambda: module.run_shard(ctx, shard))
+        if previous is not None:
+            stats = timed(lambda: module.retry_shard(ctx, shard, previous))
+        else:
+            stats = timed(lambda: module.run_shard(ctx, shard))
         if not isinstance(stats, ShardStats):
             raise TypeError(f"stage {stage}.run_shard returned {type(stats).__name__}, expected ShardStats")
         with open(ctx.output("_stats.json"), "w") as f:
@@ -151,9 +175,13 @@ def _run_one(module, config, storage, stage, shard, fingerprint, resources, repo
             "rows": {"total": stats.rows, "ok": stats.ok, "failed": stats.failed},
             "stats": stats.to_dict(),
             "started_at": started,
+            **({"retry_of": previous.get("committed_at"), "retries": int(previous.get("retries", 0)) + 1}
+               if previous is not None else {}),
         })
         storage.clear_failure(stage, shard)
         report.committed.append(shard)
+        if previous is not None:
+            report.retried.append(shard)
         report.stats[shard] = stats
         print(f"{stage} {name}: {stats.line()}", file=out, flush=True)
     except Preempted:
