@@ -1,7 +1,7 @@
 """Feed images to a captioning engine at throughput: decode ahead in a pool, big chunks in, per-row results out.
 
-The path of one image: bytes -> decode (worker pool, ahead of the engine: EXIF transpose, RGB,
-downscale to the engine's max_pixels) -> ChatRequest in a chunk of `chunk_size` -> engine.generate
+The path of one image: bytes -> decode (worker pool, ahead of the engine: EXIF transpose, then the
+engines' shared prepare_image: RGB, Qwen grid within min/max_pixels) -> ChatRequest in a chunk of `chunk_size` -> engine.generate
 -> CaptionResult (status ok/error with a reason). Rows whose generation failed (engine exception,
 error generation, empty or truncated caption) are retried once in smaller batches at the end.
 Nothing here raises for a bad row; only the engine's absence of results for a whole chunk is
@@ -10,16 +10,15 @@ turned into per-row errors.
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
 from pipeline.engines.base import ChatRequest, Engine, Generation, Sampling
+from pipeline.engines.preprocess import map_ahead
 from pipeline.imageprep import DecodedImage, decode_image
 
 log = logging.getLogger("pipeline.captioning")
@@ -71,6 +70,7 @@ class FeedConfig:
     sampling: Sampling
     chunk_size: int = 4096
     workers: int = 2
+    min_pixels: int = 3136
     max_pixels: int = 1_003_520
     truncated_is_error: bool = False
     retry: bool = True
@@ -109,27 +109,8 @@ def _run_engine(engine: Engine, images: Sequence[Image.Image], cfg: FeedConfig) 
     return [list(g) for g in out]
 
 
-def prefetch(jobs: Iterable[CaptionJob], decode: Callable[[bytes], DecodedImage], pool: Executor,
-             lookahead: int) -> Iterator[tuple[CaptionJob, DecodedImage | None]]:
-    """Decode jobs in the pool, at most `lookahead` ahead of the consumer, yielding in input order."""
-    pending: collections.deque[tuple[CaptionJob, Future | None]] = collections.deque()
-    it = iter(jobs)
-    exhausted = False
-    while True:
-        while not exhausted and len(pending) < lookahead:
-            job = next(it, None)
-            if job is None:
-                exhausted = True
-                break
-            pending.append((job, pool.submit(decode, job.data) if job.data is not None else None))
-        if not pending:
-            return
-        job, fut = pending.popleft()
-        yield job, (fut.result() if fut is not None else None)
-
-
-def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[CaptionJob], cfg: FeedConfig,
-                   pool: Executor | None = None) -> Iterator[CaptionResult]:
+def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[CaptionJob],
+                   cfg: FeedConfig) -> Iterator[CaptionResult]:
     """Caption every job; yields one CaptionResult per job (retried rows come last, after the main pass).
 
     `engine` may be a factory, called once when the first chunk is ready (rows that never reach the
@@ -142,12 +123,10 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
             loaded.append(engine() if callable(engine) and not isinstance(engine, Engine) else engine)
         return loaded[0]
 
-    own_pool = pool is None
-    pool = pool or ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="decode")
     retry_queue: list[tuple[CaptionResult, Image.Image]] = []
 
-    def decode(data: bytes) -> DecodedImage:
-        return decode_image(data, max_pixels=cfg.max_pixels)
+    def decode(job: CaptionJob) -> DecodedImage:
+        return decode_image(job.data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
     def finish(chunk: list[tuple[CaptionResult, Image.Image]], attempt: int) -> Iterator[CaptionResult]:
         outcome = _run_engine(get_engine(), [im for _, im in chunk], cfg)
@@ -164,31 +143,25 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
             else:
                 yield res
 
-    try:
-        chunk: list[tuple[CaptionResult, Image.Image]] = []
-        for job, dec in prefetch(jobs, decode, pool, lookahead=2 * cfg.chunk_size):
-            res = CaptionResult(key=job.key)
-            if dec is None:
-                res.status, res.reason, res.error = "error", ERR_NO_IMAGE, "sample has no image file"
-                yield res
-                continue
-            res.width, res.height = dec.width, dec.height
-            if dec.image is None:
-                res.status, res.reason, res.error = "error", ERR_DECODE, dec.error
-                yield res
-                continue
-            chunk.append((res, dec.image))
-            if len(chunk) >= cfg.chunk_size:
-                yield from finish(chunk, 1)
-                chunk = []
-        if chunk:
+    chunk: list[tuple[CaptionResult, Image.Image]] = []
+    for prepared in map_ahead(decode, jobs, workers=cfg.workers, ahead=2 * cfg.chunk_size):
+        job, dec = prepared.item, prepared.value
+        res = CaptionResult(key=job.key)
+        if dec is None or dec.image is None:
+            res.status, res.error = "error", (dec.error if dec is not None else prepared.error)
+            res.reason = ERR_NO_IMAGE if job.data is None else ERR_DECODE
+            yield res
+            continue
+        res.width, res.height = dec.width, dec.height
+        chunk.append((res, dec.image))
+        if len(chunk) >= cfg.chunk_size:
             yield from finish(chunk, 1)
-        while retry_queue:
-            batch, retry_queue[:] = retry_queue[: cfg.retry_batch_size], retry_queue[cfg.retry_batch_size :]
-            yield from finish(batch, 2)
-    finally:
-        if own_pool:
-            pool.shutdown(wait=True, cancel_futures=True)
+            chunk = []
+    if chunk:
+        yield from finish(chunk, 1)
+    while retry_queue:
+        batch, retry_queue[:] = retry_queue[: cfg.retry_batch_size], retry_queue[cfg.retry_batch_size :]
+        yield from finish(batch, 2)
 
 
 def summarize(results: Iterable[CaptionResult]) -> dict[str, Any]:

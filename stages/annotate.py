@@ -24,7 +24,7 @@ from pipeline.captioning import CaptionJob, CaptionResult, FeedConfig, caption_i
 from pipeline.config import AnnotateConfig, EngineConfig, RunConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
 from pipeline.errors import ConfigError
-from pipeline.imageprep import decode_image, encode_image
+from pipeline.imageprep import encode_image
 from pipeline.inputs import InputShard, resolve_input
 from pipeline.manifest import CAPTION_SCHEMA, read_rows, write_table
 from pipeline.shards import shard_name
@@ -175,7 +175,7 @@ def _caption_pass(ctx: ShardContext, cfg: AnnotateConfig, local_tar: str, src: I
     ecfg = cfg.captioner
     feed = FeedConfig(
         prompt=cfg.prompt, sampling=Sampling.from_config(cfg.sampling), chunk_size=ecfg.chunk_size,
-        workers=max(1, ecfg.preprocess_workers), max_pixels=ecfg.max_pixels,
+        workers=ecfg.preprocess_workers, min_pixels=ecfg.min_pixels, max_pixels=ecfg.max_pixels,
         truncated_is_error=cfg.truncated_is_error, retry=cfg.retry_failed_rows, retry_batch_size=cfg.retry_batch_size,
     )
     for res in caption_images(lambda: captioner(ctx), jobs(), feed):
@@ -223,9 +223,7 @@ def _tar_files(cfg: AnnotateConfig, row: dict[str, Any], info: _SampleInfo, samp
     image = sample.image or b""
     ext = info.ext or "jpg"
     if cfg.reencode != "no":
-        decoded = decode_image(image)
-        if decoded.image is not None:
-            image, ext = encode_image(decoded.image, cfg.reencode, cfg.reencode_quality), cfg.reencode
+        image, ext = encode_image(image, cfg.reencode, cfg.reencode_quality), cfg.reencode
     meta = {k: row[k] for k in JSON_FIELDS}
     meta["sampling"] = json.loads(row["sampling"])
     meta["source"] = info.meta
