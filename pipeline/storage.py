@@ -104,9 +104,14 @@ class Storage:
     def check_reachable(self, create: bool = True) -> None:
         """Fail with one clear line if ROOT cannot be listed (or created)."""
         try:
-            if create:
-                self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.ls(self.root, detail=False)
+            if self.is_local:
+                if create:
+                    os.makedirs(self.root, exist_ok=True)
+                self.fs.ls(self.root, detail=False)
+            else:
+                # Object stores have no directories: an empty prefix is fine if its bucket exists.
+                bucket = self.root.split("/", 1)[0]
+                self.fs.ls(bucket, detail=False)
         except FileNotFoundError:
             raise StorageError(f"storage root {self.root_url} does not exist") from None
         except Exception as exc:  # noqa: BLE001 - any backend error means unreachable
