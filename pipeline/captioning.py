@@ -10,6 +10,7 @@ turned into per-row errors.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class CaptionResult:
     """The outcome for one image."""
 
     key: str
+    sha256: str | None = None
+    """Of the image bytes (hashed in the decode worker)."""
     width: int | None = None
     height: int | None = None
     generations: list[Generation] = field(default_factory=list)
@@ -125,8 +128,9 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
 
     retry_queue: list[tuple[CaptionResult, Image.Image]] = []
 
-    def decode(job: CaptionJob) -> DecodedImage:
-        return decode_image(job.data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    def decode(job: CaptionJob) -> tuple[str | None, DecodedImage]:
+        digest = hashlib.sha256(job.data).hexdigest() if job.data is not None else None
+        return digest, decode_image(job.data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
     def finish(chunk: list[tuple[CaptionResult, Image.Image]], attempt: int) -> Iterator[CaptionResult]:
         outcome = _run_engine(get_engine(), [im for _, im in chunk], cfg)
@@ -145,8 +149,9 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
 
     chunk: list[tuple[CaptionResult, Image.Image]] = []
     for prepared in map_ahead(decode, jobs, workers=cfg.workers, ahead=2 * cfg.chunk_size):
-        job, dec = prepared.item, prepared.value
-        res = CaptionResult(key=job.key)
+        job = prepared.item
+        digest, dec = prepared.value if prepared.value is not None else (None, None)
+        res = CaptionResult(key=job.key, sha256=digest)
         if dec is None or dec.image is None:
             res.status, res.error = "error", (dec.error if dec is not None else prepared.error)
             res.reason = ERR_NO_IMAGE if job.data is None else ERR_DECODE

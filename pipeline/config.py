@@ -181,6 +181,8 @@ class AnnotateConfig(Section):
     truncated_is_error: bool = Field(False, description="a caption cut at max_new_tokens (finish_reason=length) is a failed row")
     retry_failed_rows: bool = Field(True, description="redo failed rows once in smaller batches before writing")
     retry_batch_size: int = runtime(4, ge=1)
+    hold_images_mb: int = runtime(2048, ge=0, description="keep a shard's input bytes in memory up to this size "
+                                  "(else the input tar is read twice)")
     quality: QualityConfig = Field(default_factory=QualityConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig, description="reward (reader, mode, draws) of the quality monitor")
 

@@ -19,8 +19,10 @@ import webdataset
 from pipeline.errors import PipelineError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-TAR_MTIME = 0.0
-"""mtime of every entry we write: outputs must not depend on when they were written."""
+READ_BUFFER = 1 << 20
+TAR_MTIME = 0
+"""mtime of every entry we write: outputs must not depend on when they were written (an int: a float
+mtime would cost a pax header per entry)."""
 
 
 class InputShardError(PipelineError):
@@ -66,7 +68,7 @@ def iter_tar(fileobj: IO[bytes], where: str = "") -> Iterator[Sample]:
     """Samples of a tar stream, in order. Raises InputShardError on a truncated or corrupt tar."""
     current: Sample | None = None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", bufsize=READ_BUFFER) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -89,7 +91,10 @@ def iter_tar(fileobj: IO[bytes], where: str = "") -> Iterator[Sample]:
 def read_samples(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[Sample]:
     """Samples of the tar at `url` (local path or fsspec URL), streamed."""
     try:
-        f = fsspec.open(url, "rb", **(storage_options or {})).open()
+        if "://" not in url or url.startswith("file://"):
+            f: IO[bytes] = open(url.removeprefix("file://"), "rb", buffering=READ_BUFFER)
+        else:
+            f = fsspec.open(url, "rb", block_size=READ_BUFFER, **(storage_options or {})).open()
     except FileNotFoundError:
         raise InputShardError(f"input shard {url} does not exist") from None
     with f:

@@ -84,10 +84,11 @@ def prepare(run: RunContext) -> None:
 class _SampleInfo:
     key: str
     url: str | None
-    sha256: str | None
     ext: str | None
     meta: dict[str, Any]
     mcqs: Any = None
+    files: dict[str, bytes] | None = None
+    """The input sample's files while they fit the memory budget (else pass 2 reads the tar again)."""
 
 
 @dataclass
@@ -96,6 +97,16 @@ class _Plan:
 
     infos: list[_SampleInfo] = field(default_factory=list)
     results: dict[str, CaptionResult] = field(default_factory=dict)
+    held: bool | None = None
+    """False once a sample did not fit the memory budget (pass 2 then re-reads the input tar)."""
+
+    def samples(self, local_tar: str) -> Iterator[Sample]:
+        """The input samples again, in order: from memory when every one was held."""
+        if self.held is False:
+            yield from read_samples(local_tar)
+        else:
+            for info in self.infos:
+                yield Sample(info.key, info.files or {})
 
 
 def run_shard(ctx: ShardContext, shard: int) -> ShardStats:
@@ -126,7 +137,7 @@ def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) ->
     engine_id = _engine_id(ctx, plan, keep)
     rows = []
     with TarSink(ctx.output(".tar")) as sink:
-        for info, sample in zip(plan.infos, read_samples(local_tar), strict=True):
+        for info, sample in zip(plan.infos, plan.samples(local_tar), strict=True):
             if info.key in keep:
                 row = keep[info.key]
             else:
@@ -165,10 +176,18 @@ def _caption_pass(ctx: ShardContext, cfg: AnnotateConfig, local_tar: str, src: I
                   extras: dict[str, dict[str, Any]], keep: dict[str, dict[str, Any]]) -> _Plan:
     plan = _Plan()
 
+    budget = cfg.hold_images_mb * (1 << 20)
+
     def jobs() -> Iterator[CaptionJob]:
+        nonlocal budget
         for sample in read_samples(local_tar):
             info = _info(sample, extras.get(sample.key, {}))
             plan.infos.append(info)
+            size = sum(len(v) for v in sample.files.values())
+            if plan.held is not False and size <= budget:
+                info.files, budget = sample.files, budget - size
+            else:
+                plan.held = False
             if info.key not in keep:
                 yield CaptionJob(key=sample.key, data=sample.image)
 
@@ -185,11 +204,9 @@ def _caption_pass(ctx: ShardContext, cfg: AnnotateConfig, local_tar: str, src: I
 
 def _info(sample: Sample, extra: dict[str, Any]) -> _SampleInfo:
     meta = sample.meta
-    data = sample.image
     return _SampleInfo(
         key=sample.key,
         url=meta.get("url") or extra.get("url"),
-        sha256=hashlib.sha256(data).hexdigest() if data is not None else None,
         ext=sample.image_ext,
         meta=meta,
         mcqs=meta.get("mcqs", extra.get("mcqs")),
@@ -200,7 +217,7 @@ def _row(cfg: AnnotateConfig, info: _SampleInfo, res: CaptionResult, engine_id: 
          score: tuple[float, int] | None) -> dict[str, Any]:
     first = res.generations[0] if res.generations else None
     return {
-        "key": info.key, "url": info.url, "sha256": info.sha256, "width": res.width, "height": res.height,
+        "key": info.key, "url": info.url, "sha256": res.sha256, "width": res.width, "height": res.height,
         "image_ext": (cfg.reencode if cfg.reencode != "no" else info.ext),
         "caption": res.caption if res.status == "ok" else None,
         "captions": res.captions if res.generations else [],

@@ -55,10 +55,11 @@ def shard_rows():
     return rows
 
 
-def test_noop_run_writes_tar_and_manifest_with_bad_rows_recorded(tmp_path, shard_rows):
+@pytest.mark.parametrize("hold_mb", [2048, 0])  # input bytes held in memory, or the tar read twice
+def test_noop_run_writes_tar_and_manifest_with_bad_rows_recorded(tmp_path, shard_rows, hold_mb):
     storage = Storage(str(tmp_path))
     commit_image_shard(storage, 0, shard_rows)
-    report, out = _run(_config(tmp_path))
+    report, out = _run(_config(tmp_path, f"annotate.hold_images_mb={hold_mb}"))
     assert report.committed == [0], out
 
     rows = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
@@ -204,18 +205,15 @@ def test_retry_shard_redoes_failed_rows_and_keeps_ok_rows_byte_identical(tmp_pat
     assert [r["status"] for r in first] == ["error"] * 4 + ["ok"] * 2
     before = _tar_members(tmp_path / "captions/00000.tar")
 
-    from pipeline.stage import ShardContext
-
-    txn = storage.begin("annotate", 0)
     healthy = ScriptedCaptioner(pixel_scene_caption)
-    ctx = ShardContext(config=config, storage=storage, stage="annotate", output_dir="captions", txn=txn,
-                       resources={key: healthy}, log=__import__("logging").getLogger("t"))
-    stats = annotate.retry_shard(ctx, 0, {})
-    assert healthy.batches == [4]
-    assert stats.ok == 6 and stats.extra["kept_from_previous"] == 2
-    again = pq.read_table(ctx.output(".parquet")).to_pylist()
+    report, out = _run(config, resources={key: healthy}, failed_only=True)
+    assert report.retried == [0], out
+    assert healthy.batches == [4]  # only the 4 failed rows went to the engine
+    stats = storage.marker("annotate", 0)["stats"]
+    assert stats["ok"] == 6 and stats["extra"]["kept_from_previous"] == 2
+    again = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
     assert again[4:] == first[4:]
-    after = _tar_members(ctx.output(".tar"))
+    after = _tar_members(tmp_path / "captions/00000.tar")
     for name, blob in before.items():
         assert after[name] == blob
     assert len(after) == 18
