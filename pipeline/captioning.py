@@ -24,6 +24,9 @@ from pipeline.imageprep import DecodedImage, decode_image
 
 log = logging.getLogger("pipeline.captioning")
 
+RAMP = 8
+"""The first chunk is chunk_size / RAMP, doubling up to chunk_size: the engine never waits for a whole
+chunk to be decoded before its first batch."""
 ERR_DECODE = "decode_error"
 ERR_NO_IMAGE = "no_image"
 ERR_ENGINE = "engine_error"
@@ -148,6 +151,7 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
                 yield res
 
     chunk: list[tuple[CaptionResult, Image.Image]] = []
+    target = max(1, cfg.chunk_size // RAMP)  # a small first chunk: the engine starts while the pool decodes on
     for prepared in map_ahead(decode, jobs, workers=cfg.workers, ahead=2 * cfg.chunk_size):
         job = prepared.item
         digest, dec = prepared.value if prepared.value is not None else (None, None)
@@ -159,9 +163,9 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
             continue
         res.width, res.height = dec.width, dec.height
         chunk.append((res, dec.image))
-        if len(chunk) >= cfg.chunk_size:
+        if len(chunk) >= target:
             yield from finish(chunk, 1)
-            chunk = []
+            chunk, target = [], min(cfg.chunk_size, target * 2)
     if chunk:
         yield from finish(chunk, 1)
     while retry_queue:

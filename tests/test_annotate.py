@@ -102,13 +102,14 @@ def test_engine_failure_on_a_chunk_is_retried_in_smaller_batches(tmp_path):
     commit_image_shard(storage, 0, scene_rows(10))
     config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
                      "annotate.retry_batch_size=2")
-    engine = ScriptedCaptioner(pixel_scene_caption, fail_calls=[2])
+    engine = ScriptedCaptioner(pixel_scene_caption, fail_calls=[3])
     report, out = _run(config, resources={annotate.captioner_key(config.annotate.captioner): engine})
     assert report.committed == [0], out
     rows = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
     assert all(r["status"] == "ok" for r in rows)
-    assert engine.batches == [4, 4, 2, 2, 2]  # chunk 2 failed, its 4 rows redone in batches of 2
-    assert [r["attempts"] for r in rows] == [1] * 4 + [2] * 4 + [1] * 2
+    # chunks ramp up 1, 2, 4, then chunk_size (4); chunk 3 failed, its 4 rows redone in batches of 2
+    assert engine.batches == [1, 2, 4, 3, 2, 2]
+    assert [r["attempts"] for r in rows] == [1] * 3 + [2] * 4 + [1] * 3
     assert storage.marker("annotate", 0)["stats"]["extra"]["retried_ok"] == 4
 
 
@@ -199,20 +200,20 @@ def test_retry_shard_redoes_failed_rows_and_keeps_ok_rows_byte_identical(tmp_pat
     config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
                      "annotate.retry_failed_rows=false")
     key = annotate.captioner_key(config.annotate.captioner)
-    flaky = ScriptedCaptioner(pixel_scene_caption, fail_calls=[1])  # the first chunk (rows 0-3) fails
+    flaky = ScriptedCaptioner(pixel_scene_caption, fail_calls=[1, 2])  # chunks 1 and 2 (rows 0-2) fail
     _run(config, resources={key: flaky})
     first = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
-    assert [r["status"] for r in first] == ["error"] * 4 + ["ok"] * 2
+    assert [r["status"] for r in first] == ["error"] * 3 + ["ok"] * 3
     before = _tar_members(tmp_path / "captions/00000.tar")
 
     healthy = ScriptedCaptioner(pixel_scene_caption)
     report, out = _run(config, resources={key: healthy}, failed_only=True)
     assert report.retried == [0], out
-    assert healthy.batches == [4]  # only the 4 failed rows went to the engine
+    assert sum(healthy.batches) == 3  # only the 3 failed rows went to the engine
     stats = storage.marker("annotate", 0)["stats"]
-    assert stats["ok"] == 6 and stats["extra"]["kept_from_previous"] == 2
+    assert stats["ok"] == 6 and stats["extra"]["kept_from_previous"] == 3
     again = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
-    assert again[4:] == first[4:]
+    assert again[3:] == first[3:]
     after = _tar_members(tmp_path / "captions/00000.tar")
     for name, blob in before.items():
         assert after[name] == blob
