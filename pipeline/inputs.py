@@ -11,19 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
-from pipeline.config import RunConfig
+from pipeline.config import EngineConfig, RunConfig
 from pipeline.errors import ConfigError, MissingInputError
 from pipeline.manifest import read_optional_rows
 from pipeline.shards import shard_name
 from pipeline.storage import Storage
 
 IMAGES_DIR = "images"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -101,3 +103,12 @@ def resolve_input(config: RunConfig, storage: Storage, shard: int) -> InputShard
         storage_options=dict(storage.storage_options),
         upstream_stage="download",
     )
+
+
+def resolve_model(cfg: EngineConfig) -> EngineConfig:
+    """The engine config with a relative model path that is missing here but present in the repository
+    (models/nano/...) made absolute, so the demo manifest works from any working directory."""
+    if not cfg.model or Path(cfg.model).is_absolute() or Path(cfg.model).exists() or "://" in cfg.model:
+        return cfg
+    in_repo = REPO_ROOT / cfg.model
+    return cfg.model_copy(update={"model": str(in_repo)}) if in_repo.exists() else cfg

@@ -18,6 +18,7 @@ from typing import Any
 from pipeline.config import QualityConfig, RewardConfig
 from pipeline.engines.base import Engine, create_engine
 from pipeline.errors import ConfigError
+from pipeline.inputs import resolve_model
 from pipeline.manifest import read_optional_rows
 from pipeline.mcq import MCQ
 from pipeline.shards import shard_name
@@ -100,7 +101,7 @@ def reader_key(reward: RewardConfig) -> str:
 
 def reader_engine(ctx: ShardContext, reward: RewardConfig) -> Engine:
     """The reader engine of this process (created once, reused for every shard)."""
-    return ctx.resource(reader_key(reward), lambda: create_engine(reward.reader))
+    return ctx.resource(reader_key(reward), lambda: create_engine(resolve_model(reward.reader)))
 
 
 def load_mcqs(ctx: ShardContext, cfg: QualityConfig, shard: int, from_images: Mapping[str, Any]) -> tuple[dict[str, list[MCQ]], str]:

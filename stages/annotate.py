@@ -25,7 +25,7 @@ from pipeline.config import AnnotateConfig, EngineConfig, RunConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
 from pipeline.errors import ConfigError
 from pipeline.imageprep import encode_image
-from pipeline.inputs import InputShard, resolve_input
+from pipeline.inputs import InputShard, resolve_input, resolve_model
 from pipeline.manifest import CAPTION_SCHEMA, read_rows, write_table
 from pipeline.shards import shard_name
 from pipeline.stage import RunContext, ShardContext, ShardStats
@@ -66,7 +66,7 @@ def captioner(ctx: ShardContext | RunContext) -> Engine:
     if key not in ctx.resources:
         if cfg.backend != "noop" and not cfg.model:
             raise ConfigError("annotate.captioner.model is not set: give a checkpoint path or model name")
-        ctx.resources[key] = create_engine(cfg)
+        ctx.resources[key] = create_engine(resolve_model(cfg))
     return ctx.resources[key]
 
 
