@@ -260,3 +260,55 @@ def test_quality_monitor_scores_a_deterministic_fraction(tmp_path):
     assert scored == {r["key"] for r in rows if quality.selected(r["key"], 0.5)}
     assert 3 <= len(scored) <= 17
     assert storage.marker("annotate", 0)["stats"]["extra"]["quality_scored"] == len(scored)
+
+
+def test_n_captions_per_image(tmp_path):
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, scene_rows(3))
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted", "annotate.sampling.n=3")
+    texts = iter(f"caption {i}" for i in range(100))
+    engine = ScriptedCaptioner(lambda img: next(texts))
+    engine.generate = _distinct_n(engine.generate, texts)
+    _run(config, resources={annotate.captioner_key(config.annotate.captioner): engine})
+    rows = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    assert all(len(r["captions"]) == 3 and r["caption"] == r["captions"][0] for r in rows)
+    assert len({c for r in rows for c in r["captions"]}) == 9
+    meta = json.loads(_tar_members(tmp_path / "captions/00000.tar")[f"{sample_key(0, 1)}.json"])
+    assert meta["captions"] == rows[1]["captions"]
+
+
+def _distinct_n(generate, texts):
+    """Wrap a scripted engine so each of the n generations per request gets its own text."""
+    from pipeline.engines.base import Generation
+
+    def wrapped(requests, params):
+        generate(requests, params)
+        return [[Generation(text=next(texts), num_tokens=2) for _ in range(params.n)] for _ in requests]
+
+    return wrapped
+
+
+def test_quality_monitor_reads_committed_qa_stage_mcqs(tmp_path):
+    import pyarrow as pa
+
+    rows_in = scene_rows(6)
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, rows_in)
+    txn = storage.begin("qa", 0)
+    qa_rows = []
+    for r in rows_in:
+        for i, q in enumerate(json.loads(r["mcqs"])):
+            qa_rows.append({"key": r["key"], "mcq": json.dumps(q), "kept": i < 2, "status": "ok"})
+    pq.write_table(pa.Table.from_pylist(qa_rows), txn.path("qa/00000.parquet"))
+    txn.commit({"config_fingerprint": "fixture", "inputs": {}, "rows": {"total": len(qa_rows)}})
+
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
+                     "annotate.quality.fraction=1", "annotate.reward.reader.backend=hf", "annotate.reward.reader.model=rule")
+    resources = {annotate.captioner_key(config.annotate.captioner): ScriptedCaptioner(oracle_policy(rows_in)),
+                 quality.reader_key(config.annotate.reward): RuleReader()}
+    report, out = _run(config, resources=resources)
+    assert report.committed == [0], out
+    rows = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    assert [r["quality_questions"] for r in rows] == [2] * 6  # only the gate's kept questions
+    marker = storage.marker("annotate", 0)
+    assert marker["stats"]["extra"]["quality_source"] == "qa" and "qa/00000" in marker["inputs"]
