@@ -73,6 +73,8 @@ def captioner(ctx: ShardContext | RunContext) -> Engine:
 def prepare(run: RunContext) -> None:
     """Check the input pattern covers the requested shards before any work starts."""
     cfg = run.config.annotate
+    if cfg.sampling.n > 1 and cfg.sampling.temperature == 0:
+        raise ConfigError("annotate.sampling.n > 1 needs temperature > 0: greedy decoding gives n identical captions")
     if cfg.input_pattern:
         for shard in run.shards[:1] + run.shards[-1:]:
             resolve_input(run.config, run.storage, shard)

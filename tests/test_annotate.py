@@ -265,7 +265,10 @@ def test_quality_monitor_scores_a_deterministic_fraction(tmp_path):
 def test_n_captions_per_image(tmp_path):
     storage = Storage(str(tmp_path))
     commit_image_shard(storage, 0, scene_rows(3))
-    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted", "annotate.sampling.n=3")
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted", "annotate.sampling.n=3",
+                     "annotate.sampling.temperature=1")
+    with pytest.raises(ConfigError, match="needs temperature > 0"):
+        _run(_config(tmp_path, "annotate.sampling.n=3", "annotate.sampling.temperature=0"))
     texts = iter(f"caption {i}" for i in range(100))
     engine = ScriptedCaptioner(lambda img: next(texts))
     engine.generate = _distinct_n(engine.generate, texts)
