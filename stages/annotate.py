@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline import quality as quality_monitor
 from pipeline.captioning import CaptionJob, CaptionResult, FeedConfig, caption_images, summarize
-from pipeline.config import AnnotateConfig, EngineConfig, RunConfig
+from pipeline.config import AnnotateConfig, EngineConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
 from pipeline.errors import ConfigError
 from pipeline.imageprep import encode_image
@@ -133,7 +133,7 @@ def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) ->
     stamp = run_timestamp()
 
     plan = _caption_pass(ctx, cfg, local_tar, src, extras, keep)
-    quality = quality_monitor.score_shard(ctx, cfg.quality, cfg.reward, shard, plan_captions(plan),
+    quality = quality_monitor.score_shard(ctx, cfg.quality, cfg.reward, shard, _ok_captions(plan),
                                           {i.key: i.mcqs for i in plan.infos if i.mcqs is not None})
 
     engine_id = _engine_id(ctx, plan, keep)
@@ -153,7 +153,7 @@ def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) ->
     return _stats(rows, plan, src, engine_id, quality, len(keep), ctx.output(".tar"), ctx.output(".parquet"))
 
 
-def plan_captions(plan: _Plan) -> dict[str, str]:
+def _ok_captions(plan: _Plan) -> dict[str, str]:
     return {k: r.caption for k, r in plan.results.items() if r.status == "ok"}
 
 
@@ -165,7 +165,8 @@ def _engine_id(ctx: ShardContext, plan: _Plan, keep: dict[str, dict[str, Any]]) 
 
 
 def _local_copy(src: InputShard, staging: str) -> str:
-    """The input tar as a local file (downloaded into staging when remote: it is read twice)."""
+    """The input tar as a local file (remote tars are fetched once into staging: a shard bigger than
+    hold_images_mb is read twice, and a local copy makes the second read free)."""
     if src.is_local:
         return src.tar_url
     local = os.path.join(staging, "_input.tar")
@@ -269,9 +270,3 @@ def _stats(rows: list[dict[str, Any]], plan: _Plan, src: InputShard, engine_id: 
         "quality_missing": quality.missing, "quality_source": quality.source,
     }
     return stats
-
-
-def describe(config: RunConfig) -> str:
-    """One line for logs: what this stage will run."""
-    c = config.annotate
-    return f"annotate with {c.captioner.backend}:{c.captioner.model or '-'} prompt {prompt_hash(c.prompt)}"
