@@ -315,3 +315,24 @@ def test_quality_monitor_reads_committed_qa_stage_mcqs(tmp_path):
     assert [r["quality_questions"] for r in rows] == [2] * 6  # only the gate's kept questions
     marker = storage.marker("annotate", 0)
     assert marker["stats"]["extra"]["quality_source"] == "qa" and "qa/00000" in marker["inputs"]
+
+
+def test_input_pattern_on_s3_with_local_root(tmp_path, s3_server):
+    import fsspec
+
+    bucket = s3_server.make_bucket("wds-input")
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    for shard in range(2):
+        tar, par = tmp_path / f"{shard:05d}.tar", tmp_path / f"{shard:05d}.parquet"
+        rows_in = scene_rows(3, shard=shard)
+        rows_in[1]["image"] = NOT_AN_IMAGE
+        write_shard_files(str(tar), str(par), rows_in)
+        fs.put_file(str(tar), f"{bucket}/laion/{shard:05d}.tar")
+    root = tmp_path / "run"
+    config = _config(root, f"annotate.input_pattern={bucket}/laion/{{00000..00001}}.tar")
+    config.annotate.input_storage_options = s3_server.storage_options
+    report, out = _run(config, shards=[0, 1])
+    assert report.committed == [0, 1], out
+    rows = pq.read_table(root / "captions/00001.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]
+    assert rows[0]["url"].startswith("http://example.test/") and rows[1]["error_reason"] == "decode_error"
