@@ -4,8 +4,8 @@ Input: the committed download shard ROOT/images/<shard>.tar (+ .parquet), or any
 named by `annotate.input_pattern`. Output: a WebDataset tar with `<key>.<original ext>` (the
 original bytes unless `reencode` is set), `<key>.txt` (the caption) and `<key>.json` (metadata and
 provenance) for every captioned image, and a parquet manifest with one row per input sample (ok or
-error). The tar and parquet are pure functions of the input, the config and the captions, so a
-greedy rerun after a kill commits the same bytes (timestamps come from SOURCE_DATE_EPOCH if set).
+error). The tar is a pure function of the input, the config and the captions, so a greedy rerun after
+a kill commits the same bytes; so is the parquet when SOURCE_DATE_EPOCH fixes its row timestamps.
 """
 
 from __future__ import annotations
@@ -235,7 +235,9 @@ def _row(cfg: AnnotateConfig, info: _SampleInfo, res: CaptionResult, engine_id: 
 
 
 JSON_FIELDS = ("key", "url", "sha256", "width", "height", "caption_tokens", "finish_reason", "captions", "model",
-               "model_id", "prompt_hash", "sampling", "pipeline_version", "timestamp", "quality")
+               "model_id", "prompt_hash", "sampling", "pipeline_version", "quality")
+"""What each sample's .json carries. Not the timestamp (it is in the manifest): the tar is then the same
+bytes on every greedy rerun even without SOURCE_DATE_EPOCH."""
 
 
 def _tar_files(cfg: AnnotateConfig, row: dict[str, Any], info: _SampleInfo, sample: Sample) -> dict[str, bytes]:

@@ -42,8 +42,11 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _child(root: Path, delay: float, flag: Path) -> subprocess.Popen:
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "1767225600", "PYTHONPATH": str(REPO)}
+def _child(root: Path, delay: float, flag: Path, epoch: str | None = "1767225600") -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("SOURCE_DATE_EPOCH", None)
+    if epoch:
+        env["SOURCE_DATE_EPOCH"] = epoch
     return subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(delay), str(flag)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -89,3 +92,18 @@ def test_sigkill_mid_shard_then_rerun_gives_identical_committed_output(tmp_path)
         keys = pq.read_table(killed / f"captions/{shard:05d}.parquet").column("key").to_pylist()
         assert len(keys) == len(set(keys)) == 24
     assert not any((killed / "_tmp" / "annotate").iterdir())  # stale staging cleared
+
+
+def test_tar_bytes_do_not_depend_on_the_run_time(tmp_path):
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root, epoch in zip(roots, ["1767225600", None], strict=True):
+        _prepare(root)
+        proc = _child(root, 0.0, tmp_path / "flag", epoch)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+    a, b = (_committed_bytes(r) for r in roots)
+    assert {k: v for k, v in a.items() if k.endswith(".tar")} == {k: v for k, v in b.items() if k.endswith(".tar")}
+    for name in ("00000.parquet", "00001.parquet"):
+        ta, tb = (pq.read_table(r / "captions" / name) for r in roots)
+        assert ta.drop(["timestamp"]).equals(tb.drop(["timestamp"]))
+        assert set(ta.column("timestamp").to_pylist()) == {"2026-01-01T00:00:00Z"}
