@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import world
+from pipeline import quality, world
 from pipeline.config import load_config
 from pipeline.demo import DEMO_MANIFEST, URL_LIST, make_demo_data, serve_directory, write_url_list
 from pipeline.runner import run_stage
+from pipeline.status import print_status
 from pipeline.storage import Storage
+from tests.annotate_support import RuleReader
 
 pytestmark = pytest.mark.slow
 
@@ -43,19 +45,22 @@ def demo_data(tmp_path_factory) -> Path:
     return make_demo_data(tmp_path_factory.mktemp("demo_data"), n_images=N_IMAGES, seed=0)
 
 
-def _run_pipeline(root: str, data: Path, captioner: Path, storage_options: dict | None = None):
+def _run_pipeline(root: str, data: Path, captioner: Path, storage_options: dict | None = None,
+                  quality_fraction: float = 0.0):
     overrides = [f"shard_size={SHARD_SIZE}", f"download.urls={data / URL_LIST}",
                  f"annotate.captioner.model={captioner}", "annotate.captioner.backend=hf",
-                 "annotate.captioner.chunk_size=8", "annotate.quality.fraction=0",
-                 "annotate.sampling.temperature=0", "annotate.sampling.max_new_tokens=24"]
+                 "annotate.captioner.chunk_size=8", f"annotate.quality.fraction={quality_fraction}",
+                 "annotate.sampling.temperature=0", "annotate.sampling.max_new_tokens=64"]
     config = load_config(DEMO_MANIFEST, overrides, root=root)
     if storage_options:
         config.storage_options = storage_options
+    # the quality monitor's reader: the world's rule reader standing in for a reader model
+    resources = {quality.reader_key(config.annotate.reward): RuleReader()}
     out = io.StringIO()
     with serve_directory(data) as base_url:
         write_url_list(data, base_url)
         for stage in ("download", "annotate"):
-            report = run_stage(config, stage, [0, 1], progress=False, out=out)
+            report = run_stage(config, stage, [0, 1], progress=False, out=out, resources=resources)
             assert report.exit_code == 0, out.getvalue()
     return config
 
@@ -77,7 +82,7 @@ def _check_manifest_rows(rows: list[dict], data: Path) -> None:
 
 def test_local_end_to_end_read_back_by_real_clients(tmp_path, demo_data, captioner_dir):
     root = tmp_path / "run"
-    _run_pipeline(str(root), demo_data, captioner_dir)
+    config = _run_pipeline(str(root), demo_data, captioner_dir, quality_fraction=1.0)
     tars = sorted(str(p) for p in (root / "captions").glob("*.tar"))
     parquets = sorted(str(p) for p in (root / "captions").glob("*.parquet"))
     assert len(tars) == len(parquets) == 2
@@ -107,6 +112,16 @@ def test_local_end_to_end_read_back_by_real_clients(tmp_path, demo_data, caption
     frame = pl.read_parquet(glob)
     assert frame.height == N_IMAGES and frame["key"].n_unique() == N_IMAGES
     _check_manifest_rows(frame.to_dicts(), demo_data)
+
+    # the quality monitor found the demo MCQs carried through the download stage's image shards
+    assert frame["quality"].null_count() == 0 and set(frame["quality_questions"].to_list()) == {5}
+    extra = Storage(str(root)).marker("annotate", 0)["stats"]["extra"]
+    assert extra["quality_source"] == "images" and extra["quality_scored"] == SHARD_SIZE
+    if nano_captioner() is not None:
+        assert frame["quality"].mean() >= 0.8
+    out = io.StringIO()
+    print_status(config, out=out)
+    assert "quality" in out.getvalue().splitlines()[0]
 
 
 def test_s3_end_to_end(s3_server, tmp_path, demo_data, captioner_dir):
