@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline.engines.base import ChatRequest, Engine, Generation, Sampling
 from pipeline.engines.preprocess import map_ahead
+from pipeline.errors import PipelineError
 from pipeline.imageprep import DecodedImage, decode_image
 
 log = logging.getLogger("pipeline.captioning")
@@ -32,6 +33,10 @@ ERR_NO_IMAGE = "no_image"
 ERR_ENGINE = "engine_error"
 ERR_EMPTY = "empty_caption"
 ERR_TRUNCATED = "truncated"
+
+
+class EngineUnavailable(PipelineError):
+    """The engine failed on every request of a shard: an infrastructure problem, not bad rows."""
 
 
 @dataclass
@@ -129,28 +134,33 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
             loaded.append(engine() if callable(engine) and not isinstance(engine, Engine) else engine)
         return loaded[0]
 
-    retry_queue: list[tuple[CaptionResult, Image.Image]] = []
+    retry_queue: list[tuple[CaptionResult, bytes]] = []  # encoded bytes, not pixels: a dead engine must not fill memory
+    attempted: list[int] = [0, 0]
+    last_error: list[str] = [""]  # rows that reached the engine, rows that ended with an engine error
 
     def decode(job: CaptionJob) -> tuple[str | None, DecodedImage]:
         digest = hashlib.sha256(job.data).hexdigest() if job.data is not None else None
         return digest, decode_image(job.data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
 
-    def finish(chunk: list[tuple[CaptionResult, Image.Image]], attempt: int) -> Iterator[CaptionResult]:
-        outcome = _run_engine(get_engine(), [im for _, im in chunk], cfg)
-        for i, (res, im) in enumerate(chunk):
+    def finish(chunk: list[tuple[CaptionResult, Image.Image, bytes]], attempt: int) -> Iterator[CaptionResult]:
+        outcome = _run_engine(get_engine(), [im for _, im, _ in chunk], cfg)
+        for i, (res, _, data) in enumerate(chunk):
             res.attempts = attempt
             if isinstance(outcome, str):
                 res.generations, res.reason, res.error = [], ERR_ENGINE, outcome
+                last_error[0] = outcome
             else:
                 res.generations = outcome[i]
                 res.reason, res.error = _judge(res.generations, cfg.truncated_is_error)
             res.status = "ok" if res.reason is None else "error"
             if res.status == "error" and cfg.retry and attempt == 1:
-                retry_queue.append((res, im))
+                retry_queue.append((res, data))
             else:
+                attempted[0] += 1
+                attempted[1] += res.reason == ERR_ENGINE
                 yield res
 
-    chunk: list[tuple[CaptionResult, Image.Image]] = []
+    chunk: list[tuple[CaptionResult, Image.Image, bytes]] = []
     target = max(1, cfg.chunk_size // RAMP)  # a small first chunk: the engine starts while the pool decodes on
     for prepared in map_ahead(decode, jobs, workers=cfg.workers, ahead=2 * cfg.chunk_size):
         job = prepared.item
@@ -162,7 +172,7 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
             yield res
             continue
         res.width, res.height = dec.width, dec.height
-        chunk.append((res, dec.image))
+        chunk.append((res, dec.image, job.data))
         if len(chunk) >= target:
             yield from finish(chunk, 1)
             chunk, target = [], min(cfg.chunk_size, target * 2)
@@ -170,7 +180,11 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
         yield from finish(chunk, 1)
     while retry_queue:
         batch, retry_queue[:] = retry_queue[: cfg.retry_batch_size], retry_queue[cfg.retry_batch_size :]
-        yield from finish(batch, 2)
+        redo = [(res, decode_image(data, cfg.min_pixels, cfg.max_pixels).image, data) for res, data in batch]
+        yield from finish(redo, 2)  # type: ignore[arg-type]
+    if attempted[0] >= 2 and attempted[0] == attempted[1]:  # one poisoned image alone is a bad row
+        raise EngineUnavailable(f"the captioning engine failed on every one of {attempted[0]} images "
+                                f"(last error: {last_error[0]}); the shard is not committed")
 
 
 def summarize(results: Iterable[CaptionResult]) -> dict[str, Any]:

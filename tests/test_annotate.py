@@ -336,3 +336,13 @@ def test_input_pattern_on_s3_with_local_root(tmp_path, s3_server):
     rows = pq.read_table(root / "captions/00001.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["ok", "error", "ok"]
     assert rows[0]["url"].startswith("http://example.test/") and rows[1]["error_reason"] == "decode_error"
+
+
+def test_an_engine_that_fails_everything_fails_the_shard_instead_of_committing(tmp_path):
+    storage = Storage(str(tmp_path))
+    commit_image_shard(storage, 0, scene_rows(5))
+    config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted")
+    dead = ScriptedCaptioner(pixel_scene_caption, fail_calls=range(1, 100))
+    report, out = _run(config, resources={annotate.captioner_key(config.annotate.captioner): dead})
+    assert report.failed and "failed on every one of 5 images" in out and "device-side assert" in out
+    assert storage.marker("annotate", 0) is None
