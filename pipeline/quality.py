@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,3 +136,15 @@ def score_shard(ctx: ShardContext, cfg: QualityConfig, reward_cfg: RewardConfig,
         else:
             report.scores[k] = (float(res.reward), len(mcqs[k]))
     return report
+
+
+def mean_quality(markers: Iterable[Mapping[str, Any]]) -> float | None:
+    """Running mean caption quality over committed shards' markers (stats.extra quality_mean weighted by
+    quality_scored), for `status`; None when no shard was scored."""
+    total = n = 0.0
+    for m in markers:
+        extra = m.get("stats", {}).get("extra", {})
+        if extra.get("quality_mean") is not None and extra.get("quality_scored"):
+            total += extra["quality_mean"] * extra["quality_scored"]
+            n += extra["quality_scored"]
+    return total / n if n else None

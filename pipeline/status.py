@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.config import RunConfig
+from pipeline.quality import mean_quality
 from pipeline.shards import format_shard_spec
 from pipeline.stage import stage_modules
 from pipeline.storage import Storage
@@ -28,7 +29,7 @@ def collect_status(config: RunConfig, only: str | None = None) -> list[dict]:
         ok = sum(m.get("rows", {}).get("ok", 0) for m in committed.values())
         bad = sum(m.get("rows", {}).get("failed", 0) for m in committed.values())
         secs = sum(m.get("stats", {}).get("seconds", 0.0) for m in committed.values())
-        quality = _mean_quality(committed.values())
+        quality = mean_quality(committed.values())
         rows.append({
             "stage": stage,
             "committed": len(committed),
@@ -44,17 +45,6 @@ def collect_status(config: RunConfig, only: str | None = None) -> list[dict]:
             "failure_reasons": sorted({f.get("error", "?")[:120] for f in failed.values()}),
         })
     return rows
-
-
-def _mean_quality(markers) -> float | None:
-    """Running mean caption quality over committed shards (stats.extra quality_mean weighted by quality_scored)."""
-    total = n = 0.0
-    for m in markers:
-        extra = m.get("stats", {}).get("extra", {})
-        if extra.get("quality_mean") is not None and extra.get("quality_scored"):
-            total += extra["quality_mean"] * extra["quality_scored"]
-            n += extra["quality_scored"]
-    return total / n if n else None
 
 
 def print_status(config: RunConfig, only: str | None = None, out=sys.stdout) -> int:
