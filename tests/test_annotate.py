@@ -346,3 +346,24 @@ def test_an_engine_that_fails_everything_fails_the_shard_instead_of_committing(t
     report, out = _run(config, resources={annotate.captioner_key(config.annotate.captioner): dead})
     assert report.failed and "failed on every one of 5 images" in out and "device-side assert" in out
     assert storage.marker("annotate", 0) is None
+
+
+def test_samples_without_images_and_a_truncated_input_tar(tmp_path):
+    from pipeline.wds import TarSink
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    good = scene_rows(2)
+    with TarSink(str(src / "p-00000.tar")) as sink:
+        sink.write(good[0]["key"], {"png": good[0]["image"], "json": b'{"url": "u0"}'})
+        sink.write(sample_key(0, 1), {"txt": b"alt text only", "json": b'{"url": "u1"}'})
+        sink.write(good[1]["key"].replace("0001", "0002"), {"png": good[1]["image"]})
+    blob = (src / "p-00000.tar").read_bytes()
+    (src / "p-00001.tar").write_bytes(blob[: len(blob) // 2 + 100])  # cut mid-member
+    config = _config(tmp_path / "run", f"annotate.input_pattern={src}/p-{{shard:05d}}.tar")
+    report, out = _run(config, shards=[0, 1])
+    assert report.committed == [0] and 1 in report.failed
+    assert "corrupt or truncated" in out
+    rows = pq.read_table(tmp_path / "run/captions/00000.parquet").to_pylist()
+    assert [(r["status"], r["error_reason"], r["url"]) for r in rows] == [
+        ("ok", None, "u0"), ("error", "no_image", "u1"), ("ok", None, None)]
