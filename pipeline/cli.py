@@ -1,4 +1,4 @@
-"""The command line: run | status | demo (submit, retry and browse arrive with their stages)."""
+"""The command line: run | submit | retry | status | demo (browse arrives with its stage)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import logging
 import sys
 
 from pipeline.config import RunConfig, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UnknownStageError
 from pipeline.runner import EXIT_USER_ERROR
-from pipeline.shards import parse_shard_spec
+from pipeline.shards import format_shard_spec, parse_shard_spec
+from pipeline.stage import load_stage, stage_modules
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +22,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.manifest, args.overrides, root=args.root)
+
+
+def _add_resource_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", type=int, help="at most this many tasks at once (--array=...%%N)")
+    p.add_argument("--gpus", type=int, help="GPUs per task (--gres=gpu:N)")
+    p.add_argument("--cpus", type=int, help="CPUs per task")
+    p.add_argument("--mem", help="memory per task, e.g. 64G")
+    p.add_argument("--time", help="time limit per task, e.g. 04:00:00")
+    p.add_argument("--partition", help="partition (default: slurm.partition in the manifest)")
+    p.add_argument("--account", help="account (default: slurm.account in the manifest)")
+    p.add_argument("--requeue", action="store_true", default=None,
+                   help="requeue a task stopped by preemption or the time-limit warning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +57,43 @@ def build_parser() -> argparse.ArgumentParser:
                           "e.g. download); uncommitted shards run as usual")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    submit = sub.add_parser(
+        "submit", help="run a stage over shards as a SLURM job array (sbatch script saved under ROOT/logs)",
+        description="Render an sbatch array script: task i of --tasks runs its contiguous slice of --shards "
+                    "through `python -m pipeline run`. The script is saved under ROOT/logs and submitted with "
+                    "sbatch; task logs go to ROOT/logs (or slurm.log_dir). Environment set-up lines come from "
+                    "the manifest's slurm.setup.")
+    submit.add_argument("--stage", "-s", required=True, help="stage name")
+    submit.add_argument("--shards", required=True, help="shard spec: '0-999', '3,7,10-12' or '5'")
+    submit.add_argument("--tasks", type=int, required=True, help="number of array tasks (capped at the shard count)")
+    _add_config_args(submit)
+    _add_resource_args(submit)
+    submit.add_argument("--dry-run", action="store_true", help="print the script; save and submit nothing")
+
+    retry = sub.add_parser(
+        "retry", help="list (or submit) the shards of a stage that are not committed yet",
+        description="Print the shard spec of the stage's shards that are not committed (never run, failed, or "
+                    "held by a dead task) out of the run's shards (run.json num_shards, else every shard "
+                    "submitted for the stage). With --submit, submit them as a new array; resources default "
+                    "to the stage's last submission. With --failed-only, pick committed shards whose "
+                    "manifests contain failed rows and run them with `run --failed-only`.")
+    retry.add_argument("--stage", "-s", required=True, help="stage name")
+    retry.add_argument("--shards", help="the run's shards (default: run.json or the recorded submissions)")
+    retry.add_argument("--failed-only", action="store_true", help="committed shards with failed rows")
+    retry.add_argument("--include-running", action="store_true", help="also shards whose task looks alive, and submit even while earlier jobs of the stage are queued")
+    retry.add_argument("--submit", action="store_true", help="submit the shards as a new array")
+    retry.add_argument("--tasks", type=int, help="array tasks (default: as the last submission, capped)")
+    retry.add_argument("--dry-run", action="store_true", help="with --submit: print the script only")
+    retry.add_argument("--stale-after", type=float, default=None, metavar="SECONDS",
+                       help="a claim without heartbeat for this long belongs to a dead task (default 600)")
+    _add_config_args(retry)
+    _add_resource_args(retry)
+
     status = sub.add_parser("status", help="committed / failed / running shards per stage, read from ROOT alone")
     _add_config_args(status)
     status.add_argument("--stage", help="only this stage")
+    status.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
+                        help="a claim without heartbeat for this long belongs to a dead task (default 600)")
 
     demo = sub.add_parser("demo", help="render the demo world, serve it on 127.0.0.1 and run every stage on CPU")
     demo.add_argument("--root", default=None, help="where the demo run goes (default: the demo manifest's ./demo_run)")
@@ -73,10 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             report = run_stage(_config(args), args.stage, shards, force=args.force,
                                failed_only=args.failed_only, progress=not args.no_progress)
             return report.exit_code
+        if args.command == "submit":
+            return _submit(args)
+        if args.command == "retry":
+            return _retry(args)
         if args.command == "status":
             from pipeline.status import print_status
 
-            return print_status(_config(args), args.stage)
+            return print_status(_config(args), args.stage, stale_after=args.stale_after)
         if args.command == "demo":
             from pipeline.demo import run_demo
 
@@ -89,3 +140,73 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command}")
     return EXIT_USER_ERROR
+
+
+_RESOURCES = ("parallel", "gpus", "cpus", "mem", "time", "partition", "account", "requeue")
+
+
+def _submit_spec(args: argparse.Namespace, shards: list[int], tasks: int, defaults: dict, failed_only: bool = False):
+    from pipeline.slurm import SubmitSpec
+
+    res = {k: getattr(args, k) if getattr(args, k) is not None else defaults.get(k) for k in _RESOURCES}
+    return SubmitSpec(stage=args.stage, shards=shards, tasks=tasks, manifest=args.manifest,
+                      overrides=list(args.overrides), failed_only=failed_only,
+                      **{k: v for k, v in res.items() if v is not None})
+
+
+def _do_submit(args: argparse.Namespace, spec) -> int:
+    from pipeline.slurm import submit
+
+    config = _config(args)
+    _check_stage(config, args.stage)
+    sub = submit(config, spec, dry_run=args.dry_run)
+    if args.dry_run:
+        sys.stdout.write(sub.script)
+        return 0
+    print(f"submitted job {sub.job_id}: stage {sub.stage}, shards {sub.shard_spec} in {sub.tasks} task(s)")
+    print(f"script: {sub.script_url}")
+    print(f"logs:   {sub.log_dir}/{sub.stage}-{sub.job_id}_<task>.log")
+    return 0
+
+
+def _check_stage(config: RunConfig, stage: str) -> None:
+    """A registered stage name (checked without importing the stage: login nodes stay quick)."""
+    if stage not in stage_modules(config):
+        raise UnknownStageError(f"unknown stage {stage!r}; known stages: {', '.join(stage_modules(config))}")
+
+
+def _submit(args: argparse.Namespace) -> int:
+    spec = _submit_spec(args, parse_shard_spec(args.shards), args.tasks, {})
+    return _do_submit(args, spec)
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from pipeline.slurm import active_submissions, last_submission, retry_shards
+
+    config = _config(args)
+    _check_stage(config, args.stage)
+    universe = parse_shard_spec(args.shards) if args.shards else None
+    todo = retry_shards(config, args.stage, failed_only=args.failed_only, shards=universe,
+                        include_running=args.include_running, stale_after=args.stale_after)
+    what = "committed with failed rows" if args.failed_only else "not committed"
+    if not todo:
+        print(f"{args.stage}: no shard {what}; nothing to retry", file=sys.stderr)
+        return 0
+    spec_text = format_shard_spec(todo)
+    if not args.submit:
+        print(spec_text)
+        print(f"{args.stage}: {len(todo)} shard(s) {what}", file=sys.stderr)
+        return 0
+    if args.failed_only and not hasattr(load_stage(args.stage, config), "retry_shard"):
+        raise PipelineError(f"stage {args.stage!r} cannot redo single rows (it has no retry_shard); "
+                            f"resubmit those shards with `run --force` instead")
+    active = active_submissions(config, args.stage)
+    if active and not args.include_running:
+        raise PipelineError(f"job(s) {', '.join(active)} of stage {args.stage!r} are still queued or running and "
+                            "would run some of these shards too; wait for them (squeue -j ...) or scancel them, "
+                            "then retry (or pass --include-running)")
+    last = last_submission(config, args.stage) or {}
+    defaults = dict(last.get("spec", {}))
+    tasks = args.tasks or min(int(defaults.get("tasks") or last.get("tasks") or 1), len(todo))
+    spec = _submit_spec(args, todo, tasks, defaults, failed_only=args.failed_only)
+    return _do_submit(args, spec)

@@ -89,7 +89,10 @@ class RewardConfig(Section):
 class DownloadConfig(Section):
     """URL list -> image WebDataset shards (img2dataset fetches, resizes and encodes)."""
 
-    urls: str | None = Field(None, description="URL list: a parquet/csv/tsv/jsonl/txt file or a folder of them")
+    urls: str | None = runtime(
+        None, description="URL list: a parquet/csv/tsv/jsonl/txt file or a folder of them; its content (not its "
+        "path) is guarded by run.json's input_fingerprint, so moving the list does not invalidate shards"
+    )
     input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt"] = "auto"
     input_storage_options: dict[str, Any] | None = runtime(
         None, description="fsspec options for the URL list (default: storage_options when on the root's protocol)"
@@ -195,12 +198,27 @@ class EvaluateConfig(Section):
 
 
 class SlurmConfig(Section):
-    """How `submit` renders sbatch scripts: environment set-up lines run before the task."""
+    """How `submit` renders sbatch scripts: environment set-up lines run before the task, defaults."""
 
-    setup: list[str] = runtime(default_factory=list)
+    setup: list[str] = runtime(
+        default_factory=list,
+        description="shell lines run before the task: module loads, `source venv/bin/activate`, conda activate",
+    )
+    python: str | None = runtime(
+        None, description="python that runs the task (default: `python` after setup lines, else this interpreter)"
+    )
     partition: str | None = runtime(None)
     account: str | None = runtime(None)
-    extra_sbatch: list[str] = runtime(default_factory=list)
+    extra_sbatch: list[str] = runtime(
+        default_factory=list, description="extra #SBATCH options, e.g. '--qos=normal' or '--constraint=a100'"
+    )
+    log_dir: str | None = runtime(
+        None, description="local/shared folder for task logs (default ROOT/logs for a local ROOT, ./slurm_logs else)"
+    )
+    signal_s: int = runtime(
+        120, ge=1, description="seconds before the time limit at which SLURM sends USR1 (the task stops cleanly)"
+    )
+    workdir: str | None = runtime(None, description="the folder tasks run in (default: where `submit` runs)")
 
 
 class RunConfig(Section):

@@ -35,3 +35,7 @@ class Preempted(BaseException):  # noqa: N818 - a signal, not an error
     def __init__(self, signum: int):
         super().__init__(f"received signal {signum}")
         self.signum = signum
+
+
+class SlurmError(PipelineError):
+    """A submission that cannot be rendered or that sbatch refuses."""

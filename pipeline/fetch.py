@@ -14,9 +14,13 @@ the header, so a tiny file declaring 50,000 x 50,000 pixels is refused before an
 
 from __future__ import annotations
 
+import atexit
+import io
 import math
 import os
 import re
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -102,7 +106,7 @@ def precheck(data: bytes, max_pixels: float) -> str | None:
     if truncated:
         return f"decode_error: truncated {kind.upper()} ({truncated})"
     try:
-        with Image.open(_BytesView(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
     except Image.DecompressionBombError as exc:
         return f"too_large: {exc}"
@@ -132,19 +136,6 @@ def _truncated(kind: str, data: bytes) -> str | None:
     if kind == "webp" and len(data) < int.from_bytes(data[4:8], "little") + 8:
         return f"{len(data)} of {int.from_bytes(data[4:8], 'little') + 8} bytes"
     return None
-
-
-class _BytesView:
-    """A minimal read-only file over bytes for PIL (avoids copying the body)."""
-
-    def __init__(self, data: bytes):
-        import io
-
-        self._f = io.BytesIO(data)
-        self.read, self.seek, self.tell = self._f.read, self._f.seek, self._f.tell
-
-    def close(self) -> None:
-        self._f.close()
 
 
 class GuardedResizer(Resizer):
@@ -213,9 +204,45 @@ def classify(message: str | None) -> str | None:
 
 # -- running img2dataset ----------------------------------------------------------------------
 
-def make_pool(processes: int) -> Pool:
-    """A spawned worker pool (img2dataset's own choice: fork is unsafe with threads)."""
-    return get_context("spawn").Pool(processes)
+_POOLS: dict[int, Pool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(processes: int) -> Pool:
+    """A spawned worker pool of `processes` workers, started once per process and reused by every shard and run.
+
+    Spawn, as img2dataset does (fork is unsafe with threads). Workers import cv2/albumentations, which
+    takes seconds, so the pool outlives a shard; it is terminated at exit, and each worker exits on its
+    own if this process dies (SIGKILL included).
+    """
+    with _POOLS_LOCK:
+        pool = _POOLS.get(processes)
+        if pool is None:
+            pool = get_context("spawn").Pool(processes, initializer=_watch_parent, initargs=(os.getpid(),))
+            _POOLS[processes] = pool
+        return pool
+
+
+@atexit.register
+def close_pools() -> None:
+    """Terminate the shared pools (also runs at interpreter exit)."""
+    with _POOLS_LOCK:
+        for pool in _POOLS.values():
+            pool.terminate()
+            pool.join()
+        _POOLS.clear()
+
+
+def _watch_parent(parent: int) -> None:
+    """Pool initializer: exit the worker when the process that started it is gone."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
 
 def make_downloader(opts: FetchOptions, out_dir: str, sub_size: int) -> Downloader:
@@ -267,13 +294,16 @@ def fetch(rows: list[int], urls: list[str | None], opts: FetchOptions, work_dir:
     """Fetch urls[i] for row rows[i]; returns RESULT_SCHEMA with exactly one row per input, sorted by row."""
     invalid = [(r, u) for r, u in zip(rows, urls, strict=True) if not _plausible(u)]
     todo = [(r, u) for r, u in zip(rows, urls, strict=True) if _plausible(u)]
-    tables = [_invalid_rows(invalid)] if invalid else []
+    tables = [_error_rows(invalid, "invalid_url", "invalid_url: not an absolute URL: {!r}")] if invalid else []
     if todo:
-        tables.append(_run_img2dataset(todo, opts, work_dir, pool))
+        fetched = _run_img2dataset(todo, opts, work_dir, pool)
+        seen = set(fetched.column("row").to_pylist())
+        lost = [(r, u) for r, u in todo if r not in seen]  # a sample img2dataset failed to record
+        tables += [fetched, _error_rows(lost, "other", "other: img2dataset recorded no result for {}")]
     if not tables:
         return RESULT_SCHEMA.empty_table()
     out = pa.concat_tables(tables).sort_by("row")
-    if out.num_rows != len(rows) or out.column("row").to_pylist() != sorted(rows):
+    if out.column("row").to_pylist() != sorted(rows):
         raise FetchError(f"img2dataset returned {out.num_rows} results for {len(rows)} URLs")
     return out
 
@@ -282,13 +312,14 @@ def _plausible(url: str | None) -> bool:
     return isinstance(url, str) and "://" in url
 
 
-def _invalid_rows(pairs: list[tuple[int, str | None]]) -> pa.Table:
+def _error_rows(pairs: list[tuple[int, str | None]], reason: str, template: str) -> pa.Table:
+    """Failure records for rows that never reached (or never came back from) img2dataset."""
     n = len(pairs)
     return pa.table({
         "row": pa.array([r for r, _ in pairs], pa.int64()),
         "status": pa.array(["error"] * n, pa.string()),
-        "error": pa.array(["invalid_url"] * n, pa.string()),
-        "error_message": pa.array([f"invalid_url: not an absolute URL: {u!r}" for _, u in pairs], pa.string()),
+        "error": pa.array([reason] * n, pa.string()),
+        "error_message": pa.array([template.format(u) for _, u in pairs], pa.string()),
         **{name: pa.nulls(n, RESULT_SCHEMA.field(name).type) for name in RESULT_SCHEMA.names[4:]},
     }, schema=RESULT_SCHEMA)
 

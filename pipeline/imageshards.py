@@ -11,6 +11,7 @@ retry that keeps a sample copies its members byte for byte.
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import tarfile
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.shards import sample_key
 
@@ -87,11 +89,11 @@ def build(
     results: pa.Table,
     encode_format: str,
     provenance: dict[str, str],
-) -> tuple[pa.Table, list[Sample]]:
-    """Manifest rows and tar samples for `inputs` (index, url, [caption], extras) and their fetch results.
+) -> tuple[pa.Table, Iterator[Sample]]:
+    """Manifest rows and (lazily built, key-ordered) tar samples for `inputs` and their fetch results.
 
-    `results` (pipeline.fetch.RESULT_SCHEMA) holds one row per input row with the same `row` values as
-    the inputs' `index`, both sorted.
+    `inputs` has index, url, [caption] and extra columns; `results` (pipeline.fetch.RESULT_SCHEMA) holds one
+    row per input row with the same `row` values as the inputs' `index`, both sorted.
     """
     index = inputs.column("index").to_pylist()
     if results.column("row").to_pylist() != index:
@@ -100,30 +102,8 @@ def build(
     has_caption = "caption" in inputs.column_names
     extras = extra_columns(inputs)
     keys = [sample_key(shard, i) for i in index]
-    res = {c: results.column(c).to_pylist() for c in results.column_names if c != "image"}
-    images = results.column("image")
-    urls = inputs.column("url").to_pylist()
-    captions = inputs.column("caption").to_pylist() if has_caption else [None] * n
-    extra_values = {c: inputs.column(c).to_pylist() for c in extras}
-    samples: list[Sample] = []
-    sizes: list[int | None] = []
-    for i in range(n):
-        if res["status"][i] != "ok":
-            sizes.append(None)
-            continue
-        data = images[i].as_py()
-        sizes.append(len(data))
-        meta = {
-            "key": keys[i], "url": urls[i], "status": "ok", "width": res["width"][i], "height": res["height"][i],
-            "original_width": res["original_width"][i], "original_height": res["original_height"][i],
-            "sha256": res["sha256"][i], **{c: extra_values[c][i] for c in extras},
-        }
-        members = [(encode_format, data)]
-        if has_caption:
-            meta["caption"] = captions[i]
-            members.append(("txt", ("" if captions[i] is None else str(captions[i])).encode()))
-        members.append(("json", sample_json(meta)))
-        samples.append((keys[i], members))
+    ok = [s == "ok" for s in results.column("status").to_pylist()]
+    sizes = pc.binary_length(results.column("image"))
     columns: dict[str, pa.Array | pa.ChunkedArray] = {
         "key": pa.array(keys, pa.string()),
         "index": pa.array(index, pa.int32()),
@@ -132,8 +112,8 @@ def build(
         "error": results.column("error"),
         "error_message": results.column("error_message"),
         **{c: results.column(c) for c in ("width", "height", "original_width", "original_height", "sha256")},
-        "bytes": pa.array(sizes, pa.int64()),
-        "format": pa.array([encode_format if s is not None else None for s in sizes], pa.string()),
+        "bytes": sizes.cast(pa.int64()),
+        "format": pa.array([encode_format if good else None for good in ok], pa.string()),
     }
     if has_caption:
         columns["caption"] = inputs.column("caption")
@@ -142,7 +122,30 @@ def build(
     columns["exif"] = results.column("exif")
     for name, value in provenance.items():
         columns[name] = pa.array([value] * n, pa.string())
-    return pa.table(columns), samples
+
+    def samples() -> Iterator[Sample]:
+        meta_cols = ("width", "height", "original_width", "original_height", "sha256")
+        res = {c: results.column(c).to_pylist() for c in meta_cols}
+        urls = inputs.column("url").to_pylist()
+        extra_values = {c: inputs.column(c).to_pylist() for c in extras}
+        captions = inputs.column("caption").to_pylist() if has_caption else []
+        images = results.column("image")
+        for i in (i for i in range(n) if ok[i]):
+            meta = {"key": keys[i], "url": urls[i], "status": "ok", **{c: res[c][i] for c in meta_cols},
+                    **{c: extra_values[c][i] for c in extras}}
+            members = [(encode_format, images[i].as_py())]
+            if has_caption:
+                meta["caption"] = captions[i]
+                members.append(("txt", ("" if captions[i] is None else str(captions[i])).encode()))
+            members.append(("json", sample_json(meta)))
+            yield keys[i], members
+
+    return pa.table(columns), samples()
+
+
+def merge_samples(*streams: Iterable[Sample]) -> Iterator[Sample]:
+    """Key-ordered samples from key-ordered streams (kept samples and redone ones)."""
+    return heapq.merge(*streams, key=lambda sample: sample[0])
 
 
 def merge(old: pa.Table, new: pa.Table) -> pa.Table:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -61,7 +63,14 @@ class RunReport:
 def preemption_signals() -> Iterator[None]:
     """Turn SIGTERM/SIGUSR1 into a Preempted exception in the main thread for the duration."""
 
+    fired: list[int] = []
+
     def handler(signum: int, _frame: Any) -> None:
+        # Raise once: a second signal (SLURM signals the whole process tree, the batch shell forwards
+        # the same signal) must not interrupt the clean-up of the shard being aborted.
+        if fired:
+            return
+        fired.append(signum)
         raise Preempted(signum)
 
     old = {}
@@ -146,15 +155,62 @@ def run_stage(
     return report
 
 
+class Heartbeat:
+    """Refreshes a shard's `_running` claim every `interval` seconds, so `status` can tell a live task
+    from a dead one (PIPELINE_HEARTBEAT_S, default 60). Stopped before the claim is released."""
+
+    def __init__(self, storage: Storage, stage: str, shard: int, interval: float | None = None):
+        self.storage, self.stage, self.shard = storage, stage, shard
+        self.interval = interval if interval is not None else heartbeat_interval()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{shard}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.storage.claim(self.stage, self.shard)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.claim(self.stage, self.shard)
+            except Exception:  # noqa: BLE001 - a missed heartbeat is not worth failing a shard
+                log.debug("heartbeat of shard %s failed", shard_name(self.shard), exc_info=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def heartbeat_interval() -> float:
+    """Seconds between claim refreshes (PIPELINE_HEARTBEAT_S)."""
+    try:
+        return max(0.05, float(os.environ.get("PIPELINE_HEARTBEAT_S", "60")))
+    except ValueError:
+        return 60.0
+
+
 def _failed_rows(marker: dict[str, Any]) -> int:
     return int(marker.get("rows", {}).get("failed", 0) or 0)
 
 
 def _run_one(module, config, storage, stage, shard, fingerprint, resources, report, out, previous=None) -> None:
-    """Run (or, given the previous marker, retry the failed rows of) one shard inside a transaction."""
+    """Run (or, given the previous marker, retry the failed rows of) one shard inside a transaction,
+    holding a heartbeat claim on it; on any exit its staging is removed and its claim released."""
+    txn = None
+    try:
+        txn = storage.begin(stage, shard)
+        with Heartbeat(storage, stage, shard):
+            _run_claimed(module, config, storage, stage, shard, fingerprint, resources, report, out, txn, previous)
+    finally:
+        # Also reached when a signal lands between begin() and the shard's own handlers.
+        if txn is not None and not txn.done:
+            txn.cleanup()
+        storage.release(stage, shard)
+
+
+def _run_claimed(module, config, storage, stage, shard, fingerprint, resources, report, out, txn, previous) -> None:
     name = shard_name(shard)
-    txn = storage.begin(stage, shard)
-    storage.claim(stage, shard)
     ctx = ShardContext(
         config=config, storage=storage, stage=stage, output_dir=module.OUTPUT_DIR,
         txn=txn, resources=resources, log=logging.getLogger(f"pipeline.{stage}"),
@@ -186,7 +242,6 @@ def _run_one(module, config, storage, stage, shard, fingerprint, resources, repo
         print(f"{stage} {name}: {stats.line()}", file=out, flush=True)
     except Preempted:
         txn.cleanup()
-        storage.release(stage, shard)
         raise
     except Exception as exc:  # noqa: BLE001 - isolate any shard failure
         txn.cleanup()
@@ -198,5 +253,3 @@ def _run_one(module, config, storage, stage, shard, fingerprint, resources, repo
         report.failed[shard] = message
         print(f"{stage} {name}: FAILED: {message}", file=out, flush=True)
         log.debug("shard %s failed", name, exc_info=True)
-    finally:
-        storage.release(stage, shard)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,7 +25,7 @@ from fsspec.core import split_protocol
 from pipeline import imageshards, urllist
 from pipeline.config import DownloadConfig, RunConfig
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.fetch import TRANSIENT, FetchOptions, fetch, make_pool
+from pipeline.fetch import TRANSIENT, FetchOptions, fetch, shared_pool
 from pipeline.shards import MAX_SHARD, format_shard_spec, shard_name
 from pipeline.stage import RunContext, ShardContext, ShardStats
 from pipeline.storage import Storage, code_version, now_iso
@@ -152,7 +153,7 @@ def _fetch(ctx: ShardContext, rows: list[int], urls: list[str | None]) -> tuple[
     """Fetch rows, then up to `retries` more passes over transient failures. (results, seconds, retried)."""
     cfg = ctx.config.download
     opts = fetch_options(cfg)
-    pool = ctx.resource(f"download.pool.{cfg.processes}", lambda: make_pool(cfg.processes)) if cfg.processes > 1 else None
+    pool = shared_pool(cfg.processes) if cfg.processes > 1 else None
     t0 = time.perf_counter()
     results = fetch(rows, urls, opts, os.path.join(ctx.txn.staging, "fetch-0"), pool)
     retried = 0
@@ -184,9 +185,11 @@ def _stats(manifest: pa.Table, fetched: int, seconds: float, **extra: Any) -> Sh
     return stats
 
 
-def _write(ctx: ShardContext, manifest: pa.Table, samples: list[imageshards.Sample]) -> None:
-    imageshards.write_tar(ctx.output(".tar"), samples)
+def _write(ctx: ShardContext, manifest: pa.Table, samples: Iterable[imageshards.Sample]) -> int:
+    """Write the shard's tar (streaming the samples) and manifest into staging; returns the tar's sample count."""
+    count = imageshards.write_tar(ctx.output(".tar"), samples)
     pq.write_table(manifest, ctx.output(".parquet"))
+    return count
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -199,8 +202,8 @@ def run_shard(ctx: ShardContext, shard: int) -> ShardStats:
     rows = inputs.column("index").to_pylist()
     results, seconds, retried = _fetch(ctx, rows, inputs.column("url").to_pylist())
     manifest, samples = imageshards.build(shard, inputs, results, ctx.config.download.encode_format, _provenance())
-    _write(ctx, manifest, samples)
-    return _stats(manifest, len(rows), seconds, ok_fetched=len(samples), transient_retried=retried)
+    written = _write(ctx, manifest, samples)
+    return _stats(manifest, len(rows), seconds, ok_fetched=written, transient_retried=retried)
 
 
 def retry_shard(ctx: ShardContext, shard: int, previous_marker: dict[str, Any]) -> ShardStats:
@@ -208,8 +211,6 @@ def retry_shard(ctx: ShardContext, shard: int, previous_marker: dict[str, Any]) 
     name = shard_name(shard)
     with ctx.storage.open(f"{OUTPUT_DIR}/{name}.parquet") as f:
         old = pq.read_table(f)
-    with ctx.storage.open(f"{OUTPUT_DIR}/{name}.tar") as f:
-        kept = dict(imageshards.read_tar(f))
     failed = old.filter(pc.not_equal(old.column("status"), "ok"))
     columns = ["index", "url"] + (["caption"] if "caption" in old.column_names else []) + imageshards.extra_columns(old)
     inputs = failed.select(columns)
@@ -217,7 +218,8 @@ def retry_shard(ctx: ShardContext, shard: int, previous_marker: dict[str, Any]) 
     results, seconds, retried = _fetch(ctx, rows, inputs.column("url").to_pylist())
     new, samples = imageshards.build(shard, inputs, results, ctx.config.download.encode_format, _provenance())
     manifest = imageshards.merge(old, new)
-    kept.update(dict(samples))
-    _write(ctx, manifest, sorted(kept.items()))
-    return _stats(manifest, len(rows), seconds, ok_fetched=len(samples), transient_retried=retried,
-                  recovered=len(samples), retry_of=previous_marker.get("committed_at"))
+    kept_count = len(old) - len(failed)
+    with ctx.storage.open(f"{OUTPUT_DIR}/{name}.tar") as f:  # kept samples stream through byte for byte
+        written = _write(ctx, manifest, imageshards.merge_samples(imageshards.read_tar(f), samples))
+    return _stats(manifest, len(rows), seconds, ok_fetched=written - kept_count, transient_retried=retried,
+                  recovered=written - kept_count, retry_of=previous_marker.get("committed_at"))

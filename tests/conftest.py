@@ -71,3 +71,6 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
     finally:
         server.stop()
+
+
+from tests.slurm_cluster import slurm_cluster  # noqa: E402,F401 - the one-node SLURM cluster (session fixture)

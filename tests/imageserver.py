@@ -62,6 +62,7 @@ class ImageServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 256  # the default 5 drops SYNs under concurrent fetches (1 s retransmits)
 
     def __init__(self, slow_s: float = 4.0, hold_max_s: float = 30.0):
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -88,6 +89,13 @@ class ImageServer(http.server.ThreadingHTTPServer):
         self.release.set()
         self.shutdown()
         self.server_close()
+
+    def handle_error(self, request, client_address) -> None:
+        """Clients that gave up (timeouts) close their end: not worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def hit(self, path: str) -> None:
         with self._lock:

@@ -247,7 +247,7 @@ def test_quality_monitor_scores_captions_with_the_reward(tmp_path):
     print_status(config, out=out)
     lines = out.getvalue().splitlines()
     line = next(ln for ln in lines if ln.startswith("annotate"))
-    assert lines[0].split()[-1] == "quality" and line.split()[-1] == "1.0"
+    assert lines[0].split()[-1] == "quality" and float(line.split()[-1]) == 1.0
 
     _, _, bad_rows, _ = _quality_run(tmp_path / "bad", rows_in, None, 1.0)
     assert [r["quality"] for r in bad_rows] == [0.0] * 12  # "An image." answers nothing

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install the project and what its tests need on a fresh Debian machine (idempotent).
+# Install the project and what its tests need (idempotent). On this machine pip takes torch 2.14.1 +
+# torchvision 0.29.1 from the local disk; elsewhere they come from PyPI (a CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# torch/torchvision are pinned to the pair on this disk (pyproject.toml); pip takes them from there.
-"$PY" -m pip install -q -e ".[dev]"
+"$PY" -m pip install -q -c tools/constraints.txt -e ".[dev]"

@@ -1,0 +1,324 @@
+"""SLURM job arrays: render and submit sbatch scripts, remember submissions, list shards left to retry.
+
+Array task i of N runs `pipeline.shards.slice_for_task(shards, N, i)` through `python -m pipeline run`.
+The batch shell runs python as a child and forwards SIGTERM/SIGUSR1 to it, so a preempted or
+time-limited task aborts its current shard cleanly (no marker, staging removed) and exits 75; with
+`--requeue` a task stopped by the time-limit warning (USR1) puts itself back in the queue. Committed
+shards are skipped by every rerun, so a requeued or retried task only does what is left.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.errors import SlurmError
+from pipeline.runner import EXIT_PREEMPTED
+from pipeline.shards import format_shard_spec, parse_shard_spec, slice_for_task
+from pipeline.storage import LOGS_DIR, Storage, code_version, now_iso
+
+_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+_MEM_RE = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
+SUBMISSION_SUFFIX = ".submit.json"
+
+
+def time_limit_seconds(text: str) -> int:
+    """SLURM's --time formats in seconds: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
+@dataclass
+class SubmitSpec:
+    """What one array submission runs and with which resources."""
+
+    stage: str
+    shards: list[int]
+    tasks: int
+    parallel: int | None = None
+    gpus: int = 0
+    cpus: int | None = None
+    mem: str | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    requeue: bool = False
+    failed_only: bool = False
+    manifest: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Raise SlurmError with one line for a value sbatch would refuse later (or silently misread)."""
+        if not self.shards:
+            raise SlurmError(f"nothing to submit for stage {self.stage!r}: the shard list is empty")
+        if self.tasks < 1:
+            raise SlurmError(f"--tasks must be at least 1, got {self.tasks}")
+        if self.parallel is not None and self.parallel < 1:
+            raise SlurmError(f"--parallel must be at least 1, got {self.parallel}")
+        if self.gpus < 0 or (self.cpus is not None and self.cpus < 1):
+            raise SlurmError("--gpus must be >= 0 and --cpus >= 1")
+        if self.mem is not None and not _MEM_RE.match(self.mem):
+            raise SlurmError(f"bad --mem {self.mem!r}: expected e.g. 64G, 500M or 16000")
+        if self.time is not None and not _TIME_RE.match(self.time):
+            raise SlurmError(f"bad --time {self.time!r}: expected e.g. 04:00:00, 90, 1-12:00:00")
+        if self.tasks > len(self.shards):
+            self.tasks = len(self.shards)  # a task without shards would only cost a scheduler slot
+
+
+@dataclass
+class Submission:
+    """A rendered (and maybe submitted) array job, recorded under ROOT/logs."""
+
+    stage: str
+    shard_spec: str
+    tasks: int
+    script: str
+    script_url: str
+    local_script: str | None
+    log_dir: str
+    job_id: str | None = None
+    submitted_at: str = field(default_factory=now_iso)
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+def task_python(config: RunConfig) -> str:
+    """The interpreter array tasks use: configured, else `python` after setup lines, else this one."""
+    if config.slurm.python:
+        return config.slurm.python
+    return "python" if config.slurm.setup else sys.executable
+
+
+def log_dir_for(config: RunConfig, storage: Storage) -> str:
+    """Where task logs go: slurm.log_dir, else ROOT/logs for a local ROOT, else ./slurm_logs."""
+    if config.slurm.log_dir:
+        return os.path.abspath(config.slurm.log_dir)
+    if storage.is_local:
+        return storage.path(LOGS_DIR)
+    return os.path.abspath("slurm_logs")
+
+
+def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir: str) -> str:
+    """The sbatch script of an array over `spec.shards` in `spec.tasks` tasks."""
+    spec.validate()
+    q = shlex.quote
+    sc = config.slurm
+    if spec.time and sc.signal_s * 2 > time_limit_seconds(spec.time):
+        raise SlurmError(f"slurm.signal_s={sc.signal_s} (the stop warning before the time limit) leaves too "
+                         f"little of --time {spec.time} to work: lower slurm.signal_s or raise --time")
+    array = f"0-{spec.tasks - 1}" + (f"%{spec.parallel}" if spec.parallel else "")
+    job_name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{config.name}-{spec.stage}")
+    directives = [
+        f"--job-name={job_name}",
+        f"--array={array}",
+        f"--output={log_dir}/{spec.stage}-%A_%a.log",
+        "--open-mode=append",  # a requeued task adds to its log instead of truncating it
+        f"--chdir={os.path.abspath(sc.workdir or os.getcwd())}",
+        f"--signal=B:USR1@{sc.signal_s}",
+        "--requeue" if spec.requeue else "--no-requeue",
+        "--ntasks=1",
+    ]
+    if spec.cpus:
+        directives.append(f"--cpus-per-task={spec.cpus}")
+    if spec.gpus:
+        directives.append(f"--gres=gpu:{spec.gpus}")
+    if spec.mem:
+        directives.append(f"--mem={spec.mem}")
+    if spec.time:
+        directives.append(f"--time={spec.time}")
+    partition = spec.partition or sc.partition
+    account = spec.account or sc.account
+    if partition:
+        directives.append(f"--partition={partition}")
+    if account:
+        directives.append(f"--account={account}")
+    directives.extend(opt.strip() for opt in sc.extra_sbatch if opt.strip())
+
+    run_args = ["-m", "pipeline", "run", "--stage", spec.stage, "--shards", '"$MY_SHARDS"', "--no-progress",
+                "--root", q(storage.url())]
+    if spec.manifest:
+        run_args += ["--manifest", q(os.path.abspath(spec.manifest))]
+    for item in spec.overrides:
+        run_args += ["--set", q(item)]
+    if spec.failed_only:
+        run_args.append("--failed-only")
+
+    lines = ["#!/bin/bash"]
+    lines += [f"#SBATCH {d}" for d in directives]
+    lines += [
+        f"# Rendered by caprl-pipeline {code_version()} at {now_iso()}: stage {spec.stage},",
+        f"# shards {format_shard_spec(spec.shards)} in {spec.tasks} array task(s). Resubmit with: sbatch <this file>",
+        "set -uo pipefail",
+        "export PYTHONUNBUFFERED=1",
+        "",
+        "# python runs as a child so this shell can forward SLURM's signals to it (and requeue afterwards):",
+        "# SIGTERM (scancel, preemption) or SIGUSR1 (time limit near) -> the current shard aborts cleanly, exit 75.",
+        "GOT_USR1=0",
+        "GOT_SIGNAL=0",
+        "CHILD=",
+        'trap \'GOT_USR1=1; GOT_SIGNAL=1; [ -n "$CHILD" ] && kill -USR1 "$CHILD" 2>/dev/null\' USR1',
+        'trap \'GOT_SIGNAL=1; [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null\' TERM',
+        "",
+        "# --- environment set-up (slurm.setup in the manifest)",
+        *sc.setup,
+        "",
+        f"PYTHON={q(task_python(config))}",
+        f"SHARDS={q(format_shard_spec(spec.shards))}",
+        f"NUM_TASKS={spec.tasks}",
+        'TASK="${SLURM_ARRAY_TASK_ID:?this script is a SLURM array job: submit it with sbatch}"',
+        'MY_SHARDS=$("$PYTHON" -m pipeline.slurm slice "$SHARDS" "$NUM_TASKS" "$TASK") || exit 2',
+        'if [ -z "$MY_SHARDS" ]; then echo "task $TASK: no shards"; exit 0; fi',
+        f'echo "[$(date -u +%FT%TZ)] task $TASK/$NUM_TASKS job ${{SLURM_JOB_ID:-?}} on $(hostname): '
+        f'stage {spec.stage} shards $MY_SHARDS"',
+        "",
+        f'if [ "$GOT_SIGNAL" -eq 1 ]; then echo "stopped before starting"; RC={EXIT_PREEMPTED}; else',
+        '"$PYTHON" ' + " ".join(run_args) + " &",
+        "CHILD=$!",
+        'while true; do wait "$CHILD"; RC=$?; kill -0 "$CHILD" 2>/dev/null || break; done',
+        "fi",
+        'echo "[$(date -u +%FT%TZ)] task $TASK exit code $RC"',
+    ]
+    if spec.requeue:
+        lines += [
+            f'if [ "$RC" -eq {EXIT_PREEMPTED} ] && [ "$GOT_USR1" -eq 1 ]; then',
+            '  echo "time limit near: requeueing ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${TASK}"',
+            '  scontrol requeue "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${TASK}"',
+            "fi",
+        ]
+    lines.append('exit "$RC"')
+    return "\n".join(lines) + "\n"
+
+
+def submit(config: RunConfig, spec: SubmitSpec, *, dry_run: bool = False) -> Submission:
+    """Render the script; unless dry_run, save it under ROOT/logs, run sbatch and record the job id."""
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    log_dir = log_dir_for(config, storage)
+    script = render_script(config, spec, storage, log_dir)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    rel = f"{LOGS_DIR}/{spec.stage}-{stamp}.sbatch"
+    sub = Submission(
+        stage=spec.stage, shard_spec=format_shard_spec(spec.shards), tasks=spec.tasks, script=script,
+        script_url=storage.url(rel), local_script=None, log_dir=log_dir,
+        spec={k: v for k, v in asdict(spec).items() if k != "shards"},
+    )
+    if dry_run:
+        return sub
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise SlurmError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run to see the script")
+    storage.check_reachable()
+    storage.write_bytes(rel, script.encode())
+    os.makedirs(log_dir, exist_ok=True)
+    if storage.is_local:
+        local = storage.path(rel)
+    else:
+        local = os.path.join(log_dir, f"{spec.stage}-{stamp}.sbatch")
+        Path(local).write_text(script)
+    sub.local_script = local
+    proc = subprocess.run([sbatch, "--parsable", local], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise SlurmError(f"sbatch refused {local}: {msg[-1] if msg else f'exit code {proc.returncode}'}")
+    sub.job_id = proc.stdout.strip().split(";")[0]
+    record = {k: v for k, v in asdict(sub).items() if k != "script"}
+    storage.write_json(f"{LOGS_DIR}/{spec.stage}-{stamp}{SUBMISSION_SUFFIX}", record)
+    return sub
+
+
+def submissions(storage: Storage, stage: str | None = None) -> list[dict[str, Any]]:
+    """Recorded submissions under ROOT/logs (oldest first), optionally of one stage."""
+    records = [v for k, v in storage.list_json(LOGS_DIR).items() if k.endswith(SUBMISSION_SUFFIX[: -len(".json")])]
+    if stage is not None:
+        records = [r for r in records if r.get("stage") == stage]
+    return sorted(records, key=lambda r: r.get("submitted_at", ""))
+
+
+def retry_shards(config: RunConfig, stage: str, *, failed_only: bool = False, shards: list[int] | None = None,
+                 include_running: bool = False, stale_after: float | None = None) -> list[int]:
+    """Shards of `stage` to redo: not committed (failed, never run, stale claims), or with `failed_only`
+    committed shards whose manifests hold failed rows. Shards of live tasks are left out unless asked."""
+    from pipeline.status import DEFAULT_STALE_AFTER, stage_status
+
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    storage.check_reachable(create=False)
+    claims = storage.claims(stage)
+    jobs = squeue_job_ids() if any(c.get("slurm_job_id") for c in claims.values()) else None
+    st = stage_status(config, storage, stage, jobs, stale_after or DEFAULT_STALE_AFTER)
+    universe = shards if shards is not None else st.universe
+    if failed_only:
+        picked = st.shards_with_failed_rows
+        return [s for s in picked if universe is None or s in set(universe)]
+    if universe is None:
+        raise SlurmError(
+            f"cannot tell which shards stage {stage!r} should have under {storage.url()}: run.json has no "
+            "num_shards and no submission is recorded under logs/; pass --shards"
+        )
+    busy = set(st.committed) if include_running else set(st.committed) | {c.shard for c in st.running}
+    return [s for s in universe if s not in busy]
+
+
+def last_submission(config: RunConfig, stage: str) -> dict[str, Any] | None:
+    """The newest submission record of `stage` under ROOT/logs, or None."""
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    records = submissions(storage, stage)
+    return records[-1] if records else None
+
+
+def squeue_job_ids() -> set[str] | None:
+    """Ids of the jobs SLURM still knows as pending/running (unique ids of array tasks too), or None if unknown."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return None
+    try:
+        proc = subprocess.run([squeue, "-h", "-o", "%A %i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    ids: set[str] = set()
+    for line in proc.stdout.split():
+        ids.add(line.strip())
+    return ids
+
+
+def active_submissions(config: RunConfig, stage: str) -> list[str]:
+    """Job ids of this stage's recorded submissions that SLURM still has queued or running."""
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    ids = [str(r["job_id"]) for r in submissions(storage, stage) if r.get("job_id")]
+    if not ids:
+        return []
+    queued = squeue_job_ids()
+    if queued is None:
+        return []
+    arrays = {q.split("_", 1)[0] for q in queued}
+    return [i for i in ids if i in arrays]
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m pipeline.slurm slice SPEC NUM_TASKS TASK`: print the shard spec array task TASK runs."""
+    if len(argv) != 4 or argv[0] != "slice":
+        print("usage: python -m pipeline.slurm slice SHARD_SPEC NUM_TASKS TASK", file=sys.stderr)
+        return 2
+    shards = parse_shard_spec(argv[1])
+    print(format_shard_spec(slice_for_task(shards, int(argv[2]), int(argv[3]))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

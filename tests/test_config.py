@@ -1,0 +1,44 @@
+import pytest
+
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import ConfigError
+
+
+def test_demo_manifest_loads():
+    cfg = load_config("manifests/demo.yaml")
+    assert cfg.shard_size == 20 and cfg.download.image_size == 112
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text("root: /x\ndownload:\n  image_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"download\.image_sise: unknown key"):
+        load_config(m)
+
+
+def test_overrides_and_fields():
+    cfg = load_config("manifests/demo.yaml", ["annotate.captioner.batch_size=7", "shard_size=5"], root="/r")
+    assert cfg.annotate.captioner.batch_size == 7 and cfg.shard_size == 5 and cfg.root == "/r"
+    with pytest.raises(ConfigError, match="bad override"):
+        load_config(None, ["nokey"])
+    with pytest.raises(ConfigError, match="shard_size"):
+        load_config(None, ["shard_size=0"])
+
+
+def test_missing_and_bad_manifest(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_fingerprint_ignores_runtime_fields():
+    a = RunConfig()
+    b = RunConfig.model_validate({"annotate": {"captioner": {"batch_size": 3, "preprocess_workers": 9}}})
+    c = RunConfig.model_validate({"annotate": {"prompt": "Describe."}})
+    assert a.fingerprint("annotate") == b.fingerprint("annotate")
+    assert a.fingerprint("annotate") != c.fingerprint("annotate")
+    assert a.fingerprint("download") == c.fingerprint("download")
+    assert a.fingerprint("annotate") != RunConfig(shard_size=10).fingerprint("annotate")
