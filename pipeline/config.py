@@ -67,6 +67,10 @@ class EngineConfig(Section):
     concurrency: int = runtime(64, ge=1)
     timeout_s: float = runtime(120.0, gt=0)
     max_retries: int = runtime(4, ge=0)
+    retry_backoff_s: float = runtime(0.5, ge=0, description="first retry delay; doubles per attempt")
+    openai_prefill: Literal["continue", "instruct"] = Field(
+        "continue", description="continue: assistant prefill + continue_final_message (vLLM, SGLang); "
+        "instruct: ask for the prefix in the user turn (other servers)")
     noop_text: str = "A placeholder caption."
 
 
