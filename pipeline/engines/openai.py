@@ -87,9 +87,14 @@ class OpenAIEngine:
         return httpx.AsyncClient(timeout=httpx.Timeout(self.config.timeout_s), limits=limits,
                                  headers={"Authorization": f"Bearer {self.api_key}"})
 
-    async def _call(self, client: httpx.AsyncClient, method: str, path: str, body: dict | None = None) -> dict:
-        """One request with retries and exponential backoff (base `retry_backoff_s`, x2, jitter, cap 30 s)."""
-        url = self.base_url + path
+    async def _call(self, client: httpx.AsyncClient, method: str, path: str, body: dict | None = None,
+                    server_root: bool = False) -> dict:
+        """One request with retries and exponential backoff (base `retry_backoff_s`, x2, jitter, cap 30 s).
+
+        server_root: the path hangs off the server root, not the /v1 API (vLLM's /tokenize).
+        """
+        base = self.base_url.removesuffix("/v1") if server_root else self.base_url
+        url = base + path
         last = ""
         for attempt in range(self.config.max_retries + 1):
             if attempt:
@@ -238,7 +243,8 @@ class OpenAIEngine:
             async def tokenize_choice(text: str) -> None:
                 async with sem:
                     data = await self._call(client, "POST", "/tokenize",
-                                            {"model": model, "prompt": text, "add_special_tokens": False})
+                                            {"model": model, "prompt": text, "add_special_tokens": False},
+                                            server_root=True)
                     choice_ids[text] = data["tokens"]
 
             try:
@@ -263,7 +269,7 @@ class OpenAIEngine:
         body = {"model": model, "messages": messages, "add_special_tokens": False, **extra}
         if not extra:
             body["add_generation_prompt"] = True
-        prefix = (await self._call(client, "POST", "/tokenize", body))["tokens"]
+        prefix = (await self._call(client, "POST", "/tokenize", body, server_root=True))["tokens"]
         prompts = [prefix + ids for ids in cands]
         data = await self._call(client, "POST", "/completions", {
             "model": model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0})
