@@ -59,6 +59,7 @@ class EngineConfig(Section):
     max_pixels: int = Field(1_003_520, ge=28 * 28)
     min_pixels: int = Field(3_136, ge=1)
     preprocess_workers: int = runtime(2, ge=0)
+    share_prefix: bool = runtime(True, description="hf: compute a prompt prefix shared by a batch once")
     chunk_size: int = runtime(4096, ge=1, description="requests per vllm submission")
     limit_images: int = Field(1, ge=0, description="images per prompt (vllm limit_mm_per_prompt)")
     max_model_len: int | None = runtime(None, ge=16, description="vllm context length (default: the model's)")

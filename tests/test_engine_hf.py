@@ -165,3 +165,35 @@ def test_reward_runs_on_the_hf_reader(text_engine, mode):
     assert reward.last_stats["reader_calls"] == 1
     again = CapRLReward(text_engine, RewardConfig(mode=mode, n_draws=4))([world.caption(s) for s in scenes], mcqs)
     assert [r.reward for r in again] == [r.reward for r in results]
+
+
+def reader_requests(n: int = 12) -> list[ChatRequest]:
+    """Reward-style reader prompts: shared few-shot prefix, several draws per caption."""
+    from pipeline.mcq import CANNOT_ANSWER, reader_messages, shuffle_options
+
+    rng = random.Random(4)
+    reqs = []
+    for _ in range(n // 3):
+        scene = world.sample_scene(rng)
+        cap = world.caption(scene)
+        for q in world.pick_mcqs(scene, rng)[:3]:
+            reqs.append(ChatRequest(messages=reader_messages(cap, shuffle_options(q, rng, CANNOT_ANSWER)),
+                                    prefill=READER_PREFILL))
+    return reqs
+
+
+def test_shared_prefix_reuse_matches_plain_batching(text_model_dir, text_engine):
+    reqs = reader_requests()
+    plan = text_engine._plan([text_engine.encode(r) for r in reqs])
+    assert plan is not None and plan.shared > 100 and any(g > plan.shared for g in plan.group_len)
+    plain = HFEngine(EngineConfig(model=str(text_model_dir), batch_size=5, share_prefix=False))
+    params = Sampling(max_new_tokens=10)
+    shared = text_engine.generate(reqs, params)
+    assert shared == plain.generate(reqs, params)
+    assert shared == [text_engine.generate([r], params)[0] for r in reqs]
+    choices = [[" A", " B", " C", " D", " E"], [" red", " two shapes"]] * (len(reqs) // 2)
+    a, b = text_engine.score_choices(reqs, choices), plain.score_choices(reqs, choices)
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, abs=1e-4)
+    sampled = text_engine.generate(reqs, Sampling(max_new_tokens=6, temperature=1.0, n=3, seed=2))
+    assert all(len(g) == 3 for g in sampled) and len({g.text for g in sampled[0]}) > 1
