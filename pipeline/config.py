@@ -60,6 +60,7 @@ class EngineConfig(Section):
     min_pixels: int = Field(3_136, ge=1)
     preprocess_workers: int = runtime(2, ge=0)
     share_prefix: bool = runtime(True, description="hf: compute a prompt prefix shared by a batch once")
+    static_cache: bool = runtime(True, description="hf: preallocated KV cache when decoding after a shared prefix")
     chunk_size: int = runtime(4096, ge=1, description="requests per vllm submission")
     limit_images: int = Field(1, ge=0, description="images per prompt (vllm limit_mm_per_prompt)")
     max_model_len: int | None = runtime(None, ge=16, description="vllm context length (default: the model's)")

@@ -175,7 +175,7 @@ class HFEngine:
                 kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
             if plan is not None:
                 batch, cache, _ = self._run_plan(picked, plan, params.n)
-                kwargs[self._cache_kw] = cache
+                kwargs[self._cache_kw] = self._static(cache, batch["input_ids"].shape[1] + params.max_new_tokens)
             else:
                 batch = self._collate(picked)
                 batch.pop("position_ids", None)  # generate derives positions from the attention mask
@@ -196,6 +196,21 @@ class HFEngine:
         if not self.config.share_prefix or any(set(e) - {"input_ids", "attention_mask"} for e in encs):
             return None
         return plan_prefixes([e["input_ids"][0].tolist() for e in encs])
+
+    def _static(self, cache: Any, max_len: int) -> Any:
+        """The prefix cache copied into a preallocated StaticCache (decoding then writes in place
+        instead of concatenating the whole cache every step); the dynamic cache if that fails."""
+        if not self.config.static_cache:
+            return cache
+        try:
+            from transformers import StaticCache
+
+            static = StaticCache(config=self.model.config, max_cache_len=max_len)
+            for layer, src in zip(static.layers, cache.layers, strict=True):
+                layer.update(src.keys, src.values)
+            return static
+        except (AttributeError, TypeError, ValueError, ImportError):
+            return cache
 
     def _run_plan(self, encs: Sequence[dict[str, torch.Tensor]], plan: PrefixPlan, n: int = 1,
                   extra: Sequence[list[int]] | None = None) -> tuple[dict[str, torch.Tensor], Any, int]:
