@@ -96,6 +96,14 @@ class HFEngine:
             enc = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
         return dict(enc)
 
+    def encode_many(self, requests: Sequence[ChatRequest]) -> list[dict[str, torch.Tensor]]:
+        """`encode` for many requests; text-only requests are tokenized in one batched call."""
+        if self.is_vl or any(r.images for r in requests):
+            return [self.encode(r) for r in requests]
+        ids = self.tokenizer([self.prompt_text(r) for r in requests], add_special_tokens=False)["input_ids"]
+        return [{"input_ids": torch.tensor([row]), "attention_mask": torch.ones((1, len(row)), dtype=torch.long)}
+                for row in ids]
+
     def _collate(self, encs: Sequence[dict[str, torch.Tensor]], extra: Sequence[list[int]] | None = None
                  ) -> dict[str, torch.Tensor]:
         """Left-pad per-request encodings (plus optional extra token ids per row) into one batch."""
@@ -159,7 +167,7 @@ class HFEngine:
     @torch.inference_mode()
     def generate(self, requests: Sequence[ChatRequest], params: Sampling) -> list[list[Generation]]:
         """params.n generations per request, in request order (text after the prefill)."""
-        encs = [self.encode(r) for r in requests]
+        encs = self.encode_many(requests)
         lengths = [int(e["input_ids"].shape[1]) for e in encs]
         out: list[list[Generation]] = [[] for _ in requests]
         for b, idx in enumerate(self._batches(lengths, params.max_new_tokens, params.n, encs)):
@@ -289,7 +297,7 @@ class HFEngine:
         """
         if len(requests) != len(choices):
             raise ValueError(f"{len(requests)} requests but {len(choices)} choice lists")
-        encs = [self.encode(r) for r in requests]
+        encs = self.encode_many(requests)
         rows: list[tuple[int, list[int] | None, list[list[int]]]] = []  # (request, appended ids, targets)
         for i, cands in enumerate(choices):
             ids = [self.choice_ids(c) for c in cands]
