@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline import world
+from pipeline.config import RewardConfig
 from pipeline.mcq import (
     CANNOT_ANSWER,
     CAPTION_PROMPT,
@@ -35,7 +36,8 @@ from pipeline.mcq import (
     shuffle_options,
 )
 from pipeline.nano import data
-from pipeline.nano.infer import NanoReader, NanoVL
+from pipeline.nano.infer import NanoReader, NanoReaderEngine, NanoVL
+from pipeline.reward import compute_rewards
 
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "models" / "nano"
 VL_NAME = "nano-vl"
@@ -122,18 +124,15 @@ def eval_reader(reader: NanoReader, scenes: Sequence[world.Scene]) -> dict[str, 
     return res
 
 
-def caprl_reward(reader: NanoReader, captions: Sequence[str], mcqs: Sequence[Sequence[MCQ]],
+def caprl_reward(reader: NanoReaderEngine, captions: Sequence[str], mcqs: Sequence[Sequence[MCQ]],
                  seed: int = 0, draws: int = REWARD_DRAWS) -> list[float]:
-    """Per caption: mean option_text correctness over `draws` questions drawn with replacement,
-    options freshly shuffled per draw with CANNOT_ANSWER appended (the CapRL reward definition)."""
-    rng = random.Random(seed)
-    items = []
-    for cap, qs in zip(captions, mcqs, strict=True):
-        for _ in range(draws):
-            items.append((cap, shuffle_options(rng.choice(list(qs)), rng, extra_option=CANNOT_ANSWER)))
-    picks = reader.answer(items)
-    right = [s.options[p] == s.mcq.answer_text for (_, s), p in zip(items, picks, strict=True)]
-    return [sum(right[i: i + draws]) / draws for i in range(0, len(right), draws)]
+    """pipeline.reward (8 draws with replacement, fresh shuffle + CANNOT_ANSWER per draw) in option_text mode."""
+    cfg = RewardConfig(mode="option_text", n_draws=draws, seed=seed, few_shot=True)
+    results = compute_rewards(captions, mcqs, reader, cfg)
+    missing = [r.reason for r in results if r.reward is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} rewards missing, first: {missing[0]}")
+    return [float(r.reward) for r in results]  # type: ignore[arg-type]
 
 
 def _fmt(name: str, value: float) -> str:
@@ -156,7 +155,7 @@ def run(models: Path, n_scenes: int, log: Callable[[str], None] = print, device:
     res.update(r)
     res.update(eval_qagen(vl, scenes))
     res.update(eval_filter(vl, scenes, mcqs))
-    reader = NanoReader(models / READER_NAME, device=device)
+    reader = NanoReaderEngine(models / READER_NAME, device=device)
     res.update(eval_reader(reader, scenes))
     gt = [world.caption(s, i % 3) for i, s in enumerate(scenes)]
     res["reward_gt"] = sum(caprl_reward(reader, gt, mcqs)) / len(scenes)

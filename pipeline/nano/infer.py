@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from pipeline.mcq import ShuffledMCQ
-from pipeline.nano.encode import ids, prompt_text, reader_tree
+from pipeline.engines.base import ChatRequest, Generation, Sampling
+from pipeline.mcq import READER_PREFILL, ShuffledMCQ, reader_messages
+from pipeline.nano.encode import ids, prompt_text
 from pipeline.nano.tree import leaf_logprobs, tree_forward
 
 
@@ -68,6 +69,46 @@ class NanoVL:
         return out
 
 
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix, leaving every row at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(max(0, n)):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return max(0, n)
+
+
+@torch.no_grad()
+def tree_score(model: torch.nn.Module, pad_id: int, prompts: Sequence[Sequence[int]],
+               choices: Sequence[Sequence[Sequence[int]]], chunk: int = 32) -> list[list[float]]:
+    """Summed log-likelihood of each choice's ids after each prompt's ids.
+
+    Prompts are processed in chunks that share their longest common token prefix (computed once)
+    and each prompt is computed once for all its choices: equal to scoring every (prompt, choice)
+    row on its own, up to float tolerance.
+    """
+    out: list[list[float] | None] = [None] * len(prompts)
+    by_k: dict[int, list[int]] = {}
+    for i, cs in enumerate(choices):
+        if not cs or any(not c for c in cs):
+            raise ValueError(f"request {i}: every choice needs at least one token")
+        by_k.setdefault(len(cs), []).append(i)
+    for k, idx in by_k.items():
+        for s in range(0, len(idx), chunk):
+            part = idx[s: s + chunk]
+            rows = [list(prompts[i]) for i in part]
+            n = _common_prefix(rows)
+            if n == 0:
+                raise ValueError("prompts must be at least 2 tokens long")
+            ml, ll, li, lm = tree_forward(model, rows[0][:n], [r[n:] for r in rows],
+                                          [list(choices[i]) for i in part], pad_id)
+            lp = leaf_logprobs(ml, ll, li, lm, k).view(len(part), k).cpu().tolist()
+            for i, row in zip(part, lp, strict=True):
+                out[i] = row
+    return [row if row is not None else [] for row in out]
+
+
 class NanoReader:
     """The nano reader: scores every shown option (' ' + text) after the reward's prompt and pre-fill."""
 
@@ -76,21 +117,48 @@ class NanoReader:
         self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         self.groups_per_batch = groups_per_batch
 
-    @torch.no_grad()
     def score(self, items: Sequence[tuple[str, ShuffledMCQ]]) -> list[list[float]]:
-        """Log-likelihood of each shown option for each (caption, shown MCQ); all must show the same count."""
-        out: list[list[float]] = []
-        for i in range(0, len(items), self.groups_per_batch):
-            chunk = items[i: i + self.groups_per_batch]
-            prefix, mids, leaves, _ = reader_tree(self.tok, [(c, [s]) for c, s in chunk])
-            mids = [m + row[0] for m, row in zip(mids, leaves, strict=True)]
-            k = len(chunk[0][1].options)
-            opts = [[ids(self.tok, " " + o) for o in s.options] for _, s in chunk]
-            ml, ll, li, lm = tree_forward(self.model, prefix, mids, opts, self.tok.pad_token_id)
-            lp = leaf_logprobs(ml, ll, li, lm, k).view(len(chunk), k)
-            out += lp.tolist()
-        return out
+        """Log-likelihood of each shown option for each (caption, shown MCQ)."""
+        prompts = [ids(self.tok, prompt_text(self.tok, reader_messages(c, s), READER_PREFILL)) for c, s in items]
+        choices = [[ids(self.tok, " " + o) for o in s.options] for _, s in items]
+        return tree_score(self.model, self.tok.pad_token_id, prompts, choices, self.groups_per_batch)
 
     def answer(self, items: Sequence[tuple[str, ShuffledMCQ]]) -> list[int]:
         """Index of the chosen (most likely) option for each item."""
         return [max(range(len(s)), key=s.__getitem__) for s in self.score(items)]
+
+
+class NanoReaderEngine(NanoReader):
+    """The nano reader behind the Engine protocol (score_choices with shared-prefix batching; greedy or
+    sampled generate), so pipeline.reward can use it directly."""
+
+    def __init__(self, path: str | Path, groups_per_batch: int = 32, device: str = "cpu") -> None:
+        super().__init__(path, groups_per_batch, device)
+        self.model_id = f"nano-tree:{path}"
+
+    def _prompt(self, request: ChatRequest) -> list[int]:
+        if request.images:
+            raise ValueError("the nano reader is text-only")
+        return ids(self.tok, prompt_text(self.tok, request.messages, request.prefill))
+
+    def score_choices(self, requests: Sequence[ChatRequest], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+        return tree_score(self.model, self.tok.pad_token_id, [self._prompt(r) for r in requests],
+                          [[ids(self.tok, c) for c in cs] for cs in choices], self.groups_per_batch)
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[ChatRequest], params: Sampling) -> list[list[Generation]]:
+        torch.manual_seed(params.seed)
+        out = []
+        for r in requests:
+            x = torch.tensor([self._prompt(r)], device=self.model.device)
+            gens = []
+            for _ in range(params.n):
+                kw = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p} \
+                    if params.temperature > 0 else {"do_sample": False}
+                y = self.model.generate(x, max_new_tokens=params.max_new_tokens, **kw)[0, x.shape[1]:]
+                gens.append(Generation(self.tok.decode(y, skip_special_tokens=True), "stop", len(y)))
+            out.append(gens)
+        return out
+
+    def close(self) -> None:
+        pass

@@ -46,7 +46,7 @@ TOKENIZER_DIR = "tokenizer"
 SEED = 1234
 THREADS = 1
 CHECKPOINTS = "_checkpoints"
-CHECKPOINT_EVERY = 250
+CHECKPOINT_EVERY = 200
 
 
 @dataclass
@@ -68,25 +68,29 @@ class Schedule:
 
 @dataclass
 class VLRecipe:
-    steps: int = 2400
-    batch: int = 32
-    qagen_batch: int = 8
+    steps: int = 1600
+    batch: int = 16
+    qagen_batch: int = 4
     filter_frac: float = 0.35
     snapshots: dict[str, int] = field(default_factory=lambda: {"nano-vl-step300": 300, "nano-vl-step600": 600})
     name: str = "nano-vl"
+    lr: float = 1e-3
+    warmup: int = 50
 
 
 @dataclass
 class ReaderRecipe:
-    steps: int = 2000
+    steps: int = 1200
     captions: int = 8
-    questions: int = 8
+    questions: int = 4
     hidden: int = 128
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
     ffn: int = 512
     name: str = "nano-reader"
+    lr: float = 1e-3
+    warmup: int = 50
 
 
 def _optimizer(model: torch.nn.Module, sched: Schedule) -> torch.optim.Optimizer:
@@ -121,7 +125,7 @@ def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, see
     processor = build_processor(tok)
     model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).to(device)
     model.train()
-    sched = Schedule(steps=recipe.steps)
+    sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
     opt = _optimizer(model, sched)
     losses: list[float] = []
     t0 = time.time()
@@ -177,7 +181,7 @@ def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRec
                              kv_heads=recipe.kv_heads, ffn=recipe.ffn)
     model = Qwen2ForCausalLM(cfg).to(device)
     model.train()
-    sched = Schedule(steps=recipe.steps)
+    sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
     opt = _optimizer(model, sched)
     losses: list[float] = []
     t0 = time.time()

@@ -8,6 +8,7 @@ Used to train the nano reader (few-shot prefix -> caption -> questions) and to s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,11 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.
     return ids, mask
 
 
+def _cache_kw(model: torch.nn.Module) -> str:
+    """The KV-cache keyword of this transformers version ('cache' since 5.24, 'past_key_values' before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def tree_forward(
     model: torch.nn.Module, prefix: Sequence[int], mids: Sequence[Sequence[int]],
     leaves: Sequence[Sequence[Sequence[int]]], pad_id: int,
@@ -42,15 +48,16 @@ def tree_forward(
     if any(not m for m in mids):
         raise ValueError("mids must be non-empty")
     dev = next(model.parameters()).device
+    kw = _cache_kw(model)
     cache = DynamicCache()
     n_pre = len(prefix)
-    model(input_ids=torch.tensor([list(prefix)], device=dev), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.tensor([list(prefix)], device=dev), **{kw: cache}, use_cache=True)
     cache.batch_repeat_interleave(n_mid)
 
     mid_ids, mid_mask = (t.to(dev) for t in _pad(mids, pad_id, left=True))
     mid_pos = n_pre + (mid_mask.cumsum(1) - 1).clamp(min=0)
     attn = torch.cat([torch.ones(n_mid, n_pre, dtype=torch.long, device=dev), mid_mask], 1)
-    out = model(input_ids=mid_ids, attention_mask=attn, position_ids=mid_pos, past_key_values=cache, use_cache=True)
+    out = model(input_ids=mid_ids, attention_mask=attn, position_ids=mid_pos, **{kw: cache}, use_cache=True)
     mid_last = out.logits[:, -1]
     cache.batch_repeat_interleave(k)
 
@@ -59,7 +66,7 @@ def tree_forward(
     mid_len = mid_mask.sum(1).repeat_interleave(k)
     leaf_pos = n_pre + mid_len[:, None] + torch.arange(leaf_ids.shape[1], device=dev)[None, :]
     attn = torch.cat([attn.repeat_interleave(k, 0), leaf_mask], 1)
-    out = model(input_ids=leaf_ids, attention_mask=attn, position_ids=leaf_pos, past_key_values=cache, use_cache=True)
+    out = model(input_ids=leaf_ids, attention_mask=attn, position_ids=leaf_pos, **{kw: cache}, use_cache=True)
     return mid_last, out.logits, leaf_ids, leaf_mask
 
 
