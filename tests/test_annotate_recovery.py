@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.storage import Storage
 from tests.annotate_support import commit_image_shard, scene_rows
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
 
 # The child runs the real stage through the runner; only the captioning model is a scripted stand-in
 # (oracle captions, slowed down so that the kill lands mid-shard).
