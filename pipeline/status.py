@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.quality import mean_quality
 from pipeline.shards import format_shard_spec, parse_shard_spec
 from pipeline.stage import stage_modules
 from pipeline.storage import TMP_DIR, Storage
@@ -84,6 +85,10 @@ class StageStatus:
         return (self.rows_ok + self.rows_failed) / (max(ends) - min(starts))
 
 
+    def quality(self) -> float | None:
+        """Running mean caption quality over committed shards (the annotate quality monitor), or None."""
+        return mean_quality(self.committed.values())
+
     def to_row(self) -> dict[str, Any]:
         pending = self.pending
         return {
@@ -98,6 +103,7 @@ class StageStatus:
             "rows_failed": self.rows_failed,
             "rows_per_s": None if (r := self.task_rate()) is None else round(r, 1),
             "rows_per_s_wall": None if (w := self.wall_rate()) is None else round(w, 1),
+            "quality": None if (q := self.quality()) is None else round(q, 3),
             "failed_shards": format_shard_spec(self.failed),
             "failure_reasons": sorted({f.get("error", "?")[:200] for f in self.failed.values()}),
             "stale_shards": format_shard_spec(c.shard for c in self.stale),
@@ -241,6 +247,11 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
         table.append([st.stage, len(st.committed), len(st.failed), len(st.running), len(st.stale),
                       None if pending is None else len(pending), len(st.outdated),
                       st.rows_ok, st.rows_failed, st.task_rate(), st.wall_rate()])
+    qualities = [st.quality() for st in rows]
+    if any(q is not None for q in qualities):  # the caption quality monitor's running mean
+        cols.append("quality")
+        for r, q in zip(table, qualities, strict=True):
+            r.append(None if q is None else f"{q:.3f}")
     cells = [[_fmt(v) for v in r] for r in table]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)), file=out)

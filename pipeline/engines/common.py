@@ -1,0 +1,47 @@
+"""Helpers shared by the model backends: checkpoint identity and message flattening."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+
+class ModelLoadError(PipelineError):
+    """The engine's model directory is missing or not a loadable checkpoint."""
+
+
+def weights_hash(path: str | Path) -> str:
+    """sha256 over config.json and the weight files of a checkpoint directory (first 16 hex digits)."""
+    root = Path(path)
+    files = sorted([*root.glob("*.safetensors"), *root.glob("*.bin"), *root.glob("config.json")])
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def model_identity(path: str, revision: str | None) -> str:
+    """Provenance string: path@revision, or path#sha256:<hash of the weights> for a local directory."""
+    if revision:
+        return f"{path}@{revision}"
+    if Path(path).is_dir():
+        return f"{path}#sha256:{weights_hash(path)}"
+    return path
+
+
+def text_only(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with list contents flattened to strings (for text-only chat templates)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+        out.append({**m, "content": content})
+    return out

@@ -1,0 +1,141 @@
+"""Image preprocessing shared by every engine and stage, and a worker pool that runs it ahead of a model.
+
+`prepare_image` is THE one function: decode bytes, apply the EXIF orientation, convert to RGB
+(alpha composited on white), and resize to a pixel budget with sides that are multiples of 28 (the
+Qwen2.5-VL patch 14 x merge 2 grid), keeping the aspect ratio.
+
+`preprocess_ahead` maps it over an iterator in a thread or process pool, a bounded number of
+items ahead of the consumer, yielding results in input order with a per-item error instead of an
+exception, so one broken image never stops a shard.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Generic, TypeVar
+
+from PIL import Image, ImageOps
+
+QWEN_FACTOR = 28
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def fit_pixels(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = QWEN_FACTOR) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image has no pixels ({width}x{height})")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is too extreme")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+def prepare_image(source: bytes | bytearray | memoryview | Image.Image | str, min_pixels: int = 3136,
+                  max_pixels: int = 1_003_520, factor: int = QWEN_FACTOR) -> Image.Image:
+    """Decoded, upright, RGB, resized image (see the module docstring). `source`: bytes, a PIL image or a path."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        img = Image.open(io.BytesIO(bytes(source)))
+    elif isinstance(source, str):
+        img = Image.open(source)
+    else:
+        img = source
+    img.load()
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        img = background
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    h, w = fit_pixels(img.height, img.width, min_pixels, max_pixels, factor)
+    if (h, w) != (img.height, img.width):
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+    return img
+
+
+def image_tokens(image: Image.Image, factor: int = QWEN_FACTOR) -> int:
+    """Visual tokens a Qwen2.5-VL model spends on a prepared image (one per 28x28 cell)."""
+    return math.ceil(image.height / factor) * math.ceil(image.width / factor)
+
+
+@dataclass
+class Prepared(Generic[T]):
+    """One item from `preprocess_ahead`: the input item, the result (None on error) and the error text."""
+
+    item: T
+    value: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _safe(fn: Callable[[Any], Any], arg: Any) -> tuple[Any, str | None]:
+    try:
+        return fn(arg), None
+    except Exception as exc:  # noqa: BLE001 - a bad item becomes a per-row error
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def map_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int = 2, ahead: int | None = None,
+              processes: bool = False) -> Iterator[Prepared[T]]:
+    """fn over items in a pool, at most `ahead` items in flight, results in input order.
+
+    workers=0 runs inline (no pool). Exceptions become `Prepared.error`; the iterator never raises
+    for a bad item. Use processes=True for CPU-heavy work when fn and items pickle.
+    """
+    if workers <= 0:
+        for item in items:
+            value, error = _safe(fn, item)
+            yield Prepared(item, value, error)
+        return
+    ahead = ahead or 4 * workers
+    pool: Executor = ProcessPoolExecutor(workers) if processes else ThreadPoolExecutor(workers, "preprocess")
+    queue: deque[tuple[T, Future]] = deque()
+    try:
+        iterator = iter(items)
+        for item in iterator:
+            queue.append((item, pool.submit(_safe, fn, item)))
+            if len(queue) >= ahead:
+                done_item, fut = queue.popleft()
+                value, error = fut.result()
+                yield Prepared(done_item, value, error)
+        while queue:
+            done_item, fut = queue.popleft()
+            value, error = fut.result()
+            yield Prepared(done_item, value, error)
+    finally:
+        for _, fut in queue:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def preprocess_ahead(items: Iterable[T], get_source: Callable[[T], Any] | None = None, min_pixels: int = 3136,
+                     max_pixels: int = 1_003_520, workers: int = 2, ahead: int | None = None,
+                     processes: bool = False) -> Iterator[Prepared[T]]:
+    """`prepare_image` over items (or over get_source(item)) in a worker pool running ahead of the consumer."""
+    fn = partial(_prepare_from, get_source, min_pixels, max_pixels)
+    return map_ahead(fn, items, workers=workers, ahead=ahead, processes=processes)
+
+
+def _prepare_from(get_source: Callable[[Any], Any] | None, min_pixels: int, max_pixels: int, item: Any) -> Image.Image:
+    source = get_source(item) if get_source is not None else item
+    return prepare_image(source, min_pixels=min_pixels, max_pixels=max_pixels)

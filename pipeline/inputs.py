@@ -1,0 +1,114 @@
+"""Where a stage's image shard k comes from: the committed download shard, or a WebDataset URL pattern.
+
+A pattern maps shard ids onto URLs in one of two ways:
+- a brace range, as webdataset and img2dataset write them: `s3://bucket/{00000..00999}.tar`;
+  shard k is the k-th URL of the expansion;
+- a template with a `{shard}` field: `/data/part-{shard:05d}.tar`; shard k is the formatted URL.
+An img2dataset-style sidecar parquet next to the tar (same name, .parquet) is read when present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from braceexpand import braceexpand
+from fsspec.core import url_to_fs
+
+from pipeline.config import EngineConfig, RunConfig
+from pipeline.errors import ConfigError, MissingInputError
+from pipeline.manifest import read_optional_rows
+from pipeline.shards import shard_name
+from pipeline.storage import Storage
+
+IMAGES_DIR = "images"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class InputShard:
+    """One input WebDataset shard: its tar, optional sidecar parquet, and the upstream stage to require."""
+
+    tar_url: str
+    parquet_url: str | None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    upstream_stage: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        fs, _ = url_to_fs(self.tar_url, **self.storage_options)
+        return "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol))
+
+    def open(self) -> IO[bytes]:
+        try:
+            return fsspec.open(self.tar_url, "rb", **self.storage_options).open()
+        except FileNotFoundError:
+            raise MissingInputError(f"input shard {self.tar_url} does not exist") from None
+
+    def sidecar_rows(self) -> dict[str, dict[str, Any]]:
+        """key -> row of the sidecar parquet ({} when there is none or it has no key column)."""
+        if not self.parquet_url:
+            return {}
+        rows = read_optional_rows(self.parquet_url, self.storage_options) or []
+        return {str(r["key"]): r for r in rows if r.get("key") is not None}
+
+
+@lru_cache(maxsize=8)
+def expand_pattern(pattern: str) -> tuple[str, ...]:
+    """All URLs of a brace pattern, in order."""
+    return tuple(braceexpand(pattern))
+
+
+def pattern_url(pattern: str, shard: int) -> str:
+    """The URL of shard `shard` under a pattern (see the module docstring)."""
+    if "{shard" in pattern:
+        try:
+            return pattern.format(shard=shard)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"annotate.input_pattern {pattern!r} cannot be formatted with shard={shard}: {exc}") from None
+    urls = expand_pattern(pattern)
+    if len(urls) == 1 and "{" not in pattern:
+        raise ConfigError(
+            f"annotate.input_pattern {pattern!r} names one file; use a brace range like "
+            "'s3://bucket/{00000..00099}.tar' or a '{shard:05d}' template"
+        )
+    if shard >= len(urls):
+        raise ConfigError(
+            f"shard {shard} is outside annotate.input_pattern {pattern!r}, which expands to {len(urls)} shard(s) (0-{len(urls) - 1})"
+        )
+    return urls[shard]
+
+
+def _sidecar(url: str) -> str | None:
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if url.endswith(suffix):
+            return url[: -len(suffix)] + ".parquet"
+    return None
+
+
+def resolve_input(config: RunConfig, storage: Storage, shard: int) -> InputShard:
+    """The image shard that feeds `shard` of the annotate stage."""
+    pattern = config.annotate.input_pattern
+    if pattern:
+        url = pattern_url(pattern, shard)
+        options = config.annotate.input_storage_options or (config.storage_options if "://" in url else {})
+        return InputShard(tar_url=url, parquet_url=_sidecar(url), storage_options=dict(options))
+    name = shard_name(shard)
+    return InputShard(
+        tar_url=storage.url(IMAGES_DIR, f"{name}.tar"),
+        parquet_url=storage.url(IMAGES_DIR, f"{name}.parquet"),
+        storage_options=dict(storage.storage_options),
+        upstream_stage="download",
+    )
+
+
+def resolve_model(cfg: EngineConfig) -> EngineConfig:
+    """The engine config with a relative model path that is missing here but present in the repository
+    (models/nano/...) made absolute, so the demo manifest works from any working directory."""
+    if not cfg.model or Path(cfg.model).is_absolute() or Path(cfg.model).exists() or "://" in cfg.model:
+        return cfg
+    in_repo = REPO_ROOT / cfg.model
+    return cfg.model_copy(update={"model": str(in_repo)}) if in_repo.exists() else cfg

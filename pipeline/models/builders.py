@@ -1,0 +1,178 @@
+"""Offline builders for small Qwen-style checkpoints: tokenizer, processor, tiny configs, saving.
+
+Used by the nano recipe (pipeline/nano) and by tests that need random-weight models. Everything a
+`save_model_dir` writes loads back with AutoTokenizer / AutoProcessor / AutoModelForImageTextToText /
+AutoModelForCausalLM exactly like a real checkpoint; nothing touches a model hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
+    Qwen2Config,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+)
+VOCAB_MULTIPLE = 64
+IMAGE_SIDE = 112
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+IMAGE_TOKENS = (IMAGE_SIDE // PATCH_SIZE // MERGE_SIZE) ** 2  # 16
+
+# Qwen-style ChatML template with no default system prompt; images/videos become vision placeholders.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in part %}"
+    "{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _padded(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with the Qwen special tokens and chat template.
+
+    `vocab_size` caps the BPE merges (special tokens included); the model's embedding size is the
+    tokenizer's length padded to a multiple of 64 (see `model_vocab_size`).
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        bos_token=None, model_max_length=4096, padding_side="left", clean_up_tokenization_spaces=False,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def model_vocab_size(tokenizer: PreTrainedTokenizerFast) -> int:
+    """Embedding rows for a model using `tokenizer`: its length padded to a multiple of 64."""
+    return _padded(len(tokenizer))
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, side: int = IMAGE_SIDE) -> Qwen2_5_VLProcessor:
+    """A Qwen2.5-VL processor for side x side images: patch 14, merge 2 -> (side/28)^2 image tokens."""
+    pixels = side * side
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH_SIZE,
+                                            merge_size=MERGE_SIZE, temporal_patch_size=2)
+    try:
+        video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels * 8, patch_size=PATCH_SIZE,
+                                                merge_size=MERGE_SIZE, temporal_patch_size=2)
+    except (TypeError, ValueError):  # older transformers: defaults (videos are unused by the pipeline)
+        video_processor = Qwen2VLVideoProcessor()
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               video_processor=video_processor, chat_template=CHAT_TEMPLATE)
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer lacks special tokens {missing}")
+    return ids
+
+
+def tiny_vl_config(
+    tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 2, heads: int = 2, kv_heads: int = 1,
+    ffn: int = 256, vision_depth: int = 2, vision_hidden: int = 128, vision_heads: int = 2,
+    vision_ffn: int = 256, mrope_section: Sequence[int] = (8, 12, 12), max_positions: int = 2048,
+) -> Qwen2_5_VLConfig:
+    """A tiny Qwen2.5-VL config (defaults: ~1.2 M parameters, head_dim = hidden/heads = 64)."""
+    ids = _special_ids(tokenizer)
+    head_dim = hidden // heads
+    if 2 * sum(mrope_section) != head_dim:
+        raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
+    text_config: dict[str, Any] = {
+        "vocab_size": model_vocab_size(tokenizer), "hidden_size": hidden, "intermediate_size": ffn,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    vision_config: dict[str, Any] = {
+        "depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": vision_ffn,
+        "num_heads": vision_heads, "out_hidden_size": hidden, "patch_size": PATCH_SIZE,
+        "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": 2, "in_channels": 3,
+        "window_size": IMAGE_SIDE, "fullatt_block_indexes": list(range(vision_depth)),
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def tiny_text_config(
+    tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 4, heads: int = 2, kv_heads: int = 1,
+    ffn: int = 256, max_positions: int = 2048,
+) -> Qwen2Config:
+    """A tiny text-only Qwen2 config (the nano reader)."""
+    ids = _special_ids(tokenizer)
+    return Qwen2Config(
+        vocab_size=model_vocab_size(tokenizer), hidden_size=hidden, intermediate_size=ffn,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+
+
+def save_model_dir(model: Any, tokenizer: PreTrainedTokenizerFast, processor: Qwen2_5_VLProcessor | None,
+                   path: str | Path) -> Path:
+    """Write model weights (safetensors) + config + generation config + tokenizer (+ processor) to `path`."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.bos_token_id = None
+        gen.do_sample = False
+        gen.temperature = None
+        gen.top_p = None
+        gen.top_k = None
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
+    return out

@@ -1,0 +1,69 @@
+"""Random-weight Qwen2 / Qwen2.5-VL checkpoint directories for engine tests and throughput benchmarks.
+
+The tokenizer is trained on demo-world captions and reader prompts, so prompts tokenize compactly;
+weights are drawn with a wide normal so that different prompts give different greedy outputs (a
+freshly initialised model repeats one token, which would make batching tests meaningless).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from pipeline import world
+from pipeline.mcq import CANNOT_ANSWER, READER_PREFILL, reader_messages, shuffle_options
+from pipeline.models.builders import (
+    build_processor,
+    build_tokenizer,
+    save_model_dir,
+    tiny_text_config,
+    tiny_vl_config,
+)
+
+
+def corpus(n_scenes: int = 60, seed: int = 0) -> list[str]:
+    """Captions, questions, options and reader prompt text from the demo world."""
+    rng = random.Random(seed)
+    texts: list[str] = []
+    for _ in range(n_scenes):
+        scene = world.sample_scene(rng)
+        cap = world.caption(scene, rng.randrange(3))
+        texts.append(cap)
+        for q in world.pick_mcqs(scene, rng):
+            shown = shuffle_options(q, rng, extra_option=CANNOT_ANSWER)
+            texts.extend(m["content"] for m in reader_messages(cap, shown))
+            texts.append(f"{READER_PREFILL} {shown.answer}. {q.answer_text}.")
+    return texts
+
+
+def _scramble(model: torch.nn.Module, seed: int, std: float) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                continue
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def build_random_text_model(path: str | Path, seed: int = 0, std: float = 0.2, **config_kwargs: int) -> Path:
+    """A tiny random Qwen2 causal LM (+ tokenizer) saved to `path`; loads with AutoModelForCausalLM."""
+    from transformers import Qwen2ForCausalLM
+
+    tok = build_tokenizer(corpus(seed=seed))
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(tiny_text_config(tok, **config_kwargs))
+    _scramble(model, seed, std)
+    return save_model_dir(model, tok, None, path)
+
+
+def build_random_vl_model(path: str | Path, seed: int = 0, std: float = 0.2, **config_kwargs: int) -> Path:
+    """A tiny random Qwen2.5-VL (+ tokenizer, processor) saved to `path`; loads with AutoModelForImageTextToText."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tok = build_tokenizer(corpus(seed=seed))
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok, **config_kwargs))
+    _scramble(model, seed, std)
+    return save_model_dir(model, tok, build_processor(tok), path)

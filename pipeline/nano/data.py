@@ -1,0 +1,199 @@
+"""Training and evaluation data for the nano models, drawn fresh from the demo world.
+
+Every example is a chat prompt (the exact prompt the pipeline's stages send), an optional image, an
+optional assistant pre-fill, and the target text the model must continue with. Separate seeded RNG
+streams give train scenes, held-out eval scenes and eval MCQ shuffles; train scenes never equal an
+eval scene.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from pipeline import world
+from pipeline.mcq import (
+    CANNOT_ANSWER,
+    CAPTION_PROMPT,
+    FILTER_SYSTEM,
+    MCQ,
+    NONE_OF_THE_ABOVE,
+    QA_GENERATION_PROMPT,
+    READER_PREFILL,
+    READER_SYSTEM,
+    ShuffledMCQ,
+    filter_messages,
+    format_generator_output,
+    reader_messages,
+    shuffle_options,
+)
+
+EVAL_SEED = 20_000
+EVAL_MCQ_SEED = 30_000
+N_EVAL_SCENES = 200
+JITTER_PROB = 0.25
+
+
+@dataclass
+class Example:
+    """One supervised example: chat prompt (+ pre-fill) -> target text (the end-of-turn token is added later)."""
+
+    messages: list[dict[str, Any]]
+    target: str
+    prefill: str = ""
+    image: Image.Image | None = None
+    task: str = ""
+
+
+def stream(seed: int, name: str) -> random.Random:
+    """An independent RNG stream per (seed, purpose)."""
+    return random.Random(f"nano/{seed}/{name}")
+
+
+def eval_scenes(n: int = N_EVAL_SCENES) -> list[world.Scene]:
+    """The held-out scenes every eval uses (fixed stream, independent of the training seed)."""
+    rng = random.Random(EVAL_SEED)
+    return [world.sample_scene(rng) for _ in range(n)]
+
+
+_EVAL_KEYS = frozenset(s.to_json() for s in eval_scenes())
+
+
+def train_scene(rng: random.Random) -> world.Scene:
+    """A fresh training scene that is not one of the held-out eval scenes."""
+    while True:
+        scene = world.sample_scene(rng)
+        if scene.to_json() not in _EVAL_KEYS:
+            return scene
+
+
+def train_image(scene: world.Scene, rng: random.Random) -> Image.Image:
+    """The scene's image, with small jitter on a quarter of training images."""
+    return world.render(scene, jitter_rng=rng if rng.random() < JITTER_PROB else None)
+
+
+def image_messages(prompt: str) -> list[dict[str, Any]]:
+    """The user turn a VLM stage sends: the image, then the prompt text."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+def option_target(text: str) -> str:
+    """What follows READER_PREFILL in the option_text answer mode: ' ' + option text + '.'."""
+    return f" {text}."
+
+
+# -- VL tasks -------------------------------------------------------------------------------------
+def caption_example(rng: random.Random) -> Example:
+    scene = train_scene(rng)
+    return Example(image_messages(CAPTION_PROMPT), world.caption(scene, rng.randrange(3)),
+                   image=train_image(scene, rng), task="caption")
+
+
+def qagen_example(rng: random.Random) -> Example:
+    scene = train_scene(rng)
+    text = format_generator_output(world.pick_mcqs(scene, rng, k=5))
+    return Example(image_messages(QA_GENERATION_PROMPT), text, image=train_image(scene, rng), task="qagen")
+
+
+def _broken(mcq: MCQ, pool: tuple[str, ...], rng: random.Random) -> MCQ | None:
+    """The MCQ with its right option replaced by a wrong value (no option correct), if the pool allows."""
+    spare = [p for p in pool if p not in mcq.options]
+    if not spare:
+        return None
+    opts = list(mcq.options)
+    opts[mcq.answer_index] = rng.choice(spare)
+    return MCQ(question=mcq.question, options=tuple(opts), answer=mcq.answer, qtype=mcq.qtype)
+
+
+_POOLS = {"background": (*world.BACKGROUNDS, "blue"), "count": world.COUNT_WORDS[1:],
+          "color_of_shape": world.COLORS, "shape_at": world.SHAPES, "color_at": world.COLORS,
+          "position_of": world.POSITIONS}
+
+
+def filter_example(rng: random.Random, with_image: bool | None = None) -> Example:
+    """The gate's query. With the image: the right option (or NONE_OF_THE_ABOVE when no option is right).
+
+    Without the image the target is a uniformly random shown option, so the model learns not to guess.
+    """
+    scene = train_scene(rng)
+    mcq = rng.choice(world.scene_mcqs(scene, rng))
+    if with_image is None:
+        with_image = rng.random() < 0.7
+    if not with_image:
+        shown = shuffle_options(mcq, rng)
+        return Example(filter_messages(shown, False), option_target(rng.choice(shown.options)),
+                       prefill=READER_PREFILL, task="filter_noimg")
+    broken = _broken(mcq, _POOLS[mcq.qtype], rng) if rng.random() < 0.15 else None
+    shown = shuffle_options(broken or mcq, rng, extra_option=NONE_OF_THE_ABOVE)
+    answer = NONE_OF_THE_ABOVE if broken else mcq.answer_text
+    return Example(filter_messages(shown, True), option_target(answer), prefill=READER_PREFILL,
+                   image=train_image(scene, rng), task="filter")
+
+
+# -- reader ---------------------------------------------------------------------------------------
+def reader_caption(scene: world.Scene, rng: random.Random) -> tuple[str, str]:
+    """A caption of the kind a reader meets: full, partial, another scene's, uninformative or empty."""
+    r = rng.random()
+    if r < 0.45:
+        return world.caption(scene, rng.randrange(3)), "full"
+    if r < 0.75:
+        k = rng.randrange(len(scene.objects))
+        subset = tuple(rng.sample(scene.objects, k))
+        return world.caption(scene, rng.randrange(3), objects=subset), "partial"
+    if r < 0.87:
+        return world.caption(world.sample_scene(rng), rng.randrange(3)), "other"
+    return (world.UNINFORMATIVE_CAPTION if rng.random() < 0.5 else ""), "empty"
+
+
+def reader_answer(caption_text: str, shown: ShuffledMCQ) -> str:
+    """The option the caption supports (rule reader), else CANNOT_ANSWER."""
+    idx = world.rule_reader_answer(caption_text, shown.mcq.question, shown.options[:-1])
+    return shown.options[idx] if idx is not None else CANNOT_ANSWER
+
+
+def reader_group(rng: random.Random, k: int) -> tuple[str, list[tuple[ShuffledMCQ, str]]]:
+    """One caption and k questions about its scene (question types balanced), each with its target option."""
+    scene = train_scene(rng)
+    cap, _ = reader_caption(scene, rng)
+    pool = world.scene_mcqs(scene, rng)
+    by_type: dict[str, list[MCQ]] = {}
+    for q in pool:
+        by_type.setdefault(q.qtype, []).append(q)
+    out = []
+    for _ in range(k):
+        q = rng.choice(by_type[rng.choice(sorted(by_type))])
+        shown = shuffle_options(q, rng, extra_option=CANNOT_ANSWER)
+        out.append((shown, reader_answer(cap, shown)))
+    return cap, out
+
+
+def reader_example(rng: random.Random) -> Example:
+    """A single reader example in the exact prompt of the reward (for tests and the tokenizer corpus)."""
+    cap, [(shown, answer)] = reader_group(rng, 1)
+    return Example(reader_messages(cap, shown), option_target(answer), prefill=READER_PREFILL, task="reader")
+
+
+# -- tokenizer corpus -----------------------------------------------------------------------------
+def tokenizer_corpus(seed: int, n_scenes: int = 400) -> Iterator[str]:
+    """Every kind of text the nano models read or write, for training the BPE tokenizer."""
+    rng = stream(seed, "tokenizer")
+    fixed = [CAPTION_PROMPT, QA_GENERATION_PROMPT, READER_SYSTEM, FILTER_SYSTEM, CANNOT_ANSWER,
+             NONE_OF_THE_ABOVE, world.UNINFORMATIVE_CAPTION, READER_PREFILL]
+    for _ in range(20):
+        yield from fixed
+    for letter in "ABCDEF":
+        yield f"{READER_PREFILL} {letter}. {letter}) Answer: {letter}) "
+    for _ in range(n_scenes):
+        scene = world.sample_scene(rng)
+        for t in range(3):
+            yield world.caption(scene, t)
+        yield format_generator_output(world.pick_mcqs(scene, rng, k=5))
+        for ex in (filter_example(rng, True), filter_example(rng, False), reader_example(rng)):
+            for m in ex.messages:
+                c = m["content"]
+                yield c if isinstance(c, str) else " ".join(p.get("text", "") for p in c)
+            yield ex.prefill + ex.target

@@ -1,0 +1,108 @@
+"""Turning nano examples into token ids: prompts exactly as the engines render them, targets, reader trees."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.mcq import READER_PREFILL, ShuffledMCQ, reader_messages
+from pipeline.models.builders import IMAGE_TOKENS
+from pipeline.nano.data import Example
+
+END = "<|im_end|>"
+IMAGE_PAD = "<|image_pad|>"
+
+
+def prompt_text(tok: PreTrainedTokenizerBase, messages: list[dict], prefill: str = "") -> str:
+    """Chat template with the generation prompt, then the assistant pre-fill."""
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
+
+
+def ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_example(tok: PreTrainedTokenizerBase, ex: Example) -> tuple[list[int], list[int]]:
+    """(input ids, labels): labels are -100 on the prompt, the target + end-of-turn token otherwise."""
+    prompt = prompt_text(tok, ex.messages, ex.prefill).replace(IMAGE_PAD, IMAGE_PAD * IMAGE_TOKENS)
+    p, t = ids(tok, prompt), ids(tok, ex.target + END)
+    return p + t, [-100] * len(p) + t
+
+
+@dataclass
+class VLBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+    def model_inputs(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        d = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
+        if self.pixel_values is not None:
+            d["pixel_values"] = self.pixel_values
+            d["image_grid_thw"] = self.image_grid_thw
+        return {k: v.to(device) for k, v in d.items()}
+
+
+def collate_vl(tok: PreTrainedTokenizerBase, image_processor, examples: Sequence[Example]) -> VLBatch:
+    """Right-padded batch; pixel values for the examples that carry an image, in order."""
+    enc = [encode_example(tok, ex) for ex in examples]
+    width = max(len(i) for i, _ in enc)
+    input_ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(enc), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for r, (i, lab) in enumerate(enc):
+        input_ids[r, : len(i)] = torch.tensor(i)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        mask[r, : len(i)] = 1
+    images: list[Image.Image] = [ex.image for ex in examples if ex.image is not None]
+    pv = grid = None
+    if images:
+        feats = image_processor(images=images, return_tensors="pt")
+        pv, grid = feats["pixel_values"], feats["image_grid_thw"]
+    return VLBatch(input_ids, mask, labels, pv, grid)
+
+
+# -- reader trees ---------------------------------------------------------------------------------
+_CAPTION_OPEN = "<caption>\n"
+_QUESTION = "Question:"
+
+
+def split_reader_prompt(tok: PreTrainedTokenizerBase, caption: str, shown: ShuffledMCQ,
+                        few_shot: bool = True) -> tuple[str, str, str]:
+    """The reader prompt (+ pre-fill) cut into (shared prefix, caption part, question part).
+
+    The cuts fall on pre-token boundaries, so tokenizing the parts equals tokenizing the whole.
+    """
+    full = prompt_text(tok, reader_messages(caption, shown, few_shot=few_shot), READER_PREFILL)
+    cut1 = full.rindex(_CAPTION_OPEN) + len(_CAPTION_OPEN)
+    cut2 = full.rindex(_QUESTION)
+    return full[:cut1], full[cut1:cut2], full[cut2:]
+
+
+def reader_tree(tok: PreTrainedTokenizerBase, groups: Sequence[tuple[str, Sequence[ShuffledMCQ]]],
+                targets: Sequence[Sequence[str]] | None = None, few_shot: bool = True,
+                ) -> tuple[list[int], list[list[int]], list[list[list[int]]], list[list[int]]]:
+    """Token ids for prefix -> caption -> question(+target) trees; also each leaf's prompt length."""
+    prefix = None
+    mids, leaves, prompt_lens = [], [], []
+    for g, (caption, shows) in enumerate(groups):
+        row, lens = [], []
+        for j, shown in enumerate(shows):
+            pre, mid, q = split_reader_prompt(tok, caption, shown, few_shot)
+            if prefix is None:
+                prefix = ids(tok, pre)
+            if j == 0:
+                mids.append(ids(tok, mid))
+            q_ids = ids(tok, q)
+            lens.append(len(q_ids))
+            row.append(q_ids + (ids(tok, targets[g][j] + END) if targets is not None else []))
+        leaves.append(row)
+        prompt_lens.append(lens)
+    assert prefix is not None
+    return prefix, mids, leaves, prompt_lens

@@ -1,0 +1,198 @@
+"""Evaluate the nano models on 200 held-out scenes and print the quality targets.
+
+    python -m pipeline.nano.eval [--models models/nano] [--scenes 200] [--write-manifest]
+
+Captioner (caption_accuracy), MCQ generation (pipeline.mcq.parse_generator_output + correctness
+against the scene), gate filter with / without the image, reader from ground-truth and
+uninformative captions, and the CapRL reward (8 draws with replacement, fresh shuffle + CANNOT_ANSWER
+per draw, option_text answers) of ground-truth, empty, under-trained and nano-VL captions.
+Last line: nano_min_margin=<reward(gt) - reward(empty)>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from pipeline import world
+from pipeline.config import RewardConfig
+from pipeline.mcq import (
+    CANNOT_ANSWER,
+    CAPTION_PROMPT,
+    MCQ,
+    NONE_OF_THE_ABOVE,
+    QA_GENERATION_PROMPT,
+    READER_PREFILL,
+    filter_messages,
+    parse_generator_output,
+    shuffle_options,
+)
+from pipeline.nano import data
+from pipeline.nano.infer import NanoReader, NanoReaderEngine, NanoVL
+from pipeline.reward import compute_rewards
+
+DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "models" / "nano"
+VL_NAME = "nano-vl"
+READER_NAME = "nano-reader"
+UNDERTRAINED = ("nano-vl-step300", "nano-vl-step600")
+REWARD_DRAWS = 8
+
+TARGETS = {
+    "caption_attribute_accuracy": (">=", 0.95), "caption_exact": (">=", 0.9),
+    "qagen_parse_5": (">=", 0.95), "qagen_correct": (">=", 0.9),
+    "filter_with_image": (">=", 0.9),
+    "reader_gt_accuracy": (">=", 0.85), "reader_cannot_uninformative": (">=", 0.9),
+    "reward_gt": (">=", 0.85), "reward_empty": ("<=", 0.3),
+}
+
+
+def eval_mcqs(scenes: Sequence[world.Scene], k: int = 5) -> list[list[MCQ]]:
+    """The held-out questions: k per scene from their own RNG stream."""
+    rng = random.Random(data.EVAL_MCQ_SEED)
+    return [world.pick_mcqs(s, rng, k=k) for s in scenes]
+
+
+def mcq_correct(scene: world.Scene, q: MCQ) -> bool:
+    """A generated MCQ is correct when the scene's answer to its question is its keyed option (and unique)."""
+    truth = world.answer_from_scene(world.scene_facts(scene), q.question)
+    opts = [o.strip().lower() for o in q.options]
+    return truth is not None and q.answer_text.strip().lower() == truth and opts.count(truth) == 1
+
+
+def eval_captioner(vl: NanoVL, scenes: Sequence[world.Scene]) -> tuple[dict[str, float], list[str]]:
+    caps = vl.generate(data.image_messages(CAPTION_PROMPT), [world.render(s) for s in scenes], max_new_tokens=96)
+    accs = [world.caption_accuracy(s, c) for s, c in zip(scenes, caps, strict=True)]
+    return {"caption_attribute_accuracy": sum(a["attribute_accuracy"] for a in accs) / len(accs),
+            "caption_exact": sum(a["exact"] for a in accs) / len(accs)}, caps
+
+
+def eval_qagen(vl: NanoVL, scenes: Sequence[world.Scene]) -> dict[str, float]:
+    outs = vl.generate(data.image_messages(QA_GENERATION_PROMPT), [world.render(s) for s in scenes],
+                       max_new_tokens=320)
+    five = correct = total = 0
+    for scene, text in zip(scenes, outs, strict=True):
+        mcqs, rejected = parse_generator_output(text)
+        five += len(mcqs) == 5 and not rejected
+        total += len(mcqs) + len(rejected)
+        correct += sum(mcq_correct(scene, q) for q in mcqs)
+    return {"qagen_parse_5": five / len(scenes), "qagen_correct": correct / max(1, total)}
+
+
+def eval_filter(vl: NanoVL, scenes: Sequence[world.Scene], mcqs: Sequence[Sequence[MCQ]]) -> dict[str, float]:
+    rng = random.Random(data.EVAL_MCQ_SEED + 1)
+    out = {}
+    for with_image in (True, False):
+        reqs, shown_all = [], []
+        for scene, qs in zip(scenes, mcqs, strict=True):
+            img = world.render(scene) if with_image else None
+            for q in qs:
+                shown = shuffle_options(q, rng, extra_option=NONE_OF_THE_ABOVE if with_image else None)
+                reqs.append((filter_messages(shown, with_image), img, READER_PREFILL))
+                shown_all.append(shown)
+        scores = vl.score(reqs, [[" " + o for o in s.options] for s in shown_all])
+        right = [max(range(len(sc)), key=sc.__getitem__) == s.options.index(s.mcq.answer_text)
+                 for sc, s in zip(scores, shown_all, strict=True)]
+        out["filter_with_image" if with_image else "filter_without_image"] = sum(right) / len(right)
+    return out
+
+
+def eval_reader(reader: NanoReader, scenes: Sequence[world.Scene]) -> dict[str, float]:
+    rng = random.Random(data.EVAL_MCQ_SEED + 2)
+    items, kinds = [], []
+    for i, scene in enumerate(scenes):
+        cap = world.caption(scene, i % 3)
+        for q in world.scene_mcqs(scene, rng):
+            items.append((cap, shuffle_options(q, rng, extra_option=CANNOT_ANSWER)))
+            kinds.append(q.qtype)
+    picks = reader.answer(items)
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for (_, s), p, t in zip(items, picks, kinds, strict=True):
+        by_type[t].append(s.options[p] == s.mcq.answer_text)
+    res = {"reader_gt_accuracy": sum(sum(v) for v in by_type.values()) / len(picks)}
+    res.update({f"reader_gt_{t}": sum(v) / len(v) for t, v in sorted(by_type.items())})
+    unin = [(world.UNINFORMATIVE_CAPTION, s) for _, s in items[:: max(1, len(items) // 400)]]
+    picks = reader.answer(unin)
+    res["reader_cannot_uninformative"] = sum(s.options[p] == CANNOT_ANSWER for (_, s), p in zip(unin, picks, strict=True)) / len(unin)
+    return res
+
+
+def caprl_reward(reader: NanoReaderEngine, captions: Sequence[str], mcqs: Sequence[Sequence[MCQ]],
+                 seed: int = 0, draws: int = REWARD_DRAWS) -> list[float]:
+    """pipeline.reward (8 draws with replacement, fresh shuffle + CANNOT_ANSWER per draw) in option_text mode."""
+    cfg = RewardConfig(mode="option_text", n_draws=draws, seed=seed, few_shot=True)
+    results = compute_rewards(captions, mcqs, reader, cfg)
+    missing = [r.reason for r in results if r.reward is None]
+    if missing:
+        raise RuntimeError(f"{len(missing)} rewards missing, first: {missing[0]}")
+    return [float(r.reward) for r in results]  # type: ignore[arg-type]
+
+
+def _fmt(name: str, value: float) -> str:
+    target = TARGETS.get(name)
+    if target is None:
+        return f"{name:34s} {value:.3f}"
+    op, bound = target
+    ok = value >= bound if op == ">=" else value <= bound
+    return f"{name:34s} {value:.3f}   target {op} {bound}  {'OK' if ok else 'MISSED'}"
+
+
+def run(models: Path, n_scenes: int, log: Callable[[str], None] = print, device: str = "cpu") -> dict[str, float]:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    scenes = data.eval_scenes(n_scenes)
+    mcqs = eval_mcqs(scenes)
+    res: dict[str, float] = {}
+    t0 = time.time()
+    vl = NanoVL(models / VL_NAME, device=device)
+    r, vl_caps = eval_captioner(vl, scenes)
+    res.update(r)
+    res.update(eval_qagen(vl, scenes))
+    res.update(eval_filter(vl, scenes, mcqs))
+    reader = NanoReaderEngine(models / READER_NAME, device=device)
+    res.update(eval_reader(reader, scenes))
+    gt = [world.caption(s, i % 3) for i, s in enumerate(scenes)]
+    res["reward_gt"] = sum(caprl_reward(reader, gt, mcqs)) / len(scenes)
+    res["reward_empty"] = sum(caprl_reward(reader, [""] * len(scenes), mcqs)) / len(scenes)
+    res["reward_uninformative"] = sum(caprl_reward(reader, [world.UNINFORMATIVE_CAPTION] * len(scenes), mcqs)) / len(scenes)
+    res["reward_nano_vl"] = sum(caprl_reward(reader, vl_caps, mcqs)) / len(scenes)
+    for name in UNDERTRAINED:
+        if (models / name).exists():
+            m = NanoVL(models / name, device=device)
+            acc, caps = eval_captioner(m, scenes)
+            res[f"{name}_caption_exact"] = acc["caption_exact"]
+            res[f"{name}_caption_attribute_accuracy"] = acc["caption_attribute_accuracy"]
+            res[f"reward_{name}"] = sum(caprl_reward(reader, caps, mcqs)) / len(scenes)
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    for k, v in res.items():
+        log(_fmt(k, v))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.nano.eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=str(DEFAULT_MODELS))
+    ap.add_argument("--scenes", type=int, default=data.N_EVAL_SCENES)
+    ap.add_argument("--write-manifest", action="store_true", help="store the numbers in MANIFEST.json")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    models = Path(args.models)
+    res = run(models, args.scenes, device=args.device)
+    if args.write_manifest:
+        path = models / "MANIFEST.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        manifest["eval"] = {k: round(v, 4) for k, v in res.items()} | {"scenes": args.scenes}
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    print(f"nano_min_margin={res['reward_gt'] - res['reward_empty']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The caption quality monitor: the CapRL reward on a deterministic sample of a shard's captions.
+
+Where MCQs exist for an image (the qa stage's ROOT/qa/<shard>.parquet, or the `mcqs` column that
+the demo world carries through the image shards), a fraction of captions, chosen by a hash of the
+sample key, is scored by the reader of `annotate.reward`. The score lands in the row (`quality`)
+and its mean in the shard's stats, where `python -m pipeline status` shows the running mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import QualityConfig, RewardConfig
+from pipeline.engines.base import Engine, create_engine
+from pipeline.errors import ConfigError
+from pipeline.inputs import resolve_model
+from pipeline.manifest import read_optional_rows
+from pipeline.mcq import MCQ
+from pipeline.shards import shard_name
+from pipeline.stage import ShardContext
+
+log = logging.getLogger("pipeline.quality")
+
+QA_DIR = "qa"
+
+
+@dataclass
+class QualityReport:
+    """Per-key (reward, questions) for scored captions, and counts for the shard's stats."""
+
+    scores: dict[str, tuple[float, int]]
+    selected: int = 0
+    missing: int = 0
+    source: str = ""
+
+
+def selected(key: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a sample is in the monitored fraction: a pure function of its key (stable across reruns)."""
+    if fraction <= 0:
+        return False
+    if fraction >= 1:
+        return True
+    h = int.from_bytes(hashlib.sha256(f"quality|{seed}|{key}".encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def parse_mcqs(value: Any) -> list[MCQ]:
+    """MCQs from a JSON string / list of MCQ dicts (the image shards' `mcqs` column); [] if none or invalid."""
+    if value is None:
+        return []
+    if isinstance(value, str | bytes):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return []
+    if isinstance(value, dict):
+        value = [value]
+    out = []
+    for item in value if isinstance(value, list) else []:
+        try:
+            out.append(MCQ.from_dict(item))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def qa_mcqs(rows: list[dict[str, Any]]) -> dict[str, list[MCQ]]:
+    """key -> kept MCQs from a qa-stage parquet (columns: key, plus `mcqs` or `mcq` JSON, or
+    question/options/answer; rows whose `kept` is false are skipped)."""
+    out: dict[str, list[MCQ]] = {}
+    for r in rows:
+        if r.get("key") is None or r.get("kept", True) is False or r.get("status", "ok") != "ok":
+            continue
+        if "mcqs" in r:
+            found = parse_mcqs(r["mcqs"])
+        elif "mcq" in r:
+            found = parse_mcqs(r["mcq"])
+        elif {"question", "options", "answer"} <= r.keys():
+            found = parse_mcqs([{k: r[k] for k in ("question", "options", "answer", "id", "qtype") if k in r}])
+        else:
+            found = []
+        out.setdefault(str(r["key"]), []).extend(found)
+    return out
+
+
+def validate(cfg: QualityConfig, reward: RewardConfig) -> None:
+    """Fail early, with one line, on a monitor that cannot run."""
+    if cfg.fraction > 0 and reward.reader.backend != "noop" and not reward.reader.model:
+        raise ConfigError("annotate.quality.fraction > 0 needs a reader: set annotate.reward.reader.model")
+
+
+def reader_key(reward: RewardConfig) -> str:
+    """The resource key under which a process keeps the monitor's reader engine."""
+    return "engine:annotate.reader:" + hashlib.sha256(reward.reader.model_dump_json().encode()).hexdigest()[:12]
+
+
+def reader_engine(ctx: ShardContext, reward: RewardConfig) -> Engine:
+    """The reader engine of this process (created once, reused for every shard)."""
+    return ctx.resource(reader_key(reward), lambda: create_engine(resolve_model(reward.reader)))
+
+
+def load_mcqs(ctx: ShardContext, cfg: QualityConfig, shard: int, from_images: Mapping[str, Any]) -> tuple[dict[str, list[MCQ]], str]:
+    """The MCQs to score with, by key, and where they came from ('qa', 'images' or '')."""
+    use_qa = cfg.mcq_source == "qa" or (cfg.mcq_source == "auto" and ctx.storage.is_committed("qa", shard))
+    if use_qa:
+        ctx.require_input("qa")
+        rows = read_optional_rows(ctx.storage.url(QA_DIR, f"{shard_name(shard)}.parquet"), ctx.storage.storage_options)
+        return qa_mcqs(rows or []), "qa"
+    parsed = {k: parse_mcqs(v) for k, v in from_images.items()}
+    return {k: v for k, v in parsed.items() if v}, "images" if parsed else ""
+
+
+def score_shard(ctx: ShardContext, cfg: QualityConfig, reward_cfg: RewardConfig, shard: int,
+                captions: Mapping[str, str], image_mcqs: Mapping[str, Any]) -> QualityReport:
+    """Score the selected captions of one shard in one batched reward call."""
+    if cfg.fraction <= 0 or not captions:
+        return QualityReport(scores={})
+    mcqs, source = load_mcqs(ctx, cfg, shard, image_mcqs)
+    keys = [k for k in captions if k in mcqs and selected(k, cfg.fraction, reward_cfg.seed)]
+    report = QualityReport(scores={}, selected=len(keys), source=source)
+    if not keys:
+        return report
+    from pipeline.reward import CapRLReward  # the reward pulls in the reader's engine code: only when scoring
+
+    reward = CapRLReward(reader_engine(ctx, reward_cfg), reward_cfg)
+    results = reward([captions[k] for k in keys], [mcqs[k] for k in keys], keys=keys)
+    for k, res in zip(keys, results, strict=True):
+        if res.reward is None:
+            report.missing += 1
+            log.warning("quality of %s is missing: %s", k, res.reason)
+        else:
+            report.scores[k] = (float(res.reward), len(mcqs[k]))
+    return report
+
+
+def mean_quality(markers: Iterable[Mapping[str, Any]]) -> float | None:
+    """Running mean caption quality over committed shards' markers (stats.extra quality_mean weighted by
+    quality_scored), for `status`; None when no shard was scored."""
+    total = n = 0.0
+    for m in markers:
+        extra = m.get("stats", {}).get("extra", {})
+        if extra.get("quality_mean") is not None and extra.get("quality_scored"):
+            total += extra["quality_mean"] * extra["quality_scored"]
+            n += extra["quality_scored"]
+    return total / n if n else None

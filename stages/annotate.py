@@ -1,0 +1,274 @@
+"""annotate: caption every image of an image shard into ROOT/captions/<shard>.{tar,parquet}.
+
+Input: the committed download shard ROOT/images/<shard>.tar (+ .parquet), or any WebDataset shard
+named by `annotate.input_pattern`. Output: a WebDataset tar with `<key>.<original ext>` (the
+original bytes unless `reencode` is set), `<key>.txt` (the caption) and `<key>.json` (metadata and
+provenance) for every captioned image, and a parquet manifest with one row per input sample (ok or
+error). The tar is a pure function of the input, the config and the captions, so a greedy rerun after
+a kill commits the same bytes; so is the parquet when SOURCE_DATE_EPOCH fixes its row timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import quality as quality_monitor
+from pipeline.captioning import CaptionJob, CaptionResult, FeedConfig, caption_images, summarize
+from pipeline.config import AnnotateConfig, EngineConfig
+from pipeline.engines.base import Engine, Sampling, create_engine
+from pipeline.errors import ConfigError
+from pipeline.imageprep import encode_image
+from pipeline.inputs import InputShard, resolve_input, resolve_model
+from pipeline.manifest import CAPTION_SCHEMA, read_rows, write_table
+from pipeline.shards import shard_name
+from pipeline.stage import RunContext, ShardContext, ShardStats
+from pipeline.storage import code_version
+from pipeline.wds import Sample, TarSink, read_samples
+
+NAME = "annotate"
+OUTPUT_DIR = "captions"
+INPUT_STAGE = "download"
+
+
+# -- provenance -------------------------------------------------------------------------------
+def prompt_hash(prompt: str) -> str:
+    """A short stable id of the captioning prompt."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def sampling_json(cfg: AnnotateConfig) -> str:
+    return json.dumps(cfg.sampling.model_dump(), sort_keys=True)
+
+
+def run_timestamp() -> str:
+    """ISO time of this run, or SOURCE_DATE_EPOCH's time when set (reproducible outputs)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    t = float(epoch) if epoch and epoch.strip().isdigit() else time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def captioner_key(cfg: EngineConfig) -> str:
+    """The resource key under which a process keeps its captioning engine."""
+    return "engine:annotate.captioner:" + hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+
+
+def captioner(ctx: ShardContext | RunContext) -> Engine:
+    """The captioning engine of this process (created once, reused for every shard)."""
+    cfg = ctx.config.annotate.captioner
+    key = captioner_key(cfg)
+    if key not in ctx.resources:
+        if cfg.backend != "noop" and not cfg.model:
+            raise ConfigError("annotate.captioner.model is not set: give a checkpoint path or model name")
+        ctx.resources[key] = create_engine(resolve_model(cfg))
+    return ctx.resources[key]
+
+
+def prepare(run: RunContext) -> None:
+    """Check the input pattern covers the requested shards before any work starts."""
+    cfg = run.config.annotate
+    if cfg.sampling.n > 1 and cfg.sampling.temperature == 0:
+        raise ConfigError("annotate.sampling.n > 1 needs temperature > 0: greedy decoding gives n identical captions")
+    if cfg.input_pattern:
+        for shard in run.shards[:1] + run.shards[-1:]:
+            resolve_input(run.config, run.storage, shard)
+    quality_monitor.validate(cfg.quality, cfg.reward)
+
+
+# -- the shard --------------------------------------------------------------------------------
+@dataclass
+class _SampleInfo:
+    key: str
+    url: str | None
+    ext: str | None
+    meta: dict[str, Any]
+    mcqs: Any = None
+    files: dict[str, bytes] | None = None
+    """The input sample's files while they fit the memory budget (else pass 2 reads the tar again)."""
+
+
+@dataclass
+class _Plan:
+    """What pass 1 learned about the input, and the captions it made."""
+
+    infos: list[_SampleInfo] = field(default_factory=list)
+    results: dict[str, CaptionResult] = field(default_factory=dict)
+    held: bool | None = None
+    """False once a sample did not fit the memory budget (pass 2 then re-reads the input tar)."""
+
+    def samples(self, local_tar: str) -> Iterator[Sample]:
+        """The input samples again, in order: from memory when every one was held."""
+        if self.held is False:
+            yield from read_samples(local_tar)
+        else:
+            for info in self.infos:
+                yield Sample(info.key, info.files or {})
+
+
+def run_shard(ctx: ShardContext, shard: int) -> ShardStats:
+    return _annotate(ctx, shard, keep={})
+
+
+def retry_shard(ctx: ShardContext, shard: int, previous_marker: dict[str, Any]) -> ShardStats:
+    """Redo only the failed rows of a committed shard; ok rows are kept byte-identical."""
+    rel = f"{OUTPUT_DIR}/{shard_name(shard)}.parquet"
+    rows = read_rows(ctx.storage.url(rel), ctx.storage.storage_options)
+    keep = {r["key"]: r for r in rows if r["status"] == "ok"}
+    return _annotate(ctx, shard, keep=keep)
+
+
+def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) -> ShardStats:
+    cfg = ctx.config.annotate
+    src = resolve_input(ctx.config, ctx.storage, shard)
+    if src.upstream_stage:
+        ctx.require_input(src.upstream_stage)
+    local_tar = _local_copy(src, ctx.txn.staging)
+    extras = src.sidecar_rows()
+    stamp = run_timestamp()
+
+    plan = _caption_pass(ctx, cfg, local_tar, src, extras, keep)
+    quality = quality_monitor.score_shard(ctx, cfg.quality, cfg.reward, shard, _ok_captions(plan),
+                                          {i.key: i.mcqs for i in plan.infos if i.mcqs is not None})
+
+    engine_id = _engine_id(ctx, plan, keep)
+    rows = []
+    with TarSink(ctx.output(".tar")) as sink:
+        for info, sample in zip(plan.infos, plan.samples(local_tar), strict=True):
+            if info.key in keep:
+                row = keep[info.key]
+            else:
+                row = _row(cfg, info, plan.results[info.key], engine_id, stamp, quality.scores.get(info.key))
+            rows.append(row)
+            if row["status"] == "ok":
+                sink.write(info.key, _tar_files(cfg, row, info, sample))
+    write_table(rows, CAPTION_SCHEMA, ctx.output(".parquet"))
+    if local_tar != src.tar_url:
+        os.remove(local_tar)
+    return _stats(rows, plan, src, engine_id, quality, len(keep), ctx.output(".tar"), ctx.output(".parquet"))
+
+
+def _ok_captions(plan: _Plan) -> dict[str, str]:
+    return {k: r.caption for k, r in plan.results.items() if r.status == "ok"}
+
+
+def _engine_id(ctx: ShardContext, plan: _Plan, keep: dict[str, dict[str, Any]]) -> str:
+    """The captioner's model id; without loading the engine when a retry had nothing to redo."""
+    if not plan.results and keep:
+        return next(iter(keep.values()))["model_id"]
+    return captioner(ctx).model_id
+
+
+def _local_copy(src: InputShard, staging: str) -> str:
+    """The input tar as a local file (remote tars are fetched once into staging: a shard bigger than
+    hold_images_mb is read twice, and a local copy makes the second read free)."""
+    if src.is_local:
+        return src.tar_url
+    local = os.path.join(staging, "_input.tar")
+    with src.open() as fin, open(local, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    return local
+
+
+def _caption_pass(ctx: ShardContext, cfg: AnnotateConfig, local_tar: str, src: InputShard,
+                  extras: dict[str, dict[str, Any]], keep: dict[str, dict[str, Any]]) -> _Plan:
+    plan = _Plan()
+
+    budget = cfg.hold_images_mb * (1 << 20)
+
+    def jobs() -> Iterator[CaptionJob]:
+        nonlocal budget
+        for sample in read_samples(local_tar):
+            info = _info(sample, extras.get(sample.key, {}))
+            plan.infos.append(info)
+            size = sum(len(v) for v in sample.files.values())
+            if plan.held is not False and size <= budget:
+                info.files, budget = sample.files, budget - size
+            else:
+                plan.held = False
+            if info.key not in keep:
+                yield CaptionJob(key=sample.key, data=sample.image)
+
+    ecfg = cfg.captioner
+    feed = FeedConfig(
+        prompt=cfg.prompt, sampling=Sampling.from_config(cfg.sampling), chunk_size=ecfg.chunk_size,
+        workers=ecfg.preprocess_workers, min_pixels=ecfg.min_pixels, max_pixels=ecfg.max_pixels,
+        truncated_is_error=cfg.truncated_is_error, retry=cfg.retry_failed_rows, retry_batch_size=cfg.retry_batch_size,
+    )
+    for res in caption_images(lambda: captioner(ctx), jobs(), feed):
+        plan.results[res.key] = res
+    return plan
+
+
+def _info(sample: Sample, extra: dict[str, Any]) -> _SampleInfo:
+    meta = sample.meta
+    return _SampleInfo(
+        key=sample.key,
+        url=meta.get("url") or extra.get("url"),
+        ext=sample.image_ext,
+        meta=meta,
+        mcqs=meta.get("mcqs", extra.get("mcqs")),
+    )
+
+
+def _row(cfg: AnnotateConfig, info: _SampleInfo, res: CaptionResult, engine_id: str, stamp: str,
+         score: tuple[float, int] | None) -> dict[str, Any]:
+    first = res.generations[0] if res.generations else None
+    return {
+        "key": info.key, "url": info.url, "sha256": res.sha256, "width": res.width, "height": res.height,
+        "image_ext": (cfg.reencode if cfg.reencode != "no" else info.ext),
+        "caption": res.caption if res.status == "ok" else None,
+        "captions": res.captions if res.generations else [],
+        "caption_tokens": first.num_tokens if first else None,
+        "finish_reason": first.finish_reason if first else None,
+        "model": cfg.captioner.model or cfg.captioner.backend, "model_id": engine_id,
+        "prompt_hash": prompt_hash(cfg.prompt), "sampling": sampling_json(cfg),
+        "pipeline_version": code_version(), "timestamp": stamp,
+        "status": res.status, "error_reason": res.reason, "error": res.error, "attempts": res.attempts,
+        "quality": score[0] if score else None, "quality_questions": score[1] if score else None,
+    }
+
+
+JSON_FIELDS = ("key", "url", "sha256", "width", "height", "caption_tokens", "finish_reason", "captions", "model",
+               "model_id", "prompt_hash", "sampling", "pipeline_version", "quality")
+"""What each sample's .json carries. Not the timestamp (it is in the manifest): the tar is then the same
+bytes on every greedy rerun even without SOURCE_DATE_EPOCH."""
+
+
+def _tar_files(cfg: AnnotateConfig, row: dict[str, Any], info: _SampleInfo, sample: Sample) -> dict[str, bytes]:
+    """The files of one output sample: a pure function of the row and the input sample."""
+    image = sample.image or b""
+    ext = info.ext or "jpg"
+    if cfg.reencode != "no":
+        image, ext = encode_image(image, cfg.reencode, cfg.reencode_quality), cfg.reencode
+    meta = {k: row[k] for k in JSON_FIELDS}
+    meta["sampling"] = json.loads(row["sampling"])
+    meta["source"] = info.meta
+    return {
+        ext: image,
+        "txt": row["caption"].encode(),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
+    }
+
+
+def _stats(rows: list[dict[str, Any]], plan: _Plan, src: InputShard, engine_id: str,
+           quality: quality_monitor.QualityReport, kept: int,
+           tar_path: str, parquet_path: str) -> ShardStats:
+    stats = ShardStats.from_statuses([r["status"] for r in rows], [r["error_reason"] for r in rows])
+    counts = summarize(plan.results.values())
+    scored = [r["quality"] for r in rows if r["quality"] is not None]
+    stats.bytes_out = os.path.getsize(tar_path) + os.path.getsize(parquet_path)
+    stats.extra = {
+        "input": src.tar_url, "model_id": engine_id, "captioned": counts["rows"], "kept_from_previous": kept,
+        "output_tokens": counts["tokens"], "finish_length": counts["length"],
+        "retried": counts["retried"], "retried_ok": counts["retried_ok"],
+        "quality_scored": len(scored),
+        "quality_mean": round(sum(scored) / len(scored), 4) if scored else None,
+        "quality_missing": quality.missing, "quality_source": quality.source,
+    }
+    return stats

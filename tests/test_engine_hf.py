@@ -1,0 +1,211 @@
+"""The hf engine end to end on small random-weight Qwen2 and Qwen2.5-VL checkpoints built offline."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import world
+from pipeline.config import EngineConfig, RewardConfig
+from pipeline.engines import ChatRequest, Engine, Sampling, create_engine
+from pipeline.engines.hf import HFEngine, ModelLoadError
+from pipeline.mcq import READER_PREFILL
+from pipeline.models.random_checkpoints import build_random_text_model, build_random_vl_model
+from pipeline.reward import CapRLReward
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory):
+    return build_random_text_model(tmp_path_factory.mktemp("models") / "qwen2-text", seed=0)
+
+
+@pytest.fixture(scope="session")
+def vl_model_dir(tmp_path_factory):
+    return build_random_vl_model(tmp_path_factory.mktemp("models") / "qwen25vl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def text_engine(text_model_dir):
+    torch.set_num_threads(1)
+    # small budgets force several batches of different widths
+    return HFEngine(EngineConfig(model=str(text_model_dir), batch_size=3, max_batch_tokens=2000))
+
+
+@pytest.fixture(scope="module")
+def vl_engine(vl_model_dir):
+    return HFEngine(EngineConfig(model=str(vl_model_dir), batch_size=3, max_batch_tokens=4000))
+
+
+def text_requests() -> list[ChatRequest]:
+    rng = random.Random(0)
+    reqs = []
+    for i in range(7):
+        scene = world.sample_scene(rng)
+        msgs = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": world.caption(scene, i % 3) + " What is shown?" * (1 + i % 3)}]
+        reqs.append(ChatRequest(messages=msgs, prefill=READER_PREFILL if i % 2 else ""))
+    return reqs
+
+
+def vl_requests() -> list[ChatRequest]:
+    rng = random.Random(1)
+    reqs = []
+    for i in range(5):
+        img = world.render(world.sample_scene(rng)).resize((112 + 28 * i, 112))
+        content = [{"type": "image"}, {"type": "text", "text": "Please describe this image in detail." + " Be exact." * i}]
+        reqs.append(ChatRequest(messages=[{"role": "user", "content": content}], images=[img]))
+    return reqs
+
+
+@pytest.mark.parametrize("kind", ["text", "vl"])
+def test_batched_greedy_equals_one_at_a_time(kind, request):
+    engine = request.getfixturevalue(f"{kind}_engine")
+    reqs = text_requests() if kind == "text" else vl_requests()
+    params = Sampling(max_new_tokens=12)
+    batched = engine.generate(reqs, params)
+    single = [engine.generate([r], params)[0] for r in reqs]
+    assert batched == single
+    assert len({g[0].text for g in batched}) > 1  # the random model does depend on its input
+    for [g] in batched:
+        assert g.finish_reason == "length" and g.num_tokens == 12
+
+
+@pytest.mark.parametrize("kind", ["text", "vl"])
+def test_score_choices_batched_equals_single(kind, request):
+    engine = request.getfixturevalue(f"{kind}_engine")
+    reqs = text_requests()[:5] if kind == "text" else vl_requests()
+    choices = [[" A", " B", " C", " D", " E"], [" red circle", " blue", " a green star in the top left"],
+               [" white background.", " A"], [" two"], [" B", " the caption does not say"]][: len(reqs)]
+    batched = engine.score_choices(reqs, choices)
+    single = [engine.score_choices([r], [c])[0] for r, c in zip(reqs, choices, strict=True)]
+    assert [len(s) for s in batched] == [len(c) for c in choices]
+    for b, s in zip(batched, single, strict=True):
+        assert b == pytest.approx(s, abs=1e-4)
+    assert all(x < 0 for row in batched for x in row)
+
+
+def test_score_is_the_sum_of_token_logprobs(text_engine):
+    req = text_requests()[1]
+    choice = " a red circle in the top left"
+    [[score]] = text_engine.score_choices([req], [[choice]])
+    prompt = text_engine.encode(req)["input_ids"][0].tolist()
+    ids = text_engine.choice_ids(choice)
+    assert len(ids) > 1
+    with torch.no_grad():
+        logits = text_engine.model(torch.tensor([prompt + ids])).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    manual = sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(ids))
+    assert score == pytest.approx(manual, abs=1e-4)
+
+
+def test_sampling_is_seeded_and_gives_n_samples(text_engine):
+    reqs = text_requests()[:3]
+    params = Sampling(temperature=1.0, max_new_tokens=8, n=4, seed=11)
+    first = text_engine.generate(reqs, params)
+    assert [len(g) for g in first] == [4, 4, 4]
+    assert text_engine.generate(reqs, params) == first
+    other = text_engine.generate(reqs, Sampling(temperature=1.0, max_new_tokens=8, n=4, seed=12))
+    assert other != first
+    assert len({g.text for g in first[0]}) > 1
+
+
+def test_stop_strings_end_generation(text_engine):
+    req = text_requests()[0]
+    [[full]] = text_engine.generate([req], Sampling(max_new_tokens=12))
+    stop = full.text[3:6]
+    [[cut]] = text_engine.generate([req], Sampling(max_new_tokens=12, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert full.text.startswith(cut.text) and stop not in cut.text
+
+
+def test_images_go_through_preprocess(vl_engine):
+    img = world.render(world.sample_scene(random.Random(5))).resize((140, 112))
+    rotated = img.rotate(90, expand=True)  # stored sideways, EXIF says "rotate back"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    buf = io.BytesIO()
+    rotated.save(buf, format="PNG", exif=exif)
+    rgba = img.convert("RGBA")
+    content = [{"type": "image"}, {"type": "text", "text": "Please describe this image in detail."}]
+    reqs = [ChatRequest(messages=[{"role": "user", "content": content}], images=[src])
+            for src in (img, buf.getvalue(), rgba, rotated)]
+    outs = vl_engine.generate(reqs, Sampling(max_new_tokens=10))
+    assert outs[0] == outs[1] == outs[2]  # bytes + EXIF orientation, alpha: same as the upright RGB image
+    assert outs[3] != outs[0]  # without the EXIF tag the sideways image is a different input
+
+
+def test_text_model_rejects_images(text_engine):
+    req = ChatRequest(messages=[{"role": "user", "content": "hi"}], images=[Image.new("RGB", (28, 28))])
+    with pytest.raises(ValueError, match="text-only"):
+        text_engine.generate([req], Sampling(max_new_tokens=2))
+
+
+def test_model_id_and_factory(text_model_dir, tmp_path):
+    engine = create_engine(EngineConfig(backend="hf", model=str(text_model_dir)))
+    assert isinstance(engine, HFEngine) and isinstance(engine, Engine)
+    assert engine.model_id.startswith(str(text_model_dir)) and "#sha256:" in engine.model_id
+    other = build_random_text_model(tmp_path / "other", seed=1)
+    assert HFEngine(EngineConfig(model=str(other))).model_id.split("#")[1] != engine.model_id.split("#")[1]
+    with pytest.raises(ModelLoadError):
+        HFEngine(EngineConfig(model=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("mode", ["sample", "letter_prob", "option_text"])
+def test_reward_runs_on_the_hf_reader(text_engine, mode):
+    rng = random.Random(2)
+    scenes = [world.sample_scene(rng) for _ in range(3)]
+    mcqs = [world.pick_mcqs(s, rng) for s in scenes]
+    reward = CapRLReward(text_engine, RewardConfig(mode=mode, n_draws=4))
+    results = reward([world.caption(s) for s in scenes], mcqs)
+    assert all(r.reward is not None and 0.0 <= r.reward <= 1.0 for r in results)
+    assert reward.last_stats["reader_calls"] == 1
+    again = CapRLReward(text_engine, RewardConfig(mode=mode, n_draws=4))([world.caption(s) for s in scenes], mcqs)
+    assert [r.reward for r in again] == [r.reward for r in results]
+
+
+def reader_requests(n: int = 12) -> list[ChatRequest]:
+    """Reward-style reader prompts: shared few-shot prefix, several draws per caption."""
+    from pipeline.mcq import CANNOT_ANSWER, reader_messages, shuffle_options
+
+    rng = random.Random(4)
+    reqs = []
+    for _ in range(n // 3):
+        scene = world.sample_scene(rng)
+        cap = world.caption(scene)
+        for q in world.pick_mcqs(scene, rng)[:3]:
+            reqs.append(ChatRequest(messages=reader_messages(cap, shuffle_options(q, rng, CANNOT_ANSWER)),
+                                    prefill=READER_PREFILL))
+    return reqs
+
+
+def test_shared_prefix_reuse_matches_plain_batching(text_model_dir, text_engine):
+    reqs = reader_requests()
+    plan = text_engine._plan([text_engine.encode(r) for r in reqs])
+    assert plan is not None and plan.shared > 100 and any(g > plan.shared for g in plan.group_len)
+    plain = HFEngine(EngineConfig(model=str(text_model_dir), batch_size=5, share_prefix=False))
+    params = Sampling(max_new_tokens=10)
+    shared = text_engine.generate(reqs, params)
+    assert shared == plain.generate(reqs, params)
+    assert shared == [text_engine.generate([r], params)[0] for r in reqs]
+    choices = [[" A", " B", " C", " D", " E"], [" red", " two shapes"]] * (len(reqs) // 2)
+    a, b = text_engine.score_choices(reqs, choices), plain.score_choices(reqs, choices)
+    for x, y in zip(a, b, strict=True):
+        assert x == pytest.approx(y, abs=1e-4)
+    sampled = text_engine.generate(reqs, Sampling(max_new_tokens=6, temperature=1.0, n=3, seed=2))
+    assert all(len(g) == 3 for g in sampled) and len({g.text for g in sampled[0]}) > 1
+
+
+def test_end_of_sequence_gives_stop_and_token_count(text_model_dir):
+    engine = HFEngine(EngineConfig(model=str(text_model_dir)))
+    reqs = text_requests()[:3]
+    full = engine.generate(reqs, Sampling(max_new_tokens=6))
+    first = engine.tokenizer(full[0][0].text, add_special_tokens=False)["input_ids"][0]
+    engine.eos_ids = [first]  # pretend the first token request 0 generates is the end-of-sequence token
+    ended = engine.generate(reqs, Sampling(max_new_tokens=6))
+    assert ended[0][0].finish_reason == "stop" and ended[0][0].num_tokens == 1
+    for g in ended[1:]:
+        assert g[0].finish_reason in ("stop", "length") and 1 <= g[0].num_tokens <= 6

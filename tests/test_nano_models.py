@@ -1,0 +1,100 @@
+"""The committed nano models: intact (MANIFEST sha256), load like real checkpoints, and do their jobs.
+
+Quick checks on a few held-out scenes (the full numbers come from `python -m pipeline.nano.eval`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+from pipeline import world
+from pipeline.nano import data
+from pipeline.nano import eval as nano_eval
+from pipeline.nano.infer import NanoReaderEngine, NanoVL
+
+MODELS = Path(__file__).resolve().parents[1] / "models" / "nano"
+MANIFEST = json.loads((MODELS / "MANIFEST.json").read_text())
+N = 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return data.eval_scenes(N)
+
+
+@pytest.fixture(scope="module")
+def mcqs(scenes):
+    return nano_eval.eval_mcqs(scenes)
+
+
+@pytest.fixture(scope="module")
+def vl():
+    return NanoVL(MODELS / nano_eval.VL_NAME)
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return NanoReaderEngine(MODELS / nano_eval.READER_NAME)
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST["models"]))
+def test_files_match_manifest(name):
+    for fname, sha in MANIFEST["models"][name]["sha256"].items():
+        assert hashlib.sha256((MODELS / name / fname).read_bytes()).hexdigest() == sha, f"{name}/{fname}"
+
+
+def test_load_through_auto_classes():
+    vl_dir, reader_dir = MODELS / nano_eval.VL_NAME, MODELS / nano_eval.READER_NAME
+    proc = AutoProcessor.from_pretrained(vl_dir)
+    model = AutoModelForImageTextToText.from_pretrained(vl_dir)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert proc.image_processor.size["longest_edge"] == world.IMAGE_SIZE ** 2
+    lm = AutoModelForCausalLM.from_pretrained(reader_dir)
+    assert type(lm).__name__ == "Qwen2ForCausalLM"
+    assert AutoTokenizer.from_pretrained(reader_dir).get_vocab() == proc.tokenizer.get_vocab()
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+
+
+def test_captioner(vl, scenes):
+    res, _ = nano_eval.eval_captioner(vl, scenes)
+    assert res["caption_attribute_accuracy"] >= 0.9
+    assert res["caption_exact"] >= 0.75
+
+
+def test_mcq_generation(vl, scenes):
+    res = nano_eval.eval_qagen(vl, scenes[:6])
+    assert res["qagen_parse_5"] >= 0.8
+    assert res["qagen_correct"] >= 0.7
+
+
+def test_filter_needs_the_image(vl, scenes, mcqs):
+    res = nano_eval.eval_filter(vl, scenes[:8], mcqs[:8])
+    assert res["filter_with_image"] >= 0.75
+    assert res["filter_without_image"] <= 0.6
+
+
+def test_reader(reader, scenes):
+    res = nano_eval.eval_reader(reader, scenes)
+    assert res["reader_gt_accuracy"] >= 0.7
+    assert res["reader_cannot_uninformative"] >= 0.8
+
+
+def test_reward_separates_good_from_empty_captions(reader, scenes, mcqs):
+    gt = [world.caption(s, i % 3) for i, s in enumerate(scenes)]
+    good = sum(nano_eval.caprl_reward(reader, gt, mcqs)) / N
+    empty = sum(nano_eval.caprl_reward(reader, [""] * N, mcqs)) / N
+    assert good - empty >= 0.4

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# GPU throughput check for the annotate stage (see tools/gpu_check.py): a random-weight model with the real
+# Qwen2.5-VL-3B architecture on the hf engine, 512 images x 256 new tokens, then the stage over one shard.
+# Installs nothing (the GPU machine may be offline); prints what is missing and runs what it can.
+#   tools/gpu_check.sh                 # on the GPU machine, from anywhere
+#   GPU_CHECK_TINY=1 tools/gpu_check.sh   # a tiny config on CPU: checks the script's logic
+# Stops itself after GPU_CHECK_LIMIT_S seconds (default 450) so the whole check stays under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+echo "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"
+else
+  echo "nvidia-smi: not found"
+fi
+"$PY" --version
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+timeout --signal=INT --kill-after=20 "${GPU_CHECK_LIMIT_S:-450}" "$PY" tools/gpu_check.py
+rc=$?
+[ $rc -eq 124 ] && echo "gpu_check: stopped at the ${GPU_CHECK_LIMIT_S:-450}s limit"
+exit $rc
