@@ -197,3 +197,15 @@ def test_shared_prefix_reuse_matches_plain_batching(text_model_dir, text_engine)
         assert x == pytest.approx(y, abs=1e-4)
     sampled = text_engine.generate(reqs, Sampling(max_new_tokens=6, temperature=1.0, n=3, seed=2))
     assert all(len(g) == 3 for g in sampled) and len({g.text for g in sampled[0]}) > 1
+
+
+def test_end_of_sequence_gives_stop_and_token_count(text_model_dir):
+    engine = HFEngine(EngineConfig(model=str(text_model_dir)))
+    reqs = text_requests()[:3]
+    full = engine.generate(reqs, Sampling(max_new_tokens=6))
+    first = engine.tokenizer(full[0][0].text, add_special_tokens=False)["input_ids"][0]
+    engine.eos_ids = [first]  # pretend the first token request 0 generates is the end-of-sequence token
+    ended = engine.generate(reqs, Sampling(max_new_tokens=6))
+    assert ended[0][0].finish_reason == "stop" and ended[0][0].num_tokens == 1
+    for g in ended[1:]:
+        assert g[0].finish_reason in ("stop", "length") and 1 <= g[0].num_tokens <= 6
