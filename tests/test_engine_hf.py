@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline import world
 from pipeline.config import EngineConfig, RewardConfig
-from pipeline.engines import ChatRequest, Sampling, create_engine
+from pipeline.engines import ChatRequest, Engine, Sampling, create_engine
 from pipeline.engines.hf import HFEngine, ModelLoadError
 from pipeline.mcq import READER_PREFILL
 from pipeline.models.random_checkpoints import build_random_text_model, build_random_vl_model
@@ -146,7 +146,7 @@ def test_text_model_rejects_images(text_engine):
 
 def test_model_id_and_factory(text_model_dir, tmp_path):
     engine = create_engine(EngineConfig(backend="hf", model=str(text_model_dir)))
-    assert isinstance(engine, HFEngine)
+    assert isinstance(engine, HFEngine) and isinstance(engine, Engine)
     assert engine.model_id.startswith(str(text_model_dir)) and "#sha256:" in engine.model_id
     other = build_random_text_model(tmp_path / "other", seed=1)
     assert HFEngine(EngineConfig(model=str(other))).model_id.split("#")[1] != engine.model_id.split("#")[1]

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import EngineConfig
-from pipeline.engines import ChatRequest, Sampling, create_engine
+from pipeline.engines import ChatRequest, Engine, Sampling, create_engine
 from pipeline.engines.openai import OpenAIEngine
 
 
@@ -97,7 +97,7 @@ def engine_for(server: ScriptedServer, **kw) -> OpenAIEngine:
     cfg = EngineConfig(backend="openai", base_url=server.url, timeout_s=1.0, max_retries=3, retry_backoff_s=0.01,
                        concurrency=4, **kw)
     engine = create_engine(cfg)
-    assert isinstance(engine, OpenAIEngine)
+    assert isinstance(engine, OpenAIEngine) and isinstance(engine, Engine)
     return engine
 
 
