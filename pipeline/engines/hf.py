@@ -25,6 +25,12 @@ from pipeline.engines.preprocess import prepare_image
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _out_cache(output: Any) -> Any:
+    """The KV cache of a model output (named `cache` in recent transformers, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class HFEngine:
     """The `hf` backend (see the module docstring)."""
 
@@ -232,7 +238,7 @@ class HFEngine:
         P = plan.shared
         cache = None
         if P:
-            cache = getattr(self.model(input_ids=rows[0][:P][None].to(dev), use_cache=True), "cache", None)
+            cache = _out_cache(self.model(input_ids=rows[0][:P][None].to(dev), use_cache=True))
         groups = plan.groups
         firsts = [plan.row_group.index(g) for g in range(groups)]
         mids = [rows[firsts[g]][P:plan.group_len[g]] for g in range(groups)]
@@ -251,7 +257,7 @@ class HFEngine:
                 cache.batch_repeat_interleave(groups)
             out = self.model(input_ids=mid_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **{self._cache_kw: cache})
-            cache = getattr(out, "cache", None) or out.past_key_values
+            cache = _out_cache(out)
         elif cache is not None:
             cache.batch_repeat_interleave(groups)
         row_group = torch.tensor(plan.row_group, device=dev).repeat_interleave(n)

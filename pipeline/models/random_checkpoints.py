@@ -35,6 +35,8 @@ def corpus(n_scenes: int = 60, seed: int = 0) -> list[str]:
             shown = shuffle_options(q, rng, extra_option=CANNOT_ANSWER)
             texts.extend(m["content"] for m in reader_messages(cap, shown))
             texts.append(f"{READER_PREFILL} {shown.answer}. {q.answer_text}.")
+    # reader answers: " A" .. " F" become single tokens, as in real LLM tokenizers
+    texts.extend(f"{READER_PREFILL} {letter}." for letter in "ABCDEF" for _ in range(200))
     return texts
 
 
@@ -51,7 +53,7 @@ def build_random_text_model(path: str | Path, seed: int = 0, std: float = 0.2, *
     """A tiny random Qwen2 causal LM (+ tokenizer) saved to `path`; loads with AutoModelForCausalLM."""
     from transformers import Qwen2ForCausalLM
 
-    tok = build_tokenizer(corpus(seed=seed))
+    tok = build_tokenizer(corpus(seed=seed), vocab_size=1024)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(tiny_text_config(tok, **config_kwargs))
     _scramble(model, seed, std)
@@ -62,7 +64,7 @@ def build_random_vl_model(path: str | Path, seed: int = 0, std: float = 0.2, **c
     """A tiny random Qwen2.5-VL (+ tokenizer, processor) saved to `path`; loads with AutoModelForImageTextToText."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    tok = build_tokenizer(corpus(seed=seed))
+    tok = build_tokenizer(corpus(seed=seed), vocab_size=1024)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok, **config_kwargs))
     _scramble(model, seed, std)
