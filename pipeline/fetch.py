@@ -29,6 +29,7 @@ from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would call PyPI on import
 
+import img2dataset.downloader as _i2d_downloader  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from img2dataset.downloader import Downloader  # noqa: E402
@@ -283,6 +284,55 @@ class FetchError(RuntimeError):
     """img2dataset failed on a whole sub-shard (not a per-URL failure)."""
 
 
+class FetchAborted(Exception):
+    """Raised inside img2dataset's URL feeder when the shard it feeds was abandoned (SIGTERM, Ctrl-C)."""
+
+
+class _AbortableSemaphore(threading.Semaphore):
+    """img2dataset's per-shard admission semaphore, able to give up.
+
+    img2dataset feeds its thread pool from a generator that blocks on this semaphore (at most 2 x threads
+    samples in flight). If the consumer stops (a signal interrupts the shard), the feeder blocks forever
+    and the thread pool's shutdown joins it forever. When the semaphore is created in a thread that carries
+    an `abort_fetch` event (see `_call_abortable`), a set event makes the blocked feeder raise instead, so
+    the pool shuts down. Elsewhere (spawned workers, which die with their pool) it is a plain semaphore.
+    """
+
+    def __init__(self, value: int = 1):
+        super().__init__(value)
+        self._abort: threading.Event | None = getattr(threading.current_thread(), "abort_fetch", None)
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        if self._abort is None or not blocking or timeout is not None:
+            return super().acquire(blocking, timeout)
+        while not super().acquire(timeout=0.2):
+            if self._abort.is_set():
+                raise FetchAborted("the shard was abandoned")
+        return True
+
+    __enter__ = acquire
+
+
+_i2d_downloader.Semaphore = _AbortableSemaphore  # the name img2dataset 1.47's download_shard uses
+
+
+def _call_abortable(downloader: Downloader, task: tuple[int, str]) -> tuple[bool, Any]:
+    """Run downloader(task) in a helper thread; a signal in this (main) thread abandons it cleanly."""
+    abort = threading.Event()
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", downloader(task)), daemon=True,
+                              name=f"img2dataset-{task[0]}")
+    thread.abort_fetch = abort  # type: ignore[attr-defined] - read by _AbortableSemaphore
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except BaseException:
+        abort.set()
+        raise
+    return result.get("value", (False, task))
+
+
 RESULT_SCHEMA = pa.schema([
     ("row", pa.int64()), ("status", pa.string()), ("error", pa.string()), ("error_message", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()),
@@ -340,7 +390,10 @@ def _run_img2dataset(todo: list[tuple[int, str]], opts: FetchOptions, work_dir: 
             writer.write_table(table)
         tasks.append((j, path))
     downloader = make_downloader(opts, out_dir, sub_size)
-    results = pool.map(downloader, tasks, chunksize=1) if pool is not None else [downloader(t) for t in tasks]
+    if pool is not None:
+        results = pool.map(downloader, tasks, chunksize=1)
+    else:
+        results = [_call_abortable(downloader, t) for t in tasks]
     failed = [row[0] for ok, row in results if not ok]
     if failed:
         raise FetchError(f"img2dataset failed on sub-shard(s) {failed} (see its traceback above)")

@@ -187,19 +187,24 @@ def test_kill_mid_shard_then_rerun_equals_clean_run(tmp_path, image_server):
     root = tmp_path / "killed"
     proc = _run_cli(root, urls)
     deadline = time.time() + 120
-    while image_server.hits["/hold/x.jpg"] + image_server.hits["/hold/y.jpg"] == 0:
-        assert proc.poll() is None, proc.communicate()[0].decode()
-        assert time.time() < deadline, "the stage never reached the held URL"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    try:
+        while image_server.hits["/hold/x.jpg"] + image_server.hits["/hold/y.jpg"] == 0:
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.time() < deadline, "the stage never reached the held URL"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
     storage = Storage(str(root))
     assert storage.marker("download", 0) is None and storage.marker("download", 1) is None
     assert not storage.committed("download")
 
     image_server.release.set()
     rerun = _run_cli(root, urls)
-    out = rerun.communicate(timeout=180)[0].decode()
+    try:
+        out = rerun.communicate(timeout=180)[0].decode()
+    finally:
+        rerun.kill()
     assert rerun.returncode == 0, out
     run_stage(config(tmp_path / "clean", urls), "download", [0, 1], progress=False)
     for shard in (0, 1):
@@ -238,3 +243,24 @@ def test_s3_root_and_s3_list_with_a_worker_pool(tmp_path, image_server, s3_serve
     rows = all_rows(root, [0, 1], fs)
     assert rows[6]["status"] == "ok" and sorted(tar_samples(root, 0, fs)) == [
         r["key"] for r in rows[:SHARD_SIZE] if r["status"] == "ok"]
+
+
+def test_sigterm_stops_a_shard_with_requests_in_flight(tmp_path, image_server):
+    """Preemption while img2dataset's feeder is blocked (more URLs than 2 x threads, all held): exit 75, nothing
+    committed, no hang (img2dataset alone would wait forever in its thread pool's shutdown)."""
+    routes = [f"hold/{i}.jpg" for i in range(12)]
+    urls = write_list(tmp_path / "urls.parquet", image_server, routes)
+    proc = _run_cli(tmp_path / "run", urls, **{"download.threads": 2})
+    deadline = time.time() + 120
+    try:
+        while sum(n for path, n in image_server.hits.items() if path.startswith("/hold/")) < 2:
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.time() < deadline, "the stage never reached the held URLs"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        proc.kill()  # a no-op unless it hung (the failure this test is about)
+    assert proc.returncode == 75, out
+    assert "stopped by signal 15" in out
+    assert Storage(str(tmp_path / "run")).marker("download", 0) is None
