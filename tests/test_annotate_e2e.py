@@ -76,7 +76,7 @@ def _check_manifest_rows(rows: list[dict], data: Path) -> None:
     assert all(r["model_id"].endswith(tuple("0123456789abcdef")) and "#sha256:" in r["model_id"] for r in rows)
     if nano_captioner() is not None:
         # the trained nano captioner describes the scene: background and count always (1.0 on held-out
-        # scenes), objects partly (attribute accuracy ~0.57 on held-out scenes; stating only background and
+        # scenes), objects partly (attribute accuracy ~0.56 on held-out scenes; stating only background and
         # count scores ~0.36, a random-weight model ~0)
         scenes = [truth[int(r["key"][:5]) * SHARD_SIZE + int(r["key"][5:])] for r in rows]
         stated = [world.parse_caption(r["caption"]) for r in rows]
