@@ -76,11 +76,14 @@ class VLRecipe:
     name: str = "nano-vl"
     lr: float = 1e-3
     warmup: int = 50
+    phase2_steps: int = 1200
+    phase2_lr: float = 5e-4
+    phase2_warmup: int = 20
 
 
 @dataclass
 class ReaderRecipe:
-    steps: int = 1200
+    steps: int = 1000
     captions: int = 8
     questions: int = 4
     hidden: int = 128
@@ -88,9 +91,15 @@ class ReaderRecipe:
     heads: int = 4
     kv_heads: int = 2
     ffn: int = 512
+    per_example_loss: bool = True
+    few_shot_frac: float = 1.0
+    """fraction of steps whose prompts carry the two few-shot examples (the rest: no examples)"""
     name: str = "nano-reader"
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 50
+    phase2_steps: int = 0
+    phase2_lr: float = 1e-3
+    phase2_warmup: int = 20
 
 
 def _optimizer(model: torch.nn.Module, sched: Schedule) -> torch.optim.Optimizer:
@@ -117,20 +126,17 @@ def _sha_dir(path: Path) -> dict[str, str]:
 Log = Callable[[str], None]
 
 
-def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, seed: int = SEED,
-             log: Log = print, device: str = "cpu") -> dict:
-    """Multi-task nano-VL: every step = a caption/filter batch + an MCQ-generation batch (summed losses)."""
-    torch.manual_seed(seed)
-    rng = data.stream(seed, "vl-train")
-    processor = build_processor(tok)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).to(device)
+def _vl_steps(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, recipe: VLRecipe,
+              rng: random.Random, sched: Schedule, out_root: Path, tag: str, log: Log, device: str,
+              snapshots: dict[str, int]) -> dict:
+    """One optimisation phase of nano-VL (fresh AdamW): every step = a caption/filter batch + an
+    MCQ-generation batch, losses summed."""
     model.train()
-    sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
     opt = _optimizer(model, sched)
     losses: list[float] = []
     t0 = time.time()
     info: dict = {"snapshots": {}}
-    for step in range(recipe.steps):
+    for step in range(sched.steps):
         short = [data.filter_example(rng) if rng.random() < recipe.filter_frac else data.caption_example(rng)
                  for _ in range(recipe.batch)]
         loss = model(**collate_vl(tok, processor.image_processor, short).model_inputs(device)).loss
@@ -140,36 +146,96 @@ def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, see
         _step(model, opt, sched, step, loss)
         losses.append(loss.item())
         done = step + 1
-        if done % 50 == 0 or done == recipe.steps:
-            log(f"[vl] step {done}/{recipe.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
+        if done % 50 == 0 or done == sched.steps:
+            log(f"[{tag}] step {done}/{sched.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
                 f"{time.time() - t0:.0f}s")
-        if done % CHECKPOINT_EVERY == 0 and done < recipe.steps:
-            save_model_dir(model, tok, processor, out_root / CHECKPOINTS / f"{recipe.name}-step{done}")
-        for snap, at in recipe.snapshots.items():
+        if done % CHECKPOINT_EVERY == 0 and done < sched.steps:
+            save_model_dir(model, tok, processor, out_root / CHECKPOINTS / f"{recipe.name}-{tag}-step{done}")
+        for snap, at in snapshots.items():
             if done == at:
                 save_model_dir(model, tok, processor, out_root / snap)
                 info["snapshots"][snap] = {"steps": at, "seconds": round(time.time() - t0, 1)}
+    info.update(steps=sched.steps, seconds=round(time.time() - t0, 1), losses=losses)
+    return info
+
+
+def vl_phase2(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe,
+              seed: int = SEED, log: Log = print, device: str = "cpu") -> dict:
+    """Phase 2 (a warm restart): fresh AdamW, its own data stream, cosine from phase2_lr to phase2_lr/10."""
+    torch.manual_seed(seed + 1)
+    sched = Schedule(steps=recipe.phase2_steps, lr=recipe.phase2_lr, min_lr=recipe.phase2_lr / 10,
+                     warmup=recipe.phase2_warmup)
+    return _vl_steps(model, tok, build_processor(tok), recipe, data.stream(seed, "vl-train-2"), sched, out_root,
+                     "vl2", log, device, {})
+
+
+def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, seed: int = SEED,
+             log: Log = print, device: str = "cpu") -> dict:
+    """Multi-task nano-VL: phase 1 from scratch (snapshots on the way), then the optional phase 2."""
+    torch.manual_seed(seed)
+    rng = data.stream(seed, "vl-train")
+    processor = build_processor(tok)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).to(device)
+    sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
+    info = _vl_steps(model, tok, processor, recipe, rng, sched, out_root, "vl", log, device, recipe.snapshots)
+    if recipe.phase2_steps:
+        p2 = vl_phase2(model, tok, out_root, recipe, seed, log, device)
+        info.update(steps=info["steps"] + p2["steps"], seconds=round(info["seconds"] + p2["seconds"], 1),
+                    losses=info["losses"] + p2["losses"])
     save_model_dir(model, tok, processor, out_root / recipe.name)
-    info.update(steps=recipe.steps, seconds=round(time.time() - t0, 1), losses=losses)
     return info
 
 
 def reader_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: random.Random, n_captions: int,
-                k: int) -> torch.Tensor:
-    """Mean target-token cross-entropy over a tree of n_captions captions x k questions each."""
+                k: int, per_example: bool = False, few_shot: bool = True) -> torch.Tensor:
+    """Cross-entropy of the targets over a tree of n_captions captions x k questions each: the mean over
+    target tokens, or (per_example) each question's summed answer loss, averaged over questions."""
     groups, targets = [], []
     for _ in range(n_captions):
         cap, items = data.reader_group(rng, k)
         groups.append((cap, [s for s, _ in items]))
         targets.append([data.option_target(a) for _, a in items])
-    prefix, mids, leaves, plens = reader_tree(tok, groups, targets)
+    prefix, mids, leaves, plens = reader_tree(tok, groups, targets, few_shot=few_shot)
     _, logits, leaf_ids, leaf_mask = tree_forward(model, prefix, mids, leaves, tok.pad_token_id)
     labels = leaf_ids.clone()
     labels[leaf_mask == 0] = -100
     for r, n in enumerate(p for row in plens for p in row):
         labels[r, :n] = -100
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+    flat = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none")
+    if per_example:  # every question weighs the same, however long its answer text
+        return flat.view(labels.shape[0], -1).sum(1).mean()
+    return flat.sum() / (labels[:, 1:] != -100).sum()
+
+
+def _reader_steps(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe: ReaderRecipe,
+                  rng: random.Random, sched: Schedule, out_root: Path, tag: str, log: Log) -> dict:
+    """One optimisation phase of the reader (fresh AdamW)."""
+    model.train()
+    opt = _optimizer(model, sched)
+    losses: list[float] = []
+    t0 = time.time()
+    for step in range(sched.steps):
+        few_shot = recipe.few_shot_frac >= 1 or rng.random() < recipe.few_shot_frac
+        loss = reader_loss(model, tok, rng, recipe.captions, recipe.questions, recipe.per_example_loss, few_shot)
+        _step(model, opt, sched, step, loss)
+        losses.append(loss.item())
+        done = step + 1
+        if done % 50 == 0 or done == sched.steps:
+            log(f"[{tag}] step {done}/{sched.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
+                f"{time.time() - t0:.0f}s")
+        if done % CHECKPOINT_EVERY == 0 and done < sched.steps:
+            save_model_dir(model, tok, None, out_root / CHECKPOINTS / f"{recipe.name}-{tag}-step{done}")
+    return {"steps": sched.steps, "seconds": round(time.time() - t0, 1), "losses": losses}
+
+
+def reader_phase2(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRecipe,
+                  seed: int = SEED, log: Log = print) -> dict:
+    """Phase 2 (a warm restart): fresh AdamW, its own data stream, cosine from phase2_lr to phase2_lr/10."""
+    torch.manual_seed(seed + 1)
+    sched = Schedule(steps=recipe.phase2_steps, lr=recipe.phase2_lr, min_lr=recipe.phase2_lr / 10,
+                     warmup=recipe.phase2_warmup)
+    return _reader_steps(model, tok, recipe, data.stream(seed, "reader-train-2"), sched, out_root, "reader2", log)
 
 
 def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRecipe, seed: int = SEED,
@@ -180,23 +246,14 @@ def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRec
     cfg = tiny_text_config(tok, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
                              kv_heads=recipe.kv_heads, ffn=recipe.ffn)
     model = Qwen2ForCausalLM(cfg).to(device)
-    model.train()
     sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
-    opt = _optimizer(model, sched)
-    losses: list[float] = []
-    t0 = time.time()
-    for step in range(recipe.steps):
-        loss = reader_loss(model, tok, rng, recipe.captions, recipe.questions)
-        _step(model, opt, sched, step, loss)
-        losses.append(loss.item())
-        done = step + 1
-        if done % 50 == 0 or done == recipe.steps:
-            log(f"[reader] step {done}/{recipe.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
-                f"{time.time() - t0:.0f}s")
-        if done % CHECKPOINT_EVERY == 0 and done < recipe.steps:
-            save_model_dir(model, tok, None, out_root / CHECKPOINTS / f"{recipe.name}-step{done}")
+    info = _reader_steps(model, tok, recipe, rng, sched, out_root, "reader", log)
+    if recipe.phase2_steps:
+        p2 = reader_phase2(model, tok, out_root, recipe, seed, log)
+        info.update(steps=info["steps"] + p2["steps"], seconds=round(info["seconds"] + p2["seconds"], 1),
+                    losses=info["losses"] + p2["losses"])
     save_model_dir(model, tok, None, out_root / recipe.name)
-    return {"steps": recipe.steps, "seconds": round(time.time() - t0, 1), "losses": losses}
+    return info
 
 
 # -- orchestration --------------------------------------------------------------------------------
@@ -227,6 +284,29 @@ def _job(kind: str, out_root: str, seed: int, threads: int, overrides: dict, dev
     return info
 
 
+def update_manifest(out: Path, infos: list[dict], seed: int, threads: int, device: str) -> dict:
+    """Record each trained model (recipe, steps, time, final loss) and every model folder's sha256."""
+    import transformers
+
+    path = out / "MANIFEST.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {"models": {}}
+    common = {"seed": seed, "threads": threads, "torch": torch.__version__, "device": device,
+              "transformers": transformers.__version__, "command": "python -m pipeline.nano.train --all"}
+    for info in infos:
+        recipe = info["recipe"]
+        losses = info["losses"]
+        manifest["models"][recipe["name"]] = {
+            **common, "recipe": recipe, "steps": info["steps"], "train_seconds": info["seconds"],
+            "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)}
+        for snap, sinfo in info.get("snapshots", {}).items():
+            manifest["models"][snap] = {**common, "snapshot_of": recipe["name"], "steps": sinfo["steps"],
+                                        "train_seconds": sinfo["seconds"]}
+    for name in manifest["models"]:
+        manifest["models"][name]["sha256"] = _sha_dir(out / name)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.nano.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,36 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"vl": {} if args.vl_steps is None else {"steps": args.vl_steps},
                  "reader": {} if args.reader_steps is None else {"steps": args.reader_steps}}
     jobs = [(k, str(out), args.seed, args.threads, overrides[k], args.device) for k in kinds]
-    t0 = time.time()
     if len(jobs) == 1:
         results = [_job(*jobs[0])]
     else:
         with mp.get_context("spawn").Pool(len(jobs)) as pool:
             results = pool.starmap(_job, jobs)
     infos = dict(zip(kinds, results, strict=True))
-    manifest_path = out / "MANIFEST.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
-    import transformers
-
-    common = {"seed": args.seed, "threads": args.threads, "torch": torch.__version__, "device": args.device,
-              "transformers": transformers.__version__,
-              "command": "python -m pipeline.nano.train --all"}
     failed = {k: v["error"] for k, v in infos.items() if "error" in v}
-    for info in infos.values():
-        if "error" in info:
-            continue
-        recipe = info["recipe"]
-        losses = info.pop("losses")
-        entry = {**common, "recipe": recipe, "steps": info["steps"], "train_seconds": info["seconds"],
-                 "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)}
-        manifest["models"][recipe["name"]] = entry
-        for snap, sinfo in info.get("snapshots", {}).items():
-            manifest["models"][snap] = {**common, "snapshot_of": recipe["name"], "steps": sinfo["steps"],
-                                        "train_seconds": sinfo["seconds"]}
-    manifest["wall_seconds"] = round(time.time() - t0, 1)
-    for name in manifest["models"]:
-        manifest["models"][name]["sha256"] = _sha_dir(out / name)
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    update_manifest(out, [v for v in infos.values() if "error" not in v], args.seed, args.threads, args.device)
     if failed:
         print(f"training failed: {failed}", file=sys.stderr)
         return 1
