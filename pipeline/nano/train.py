@@ -97,7 +97,7 @@ class ReaderRecipe:
     name: str = "nano-reader"
     lr: float = 2e-3
     warmup: int = 50
-    phase2_steps: int = 0
+    phase2_steps: int = 600
     phase2_lr: float = 1e-3
     phase2_warmup: int = 20
 
