@@ -136,3 +136,19 @@ def test_train_scenes_exclude_eval_scenes():
     held_out = {s.to_json() for s in data.eval_scenes()}
     rng = data.stream(0, "test-scenes")
     assert not any(data.train_scene(rng).to_json() in held_out for _ in range(3000))
+
+
+def test_phase2_from_saved_weights_equals_in_process(tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.nano.train import reader_phase2
+
+    full = ReaderRecipe(steps=2, captions=2, questions=2, layers=1, warmup=1, phase2_steps=2)
+    train_reader(tok, tmp_path / "a", full, seed=3, log=lambda _: None)
+    first = ReaderRecipe(steps=2, captions=2, questions=2, layers=1, warmup=1, phase2_steps=0)
+    train_reader(tok, tmp_path / "b", first, seed=3, log=lambda _: None)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "nano-reader")
+    reader_phase2(model, tok, tmp_path / "b", full, seed=3, log=lambda _: None)
+    want = load_file(tmp_path / "a" / "nano-reader" / "model.safetensors")
+    got = dict(model.state_dict())
+    assert all(torch.equal(want[k], got[k]) for k in want)
