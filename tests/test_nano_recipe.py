@@ -141,14 +141,14 @@ def test_train_scenes_exclude_eval_scenes():
 def test_phase2_from_saved_weights_equals_in_process(tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.nano.train import reader_phase2
+    from pipeline.nano.train import reader_phase
 
     full = ReaderRecipe(steps=2, captions=2, questions=2, layers=1, warmup=1, phase2_steps=2)
     train_reader(tok, tmp_path / "a", full, seed=3, log=lambda _: None)
     first = ReaderRecipe(steps=2, captions=2, questions=2, layers=1, warmup=1, phase2_steps=0)
     train_reader(tok, tmp_path / "b", first, seed=3, log=lambda _: None)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "nano-reader")
-    reader_phase2(model, tok, tmp_path / "b", full, seed=3, log=lambda _: None)
+    reader_phase(model, tok, tmp_path / "b", full, 2, seed=3, log=lambda _: None)
     want = load_file(tmp_path / "a" / "nano-reader" / "model.safetensors")
     got = dict(model.state_dict())
     assert all(torch.equal(want[k], got[k]) for k in want)
