@@ -37,21 +37,21 @@ def _falls(losses: list[float], k: int = 5) -> bool:
 
 
 def test_vl_short_training_loss_falls(tok, tmp_path):
-    recipe = VLRecipe(steps=30, batch=8, qagen_batch=2, snapshots={}, warmup=5, lr=3e-3)
+    recipe = VLRecipe(steps=30, batch=8, qagen_batch=2, snapshots={}, warmup=5, lr=3e-3, phase2_steps=0, phase3_steps=0)
     info = train_vl(tok, tmp_path, recipe, seed=7, log=lambda _: None)
     assert len(info["losses"]) == 30 and _falls(info["losses"])
     assert (tmp_path / "nano-vl" / "model.safetensors").exists()
 
 
 def test_reader_short_training_loss_falls(tok, tmp_path):
-    recipe = ReaderRecipe(steps=30, captions=4, questions=4, layers=2, warmup=5, lr=3e-3)
+    recipe = ReaderRecipe(steps=30, captions=4, questions=4, layers=2, warmup=5, lr=3e-3, phase2_steps=0, phase3_steps=0)
     info = train_reader(tok, tmp_path, recipe, seed=7, log=lambda _: None)
     assert _falls(info["losses"])
     assert (tmp_path / "nano-reader" / "model.safetensors").exists()
 
 
 def test_training_is_deterministic(tok, tmp_path):
-    recipe = ReaderRecipe(steps=3, captions=2, questions=2, layers=1, warmup=1)
+    recipe = ReaderRecipe(steps=3, captions=2, questions=2, layers=1, warmup=1, phase2_steps=2, phase3_steps=0)
     train_reader(tok, tmp_path / "a", recipe, seed=3, log=lambda _: None)
     train_reader(tok, tmp_path / "b", recipe, seed=3, log=lambda _: None)
     train_reader(tok, tmp_path / "c", recipe, seed=4, log=lambda _: None)
@@ -136,3 +136,19 @@ def test_train_scenes_exclude_eval_scenes():
     held_out = {s.to_json() for s in data.eval_scenes()}
     rng = data.stream(0, "test-scenes")
     assert not any(data.train_scene(rng).to_json() in held_out for _ in range(3000))
+
+
+def test_phase2_from_saved_weights_equals_in_process(tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.nano.train import reader_phase
+
+    full = ReaderRecipe(steps=2, captions=2, questions=2, layers=1, warmup=1, phase2_steps=2, phase3_steps=0)
+    train_reader(tok, tmp_path / "a", full, seed=3, log=lambda _: None)
+    first = ReaderRecipe(steps=2, captions=2, questions=2, layers=1, warmup=1, phase2_steps=0, phase3_steps=0)
+    train_reader(tok, tmp_path / "b", first, seed=3, log=lambda _: None)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "nano-reader")
+    reader_phase(model, tok, tmp_path / "b", full, 2, seed=3, log=lambda _: None)
+    want = load_file(tmp_path / "a" / "nano-reader" / "model.safetensors")
+    got = dict(model.state_dict())
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import torch
 
 from pipeline import world
 from pipeline.config import RewardConfig
@@ -74,16 +73,37 @@ def eval_captioner(vl: NanoVL, scenes: Sequence[world.Scene]) -> tuple[dict[str,
             "caption_exact": sum(a["exact"] for a in accs) / len(accs)}, caps
 
 
+_BLOCK_Q = re.compile(r"^\*\*\d+\.\s*(?P<q>.+?)\*\*\s*$", re.M)
+_BLOCK_A = re.compile(r"^Answer:\s*[A-F]\)\s*(?P<a>.+?)\s*$", re.M)
+
+
+def answer_texts(text: str) -> list[tuple[str, str]]:
+    """(question, text after 'Answer: X)') per block: what the generator says is right, letter aside."""
+    out = []
+    for block in text.split("---"):
+        q, a = _BLOCK_Q.search(block), _BLOCK_A.search(block)
+        if q and a:
+            out.append((q.group("q").strip(), a.group("a").strip()))
+    return out
+
+
 def eval_qagen(vl: NanoVL, scenes: Sequence[world.Scene]) -> dict[str, float]:
+    """Parse rate into 5 valid MCQs, correctness of the parsed ones, and (diagnostic) how often the
+    written answer text is right regardless of its letter."""
     outs = vl.generate(data.image_messages(QA_GENERATION_PROMPT), [world.render(s) for s in scenes],
                        max_new_tokens=320)
-    five = correct = total = 0
+    five = correct = total = blocks = text_right = 0
     for scene, text in zip(scenes, outs, strict=True):
         mcqs, rejected = parse_generator_output(text)
         five += len(mcqs) == 5 and not rejected
         total += len(mcqs) + len(rejected)
         correct += sum(mcq_correct(scene, q) for q in mcqs)
-    return {"qagen_parse_5": five / len(scenes), "qagen_correct": correct / max(1, total)}
+        pairs = answer_texts(text)
+        blocks += len(pairs)
+        facts = world.scene_facts(scene)
+        text_right += sum(world.answer_from_scene(facts, q) == a.lower() for q, a in pairs)
+    return {"qagen_parse_5": five / len(scenes), "qagen_correct": correct / max(1, total),
+            "qagen_blocks_per_output": blocks / len(scenes), "qagen_answer_text_correct": text_right / max(1, blocks)}
 
 
 def eval_filter(vl: NanoVL, scenes: Sequence[world.Scene], mcqs: Sequence[Sequence[MCQ]]) -> dict[str, float]:
@@ -144,34 +164,42 @@ def _fmt(name: str, value: float) -> str:
     return f"{name:34s} {value:.3f}   target {op} {bound}  {'OK' if ok else 'MISSED'}"
 
 
-def run(models: Path, n_scenes: int, log: Callable[[str], None] = print, device: str = "cpu") -> dict[str, float]:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(models: Path, n_scenes: int, log: Callable[[str], None] = _print, device: str = "cpu") -> dict[str, float]:
+    """Every metric on the first n_scenes held-out scenes, printed as it is measured."""
     scenes = data.eval_scenes(n_scenes)
     mcqs = eval_mcqs(scenes)
     res: dict[str, float] = {}
     t0 = time.time()
+
+    def add(part: dict[str, float]) -> None:
+        res.update(part)
+        for k, v in part.items():
+            log(_fmt(k, v))
+
     vl = NanoVL(models / VL_NAME, device=device)
     r, vl_caps = eval_captioner(vl, scenes)
-    res.update(r)
-    res.update(eval_qagen(vl, scenes))
-    res.update(eval_filter(vl, scenes, mcqs))
+    add(r)
+    add(eval_qagen(vl, scenes))
+    add(eval_filter(vl, scenes, mcqs))
     reader = NanoReaderEngine(models / READER_NAME, device=device)
-    res.update(eval_reader(reader, scenes))
+    add(eval_reader(reader, scenes))
     gt = [world.caption(s, i % 3) for i, s in enumerate(scenes)]
-    res["reward_gt"] = sum(caprl_reward(reader, gt, mcqs)) / len(scenes)
-    res["reward_empty"] = sum(caprl_reward(reader, [""] * len(scenes), mcqs)) / len(scenes)
-    res["reward_uninformative"] = sum(caprl_reward(reader, [world.UNINFORMATIVE_CAPTION] * len(scenes), mcqs)) / len(scenes)
-    res["reward_nano_vl"] = sum(caprl_reward(reader, vl_caps, mcqs)) / len(scenes)
+    add({"reward_gt": sum(caprl_reward(reader, gt, mcqs)) / len(scenes),
+         "reward_empty": sum(caprl_reward(reader, [""] * len(scenes), mcqs)) / len(scenes),
+         "reward_uninformative": sum(caprl_reward(reader, [world.UNINFORMATIVE_CAPTION] * len(scenes), mcqs))
+         / len(scenes),
+         "reward_nano_vl": sum(caprl_reward(reader, vl_caps, mcqs)) / len(scenes)})
     for name in UNDERTRAINED:
         if (models / name).exists():
-            m = NanoVL(models / name, device=device)
-            acc, caps = eval_captioner(m, scenes)
-            res[f"{name}_caption_exact"] = acc["caption_exact"]
-            res[f"{name}_caption_attribute_accuracy"] = acc["caption_attribute_accuracy"]
-            res[f"reward_{name}"] = sum(caprl_reward(reader, caps, mcqs)) / len(scenes)
-    res["eval_seconds"] = round(time.time() - t0, 1)
-    for k, v in res.items():
-        log(_fmt(k, v))
+            acc, caps = eval_captioner(NanoVL(models / name, device=device), scenes)
+            add({f"{name}_caption_exact": acc["caption_exact"],
+                 f"{name}_caption_attribute_accuracy": acc["caption_attribute_accuracy"],
+                 f"reward_{name}": sum(caprl_reward(reader, caps, mcqs)) / len(scenes)})
+    add({"eval_seconds": round(time.time() - t0, 1)})
     return res
 
 

@@ -79,6 +79,8 @@ class VLRecipe:
     phase2_steps: int = 1200
     phase2_lr: float = 5e-4
     phase2_warmup: int = 20
+    phase3_steps: int = 0
+    phase3_lr: float = 5e-4
 
 
 @dataclass
@@ -97,9 +99,11 @@ class ReaderRecipe:
     name: str = "nano-reader"
     lr: float = 2e-3
     warmup: int = 50
-    phase2_steps: int = 0
+    phase2_steps: int = 600
     phase2_lr: float = 1e-3
     phase2_warmup: int = 20
+    phase3_steps: int = 1500
+    phase3_lr: float = 1e-3
 
 
 def _optimizer(model: torch.nn.Module, sched: Schedule) -> torch.optim.Optimizer:
@@ -159,14 +163,14 @@ def _vl_steps(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, r
     return info
 
 
-def vl_phase2(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe,
-              seed: int = SEED, log: Log = print, device: str = "cpu") -> dict:
-    """Phase 2 (a warm restart): fresh AdamW, its own data stream, cosine from phase2_lr to phase2_lr/10."""
-    torch.manual_seed(seed + 1)
-    sched = Schedule(steps=recipe.phase2_steps, lr=recipe.phase2_lr, min_lr=recipe.phase2_lr / 10,
-                     warmup=recipe.phase2_warmup)
-    return _vl_steps(model, tok, build_processor(tok), recipe, data.stream(seed, "vl-train-2"), sched, out_root,
-                     "vl2", log, device, {})
+def vl_phase(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe,
+             phase: int, seed: int = SEED, log: Log = print, device: str = "cpu") -> dict:
+    """Phase 2 or 3 (warm restarts): fresh AdamW, the phase's own data stream, cosine lr -> lr/10."""
+    steps, lr = (recipe.phase2_steps, recipe.phase2_lr) if phase == 2 else (recipe.phase3_steps, recipe.phase3_lr)
+    torch.manual_seed(seed + phase - 1)
+    sched = Schedule(steps=steps, lr=lr, min_lr=lr / 10, warmup=recipe.phase2_warmup)
+    return _vl_steps(model, tok, build_processor(tok), recipe, data.stream(seed, f"vl-train-{phase}"), sched,
+                     out_root, f"vl{phase}", log, device, {})
 
 
 def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, seed: int = SEED,
@@ -178,10 +182,11 @@ def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, see
     model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).to(device)
     sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
     info = _vl_steps(model, tok, processor, recipe, rng, sched, out_root, "vl", log, device, recipe.snapshots)
-    if recipe.phase2_steps:
-        p2 = vl_phase2(model, tok, out_root, recipe, seed, log, device)
-        info.update(steps=info["steps"] + p2["steps"], seconds=round(info["seconds"] + p2["seconds"], 1),
-                    losses=info["losses"] + p2["losses"])
+    for phase, steps in ((2, recipe.phase2_steps), (3, recipe.phase3_steps)):
+        if steps:
+            more = vl_phase(model, tok, out_root, recipe, phase, seed, log, device)
+            info.update(steps=info["steps"] + more["steps"], seconds=round(info["seconds"] + more["seconds"], 1),
+                        losses=info["losses"] + more["losses"])
     save_model_dir(model, tok, processor, out_root / recipe.name)
     return info
 
@@ -229,13 +234,14 @@ def _reader_steps(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe: 
     return {"steps": sched.steps, "seconds": round(time.time() - t0, 1), "losses": losses}
 
 
-def reader_phase2(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRecipe,
-                  seed: int = SEED, log: Log = print) -> dict:
-    """Phase 2 (a warm restart): fresh AdamW, its own data stream, cosine from phase2_lr to phase2_lr/10."""
-    torch.manual_seed(seed + 1)
-    sched = Schedule(steps=recipe.phase2_steps, lr=recipe.phase2_lr, min_lr=recipe.phase2_lr / 10,
-                     warmup=recipe.phase2_warmup)
-    return _reader_steps(model, tok, recipe, data.stream(seed, "reader-train-2"), sched, out_root, "reader2", log)
+def reader_phase(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRecipe,
+                 phase: int, seed: int = SEED, log: Log = print) -> dict:
+    """Phase 2 or 3 (warm restarts): fresh AdamW, the phase's own data stream, cosine lr -> lr/10."""
+    steps, lr = (recipe.phase2_steps, recipe.phase2_lr) if phase == 2 else (recipe.phase3_steps, recipe.phase3_lr)
+    torch.manual_seed(seed + phase - 1)
+    sched = Schedule(steps=steps, lr=lr, min_lr=lr / 10, warmup=recipe.phase2_warmup)
+    stream = "reader-train-2" if phase == 2 else f"reader-train-{phase}"
+    return _reader_steps(model, tok, recipe, data.stream(seed, stream), sched, out_root, f"reader{phase}", log)
 
 
 def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRecipe, seed: int = SEED,
@@ -248,10 +254,11 @@ def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRec
     model = Qwen2ForCausalLM(cfg).to(device)
     sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
     info = _reader_steps(model, tok, recipe, rng, sched, out_root, "reader", log)
-    if recipe.phase2_steps:
-        p2 = reader_phase2(model, tok, out_root, recipe, seed, log)
-        info.update(steps=info["steps"] + p2["steps"], seconds=round(info["seconds"] + p2["seconds"], 1),
-                    losses=info["losses"] + p2["losses"])
+    for phase, steps in ((2, recipe.phase2_steps), (3, recipe.phase3_steps)):
+        if steps:
+            more = reader_phase(model, tok, out_root, recipe, phase, seed, log)
+            info.update(steps=info["steps"] + more["steps"], seconds=round(info["seconds"] + more["seconds"], 1),
+                        losses=info["losses"] + more["losses"])
     save_model_dir(model, tok, None, out_root / recipe.name)
     return info
 
