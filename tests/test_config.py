@@ -42,3 +42,9 @@ def test_fingerprint_ignores_runtime_fields():
     assert a.fingerprint("annotate") != c.fingerprint("annotate")
     assert a.fingerprint("download") == c.fingerprint("download")
     assert a.fingerprint("annotate") != RunConfig(shard_size=10).fingerprint("annotate")
+
+
+def test_real_model_manifest_validates():
+    cfg = load_config("manifests/caprl.yaml")
+    assert cfg.annotate.captioner.backend == "vllm" and cfg.annotate.reward.reader.backend == "openai"
+    assert cfg.annotate.sampling.max_new_tokens == 2048 and cfg.annotate.reward.n_draws == 8
