@@ -164,9 +164,10 @@ def small_captioner(tmp: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=600, help="images for the overhead benchmark")
-    ap.add_argument("--engine-images", type=int, default=256, help="images for the engine benchmark")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=2000,
+                    help="images for the overhead benchmark (large enough to amortize per-shard fixed costs)")
+    ap.add_argument("--engine-images", type=int, default=1024, help="images for the engine benchmark")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="decode workers (stage and bare loop alike)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=32)
