@@ -240,11 +240,7 @@ def _run_claimed(module, config, storage, stage, shard, fingerprint, resources, 
             report.retried.append(shard)
         report.stats[shard] = stats
         print(f"{stage} {name}: {stats.line()}", file=out, flush=True)
-    except Preempted:
-        txn.cleanup()
-        raise
-    except Exception as exc:  # noqa: BLE001 - isolate any shard failure
-        txn.cleanup()
+    except Exception as exc:  # noqa: BLE001 - isolate any shard failure (staging is removed by _run_one)
         message = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
         storage.record_failure(stage, shard, {
             "stage": stage, "shard": shard, "error": message, "error_type": type(exc).__name__,
