@@ -106,6 +106,22 @@ class ReaderRecipe:
     phase3_lr: float = 1e-3
 
 
+def _restart_schedule(recipe: VLRecipe | ReaderRecipe, phase: int, seed: int) -> Schedule:
+    """Phase 2 or 3 (warm restarts): seeds torch for the phase; cosine lr -> lr/10."""
+    steps, lr = (recipe.phase2_steps, recipe.phase2_lr) if phase == 2 else (recipe.phase3_steps, recipe.phase3_lr)
+    torch.manual_seed(seed + phase - 1)
+    return Schedule(steps=steps, lr=lr, min_lr=lr / 10, warmup=recipe.phase2_warmup)
+
+
+def _warm_restarts(info: dict, recipe: VLRecipe | ReaderRecipe, run_phase: Callable[[int], dict]) -> None:
+    """Run the recipe's phases 2 and 3 (those with steps) and add their steps, time and losses to `info`."""
+    for phase, steps in ((2, recipe.phase2_steps), (3, recipe.phase3_steps)):
+        if steps:
+            more = run_phase(phase)
+            info.update(steps=info["steps"] + more["steps"], seconds=round(info["seconds"] + more["seconds"], 1),
+                        losses=info["losses"] + more["losses"])
+
+
 def _optimizer(model: torch.nn.Module, sched: Schedule) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=sched.lr, betas=sched.betas, weight_decay=sched.weight_decay)
 
@@ -166,9 +182,7 @@ def _vl_steps(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, r
 def vl_phase(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe,
              phase: int, seed: int = SEED, log: Log = print, device: str = "cpu") -> dict:
     """Phase 2 or 3 (warm restarts): fresh AdamW, the phase's own data stream, cosine lr -> lr/10."""
-    steps, lr = (recipe.phase2_steps, recipe.phase2_lr) if phase == 2 else (recipe.phase3_steps, recipe.phase3_lr)
-    torch.manual_seed(seed + phase - 1)
-    sched = Schedule(steps=steps, lr=lr, min_lr=lr / 10, warmup=recipe.phase2_warmup)
+    sched = _restart_schedule(recipe, phase, seed)
     return _vl_steps(model, tok, build_processor(tok), recipe, data.stream(seed, f"vl-train-{phase}"), sched,
                      out_root, f"vl{phase}", log, device, {})
 
@@ -182,11 +196,7 @@ def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, see
     model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).to(device)
     sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
     info = _vl_steps(model, tok, processor, recipe, rng, sched, out_root, "vl", log, device, recipe.snapshots)
-    for phase, steps in ((2, recipe.phase2_steps), (3, recipe.phase3_steps)):
-        if steps:
-            more = vl_phase(model, tok, out_root, recipe, phase, seed, log, device)
-            info.update(steps=info["steps"] + more["steps"], seconds=round(info["seconds"] + more["seconds"], 1),
-                        losses=info["losses"] + more["losses"])
+    _warm_restarts(info, recipe, lambda phase: vl_phase(model, tok, out_root, recipe, phase, seed, log, device))
     save_model_dir(model, tok, processor, out_root / recipe.name)
     return info
 
@@ -237,11 +247,9 @@ def _reader_steps(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe: 
 def reader_phase(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRecipe,
                  phase: int, seed: int = SEED, log: Log = print) -> dict:
     """Phase 2 or 3 (warm restarts): fresh AdamW, the phase's own data stream, cosine lr -> lr/10."""
-    steps, lr = (recipe.phase2_steps, recipe.phase2_lr) if phase == 2 else (recipe.phase3_steps, recipe.phase3_lr)
-    torch.manual_seed(seed + phase - 1)
-    sched = Schedule(steps=steps, lr=lr, min_lr=lr / 10, warmup=recipe.phase2_warmup)
-    stream = "reader-train-2" if phase == 2 else f"reader-train-{phase}"
-    return _reader_steps(model, tok, recipe, data.stream(seed, stream), sched, out_root, f"reader{phase}", log)
+    sched = _restart_schedule(recipe, phase, seed)
+    return _reader_steps(model, tok, recipe, data.stream(seed, f"reader-train-{phase}"), sched, out_root,
+                         f"reader{phase}", log)
 
 
 def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRecipe, seed: int = SEED,
@@ -254,11 +262,7 @@ def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRec
     model = Qwen2ForCausalLM(cfg).to(device)
     sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
     info = _reader_steps(model, tok, recipe, rng, sched, out_root, "reader", log)
-    for phase, steps in ((2, recipe.phase2_steps), (3, recipe.phase3_steps)):
-        if steps:
-            more = reader_phase(model, tok, out_root, recipe, phase, seed, log)
-            info.update(steps=info["steps"] + more["steps"], seconds=round(info["seconds"] + more["seconds"], 1),
-                        losses=info["losses"] + more["losses"])
+    _warm_restarts(info, recipe, lambda phase: reader_phase(model, tok, out_root, recipe, phase, seed, log))
     save_model_dir(model, tok, None, out_root / recipe.name)
     return info
 
