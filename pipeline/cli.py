@@ -20,6 +20,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a manifest field, e.g. --set annotate.captioner.batch_size=16 (repeatable)")
 
 
+def _add_stage_and_shards(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", "-s", required=True, help="stage name: download, qa, train, annotate, evaluate")
+    p.add_argument("--shards", required=True, help="shard spec: '0-999', '3,7,10-12' or '5'")
+
+
 def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.manifest, args.overrides, root=args.root)
 
@@ -48,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run one stage over a set of shards in this process. Committed shards are "
                                      "skipped; a failing shard is recorded and the others go on; the exit code "
                                      "is 1 if any shard failed, 75 if stopped by SIGTERM/SIGUSR1.")
-    run.add_argument("--stage", "-s", required=True, help="stage name: download, qa, train, annotate, evaluate")
-    run.add_argument("--shards", required=True, help="shard spec: '0-999', '3,7,10-12' or '5'")
+    _add_stage_and_shards(run)
     _add_config_args(run)
     run.add_argument("--force", action="store_true", help="redo shards even if committed")
     run.add_argument("--failed-only", action="store_true",
@@ -63,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "through `python -m pipeline run`. The script is saved under ROOT/logs and submitted with "
                     "sbatch; task logs go to ROOT/logs (or slurm.log_dir). Environment set-up lines come from "
                     "the manifest's slurm.setup.")
-    submit.add_argument("--stage", "-s", required=True, help="stage name")
-    submit.add_argument("--shards", required=True, help="shard spec: '0-999', '3,7,10-12' or '5'")
+    _add_stage_and_shards(submit)
     submit.add_argument("--tasks", type=int, required=True, help="number of array tasks (capped at the shard count)")
     _add_config_args(submit)
     _add_resource_args(submit)
