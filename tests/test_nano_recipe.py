@@ -10,12 +10,18 @@ from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM
 
 from pipeline import world
-from pipeline.mcq import CANNOT_ANSWER, READER_PREFILL, reader_messages, shuffle_options
+from pipeline.mcq import (
+    CANNOT_ANSWER,
+    READER_PREFILL,
+    parse_generator_output,
+    reader_messages,
+    shuffle_options,
+)
 from pipeline.models.builders import tiny_text_config
 from pipeline.nano import data
 from pipeline.nano.encode import ids, prompt_text, reader_tree, split_reader_prompt
 from pipeline.nano.infer import tree_score
-from pipeline.nano.train import ReaderRecipe, VLRecipe, make_tokenizer, train_reader, train_vl
+from pipeline.nano.train import Phase, ReaderRecipe, VLRecipe, make_tokenizer, scaled, train_reader, train_vl
 from pipeline.nano.tree import tree_forward
 
 
@@ -37,21 +43,26 @@ def _falls(losses: list[float], k: int = 5) -> bool:
 
 
 def test_vl_short_training_loss_falls(tok, tmp_path):
-    recipe = VLRecipe(steps=30, batch=8, qagen_batch=2, snapshots={}, warmup=5, lr=3e-3, phase2_steps=0, phase3_steps=0)
+    recipe = VLRecipe(phases=[Phase(steps=25, lr=3e-3, warmup=5, captions=8),
+                              Phase(steps=10, lr=1e-3, warmup=2, captions=4, filters=4, qagen=2)],
+                      snapshots={"nano-vl-step5": 5, "nano-vl-step30": 30})
     info = train_vl(tok, tmp_path, recipe, seed=7, log=lambda _: None)
-    assert len(info["losses"]) == 30 and _falls(info["losses"])
-    assert (tmp_path / "nano-vl" / "model.safetensors").exists()
+    assert len(info["losses"]) == 35 and _falls(info["losses"][:25])
+    assert info["snapshots"]["nano-vl-step30"]["steps"] == 30  # counted across phases
+    for name in ("nano-vl", "nano-vl-step5", "nano-vl-step30"):
+        assert (tmp_path / name / "model.safetensors").exists()
 
 
 def test_reader_short_training_loss_falls(tok, tmp_path):
-    recipe = ReaderRecipe(steps=30, captions=4, questions=4, layers=2, warmup=5, lr=3e-3, phase2_steps=0, phase3_steps=0)
+    recipe = ReaderRecipe(phases=[Phase(steps=30, lr=3e-3, warmup=5, captions=4, drill=4)], questions=4, layers=2)
     info = train_reader(tok, tmp_path, recipe, seed=7, log=lambda _: None)
     assert _falls(info["losses"])
     assert (tmp_path / "nano-reader" / "model.safetensors").exists()
 
 
 def test_training_is_deterministic(tok, tmp_path):
-    recipe = ReaderRecipe(steps=3, captions=2, questions=2, layers=1, warmup=1, phase2_steps=2, phase3_steps=0)
+    recipe = ReaderRecipe(phases=[Phase(steps=3, lr=1e-3, warmup=1, drill=2),
+                                  Phase(steps=2, lr=1e-3, warmup=1, captions=2, drill=1)], questions=2, layers=1)
     train_reader(tok, tmp_path / "a", recipe, seed=3, log=lambda _: None)
     train_reader(tok, tmp_path / "b", recipe, seed=3, log=lambda _: None)
     train_reader(tok, tmp_path / "c", recipe, seed=4, log=lambda _: None)
@@ -143,12 +154,69 @@ def test_phase2_from_saved_weights_equals_in_process(tok, tmp_path):
 
     from pipeline.nano.train import reader_phase
 
-    full = ReaderRecipe(steps=2, captions=2, questions=2, layers=1, warmup=1, phase2_steps=2, phase3_steps=0)
+    full = ReaderRecipe(phases=[Phase(steps=2, lr=1e-3, warmup=1, drill=2),
+                                Phase(steps=2, lr=5e-4, warmup=1, captions=2, drill=1)], questions=2, layers=1)
     train_reader(tok, tmp_path / "a", full, seed=3, log=lambda _: None)
-    first = ReaderRecipe(steps=2, captions=2, questions=2, layers=1, warmup=1, phase2_steps=0, phase3_steps=0)
+    first = ReaderRecipe(phases=full.phases[:1], questions=2, layers=1)
     train_reader(tok, tmp_path / "b", first, seed=3, log=lambda _: None)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "nano-reader")
-    reader_phase(model, tok, tmp_path / "b", full, 2, seed=3, log=lambda _: None)
+    reader_phase(model, tok, tmp_path / "b", full, 1, seed=3, log=lambda _: None)
     want = load_file(tmp_path / "a" / "nano-reader" / "model.safetensors")
     got = dict(model.state_dict())
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_scaled_recipe_keeps_phases_and_snapshots():
+    quick = scaled(VLRecipe(), 0.1)
+    assert [p.steps for p in quick.phases] == [round(p.steps * 0.1) for p in VLRecipe().phases]
+    assert quick.snapshots == {k: round(v * 0.1) for k, v in VLRecipe().snapshots.items()}
+    assert all(p.lr == q.lr for p, q in zip(quick.phases, VLRecipe().phases, strict=True))
+
+
+def test_generator_text_is_canonical_and_right():
+    rng = data.stream(0, "test-layout")
+    for _ in range(100):
+        scene = world.sample_scene(rng)
+        chosen = data.generator_mcqs(scene, rng)
+        assert [q.qtype for q in chosen[:2]] == ["background", "count"] and len(chosen) == 5
+        for q in map(data.generator_layout, chosen):
+            assert list(q.options) == sorted(q.options, key=data._POOLS[q.qtype].index)
+            assert q.answer_text == world.answer_from_scene(world.scene_facts(scene), q.question)
+        mcqs, rejected = parse_generator_output(data.generator_text(scene, rng))
+        assert len(mcqs) == 5 and not rejected
+        assert all(q.answer_text == world.answer_from_scene(world.scene_facts(scene), q.question) for q in mcqs)
+
+
+def test_training_inputs_equal_the_processors(tok):
+    """The VL training batch carries exactly what the real processor gives the model at inference,
+    mm_token_type_ids included (without it Qwen2.5-VL trains on 1-D positions and fails under any
+    real processor, the hf engine and vLLM all)."""
+    from pipeline.mcq import CAPTION_PROMPT
+    from pipeline.models.builders import build_processor
+    from pipeline.nano.encode import collate_vl
+
+    processor = build_processor(tok)
+    scene = data.eval_scenes(1)[0]
+    ex = data.Example(data.image_messages(CAPTION_PROMPT), world.caption(scene), image=world.render(scene))
+    got = collate_vl(tok, processor.image_processor, [ex]).model_inputs()
+    want = processor(text=[prompt_text(tok, ex.messages)], images=[ex.image], return_tensors="pt")
+    n = want["input_ids"].shape[1]
+    assert set(want) <= set(got)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        assert torch.equal(got[key][:, :n], want[key]), key
+    assert torch.equal(got["pixel_values"], want["pixel_values"])
+    assert torch.equal(got["image_grid_thw"], want["image_grid_thw"])
+
+
+def test_drill_sequence_answers_follow_the_caption(tok):
+    from pipeline.nano.encode import drill_ids
+
+    rng = data.stream(0, "test-drill")
+    for _ in range(50):
+        cap, qas = data.drill_sequence(rng)
+        for question, value in qas:
+            stated = world.answer_from_scene(world.parse_caption(cap), question)
+            assert value == (stated or CANNOT_ANSWER)
+        seq, labels = drill_ids(tok, cap, qas)
+        answers = tok.decode([t for t, lab in zip(seq, labels, strict=True) if lab != -100])
+        assert answers == "".join(f" {v}.\n" for _, v in qas)

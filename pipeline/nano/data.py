@@ -20,6 +20,7 @@ from pipeline.mcq import (
     CANNOT_ANSWER,
     CAPTION_PROMPT,
     FILTER_SYSTEM,
+    LETTERS,
     MCQ,
     NONE_OF_THE_ABOVE,
     QA_GENERATION_PROMPT,
@@ -93,10 +94,56 @@ def caption_example(rng: random.Random) -> Example:
                    image=train_image(scene, rng), task="caption")
 
 
+_POOLS = {"background": (*world.BACKGROUNDS, "blue"), "count": world.COUNT_WORDS[1:],
+          "color_of_shape": world.COLORS, "shape_at": world.SHAPES, "color_at": world.COLORS,
+          "position_of": world.POSITIONS}
+
+
+def generator_layout(mcq: MCQ) -> MCQ:
+    """The nano generator's option layout: options in the world's canonical order (for 4-value pools the
+    whole pool, so the option lines are fixed per question type), the answer letter wherever the right
+    value falls. Letter and options are then a function of the answer value, which a model this small
+    learns quickly; the gate and the reward shuffle options anyway, so the order carries no bias."""
+    options = tuple(sorted(mcq.options, key=_POOLS[mcq.qtype].index))
+    return MCQ(question=mcq.question, options=options, answer=LETTERS[options.index(mcq.answer_text)],
+               source=mcq.source, qtype=mcq.qtype, meta=mcq.meta)
+
+
+def generator_mcqs(scene: world.Scene, rng: random.Random) -> list[MCQ]:
+    """The 5 questions the nano generator asks about a scene, chosen by a fixed rule: background, count,
+    the shape of the first object (canonical order), the colour of the last, then where the middle one
+    is (or the first other question the scene supports). Distractors stay random.
+
+    A fixed choice makes every generated token a function of the image, which a model this small
+    learns far faster than a random pick among equally good questions (what greedy decoding would
+    have to break ties on)."""
+    by_key = {(q.qtype, q.meta["key"]): q for q in world.scene_mcqs(scene, rng)}
+    objs = scene.objects
+    first, last, mid = objs[0], objs[-1], objs[len(objs) // 2]
+    wanted = [("background", "bg"), ("count", "count"), ("shape_at", first.position), ("color_at", last.position),
+              ("position_of", f"{mid.color} {mid.shape}"), ("color_of_shape", first.shape),
+              *(("position_of", f"{o.color} {o.shape}") for o in objs), *(("shape_at", o.position) for o in objs),
+              *(("color_at", o.position) for o in objs)]
+    chosen: list[MCQ] = []
+    for key in wanted:
+        q = by_key.get(key)
+        if q is not None and q not in chosen:
+            chosen.append(q)
+        if len(chosen) == 5:
+            break
+    return chosen
+
+
+def generator_text(scene: world.Scene, rng: random.Random) -> str:
+    """What the nano generator is taught to write: generator_mcqs in generator_layout, generator format."""
+    mcqs = generator_mcqs(scene, rng)
+    return format_generator_output([generator_layout(q) for q in mcqs])
+
+
 def qagen_example(rng: random.Random) -> Example:
     scene = train_scene(rng)
-    text = format_generator_output(world.pick_mcqs(scene, rng, k=5))
-    return Example(image_messages(QA_GENERATION_PROMPT), text, image=train_image(scene, rng), task="qagen")
+    return Example(image_messages(QA_GENERATION_PROMPT), generator_text(scene, rng),
+                   image=train_image(scene, rng), task="qagen")
 
 
 def _broken(mcq: MCQ, pool: tuple[str, ...], rng: random.Random) -> MCQ | None:
@@ -107,11 +154,6 @@ def _broken(mcq: MCQ, pool: tuple[str, ...], rng: random.Random) -> MCQ | None:
     opts = list(mcq.options)
     opts[mcq.answer_index] = rng.choice(spare)
     return MCQ(question=mcq.question, options=tuple(opts), answer=mcq.answer, qtype=mcq.qtype)
-
-
-_POOLS = {"background": (*world.BACKGROUNDS, "blue"), "count": world.COUNT_WORDS[1:],
-          "color_of_shape": world.COLORS, "shape_at": world.SHAPES, "color_at": world.COLORS,
-          "position_of": world.POSITIONS}
 
 
 def filter_example(rng: random.Random, with_image: bool | None = None) -> Example:
@@ -155,20 +197,40 @@ def reader_answer(caption_text: str, shown: ShuffledMCQ) -> str:
     return shown.options[idx] if idx is not None else CANNOT_ANSWER
 
 
+def _by_type(mcqs: list[MCQ]) -> dict[str, list[MCQ]]:
+    by_type: dict[str, list[MCQ]] = {}
+    for q in mcqs:
+        by_type.setdefault(q.qtype, []).append(q)
+    return by_type
+
+
+def _pick_balanced(by_type: dict[str, list[MCQ]], rng: random.Random) -> MCQ:
+    """A question of a uniformly chosen type (so rare types weigh as much as common ones)."""
+    return rng.choice(by_type[rng.choice(sorted(by_type))])
+
+
 def reader_group(rng: random.Random, k: int) -> tuple[str, list[tuple[ShuffledMCQ, str]]]:
     """One caption and k questions about its scene (question types balanced), each with its target option."""
     scene = train_scene(rng)
     cap, _ = reader_caption(scene, rng)
-    pool = world.scene_mcqs(scene, rng)
-    by_type: dict[str, list[MCQ]] = {}
-    for q in pool:
-        by_type.setdefault(q.qtype, []).append(q)
+    by_type = _by_type(world.scene_mcqs(scene, rng))
     out = []
     for _ in range(k):
-        q = rng.choice(by_type[rng.choice(sorted(by_type))])
+        q = _pick_balanced(by_type, rng)
         shown = shuffle_options(q, rng, extra_option=CANNOT_ANSWER)
         out.append((shown, reader_answer(cap, shown)))
     return cap, out
+
+
+def drill_sequence(rng: random.Random, questions: int = 1, full: float = 0.8) -> tuple[str, list[tuple[str, str]]]:
+    """A caption (full with probability `full`, else any reader_caption kind) and `questions` of its
+    scene's questions (types balanced), each with the value the caption states or CANNOT_ANSWER."""
+    scene = train_scene(rng)
+    cap = world.caption(scene, rng.randrange(3)) if rng.random() < full else reader_caption(scene, rng)[0]
+    stated = world.parse_caption(cap)
+    by_type = _by_type(world.scene_mcqs(scene, rng))
+    picked = [_pick_balanced(by_type, rng) for _ in range(questions)]
+    return cap, [(q.question, world.answer_from_scene(stated, q.question) or CANNOT_ANSWER) for q in picked]
 
 
 def reader_example(rng: random.Random) -> Example:
@@ -191,7 +253,9 @@ def tokenizer_corpus(seed: int, n_scenes: int = 400) -> Iterator[str]:
         scene = world.sample_scene(rng)
         for t in range(3):
             yield world.caption(scene, t)
-        yield format_generator_output(world.pick_mcqs(scene, rng, k=5))
+        # every question type in generator format (a random pick, wider than the generator's fixed rule)
+        picked = world.pick_mcqs(scene, rng, k=5)
+        yield format_generator_output([generator_layout(q) for q in picked])
         for ex in (filter_example(rng, True), filter_example(rng, False), reader_example(rng)):
             for m in ex.messages:
                 c = m["content"]

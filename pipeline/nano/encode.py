@@ -41,8 +41,18 @@ class VLBatch:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
 
+    @property
+    def mm_token_type_ids(self) -> torch.Tensor:
+        """1 on image placeholder tokens, 0 elsewhere: what the Qwen2.5-VL processor returns, and what the
+        model needs to give image tokens their 3-D (t, h, w) rotary positions. Without it the model
+        falls back to 1-D positions, so a model trained without it fails under every real processor."""
+        return (self.input_ids == self.image_token_id).long()
+
+    image_token_id: int = -1
+
     def model_inputs(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        d = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
+        d = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels,
+             "mm_token_type_ids": self.mm_token_type_ids}
         if self.pixel_values is not None:
             d["pixel_values"] = self.pixel_values
             d["image_grid_thw"] = self.image_grid_thw
@@ -65,7 +75,7 @@ def collate_vl(tok: PreTrainedTokenizerBase, image_processor, examples: Sequence
     if images:
         feats = image_processor(images=images, return_tensors="pt")
         pv, grid = feats["pixel_values"], feats["image_grid_thw"]
-    return VLBatch(input_ids, mask, labels, pv, grid)
+    return VLBatch(input_ids, mask, labels, pv, grid, tok.convert_tokens_to_ids(IMAGE_PAD))
 
 
 # -- reader trees ---------------------------------------------------------------------------------
@@ -106,3 +116,31 @@ def reader_tree(tok: PreTrainedTokenizerBase, groups: Sequence[tuple[str, Sequen
         prompt_lens.append(lens)
     assert prefix is not None
     return prefix, mids, leaves, prompt_lens
+
+
+# -- reader drill ---------------------------------------------------------------------------
+def drill_ids(tok: PreTrainedTokenizerBase, caption: str, qas: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """'Caption: ...' then 'Question: q' / 'The answer is value.' lines; labels only on ' value.'."""
+    seq = ids(tok, f"Caption: {caption}\n")
+    labels = [-100] * len(seq)
+    for question, value in qas:
+        q = ids(tok, f"{_QUESTION} {question}\n{READER_PREFILL}")
+        a = ids(tok, f" {value}.\n")
+        seq += q + a
+        labels += [-100] * len(q) + a
+    return seq, labels
+
+
+def collate_drill(tok: PreTrainedTokenizerBase, rows: Sequence[tuple[str, Sequence[tuple[str, str]]]]
+                  ) -> dict[str, torch.Tensor]:
+    """Right-padded batch of drill sequences (input_ids, attention_mask, labels)."""
+    enc = [drill_ids(tok, cap, qas) for cap, qas in rows]
+    width = max(len(i) for i, _ in enc)
+    out = {"input_ids": torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long),
+           "attention_mask": torch.zeros((len(enc), width), dtype=torch.long),
+           "labels": torch.full((len(enc), width), -100, dtype=torch.long)}
+    for r, (i, lab) in enumerate(enc):
+        out["input_ids"][r, : len(i)] = torch.tensor(i)
+        out["attention_mask"][r, : len(i)] = 1
+        out["labels"][r, : len(lab)] = torch.tensor(lab)
+    return out

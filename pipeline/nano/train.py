@@ -18,7 +18,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from pipeline.models.builders import (
     tiny_vl_config,
 )
 from pipeline.nano import data
-from pipeline.nano.encode import collate_vl, reader_tree
+from pipeline.nano.encode import collate_drill, collate_vl, reader_tree
 from pipeline.nano.tree import tree_forward
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,26 +67,48 @@ class Schedule:
 
 
 @dataclass
+class Phase:
+    """One optimisation phase: fresh AdamW, warm-up then cosine lr -> lr/10, its own data stream.
+
+    Per-step batch sizes: for nano-VL, captions / filters / qagen examples; for the reader, `captions`
+    captions x the recipe's `questions` in the exact reward prompt (a tree) and `drill` short drill
+    sequences (caption, question, value: `drill_loss`)."""
+
+    steps: int
+    lr: float
+    warmup: int = 50
+    captions: int = 0
+    filters: int = 0
+    qagen: int = 0
+    drill: int = 0
+
+    def schedule(self) -> Schedule:
+        return Schedule(steps=self.steps, lr=self.lr, min_lr=self.lr / 10, warmup=self.warmup)
+
+
+@dataclass
 class VLRecipe:
-    steps: int = 1600
-    batch: int = 16
-    qagen_batch: int = 4
-    filter_frac: float = 0.35
+    """nano-VL: captioning alone first (perception; the under-trained snapshots come from it), then all
+    three tasks (captions, gate-filter answers, MCQ generation) on the learned features."""
+
+    phases: list[Phase] = field(default_factory=lambda: [
+        Phase(steps=1500, lr=1e-3, captions=32),
+        Phase(steps=700, lr=5e-4, warmup=20, captions=12, filters=12, qagen=4),
+        Phase(steps=800, lr=5e-4, warmup=20, captions=8, filters=24, qagen=8),
+    ])
     snapshots: dict[str, int] = field(default_factory=lambda: {"nano-vl-step300": 300, "nano-vl-step600": 600})
     name: str = "nano-vl"
-    lr: float = 1e-3
-    warmup: int = 50
-    phase2_steps: int = 1200
-    phase2_lr: float = 5e-4
-    phase2_warmup: int = 20
-    phase3_steps: int = 0
-    phase3_lr: float = 5e-4
 
 
 @dataclass
 class ReaderRecipe:
-    steps: int = 1000
-    captions: int = 8
+    """nano-reader: a text-only Qwen2; the drill first, then the drill with the exact reward prompt (a tree
+    of captions x questions); answers are option text."""
+
+    phases: list[Phase] = field(default_factory=lambda: [
+        Phase(steps=3000, lr=2e-3, drill=32),
+        Phase(steps=1200, lr=1e-3, warmup=20, captions=8, drill=16),
+    ])
     questions: int = 4
     hidden: int = 128
     layers: int = 4
@@ -94,32 +116,20 @@ class ReaderRecipe:
     kv_heads: int = 2
     ffn: int = 512
     per_example_loss: bool = True
-    few_shot_frac: float = 1.0
+    few_shot_frac: float = 0.5
     """fraction of steps whose prompts carry the two few-shot examples (the rest: no examples)"""
+    drill_weight: float = 1.0
     name: str = "nano-reader"
-    lr: float = 2e-3
-    warmup: int = 50
-    phase2_steps: int = 600
-    phase2_lr: float = 1e-3
-    phase2_warmup: int = 20
-    phase3_steps: int = 1500
-    phase3_lr: float = 1e-3
 
 
-def _restart_schedule(recipe: VLRecipe | ReaderRecipe, phase: int, seed: int) -> Schedule:
-    """Phase 2 or 3 (warm restarts): seeds torch for the phase; cosine lr -> lr/10."""
-    steps, lr = (recipe.phase2_steps, recipe.phase2_lr) if phase == 2 else (recipe.phase3_steps, recipe.phase3_lr)
-    torch.manual_seed(seed + phase - 1)
-    return Schedule(steps=steps, lr=lr, min_lr=lr / 10, warmup=recipe.phase2_warmup)
-
-
-def _warm_restarts(info: dict, recipe: VLRecipe | ReaderRecipe, run_phase: Callable[[int], dict]) -> None:
-    """Run the recipe's phases 2 and 3 (those with steps) and add their steps, time and losses to `info`."""
-    for phase, steps in ((2, recipe.phase2_steps), (3, recipe.phase3_steps)):
-        if steps:
-            more = run_phase(phase)
-            info.update(steps=info["steps"] + more["steps"], seconds=round(info["seconds"] + more["seconds"], 1),
-                        losses=info["losses"] + more["losses"])
+def scaled(recipe: VLRecipe | ReaderRecipe, factor: float) -> VLRecipe | ReaderRecipe:
+    """The recipe with every phase's step count (and snapshot step) multiplied by `factor` (quick runs)."""
+    phases = [replace(p, steps=max(1, round(p.steps * factor)), warmup=max(1, round(p.warmup * min(1.0, factor))))
+              for p in recipe.phases]
+    if isinstance(recipe, VLRecipe):
+        snaps = {k: max(1, round(v * factor)) for k, v in recipe.snapshots.items()}
+        return replace(recipe, phases=phases, snapshots=snaps)
+    return replace(recipe, phases=phases)
 
 
 def _optimizer(model: torch.nn.Module, sched: Schedule) -> torch.optim.Optimizer:
@@ -144,63 +154,96 @@ def _sha_dir(path: Path) -> dict[str, str]:
 
 
 Log = Callable[[str], None]
+StepLoss = Callable[[random.Random], torch.Tensor]
+Save = Callable[[Path], None]
 
 
-def _vl_steps(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, recipe: VLRecipe,
-              rng: random.Random, sched: Schedule, out_root: Path, tag: str, log: Log, device: str,
-              snapshots: dict[str, int]) -> dict:
-    """One optimisation phase of nano-VL (fresh AdamW): every step = a caption/filter batch + an
-    MCQ-generation batch, losses summed."""
+def run_phase(model: torch.nn.Module, recipe: VLRecipe | ReaderRecipe, index: int, seed: int, loss_fn: StepLoss,
+              save: Save, out_root: Path, log: Log, step_offset: int = 0) -> dict:
+    """Phase `index` of the recipe: torch seeded with seed + index, the phase's own scene stream, fresh
+    AdamW; checkpoints every CHECKPOINT_EVERY steps and the recipe's snapshots (counted over all phases)."""
+    phase = recipe.phases[index]
+    torch.manual_seed(seed + index)
+    rng = data.stream(seed, f"{recipe.name}-train-{index}")
+    sched = phase.schedule()
+    snapshots = getattr(recipe, "snapshots", {})
     model.train()
     opt = _optimizer(model, sched)
     losses: list[float] = []
     t0 = time.time()
-    info: dict = {"snapshots": {}}
-    for step in range(sched.steps):
-        short = [data.filter_example(rng) if rng.random() < recipe.filter_frac else data.caption_example(rng)
-                 for _ in range(recipe.batch)]
-        loss = model(**collate_vl(tok, processor.image_processor, short).model_inputs(device)).loss
-        if recipe.qagen_batch:
-            qa = [data.qagen_example(rng) for _ in range(recipe.qagen_batch)]
-            loss = loss + model(**collate_vl(tok, processor.image_processor, qa).model_inputs(device)).loss
+    snaps: dict[str, dict] = {}
+    for step in range(phase.steps):
+        loss = loss_fn(rng)
         _step(model, opt, sched, step, loss)
         losses.append(loss.item())
         done = step + 1
-        if done % 50 == 0 or done == sched.steps:
-            log(f"[{tag}] step {done}/{sched.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
-                f"{time.time() - t0:.0f}s")
-        if done % CHECKPOINT_EVERY == 0 and done < sched.steps:
-            save_model_dir(model, tok, processor, out_root / CHECKPOINTS / f"{recipe.name}-{tag}-step{done}")
+        if done % 50 == 0 or done == phase.steps:
+            log(f"[{recipe.name} phase {index + 1}] step {done}/{phase.steps} "
+                f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f} {time.time() - t0:.0f}s")
+        if done % CHECKPOINT_EVERY == 0 and done < phase.steps:
+            save(out_root / CHECKPOINTS / f"{recipe.name}-phase{index + 1}-step{done}")
         for snap, at in snapshots.items():
-            if done == at:
-                save_model_dir(model, tok, processor, out_root / snap)
-                info["snapshots"][snap] = {"steps": at, "seconds": round(time.time() - t0, 1)}
-    info.update(steps=sched.steps, seconds=round(time.time() - t0, 1), losses=losses)
+            if step_offset + done == at:
+                save(out_root / snap)
+                snaps[snap] = {"steps": at, "seconds": round(time.time() - t0, 1)}
+    return {"steps": phase.steps, "seconds": round(time.time() - t0, 1), "losses": losses, "snapshots": snaps}
+
+
+def train_phases(model: torch.nn.Module, recipe: VLRecipe | ReaderRecipe, seed: int, loss_fns: list[StepLoss],
+                 save: Save, out_root: Path, log: Log) -> dict:
+    """Every phase in order (phase i uses loss_fns[i]), then the final save under the recipe's name;
+    steps, seconds and losses summed over phases, snapshot times counted from the start."""
+    info: dict = {"steps": 0, "seconds": 0.0, "losses": [], "snapshots": {}}
+    for index, loss_fn in enumerate(loss_fns):
+        part = run_phase(model, recipe, index, seed, loss_fn, save, out_root, log, step_offset=info["steps"])
+        for snap, s in part["snapshots"].items():
+            info["snapshots"][snap] = {**s, "seconds": round(info["seconds"] + s["seconds"], 1)}
+        info.update(steps=info["steps"] + part["steps"], seconds=round(info["seconds"] + part["seconds"], 1),
+                    losses=info["losses"] + part["losses"])
+    save(out_root / recipe.name)
     return info
 
 
+# -- nano-VL --------------------------------------------------------------------------------------
+def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, phase: Phase,
+               device: str) -> StepLoss:
+    """One nano-VL step's loss: a mixed caption + filter batch, plus (if any) an MCQ-generation batch
+    (long sequences, so batched on their own); the two mean token losses are summed."""
+
+    def loss(rng: random.Random) -> torch.Tensor:
+        kinds = ["caption"] * phase.captions + ["filter"] * phase.filters
+        total = torch.zeros((), device=device)
+        if kinds:
+            short = [data.caption_example(rng) if k == "caption" else data.filter_example(rng) for k in kinds]
+            total = total + model(**collate_vl(tok, processor.image_processor, short).model_inputs(device)).loss
+        if phase.qagen:
+            qa = [data.qagen_example(rng) for _ in range(phase.qagen)]
+            total = total + model(**collate_vl(tok, processor.image_processor, qa).model_inputs(device)).loss
+        return total
+
+    return loss
+
+
 def vl_phase(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe,
-             phase: int, seed: int = SEED, log: Log = print, device: str = "cpu") -> dict:
-    """Phase 2 or 3 (warm restarts): fresh AdamW, the phase's own data stream, cosine lr -> lr/10."""
-    sched = _restart_schedule(recipe, phase, seed)
-    return _vl_steps(model, tok, build_processor(tok), recipe, data.stream(seed, f"vl-train-{phase}"), sched,
-                     out_root, f"vl{phase}", log, device, {})
+             index: int, seed: int = SEED, log: Log = print, device: str = "cpu") -> dict:
+    """Run phase `index` of the recipe on `model` alone (e.g. resuming from a saved earlier phase)."""
+    processor = build_processor(tok)
+    return run_phase(model, recipe, index, seed, vl_loss_fn(model, tok, processor, recipe.phases[index], device),
+                     lambda path: save_model_dir(model, tok, processor, path), out_root, log)
 
 
 def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, seed: int = SEED,
              log: Log = print, device: str = "cpu") -> dict:
-    """Multi-task nano-VL: phase 1 from scratch (snapshots on the way), then the optional phase 2."""
-    torch.manual_seed(seed)
-    rng = data.stream(seed, "vl-train")
+    """Multi-task nano-VL from scratch: every phase of the recipe (snapshots on the way)."""
     processor = build_processor(tok)
+    torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).to(device)
-    sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
-    info = _vl_steps(model, tok, processor, recipe, rng, sched, out_root, "vl", log, device, recipe.snapshots)
-    _warm_restarts(info, recipe, lambda phase: vl_phase(model, tok, out_root, recipe, phase, seed, log, device))
-    save_model_dir(model, tok, processor, out_root / recipe.name)
-    return info
+    fns = [vl_loss_fn(model, tok, processor, p, device) for p in recipe.phases]
+    return train_phases(model, recipe, seed, fns, lambda path: save_model_dir(model, tok, processor, path),
+                        out_root, log)
 
 
+# -- nano-reader ----------------------------------------------------------------------------------
 def reader_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: random.Random, n_captions: int,
                 k: int, per_example: bool = False, few_shot: bool = True) -> torch.Tensor:
     """Cross-entropy of the targets over a tree of n_captions captions x k questions each: the mean over
@@ -223,52 +266,54 @@ def reader_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: rando
     return flat.sum() / (labels[:, 1:] != -100).sum()
 
 
-def _reader_steps(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe: ReaderRecipe,
-                  rng: random.Random, sched: Schedule, out_root: Path, tag: str, log: Log) -> dict:
-    """One optimisation phase of the reader (fresh AdamW)."""
-    model.train()
-    opt = _optimizer(model, sched)
-    losses: list[float] = []
-    t0 = time.time()
-    for step in range(sched.steps):
-        few_shot = recipe.few_shot_frac >= 1 or rng.random() < recipe.few_shot_frac
-        loss = reader_loss(model, tok, rng, recipe.captions, recipe.questions, recipe.per_example_loss, few_shot)
-        _step(model, opt, sched, step, loss)
-        losses.append(loss.item())
-        done = step + 1
-        if done % 50 == 0 or done == sched.steps:
-            log(f"[{tag}] step {done}/{sched.steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
-                f"{time.time() - t0:.0f}s")
-        if done % CHECKPOINT_EVERY == 0 and done < sched.steps:
-            save_model_dir(model, tok, None, out_root / CHECKPOINTS / f"{recipe.name}-{tag}-step{done}")
-    return {"steps": sched.steps, "seconds": round(time.time() - t0, 1), "losses": losses}
+def drill_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: random.Random, n: int) -> torch.Tensor:
+    """Mean answer-token loss over n drill sequences ('Caption: ...', 'Question: ...', 'The answer is'
+    value): short, mostly full captions, the question right before its answer, so the caption-reading
+    circuits form long before they would from the full reward prompt alone (where the long prompt
+    dilutes the signal and mixed question types interfere)."""
+    batch = collate_drill(tok, [data.drill_sequence(rng) for _ in range(n)])
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss
+
+
+def reader_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe: ReaderRecipe,
+                   phase: Phase) -> StepLoss:
+    """One reader step's loss: the reward-prompt tree (if the phase has captions) + the drill (if any)."""
+
+    def loss(rng: random.Random) -> torch.Tensor:
+        total = torch.zeros((), device=next(model.parameters()).device)
+        if phase.captions:
+            few_shot = recipe.few_shot_frac >= 1 or rng.random() < recipe.few_shot_frac
+            total = total + reader_loss(model, tok, rng, phase.captions, recipe.questions, recipe.per_example_loss,
+                                        few_shot)
+        if phase.drill:
+            total = total + recipe.drill_weight * drill_loss(model, tok, rng, phase.drill)
+        return total
+
+    return loss
 
 
 def reader_phase(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRecipe,
-                 phase: int, seed: int = SEED, log: Log = print) -> dict:
-    """Phase 2 or 3 (warm restarts): fresh AdamW, the phase's own data stream, cosine lr -> lr/10."""
-    sched = _restart_schedule(recipe, phase, seed)
-    return _reader_steps(model, tok, recipe, data.stream(seed, f"reader-train-{phase}"), sched, out_root,
-                         f"reader{phase}", log)
+                 index: int, seed: int = SEED, log: Log = print) -> dict:
+    """Run phase `index` of the recipe on `model` alone (e.g. resuming from a saved earlier phase)."""
+    return run_phase(model, recipe, index, seed, reader_loss_fn(model, tok, recipe, recipe.phases[index]),
+                     lambda path: save_model_dir(model, tok, None, path), out_root, log)
 
 
 def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRecipe, seed: int = SEED,
                  log: Log = print, device: str = "cpu") -> dict:
     """Text-only nano-reader: answers ' ' + option text + '.' after the reward's exact prompt and pre-fill."""
     torch.manual_seed(seed)
-    rng = data.stream(seed, "reader-train")
     cfg = tiny_text_config(tok, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
-                             kv_heads=recipe.kv_heads, ffn=recipe.ffn)
+                           kv_heads=recipe.kv_heads, ffn=recipe.ffn)
     model = Qwen2ForCausalLM(cfg).to(device)
-    sched = Schedule(steps=recipe.steps, lr=recipe.lr, min_lr=recipe.lr / 10, warmup=recipe.warmup)
-    info = _reader_steps(model, tok, recipe, rng, sched, out_root, "reader", log)
-    _warm_restarts(info, recipe, lambda phase: reader_phase(model, tok, out_root, recipe, phase, seed, log))
-    save_model_dir(model, tok, None, out_root / recipe.name)
-    return info
+    fns = [reader_loss_fn(model, tok, recipe, p) for p in recipe.phases]
+    return train_phases(model, recipe, seed, fns, lambda path: save_model_dir(model, tok, None, path),
+                        out_root, log)
 
 
 # -- orchestration --------------------------------------------------------------------------------
-def _job(kind: str, out_root: str, seed: int, threads: int, overrides: dict, device: str) -> dict:
+def _job(kind: str, out_root: str, seed: int, threads: int, scale: float, device: str) -> dict:
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -280,7 +325,7 @@ def _job(kind: str, out_root: str, seed: int, threads: int, overrides: dict, dev
         print(msg, flush=True)
         logf.write(msg + "\n")
 
-    recipe = VLRecipe(**overrides) if kind == "vl" else ReaderRecipe(**overrides)
+    recipe = scaled(VLRecipe() if kind == "vl" else ReaderRecipe(), scale)
     try:
         if isinstance(recipe, VLRecipe):
             info = train_vl(tok, root, recipe, seed, log, device)
@@ -326,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(NANO_DIR))
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads per training process")
-    ap.add_argument("--vl-steps", type=int, default=None)
-    ap.add_argument("--reader-steps", type=int, default=None)
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every phase's step count (quick trials; the committed models use 1)")
     ap.add_argument("--no-eval", action="store_true", help="skip the eval written into MANIFEST.json")
     ap.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
     ap.add_argument("--tokenizer", default=None, help="reuse this tokenizer dir instead of training one")
@@ -340,9 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else make_tokenizer(args.seed)
     tok.save_pretrained(out / TOKENIZER_DIR)
-    overrides = {"vl": {} if args.vl_steps is None else {"steps": args.vl_steps},
-                 "reader": {} if args.reader_steps is None else {"steps": args.reader_steps}}
-    jobs = [(k, str(out), args.seed, args.threads, overrides[k], args.device) for k in kinds]
+    jobs = [(k, str(out), args.seed, args.threads, args.scale, args.device) for k in kinds]
     if len(jobs) == 1:
         results = [_job(*jobs[0])]
     else:
