@@ -40,6 +40,7 @@ class VLBatch:
     labels: torch.Tensor
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    image_token_id: int = -1
 
     @property
     def mm_token_type_ids(self) -> torch.Tensor:
@@ -47,8 +48,6 @@ class VLBatch:
         model needs to give image tokens their 3-D (t, h, w) rotary positions. Without it the model
         falls back to 1-D positions, so a model trained without it fails under every real processor."""
         return (self.input_ids == self.image_token_id).long()
-
-    image_token_id: int = -1
 
     def model_inputs(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         d = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels,
@@ -59,17 +58,23 @@ class VLBatch:
         return {k: v.to(device) for k, v in d.items()}
 
 
-def collate_vl(tok: PreTrainedTokenizerBase, image_processor, examples: Sequence[Example]) -> VLBatch:
-    """Right-padded batch; pixel values for the examples that carry an image, in order."""
-    enc = [encode_example(tok, ex) for ex in examples]
+def pad_right(enc: Sequence[tuple[list[int], list[int]]], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, labels) rows -> right-padded input_ids, attention_mask, labels (-100 on padding)."""
     width = max(len(i) for i, _ in enc)
-    input_ids = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
     labels = torch.full((len(enc), width), -100, dtype=torch.long)
     mask = torch.zeros((len(enc), width), dtype=torch.long)
     for r, (i, lab) in enumerate(enc):
         input_ids[r, : len(i)] = torch.tensor(i)
         labels[r, : len(lab)] = torch.tensor(lab)
         mask[r, : len(i)] = 1
+    return input_ids, mask, labels
+
+
+def collate_vl(tok: PreTrainedTokenizerBase, image_processor, examples: Sequence[Example]) -> VLBatch:
+    """Right-padded batch; pixel values for the examples that carry an image, in order."""
+    input_ids, mask, labels = pad_right([encode_example(tok, ex) for ex in examples], tok.pad_token_id)
     images: list[Image.Image] = [ex.image for ex in examples if ex.image is not None]
     pv = grid = None
     if images:
@@ -118,7 +123,7 @@ def reader_tree(tok: PreTrainedTokenizerBase, groups: Sequence[tuple[str, Sequen
     return prefix, mids, leaves, prompt_lens
 
 
-# -- reader drill ---------------------------------------------------------------------------
+# -- reader drill ---------------------------------------------------------------------------------
 def drill_ids(tok: PreTrainedTokenizerBase, caption: str, qas: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """'Caption: ...' then 'Question: q' / 'The answer is value.' lines; labels only on ' value.'."""
     seq = ids(tok, f"Caption: {caption}\n")
@@ -134,13 +139,5 @@ def drill_ids(tok: PreTrainedTokenizerBase, caption: str, qas: Sequence[tuple[st
 def collate_drill(tok: PreTrainedTokenizerBase, rows: Sequence[tuple[str, Sequence[tuple[str, str]]]]
                   ) -> dict[str, torch.Tensor]:
     """Right-padded batch of drill sequences (input_ids, attention_mask, labels)."""
-    enc = [drill_ids(tok, cap, qas) for cap, qas in rows]
-    width = max(len(i) for i, _ in enc)
-    out = {"input_ids": torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long),
-           "attention_mask": torch.zeros((len(enc), width), dtype=torch.long),
-           "labels": torch.full((len(enc), width), -100, dtype=torch.long)}
-    for r, (i, lab) in enumerate(enc):
-        out["input_ids"][r, : len(i)] = torch.tensor(i)
-        out["attention_mask"][r, : len(i)] = 1
-        out["labels"][r, : len(lab)] = torch.tensor(lab)
-    return out
+    input_ids, mask, labels = pad_right([drill_ids(tok, cap, qas) for cap, qas in rows], tok.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
