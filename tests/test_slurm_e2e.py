@@ -176,6 +176,9 @@ def test_failed_task_reported_by_status(tmp_path, slurm_cluster, served_world): 
     assert after["rows"] == before["rows"]  # the 404 is still a 404, recorded once
 
 
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
 def test_time_limit_warning_requeues_task(tmp_path, slurm_cluster, served_world):  # noqa: F811
     """USR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): the task aborts its shard,
     exits 75 and, with --requeue, puts itself back in the queue; the requeued run finishes only what is left."""
@@ -206,8 +209,12 @@ def test_time_limit_warning_requeues_task(tmp_path, slurm_cluster, served_world)
     assert task["Restarts"] == "1", task
     # SLURM holds a requeued job back for a while (BeginTime); let it start now instead of in minutes.
     subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], check=True)
-    wait_for_job(job, timeout=60)
-    assert committed(root, "fetch") == {2, 3}
+    # wait on the task's own state: squeue can list nothing for a moment while the requeued task is re-queued
+    deadline = time.monotonic() + 90
+    while (task := job_tasks(job)[0])["JobState"] not in TERMINAL_STATES:
+        assert time.monotonic() < deadline, task
+        time.sleep(0.3)
+    assert committed(root, "fetch") == {2, 3}, task
     text = log.read_text()
     assert "stopped by signal 10" in text and "exit code 75" in text, text
     assert "skipping 1 committed shard(s) [2]" in text, text  # the requeued run did not redo shard 2
