@@ -207,14 +207,18 @@ def test_time_limit_warning_requeues_task(tmp_path, slurm_cluster, served_world)
         assert time.monotonic() < deadline, task
         time.sleep(0.2)
     assert task["Restarts"] == "1", task
-    # SLURM holds a requeued job back for a while (BeginTime); let it start now instead of in minutes.
-    subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], check=True)
-    # wait on the task's own state: squeue can list nothing for a moment while the requeued task is re-queued
+    # SLURM holds a requeued job back for a while (BeginTime); let it start now instead of in minutes. The
+    # update can be lost while the controller is still settling the requeue, so repeat it while pending, and
+    # wait on the task's own state (squeue can list nothing for a moment mid-requeue).
     deadline = time.monotonic() + 90
+    while (task := job_tasks(job)[0])["JobState"] == "PENDING":
+        subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], capture_output=True)
+        assert time.monotonic() < deadline, task
+        time.sleep(1.0)
     while (task := job_tasks(job)[0])["JobState"] not in TERMINAL_STATES:
         assert time.monotonic() < deadline, task
         time.sleep(0.3)
-    assert committed(root, "fetch") == {2, 3}, task
+    assert committed(root, "fetch") == {2, 3}, {k: task.get(k) for k in ("JobState", "Reason", "Restarts", "ExitCode")}
     text = log.read_text()
     assert "stopped by signal 10" in text and "exit code 75" in text, text
     assert "skipping 1 committed shard(s) [2]" in text, text  # the requeued run did not redo shard 2
