@@ -207,14 +207,12 @@ def test_time_limit_warning_requeues_task(tmp_path, slurm_cluster, served_world)
         assert time.monotonic() < deadline, task
         time.sleep(0.2)
     assert task["Restarts"] == "1", task
-    # SLURM holds a requeued job back for a while (BeginTime); let it start now instead of in minutes. The
-    # update can be lost while the controller is still settling the requeue, so repeat it while pending, and
-    # wait on the task's own state (squeue can list nothing for a moment mid-requeue).
+    # SLURM holds a requeued job back for a while (BeginTime); let it start now instead of in minutes. Not in
+    # the same second as the requeue: slurmctld revokes the old run's credential with a one-second timestamp
+    # and kills a relaunch inside that second ("Job credential revoked"; the task then FAILS, exit 1).
+    time.sleep(2.0)
+    subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], check=True)
     deadline = time.monotonic() + 90
-    while (task := job_tasks(job)[0])["JobState"] == "PENDING":
-        subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], capture_output=True)
-        assert time.monotonic() < deadline, task
-        time.sleep(1.0)
     while (task := job_tasks(job)[0])["JobState"] not in TERMINAL_STATES:
         assert time.monotonic() < deadline, task
         time.sleep(0.3)
