@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -213,10 +214,105 @@ def test_drill_sequence_answers_follow_the_caption(tok):
 
     rng = data.stream(0, "test-drill")
     for _ in range(50):
-        cap, qas = data.drill_sequence(rng)
-        for question, value in qas:
-            stated = world.answer_from_scene(world.parse_caption(cap), question)
-            assert value == (stated or CANNOT_ANSWER)
-        seq, labels = drill_ids(tok, cap, qas)
-        answers = tok.decode([t for t, lab in zip(seq, labels, strict=True) if lab != -100])
-        assert answers == "".join(f" {v}.\n" for _, v in qas)
+        cap, qas = data.drill_sequence(rng, questions=2)
+        for qa in qas:
+            stated = world.answer_from_scene(world.parse_caption(cap), qa.question)
+            assert qa.value == (stated or CANNOT_ANSWER)
+            assert (qa.evidence is None) == (stated is None)
+        row = drill_ids(tok, cap, qas)
+        answers = tok.decode([t for t, lab in zip(row.ids, row.labels, strict=True) if lab != -100])
+        assert answers == "".join(f" {qa.value}.\n" for qa in qas)
+
+
+def test_drill_attention_targets_the_clause_that_states_the_answer(tok):
+    """Each supervised query is a position that predicts a value token; its target is the caption token
+    ending the clause of the asked object (which has seen all the object's words), or the stated
+    background / count word."""
+    from pipeline.nano.encode import drill_ids
+
+    rng = data.stream(1, "test-drill-attention")
+    checked = set()
+    for _ in range(80):
+        cap, qas = data.drill_sequence(rng, questions=3, full=1.0)
+        row = drill_ids(tok, cap, qas)
+        assert row.attend and all(t < q for q, t in row.attend)
+        for q, _ in row.attend:
+            assert row.labels[q + 1] != -100  # q predicts a value token
+        for qa in qas:
+            clause = cap[: qa.evidence].lower()
+            last = re.split(r"[.,:]| and ", clause)[-1]
+            if "background" in qa.question:
+                assert clause.endswith(("white", "black", "gray"))
+                checked.add("background")
+            elif qa.question.startswith("How many"):
+                assert clause.endswith(("one", "two", "three"))
+                checked.add("count")
+            elif qa.question.startswith("Where"):
+                obj = qa.question.removeprefix("Where is the ").rstrip("?")
+                assert obj in last and qa.value in last, (cap, qa)
+                checked.add("position")
+            else:
+                assert qa.value in last, (cap, qa)
+                checked.add("attribute")
+    target_words = {tok.decode([row.ids[t]]).strip() for _, t in row.attend}
+    assert target_words and all(w.isalpha() for w in target_words)
+    assert checked == {"background", "count", "position", "attribute"}
+
+
+def test_evidence_end_is_none_when_the_caption_omits_the_object():
+    scene = world.Scene(background="black", objects=(world.SceneObject("star", "red", "top left"),
+                                                     world.SceneObject("circle", "blue", "bottom right")))
+    partial = world.caption(scene, 0, objects=(scene.objects[0],))
+    by_key = {q.meta["key"]: q for q in world.scene_mcqs(scene, random.Random(0))}
+    assert data.evidence_end(partial, by_key["bottom right"]) is None
+    assert data.evidence_end(partial, by_key["red star"]) == len(partial) - 1  # '... a red star.'
+    assert data.evidence_end("", by_key["bg"]) is None
+
+
+def test_attention_supervision_trains_the_chosen_head(tok):
+    """The drill's attention loss is differentiable through the chosen head and falls when trained."""
+    from pipeline.nano.train import drill_loss
+
+    torch.manual_seed(0)
+    cfg = tiny_text_config(tok, layers=2, heads=2, kv_heads=1)
+    model = Qwen2ForCausalLM(cfg)
+    model.set_attn_implementation("eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    plain = drill_loss(model, tok, random.Random(0), 8, 2)
+    losses = []
+    for step in range(30):
+        loss = drill_loss(model, tok, random.Random(step % 3), 8, 2, (1.0, -1, 0)) - drill_loss(
+            model, tok, random.Random(step % 3), 8, 2).detach()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert plain.item() > 0 and _falls(losses)
+
+
+def test_generator_answer_lines_are_emphasised(tok):
+    """qagen examples weigh exactly their 'Answer: X) text' line tokens more; with all weights 1 the
+    weighted loss is the model's own loss."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pipeline.models.builders import build_processor, tiny_vl_config
+    from pipeline.nano.encode import collate_vl, target_weights
+
+    ex = data.qagen_example(data.stream(0, "test-emphasis"))
+    target_ids = ids(tok, ex.target + "<|im_end|>")
+    weights = target_weights(tok, ex, 3.0)
+    heavy = tok.decode([t for t, w in zip(target_ids, weights, strict=True) if w == 3.0])
+    assert heavy == "".join(line for line in ex.target.splitlines() if line.startswith("Answer: "))
+    assert heavy.count("Answer:") == 5 and set(weights) == {1.0, 3.0}
+
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).eval()
+    processor = build_processor(tok)
+    plain = collate_vl(tok, processor.image_processor, [ex, data.caption_example(data.stream(1, "x"))])
+    assert plain.weights is None
+    ones = collate_vl(tok, processor.image_processor, [ex, data.caption_example(data.stream(1, "x"))], 1.0 + 1e-9)
+    heavy_batch = collate_vl(tok, processor.image_processor, [ex, data.caption_example(data.stream(1, "x"))], 3.0)
+    with torch.no_grad():
+        base = plain.loss(model)
+        assert torch.allclose(ones.loss(model), base, atol=1e-5)
+        assert not torch.allclose(heavy_batch.loss(model), base, atol=1e-5)

@@ -9,6 +9,7 @@ eval scene.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,10 @@ class Example:
     prefill: str = ""
     image: Image.Image | None = None
     task: str = ""
+    emphasis: tuple[tuple[int, int], ...] = ()  # character spans of the target whose tokens weigh more
+
+
+ANSWER_LINE = re.compile(r"^Answer: .*$", re.MULTILINE)
 
 
 def stream(seed: int, name: str) -> random.Random:
@@ -141,9 +146,12 @@ def generator_text(scene: world.Scene, rng: random.Random) -> str:
 
 
 def qagen_example(rng: random.Random) -> Example:
+    """MCQ generation; the 'Answer: X) text' lines are emphasised (the letter and the option text must agree,
+    a copy from the option lines that the small decoder learns late and that decides whether an MCQ parses)."""
     scene = train_scene(rng)
-    return Example(image_messages(QA_GENERATION_PROMPT), generator_text(scene, rng),
-                   image=train_image(scene, rng), task="qagen")
+    text = generator_text(scene, rng)
+    return Example(image_messages(QA_GENERATION_PROMPT), text, image=train_image(scene, rng), task="qagen",
+                   emphasis=tuple(m.span() for m in ANSWER_LINE.finditer(text)))
 
 
 def _broken(mcq: MCQ, pool: tuple[str, ...], rng: random.Random) -> MCQ | None:
@@ -222,15 +230,69 @@ def reader_group(rng: random.Random, k: int) -> tuple[str, list[tuple[ShuffledMC
     return cap, out
 
 
-def drill_sequence(rng: random.Random, questions: int = 1, full: float = 0.8) -> tuple[str, list[tuple[str, str]]]:
+@dataclass
+class DrillQA:
+    """One drill question: its text, the value the caption states (or CANNOT_ANSWER), and where the
+    caption states it (`evidence_end`; None when it does not)."""
+
+    question: str
+    value: str
+    evidence: int | None = None
+
+
+def drill_sequence(rng: random.Random, questions: int = 1, full: float = 0.8) -> tuple[str, list[DrillQA]]:
     """A caption (full with probability `full`, else any reader_caption kind) and `questions` of its
     scene's questions (types balanced), each with the value the caption states or CANNOT_ANSWER."""
     scene = train_scene(rng)
     cap = world.caption(scene, rng.randrange(3)) if rng.random() < full else reader_caption(scene, rng)[0]
     stated = world.parse_caption(cap)
     by_type = _by_type(world.scene_mcqs(scene, rng))
-    picked = [_pick_balanced(by_type, rng) for _ in range(questions)]
-    return cap, [(q.question, world.answer_from_scene(stated, q.question) or CANNOT_ANSWER) for q in picked]
+    out = []
+    for _ in range(questions):
+        q = _pick_balanced(by_type, rng)
+        value = world.answer_from_scene(stated, q.question)
+        out.append(DrillQA(q.question, value or CANNOT_ANSWER, evidence_end(cap, q) if value else None))
+    return cap, out
+
+
+_CLAUSE = re.compile(r"[^.;:,]+")
+
+
+def _clauses(caption_text: str) -> Iterator[tuple[int, int]]:
+    """Character spans of the caption's clauses (split at . ; : , and ' and '), spaces trimmed."""
+    for m in _CLAUSE.finditer(caption_text):
+        start = m.start()
+        for part in re.split(r"( and )", m.group()):
+            if part != " and " and part.strip():
+                lead = len(part) - len(part.lstrip())
+                yield start + lead, start + len(part.rstrip())
+            start += len(part)
+
+
+def evidence_end(caption_text: str, mcq: MCQ) -> int | None:
+    """Where the caption states the answer to `mcq`, as the character offset just past it: for object
+    questions the end of the clause that describes the object (its last word has seen the whole clause in
+    every template, so it is where attributes are bound together), for background and count the end of
+    the stated value. None when the caption does not state it."""
+    low = caption_text.lower()
+    if mcq.qtype == "background":
+        m = world._BG_RE.search(low)
+        return m.end(1) if m else None
+    if mcq.qtype == "count":
+        m = world._COUNT_RE.search(low)
+        return m.end(1) if m else None
+    key = str(mcq.meta.get("key", ""))
+    for start, end in _clauses(low):
+        clause = low[start:end]
+        if mcq.qtype in ("shape_at", "color_at"):
+            hit = re.search(rf"\b{key}\b", clause) and world._OBJ_RE.search(clause)
+        elif mcq.qtype == "color_of_shape":
+            hit = any(m.group(2) == key for m in world._OBJ_RE.finditer(clause))
+        else:  # position_of: key is 'color shape'
+            hit = re.search(rf"\b{key}\b", clause) and world._POS_RE.search(clause)
+        if hit:
+            return end
+    return None
 
 
 def reader_example(rng: random.Random) -> Example:

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.mcq import READER_PREFILL, ShuffledMCQ, reader_messages
 from pipeline.models.builders import IMAGE_TOKENS
-from pipeline.nano.data import Example
+from pipeline.nano.data import DrillQA, Example
 
 END = "<|im_end|>"
 IMAGE_PAD = "<|image_pad|>"
@@ -33,6 +33,13 @@ def encode_example(tok: PreTrainedTokenizerBase, ex: Example) -> tuple[list[int]
     return p + t, [-100] * len(p) + t
 
 
+def target_weights(tok: PreTrainedTokenizerBase, ex: Example, weight: float) -> list[float]:
+    """Per-token loss weights of the target + end-of-turn token: `weight` on tokens overlapping one of the
+    example's emphasis spans, 1 elsewhere."""
+    offsets = tok(ex.target + END, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [weight if any(a < e and s < b for s, e in ex.emphasis) else 1.0 for a, b in offsets]
+
+
 @dataclass
 class VLBatch:
     input_ids: torch.Tensor
@@ -41,6 +48,7 @@ class VLBatch:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     image_token_id: int = -1
+    weights: torch.Tensor | None = None  # per-token loss weights aligned with labels (None: all 1)
 
     @property
     def mm_token_type_ids(self) -> torch.Tensor:
@@ -57,6 +65,18 @@ class VLBatch:
             d["image_grid_thw"] = self.image_grid_thw
         return {k: v.to(device) for k, v in d.items()}
 
+    def loss(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The model's mean target-token loss, or with `weights` the weighted mean."""
+        inputs = self.model_inputs(device)
+        if self.weights is None:
+            return model(**inputs).loss
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits[:, :-1].float()
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                               ignore_index=-100, reduction="none")
+        w = self.weights[:, 1:].reshape(-1).to(device) * (labels[:, 1:].reshape(-1) != -100)
+        return (ce * w).sum() / w.sum()
+
 
 def pad_right(enc: Sequence[tuple[list[int], list[int]]], pad_id: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,15 +92,24 @@ def pad_right(enc: Sequence[tuple[list[int], list[int]]], pad_id: int
     return input_ids, mask, labels
 
 
-def collate_vl(tok: PreTrainedTokenizerBase, image_processor, examples: Sequence[Example]) -> VLBatch:
-    """Right-padded batch; pixel values for the examples that carry an image, in order."""
-    input_ids, mask, labels = pad_right([encode_example(tok, ex) for ex in examples], tok.pad_token_id)
+def collate_vl(tok: PreTrainedTokenizerBase, image_processor, examples: Sequence[Example],
+               emphasis_weight: float = 1.0) -> VLBatch:
+    """Right-padded batch; pixel values for the examples that carry an image, in order; per-token weights
+    when emphasis_weight != 1 and some example has emphasis spans."""
+    enc = [encode_example(tok, ex) for ex in examples]
+    input_ids, mask, labels = pad_right(enc, tok.pad_token_id)
+    weights = None
+    if emphasis_weight != 1.0 and any(ex.emphasis for ex in examples):
+        weights = torch.zeros(labels.shape)
+        for r, (ex, (i, _)) in enumerate(zip(examples, enc, strict=True)):
+            w = target_weights(tok, ex, emphasis_weight)
+            weights[r, len(i) - len(w): len(i)] = torch.tensor(w)
     images: list[Image.Image] = [ex.image for ex in examples if ex.image is not None]
     pv = grid = None
     if images:
         feats = image_processor(images=images, return_tensors="pt")
         pv, grid = feats["pixel_values"], feats["image_grid_thw"]
-    return VLBatch(input_ids, mask, labels, pv, grid, tok.convert_tokens_to_ids(IMAGE_PAD))
+    return VLBatch(input_ids, mask, labels, pv, grid, tok.convert_tokens_to_ids(IMAGE_PAD), weights)
 
 
 # -- reader trees ---------------------------------------------------------------------------------
@@ -124,20 +153,48 @@ def reader_tree(tok: PreTrainedTokenizerBase, groups: Sequence[tuple[str, Sequen
 
 
 # -- reader drill ---------------------------------------------------------------------------------
-def drill_ids(tok: PreTrainedTokenizerBase, caption: str, qas: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+_DRILL_CAPTION = "Caption: "
+
+
+@dataclass
+class DrillRow:
+    """A tokenized drill sequence: ids, labels (only on ' value.' tokens) and attention supervision:
+    (query position, caption token position) pairs, the query being each position that predicts a value
+    token and the target the caption token where the caption states the answer."""
+
+    ids: list[int]
+    labels: list[int]
+    attend: list[tuple[int, int]]
+
+
+def _token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
+    """Index of the token that covers character `char` (the last one starting at or before it)."""
+    return max(i for i, (a, _) in enumerate(offsets) if a <= char)
+
+
+def drill_ids(tok: PreTrainedTokenizerBase, caption: str, qas: Sequence[DrillQA]) -> DrillRow:
     """'Caption: ...' then 'Question: q' / 'The answer is value.' lines; labels only on ' value.'."""
-    seq = ids(tok, f"Caption: {caption}\n")
+    head = f"{_DRILL_CAPTION}{caption}\n"
+    enc = tok(head, add_special_tokens=False, return_offsets_mapping=True)
+    seq, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     labels = [-100] * len(seq)
-    for question, value in qas:
-        q = ids(tok, f"{_QUESTION} {question}\n{READER_PREFILL}")
-        a = ids(tok, f" {value}.\n")
+    attend: list[tuple[int, int]] = []
+    for qa in qas:
+        q = ids(tok, f"{_QUESTION} {qa.question}\n{READER_PREFILL}")
+        a = ids(tok, f" {qa.value}.\n")
+        if qa.evidence is not None:
+            target = _token_at(offsets, len(_DRILL_CAPTION) + qa.evidence - 1)
+            first = len(seq) + len(q) - 1  # the position that predicts the first value token
+            attend += [(first + k, target) for k in range(len(ids(tok, f" {qa.value}")))]
         seq += q + a
         labels += [-100] * len(q) + a
-    return seq, labels
+    return DrillRow(seq, labels, attend)
 
 
-def collate_drill(tok: PreTrainedTokenizerBase, rows: Sequence[tuple[str, Sequence[tuple[str, str]]]]
-                  ) -> dict[str, torch.Tensor]:
-    """Right-padded batch of drill sequences (input_ids, attention_mask, labels)."""
-    input_ids, mask, labels = pad_right([drill_ids(tok, cap, qas) for cap, qas in rows], tok.pad_token_id)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+def collate_drill(tok: PreTrainedTokenizerBase, rows: Sequence[tuple[str, Sequence[DrillQA]]]
+                  ) -> tuple[dict[str, torch.Tensor], list[list[tuple[int, int]]]]:
+    """Right-padded batch of drill sequences (input_ids, attention_mask, labels) and each row's
+    attention supervision pairs."""
+    enc = [drill_ids(tok, cap, qas) for cap, qas in rows]
+    input_ids, mask, labels = pad_right([(r.ids, r.labels) for r in enc], tok.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}, [r.attend for r in enc]
