@@ -93,16 +93,19 @@ def test_filter_needs_the_image(vl, scenes, mcqs):
 
 
 def test_reader(reader, scenes):
-    res = nano_eval.eval_reader(reader, scenes)
+    res = nano_eval.eval_reader(reader, scenes)  # 20 scenes: 0.84 overall; 200 scenes: 0.82
     assert res["reader_cannot_uninformative"] >= 0.9
-    assert res["reader_gt_count"] >= 0.8
+    assert res["reader_gt_count"] >= 0.9 and res["reader_gt_background"] >= 0.9
+    assert res["reader_gt_accuracy"] >= 0.7
+    # binding: a reader that copies *some* object's attribute scores ~0.6 on these two
+    assert res["reader_gt_shape_at"] >= 0.8 and res["reader_gt_position_of"] >= 0.7
 
 
 def test_reward_separates_good_from_empty_captions(reader, scenes, mcqs):
     gt = [world.caption(s, i % 3) for i, s in enumerate(scenes)]
     good = sum(nano_eval.caprl_reward(reader, gt, mcqs)) / N
     empty = sum(nano_eval.caprl_reward(reader, [""] * N, mcqs)) / N
-    assert good - empty >= 0.1
+    assert good >= 0.7 and good - empty >= 0.6  # 20 scenes: 0.82 / 0.0; 200 scenes: 0.87 / 0.0
 
 
 def test_committed_tokenizer_is_the_recipe_tokenizer():

@@ -290,29 +290,34 @@ def test_attention_supervision_trains_the_chosen_head(tok):
     assert plain.item() > 0 and _falls(losses)
 
 
-def test_generator_answer_lines_are_emphasised(tok):
-    """qagen examples weigh exactly their 'Answer: X) text' line tokens more; with all weights 1 the
-    weighted loss is the model's own loss."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def test_reward_prompt_attention_targets(tok):
+    """In the reward-prompt tree, each supervised pair maps a leaf position that predicts a value token of
+    the target option to the caption token where that value is stated (the clause end for objects)."""
+    from pipeline.nano.train import tree_attention_targets
 
-    from pipeline.models.builders import build_processor, tiny_vl_config
-    from pipeline.nano.encode import collate_vl, target_weights
-
-    ex = data.qagen_example(data.stream(0, "test-emphasis"))
-    target_ids = ids(tok, ex.target + "<|im_end|>")
-    weights = target_weights(tok, ex, 3.0)
-    heavy = tok.decode([t for t, w in zip(target_ids, weights, strict=True) if w == 3.0])
-    assert heavy == "".join(line for line in ex.target.splitlines() if line.startswith("Answer: "))
-    assert heavy.count("Answer:") == 5 and set(weights) == {1.0, 3.0}
-
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).eval()
-    processor = build_processor(tok)
-    plain = collate_vl(tok, processor.image_processor, [ex, data.caption_example(data.stream(1, "x"))])
-    assert plain.weights is None
-    ones = collate_vl(tok, processor.image_processor, [ex, data.caption_example(data.stream(1, "x"))], 1.0 + 1e-9)
-    heavy_batch = collate_vl(tok, processor.image_processor, [ex, data.caption_example(data.stream(1, "x"))], 3.0)
-    with torch.no_grad():
-        base = plain.loss(model)
-        assert torch.allclose(ones.loss(model), base, atol=1e-5)
-        assert not torch.allclose(heavy_batch.loss(model), base, atol=1e-5)
+    rng = data.stream(2, "test-tree-attention")
+    groups, targets, answers = [], [], []
+    for _ in range(6):
+        cap, items = data.reader_group(rng, 4)
+        groups.append((cap, [s for s, _ in items]))
+        targets.append([data.option_target(a) for _, a in items])
+        answers.append([a for _, a in items])
+    prefix, mids, leaves, plens = reader_tree(tok, groups, targets, few_shot=True)
+    attend = tree_attention_targets(tok, groups, answers, prefix, mids, plens, True)
+    width = max(len(m) for m in mids)
+    supervised = 0
+    for r, pairs in enumerate(attend):
+        g, j = divmod(r, 4)
+        keys = list(prefix) + [tok.pad_token_id] * (width - len(mids[g])) + list(mids[g])
+        leaf = leaves[g][j]
+        assert (not pairs) == (answers[g][j] == CANNOT_ANSWER or not groups[g][0])
+        for t, (q, key) in enumerate(pairs):
+            assert q == plens[g][j] - 1 + t
+            value_token = tok.decode([leaf[q + 1]]).strip()
+            assert value_token and value_token in answers[g][j]
+            base = len(prefix) + width - len(mids[g])
+            assert base <= key < len(keys)
+            cap, shown = groups[g][0], groups[g][1][j]
+            assert tok.decode(mids[g][: key - base + 1]) == cap[: data.evidence_end(cap, shown.mcq)]
+            supervised += 1
+    assert supervised >= 6

@@ -49,10 +49,6 @@ class Example:
     prefill: str = ""
     image: Image.Image | None = None
     task: str = ""
-    emphasis: tuple[tuple[int, int], ...] = ()  # character spans of the target whose tokens weigh more
-
-
-ANSWER_LINE = re.compile(r"^Answer: .*$", re.MULTILINE)
 
 
 def stream(seed: int, name: str) -> random.Random:
@@ -146,12 +142,9 @@ def generator_text(scene: world.Scene, rng: random.Random) -> str:
 
 
 def qagen_example(rng: random.Random) -> Example:
-    """MCQ generation; the 'Answer: X) text' lines are emphasised (the letter and the option text must agree,
-    a copy from the option lines that the small decoder learns late and that decides whether an MCQ parses)."""
     scene = train_scene(rng)
-    text = generator_text(scene, rng)
-    return Example(image_messages(QA_GENERATION_PROMPT), text, image=train_image(scene, rng), task="qagen",
-                   emphasis=tuple(m.span() for m in ANSWER_LINE.finditer(text)))
+    return Example(image_messages(QA_GENERATION_PROMPT), generator_text(scene, rng),
+                   image=train_image(scene, rng), task="qagen")
 
 
 def _broken(mcq: MCQ, pool: tuple[str, ...], rng: random.Random) -> MCQ | None:

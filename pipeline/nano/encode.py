@@ -33,13 +33,6 @@ def encode_example(tok: PreTrainedTokenizerBase, ex: Example) -> tuple[list[int]
     return p + t, [-100] * len(p) + t
 
 
-def target_weights(tok: PreTrainedTokenizerBase, ex: Example, weight: float) -> list[float]:
-    """Per-token loss weights of the target + end-of-turn token: `weight` on tokens overlapping one of the
-    example's emphasis spans, 1 elsewhere."""
-    offsets = tok(ex.target + END, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return [weight if any(a < e and s < b for s, e in ex.emphasis) else 1.0 for a, b in offsets]
-
-
 @dataclass
 class VLBatch:
     input_ids: torch.Tensor
@@ -48,7 +41,6 @@ class VLBatch:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     image_token_id: int = -1
-    weights: torch.Tensor | None = None  # per-token loss weights aligned with labels (None: all 1)
 
     @property
     def mm_token_type_ids(self) -> torch.Tensor:
@@ -65,18 +57,6 @@ class VLBatch:
             d["image_grid_thw"] = self.image_grid_thw
         return {k: v.to(device) for k, v in d.items()}
 
-    def loss(self, model: torch.nn.Module, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The model's mean target-token loss, or with `weights` the weighted mean."""
-        inputs = self.model_inputs(device)
-        if self.weights is None:
-            return model(**inputs).loss
-        labels = inputs.pop("labels")
-        logits = model(**inputs).logits[:, :-1].float()
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                               ignore_index=-100, reduction="none")
-        w = self.weights[:, 1:].reshape(-1).to(device) * (labels[:, 1:].reshape(-1) != -100)
-        return (ce * w).sum() / w.sum()
-
 
 def pad_right(enc: Sequence[tuple[list[int], list[int]]], pad_id: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,24 +72,15 @@ def pad_right(enc: Sequence[tuple[list[int], list[int]]], pad_id: int
     return input_ids, mask, labels
 
 
-def collate_vl(tok: PreTrainedTokenizerBase, image_processor, examples: Sequence[Example],
-               emphasis_weight: float = 1.0) -> VLBatch:
-    """Right-padded batch; pixel values for the examples that carry an image, in order; per-token weights
-    when emphasis_weight != 1 and some example has emphasis spans."""
-    enc = [encode_example(tok, ex) for ex in examples]
-    input_ids, mask, labels = pad_right(enc, tok.pad_token_id)
-    weights = None
-    if emphasis_weight != 1.0 and any(ex.emphasis for ex in examples):
-        weights = torch.zeros(labels.shape)
-        for r, (ex, (i, _)) in enumerate(zip(examples, enc, strict=True)):
-            w = target_weights(tok, ex, emphasis_weight)
-            weights[r, len(i) - len(w): len(i)] = torch.tensor(w)
+def collate_vl(tok: PreTrainedTokenizerBase, image_processor, examples: Sequence[Example]) -> VLBatch:
+    """Right-padded batch; pixel values for the examples that carry an image, in order."""
+    input_ids, mask, labels = pad_right([encode_example(tok, ex) for ex in examples], tok.pad_token_id)
     images: list[Image.Image] = [ex.image for ex in examples if ex.image is not None]
     pv = grid = None
     if images:
         feats = image_processor(images=images, return_tensors="pt")
         pv, grid = feats["pixel_values"], feats["image_grid_thw"]
-    return VLBatch(input_ids, mask, labels, pv, grid, tok.convert_tokens_to_ids(IMAGE_PAD), weights)
+    return VLBatch(input_ids, mask, labels, pv, grid, tok.convert_tokens_to_ids(IMAGE_PAD))
 
 
 # -- reader trees ---------------------------------------------------------------------------------

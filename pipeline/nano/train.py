@@ -37,7 +37,7 @@ from pipeline.models.builders import (
     tiny_vl_config,
 )
 from pipeline.nano import data
-from pipeline.nano.encode import collate_drill, collate_vl, reader_tree
+from pipeline.nano.encode import collate_drill, collate_vl, ids, reader_tree, split_reader_prompt
 from pipeline.nano.tree import tree_forward
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +97,6 @@ class VLRecipe:
         Phase(steps=800, lr=5e-4, warmup=20, captions=8, filters=24, qagen=8),
     ])
     snapshots: dict[str, int] = field(default_factory=lambda: {"nano-vl-step300": 300, "nano-vl-step600": 600})
-    answer_line_weight: float = 4.0  # loss weight of the generator's 'Answer: X) text' line tokens
     name: str = "nano-vl"
 
 
@@ -107,8 +106,8 @@ class ReaderRecipe:
     of captions x questions); answers are option text."""
 
     phases: list[Phase] = field(default_factory=lambda: [
-        Phase(steps=2500, lr=3e-4, drill=32),
-        Phase(steps=1000, lr=2e-4, warmup=20, captions=8, drill=16),
+        Phase(steps=2000, lr=3e-4, drill=32),
+        Phase(steps=800, lr=2e-4, warmup=20, captions=8, drill=16),
     ])
     questions: int = 4
     hidden: int = 128
@@ -215,9 +214,9 @@ def train_phases(model: torch.nn.Module, recipe: VLRecipe | ReaderRecipe, seed: 
 
 # -- nano-VL --------------------------------------------------------------------------------------
 def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, phase: Phase,
-               device: str, answer_line_weight: float = 1.0) -> StepLoss:
+               device: str) -> StepLoss:
     """One nano-VL step's loss: a mixed caption + filter batch, plus (if any) an MCQ-generation batch
-    (long sequences, so batched on their own, answer lines weighted); the two mean token losses are summed."""
+    (long sequences, so batched on their own); the two mean token losses are summed."""
 
     def loss(rng: random.Random) -> torch.Tensor:
         kinds = ["caption"] * phase.captions + ["filter"] * phase.filters
@@ -227,7 +226,7 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
             total = total + model(**collate_vl(tok, processor.image_processor, short).model_inputs(device)).loss
         if phase.qagen:
             qa = [data.qagen_example(rng) for _ in range(phase.qagen)]
-            total = total + collate_vl(tok, processor.image_processor, qa, answer_line_weight).loss(model, device)
+            total = total + model(**collate_vl(tok, processor.image_processor, qa).model_inputs(device)).loss
         return total
 
     return loss
@@ -237,8 +236,7 @@ def vl_phase(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Pat
              index: int, seed: int = SEED, log: Log = print, device: str = "cpu") -> dict:
     """Run phase `index` of the recipe on `model` alone (e.g. resuming from a saved earlier phase)."""
     processor = build_processor(tok)
-    fn = vl_loss_fn(model, tok, processor, recipe.phases[index], device, recipe.answer_line_weight)
-    return run_phase(model, recipe, index, seed, fn,
+    return run_phase(model, recipe, index, seed, vl_loss_fn(model, tok, processor, recipe.phases[index], device),
                      lambda path: save_model_dir(model, tok, processor, path), out_root, log)
 
 
@@ -248,23 +246,53 @@ def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, see
     processor = build_processor(tok)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).to(device)
-    fns = [vl_loss_fn(model, tok, processor, p, device, recipe.answer_line_weight) for p in recipe.phases]
+    fns = [vl_loss_fn(model, tok, processor, p, device) for p in recipe.phases]
     return train_phases(model, recipe, seed, fns, lambda path: save_model_dir(model, tok, processor, path),
                         out_root, log)
 
 
 # -- nano-reader ----------------------------------------------------------------------------------
+def tree_attention_targets(tok: PreTrainedTokenizerBase, groups: list[tuple[str, list]], answers: list[list[str]],
+                           prefix: list[int], mids: list[list[int]], plens: list[list[int]], few_shot: bool,
+                           ) -> list[list[tuple[int, int]]]:
+    """For each leaf of a reader tree (row-major), the (leaf position, key position) attention pairs: every
+    position that predicts a value token of a stated answer attends to where the caption states it; key
+    positions index tree_forward's leaf attention keys (prefix, then the left-padded mids)."""
+    width = max(len(m) for m in mids)
+    attend: list[list[tuple[int, int]]] = []
+    for g, (cap, shows) in enumerate(groups):
+        _, mid_text, _ = split_reader_prompt(tok, cap, shows[0], few_shot)
+        offsets = tok(mid_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        base = len(prefix) + width - len(mids[g])
+        for j, shown in enumerate(shows):
+            end = data.evidence_end(cap, shown.mcq) if answers[g][j] != data.CANNOT_ANSWER else None
+            pairs = []
+            if end is not None:
+                key = base + max(i for i, (a, _) in enumerate(offsets) if a <= end - 1)
+                first = plens[g][j] - 1  # the leaf position that predicts the first value token
+                pairs = [(first + t, key) for t in range(len(ids(tok, " " + answers[g][j])))]
+            attend.append(pairs)
+    return attend
+
+
 def reader_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: random.Random, n_captions: int,
-                k: int, per_example: bool = False, few_shot: bool = True) -> torch.Tensor:
+                k: int, per_example: bool = False, few_shot: bool = True,
+                attention: tuple[float, int, int] = (0.0, -1, 0)) -> torch.Tensor:
     """Cross-entropy of the targets over a tree of n_captions captions x k questions each: the mean over
-    target tokens, or (per_example) each question's summed answer loss, averaged over questions."""
-    groups, targets = [], []
+    target tokens, or (per_example) each question's summed answer loss, averaged over questions.
+
+    attention = (weight, layer, head): as in drill_loss, plus weight x the attention loss of that head at
+    each position that predicts a value token, its target the caption token where the answer is stated."""
+    weight, layer, head = attention
+    groups, targets, answers = [], [], []
     for _ in range(n_captions):
         cap, items = data.reader_group(rng, k)
         groups.append((cap, [s for s, _ in items]))
         targets.append([data.option_target(a) for _, a in items])
+        answers.append([a for _, a in items])
     prefix, mids, leaves, plens = reader_tree(tok, groups, targets, few_shot=few_shot)
-    _, logits, leaf_ids, leaf_mask = tree_forward(model, prefix, mids, leaves, tok.pad_token_id)
+    attns: list | None = [] if weight > 0 else None
+    _, logits, leaf_ids, leaf_mask = tree_forward(model, prefix, mids, leaves, tok.pad_token_id, attns)
     labels = leaf_ids.clone()
     labels[leaf_mask == 0] = -100
     for r, n in enumerate(p for row in plens for p in row):
@@ -272,8 +300,13 @@ def reader_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: rando
     flat = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                              labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none")
     if per_example:  # every question weighs the same, however long its answer text
-        return flat.view(labels.shape[0], -1).sum(1).mean()
-    return flat.sum() / (labels[:, 1:] != -100).sum()
+        loss = flat.view(labels.shape[0], -1).sum(1).mean()
+    else:
+        loss = flat.sum() / (labels[:, 1:] != -100).sum()
+    if attns is None:
+        return loss
+    attend = tree_attention_targets(tok, groups, answers, prefix, mids, plens, few_shot)
+    return loss + weight * attention_loss(attns[layer][:, head], attend)
 
 
 def attention_loss(attentions: torch.Tensor, attend: list[list[tuple[int, int]]]) -> torch.Tensor:
@@ -315,7 +348,7 @@ def reader_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe:
         if phase.captions:
             few_shot = recipe.few_shot_frac >= 1 or rng.random() < recipe.few_shot_frac
             total = total + reader_loss(model, tok, rng, phase.captions, recipe.questions, recipe.per_example_loss,
-                                        few_shot)
+                                        few_shot, (recipe.attention_weight, recipe.attention_layer, recipe.attention_head))
         if phase.drill:
             total = total + recipe.drill_weight * drill_loss(
                 model, tok, rng, phase.drill, recipe.drill_questions,

@@ -35,12 +35,15 @@ def _cache_kw(model: torch.nn.Module) -> str:
 
 def tree_forward(
     model: torch.nn.Module, prefix: Sequence[int], mids: Sequence[Sequence[int]],
-    leaves: Sequence[Sequence[Sequence[int]]], pad_id: int,
+    leaves: Sequence[Sequence[Sequence[int]]], pad_id: int, leaf_attentions: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits for prefix -> mids[i] -> leaves[i][j] (every mid has the same number of leaves, mids non-empty).
 
     Returns (mid_last_logits [C, V]: the logits after each mid's last token, leaf_logits [C*K, L, V],
     leaf_ids [C*K, L], leaf_mask [C*K, L]), leaves in row-major (mid, leaf) order, right-padded.
+    With `leaf_attentions` (a list; needs the eager attention implementation) the leaf tokens' attention
+    weights of every layer are appended to it, each [C*K, heads, L, len(prefix) + mid width + L]; the
+    mids are left-padded, so mid i's token t is key len(prefix) + mid width - len(mids[i]) + t.
     """
     n_mid, k = len(mids), len(leaves[0])
     if any(len(group) != k for group in leaves) or len(leaves) != n_mid:
@@ -66,7 +69,10 @@ def tree_forward(
     mid_len = mid_mask.sum(1).repeat_interleave(k)
     leaf_pos = n_pre + mid_len[:, None] + torch.arange(leaf_ids.shape[1], device=dev)[None, :]
     attn = torch.cat([attn.repeat_interleave(k, 0), leaf_mask], 1)
-    out = model(input_ids=leaf_ids, attention_mask=attn, position_ids=leaf_pos, **{kw: cache}, use_cache=True)
+    out = model(input_ids=leaf_ids, attention_mask=attn, position_ids=leaf_pos, **{kw: cache}, use_cache=True,
+                output_attentions=leaf_attentions is not None)
+    if leaf_attentions is not None:
+        leaf_attentions.extend(out.attentions)
     return mid_last, out.logits, leaf_ids, leaf_mask
 
 
