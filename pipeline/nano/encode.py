@@ -138,7 +138,7 @@ class DrillRow:
     attend: list[tuple[int, int]]
 
 
-def _token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
+def token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
     """Index of the token that covers character `char` (the last one starting at or before it)."""
     return max(i for i, (a, _) in enumerate(offsets) if a <= char)
 
@@ -154,7 +154,7 @@ def drill_ids(tok: PreTrainedTokenizerBase, caption: str, qas: Sequence[DrillQA]
         q = ids(tok, f"{_QUESTION} {qa.question}\n{READER_PREFILL}")
         a = ids(tok, f" {qa.value}.\n")
         if qa.evidence is not None:
-            target = _token_at(offsets, len(_DRILL_CAPTION) + qa.evidence - 1)
+            target = token_at(offsets, len(_DRILL_CAPTION) + qa.evidence - 1)
             first = len(seq) + len(q) - 1  # the position that predicts the first value token
             attend += [(first + k, target) for k in range(len(ids(tok, f" {qa.value}")))]
         seq += q + a

@@ -37,7 +37,7 @@ from pipeline.models.builders import (
     tiny_vl_config,
 )
 from pipeline.nano import data
-from pipeline.nano.encode import collate_drill, collate_vl, ids, reader_tree, split_reader_prompt
+from pipeline.nano.encode import collate_drill, collate_vl, ids, reader_tree, split_reader_prompt, token_at
 from pipeline.nano.tree import tree_forward
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -126,7 +126,8 @@ class ReaderRecipe:
     attention_weight: float = 1.0
     attention_layer: int = -1
     attention_head: int = 0
-    """drill attention supervision (see drill_loss): weight, and which layer's which head"""
+    """attention supervision in the drill and the reward-prompt tree (drill_loss, reader_loss): weight, and
+    which layer's which head"""
     name: str = "nano-reader"
 
 
@@ -268,7 +269,7 @@ def tree_attention_targets(tok: PreTrainedTokenizerBase, groups: list[tuple[str,
             end = data.evidence_end(cap, shown.mcq) if answers[g][j] != data.CANNOT_ANSWER else None
             pairs = []
             if end is not None:
-                key = base + max(i for i, (a, _) in enumerate(offsets) if a <= end - 1)
+                key = base + token_at(offsets, end - 1)
                 first = plens[g][j] - 1  # the leaf position that predicts the first value token
                 pairs = [(first + t, key) for t in range(len(ids(tok, " " + answers[g][j])))]
             attend.append(pairs)
