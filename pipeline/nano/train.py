@@ -130,6 +130,11 @@ class ReaderRecipe:
     which layer's which head"""
     name: str = "nano-reader"
 
+    @property
+    def attention(self) -> tuple[float, int, int]:
+        """(weight, layer, head), the form drill_loss and reader_loss take."""
+        return self.attention_weight, self.attention_layer, self.attention_head
+
 
 def scaled(recipe: VLRecipe | ReaderRecipe, factor: float) -> VLRecipe | ReaderRecipe:
     """The recipe with every phase's step count (and snapshot step) multiplied by `factor` (quick runs)."""
@@ -349,11 +354,10 @@ def reader_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe:
         if phase.captions:
             few_shot = recipe.few_shot_frac >= 1 or rng.random() < recipe.few_shot_frac
             total = total + reader_loss(model, tok, rng, phase.captions, recipe.questions, recipe.per_example_loss,
-                                        few_shot, (recipe.attention_weight, recipe.attention_layer, recipe.attention_head))
+                                        few_shot, recipe.attention)
         if phase.drill:
-            total = total + recipe.drill_weight * drill_loss(
-                model, tok, rng, phase.drill, recipe.drill_questions,
-                (recipe.attention_weight, recipe.attention_layer, recipe.attention_head))
+            total = total + recipe.drill_weight * drill_loss(model, tok, rng, phase.drill, recipe.drill_questions,
+                                                             recipe.attention)
         return total
 
     return loss
