@@ -107,7 +107,7 @@ class ReaderRecipe:
 
     phases: list[Phase] = field(default_factory=lambda: [
         Phase(steps=2000, lr=3e-4, drill=32),
-        Phase(steps=800, lr=2e-4, warmup=20, captions=8, drill=16),
+        Phase(steps=1300, lr=2e-4, warmup=20, captions=8, drill=16),
     ])
     questions: int = 4
     hidden: int = 128
