@@ -174,18 +174,51 @@ def test_scaled_recipe_keeps_phases_and_snapshots():
     assert all(p.lr == q.lr for p, q in zip(quick.phases, VLRecipe().phases, strict=True))
 
 
-def test_generator_text_is_canonical_and_right():
+def test_generator_layout_makes_the_letter_a_function_of_what_the_model_sees():
     rng = data.stream(0, "test-layout")
-    for _ in range(100):
+    letters = {"color": [], "other": []}
+    for _ in range(200):
         scene = world.sample_scene(rng)
         chosen = data.generator_mcqs(scene, rng)
         assert [q.qtype for q in chosen[:2]] == ["background", "count"] and len(chosen) == 5
-        for q in map(data.generator_layout, chosen):
-            assert list(q.options) == sorted(q.options, key=data._POOLS[q.qtype].index)
+        for q in (data.generator_layout(c, rng) for c in chosen):
+            pool = data._POOLS[q.qtype]
             assert q.answer_text == world.answer_from_scene(world.scene_facts(scene), q.question)
+            if len(pool) == 4:  # fixed option lines
+                assert q.options == pool
+                letters["other"].append(q.answer)
+            else:  # four cyclically consecutive colours from a drawn offset
+                first = pool.index(q.options[0])
+                assert q.options == tuple(pool[(first + i) % len(pool)] for i in range(4))
+                assert (pool.index(q.answer_text) - first) % len(pool) == "ABCD".index(q.answer)
+                letters["color"].append(q.answer)
         mcqs, rejected = parse_generator_output(data.generator_text(scene, rng))
         assert len(mcqs) == 5 and not rejected
         assert all(q.answer_text == world.answer_from_scene(world.scene_facts(scene), q.question) for q in mcqs)
+    colour = letters["color"]
+    assert all(colour.count(x) > 0.15 * len(colour) for x in "ABCD")  # the offset is drawn, no position bias
+
+
+def test_answer_copy_targets_point_at_the_named_option(tok):
+    """Each supervised pair: the query predicts an answer-text token, the key is that same token in the option
+    line the answer's letter names; every token of every answer text is covered."""
+    from pipeline.nano.encode import answer_copy_spans, answer_copy_targets, encode_example
+
+    rng = data.stream(3, "test-copy")
+    for _ in range(20):
+        ex = data.qagen_example(rng)
+        seq, labels = encode_example(tok, ex)
+        pairs = answer_copy_targets(tok, ex)
+        spans = answer_copy_spans(ex.target)
+        assert len(spans) == 5
+        assert len(pairs) == sum(len(ids(tok, " " + ex.target[a: a + n])) for a, _, n in spans)
+        for q, key in pairs:
+            assert labels[q + 1] == seq[q + 1] == seq[key]  # a supervised target token, copied from the key
+            assert key < q
+        text = tok.decode(seq)
+        for m in re.finditer(r"Answer: ([A-D])\) (.+)", ex.target):
+            assert re.search(rf"- {m[1]}\) {re.escape(m[2])}\n", text)
+    assert answer_copy_spans("**1. Q?**\n- A) red\n- B) blue\nAnswer: C) red\n") == []
 
 
 def test_training_inputs_equal_the_processors(tok):
@@ -321,3 +354,82 @@ def test_reward_prompt_attention_targets(tok):
             assert tok.decode(mids[g][: key - base + 1]) == cap[: data.evidence_end(cap, shown.mcq)]
             supervised += 1
     assert supervised >= 6
+
+
+def test_image_region_targets_point_at_the_object_asked_about(tok):
+    """Filter questions about one object: each position that predicts a value token attends to the four image
+    tokens of that object's quadrant; background and count questions are not supervised."""
+    from pipeline.nano.encode import IMAGE_PAD, encode_example, image_region_targets, quadrant_tokens
+
+    assert quadrant_tokens("top left") == [0, 1, 4, 5] and quadrant_tokens("bottom right") == [10, 11, 14, 15]
+    rng = data.stream(4, "test-region")
+    pad = tok.convert_tokens_to_ids(IMAGE_PAD)
+    seen = set()
+    for _ in range(60):
+        ex = data.filter_example(rng, with_image=True)
+        seq, labels = encode_example(tok, ex)
+        pairs = image_region_targets(tok, ex)
+        question = ex.messages[-1]["content"][-1]["text"]
+        if "background" in question or "How many" in question or "Where is" in question:
+            assert ex.about == (None,) and not pairs  # the whole image, or a position as the answer
+            continue
+        (about,) = ex.about
+        assert about in world.POSITIONS and pairs
+        seen.add(about)
+        pads = [i for i, t in enumerate(seq) if t == pad]
+        value = ex.target.strip().rstrip(".")
+        assert [tok.decode([seq[q + 1]]) for q, _ in pairs] == [tok.decode([t]) for t in ids(tok, " " + value)]
+        for q, region in pairs:
+            assert labels[q + 1] != -100 and [pads.index(k) for k in region] == quadrant_tokens(about)
+    assert seen == set(world.POSITIONS)
+    assert not image_region_targets(tok, data.filter_example(rng, with_image=False))
+    # MCQ generation: the positions predicting each answer letter and answer text look at its question's object
+    for _ in range(10):
+        ex = data.qagen_example(rng)
+        seq, labels = encode_example(tok, ex)
+        pads = [i for i, t in enumerate(seq) if t == pad]
+        pairs = image_region_targets(tok, ex)
+        objects = [(n, pos) for n, pos in enumerate(ex.about) if pos is not None]
+        assert ex.about[:2] == (None, None) and len(objects) == 3
+        lines = [i for i, t in enumerate(seq) if labels[i] != -100 and tok.convert_ids_to_tokens(t) == "Answer"]
+        want = []
+        for n, pos in objects:  # ':' predicts the letter; from after ')' on, the text tokens up to the newline
+            end = next(i for i in range(lines[n], len(seq)) if "\n" in tok.decode([seq[i]]))
+            region = [pads[k] for k in quadrant_tokens(pos)]
+            want += [(lines[n] + 1, region)] + [(q, region) for q in range(lines[n] + 3, end - 1)]
+        assert pairs == want
+        assert all(labels[q + 1] == seq[q + 1] for q, _ in pairs)
+
+
+def test_attention_loss_over_a_region_sums_its_weights():
+    from pipeline.nano.train import attention_loss
+
+    att = torch.tensor([[[0.1, 0.2, 0.3, 0.4]] * 4])
+    assert torch.isclose(attention_loss(att, [[(0, 3)]]), -torch.log(torch.tensor(0.4 + 1e-6)))
+    assert torch.isclose(attention_loss(att, [[(1, [0, 2])]]), -torch.log(torch.tensor(0.4 + 1e-6)))
+    both = attention_loss(att, [[(0, 3), (2, [1, 2, 3])]])
+    assert torch.isclose(both, -(torch.log(torch.tensor(0.4 + 1e-6)) + torch.log(torch.tensor(0.9 + 1e-6))) / 2)
+
+
+def test_first_option_targets_look_at_option_a_from_each_answer_letter(tok):
+    from pipeline.nano.encode import encode_example, first_option_targets
+
+    rng = data.stream(5, "test-first-option")
+    for _ in range(10):
+        ex = data.qagen_example(rng)
+        seq, labels = encode_example(tok, ex)
+        pairs = first_option_targets(tok, ex)
+        letters = re.findall(r"^Answer: ([A-D])\)", ex.target, re.M)
+        firsts = re.findall(r"^- A\) (\S+)", ex.target, re.M)
+        assert len(pairs) == len(letters) == len(firsts) == 5
+        for (q, key), letter, first in zip(pairs, letters, firsts, strict=True):
+            assert labels[q + 1] == seq[q + 1] and tok.decode([seq[q + 1]]).strip() == letter
+            assert tok.decode(seq[key - 2: key]) == " A)" and tok.decode([seq[key]]).strip() == first
+
+
+def test_vl_recipe_config_keeps_head_dim_and_mrope_consistent(tok):
+    for heads, kv in ((2, 1), (4, 2)):
+        cfg = VLRecipe(text_heads=heads, text_kv_heads=kv).config(tok)
+        text = cfg.text_config
+        head_dim = text.hidden_size // text.num_attention_heads
+        assert text.num_attention_heads == heads and 2 * sum(text.rope_parameters["mrope_section"]) == head_dim

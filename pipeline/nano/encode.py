@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,6 +82,86 @@ def collate_vl(tok: PreTrainedTokenizerBase, image_processor, examples: Sequence
         feats = image_processor(images=images, return_tensors="pt")
         pv, grid = feats["pixel_values"], feats["image_grid_thw"]
     return VLBatch(input_ids, mask, labels, pv, grid, tok.convert_tokens_to_ids(IMAGE_PAD))
+
+
+_ANSWER_LINE = re.compile(r"^Answer: (?P<letter>[A-D])\) (?P<text>.+)$", re.M)
+
+
+def answer_copy_spans(text: str) -> list[tuple[int, int, int]]:
+    """(answer text start, option text start, length) for every 'Answer: X) text' line of generator-format
+    text whose option line '- X) text' precedes it in the same question (character offsets)."""
+    spans = []
+    block_start = 0
+    for m in _ANSWER_LINE.finditer(text):
+        opt = re.compile(rf"^- {m['letter']}\) {re.escape(m['text'])}$", re.M).search(text, block_start, m.start())
+        if opt is not None:
+            spans.append((m.start("text"), opt.start() + len(f"- {m['letter']}) "), len(m["text"])))
+        block_start = m.end()
+    return spans
+
+
+def answer_copy_targets(tok: PreTrainedTokenizerBase, ex: Example) -> list[tuple[int, int]]:
+    """Attention supervision for a generator example, in encode_example's positions: each position that
+    predicts a token of an answer line's text attends to the same token of the option line it names, so
+    the answer text is a copy of the chosen option (the letter is the only decision)."""
+    prompt_len = len(encode_example(tok, ex)[0]) - len(ids(tok, ex.target + END))
+    offsets = tok(ex.target + END, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    pairs = []
+    for answer, option, length in answer_copy_spans(ex.target):
+        for k, (a, e) in enumerate(offsets):  # a token's span may start at the space before its word
+            if a < answer + length and e > answer:
+                pairs.append((prompt_len + k - 1, prompt_len + token_at(offsets, option + e - 1 - answer)))
+    return pairs
+
+
+_FIRST_OPTION = re.compile(r"^- A\) ", re.M)
+
+
+def first_option_targets(tok: PreTrainedTokenizerBase, ex: Example) -> list[tuple[int, int]]:
+    """Attention supervision for a generator example, in encode_example's positions: the position that
+    predicts each answer letter attends to the first token of that question's option A. With colour
+    options a window of the pool (`data.generator_layout`), the letter is the answer's offset from option
+    A, so the letter needs the answer (from the image) and option A (from here)."""
+    prompt_len = len(encode_example(tok, ex)[0]) - len(ids(tok, ex.target + END))
+    offsets = tok(ex.target + END, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    pairs = []
+    for m in _ANSWER_LINE.finditer(ex.target):
+        option_a = [o for o in _FIRST_OPTION.finditer(ex.target, 0, m.start())][-1]
+        letter = token_at(offsets, m.start("letter"))
+        pairs.append((prompt_len + letter - 1, prompt_len + token_at(offsets, option_a.end())))
+    return pairs
+
+
+def quadrant_tokens(position: str) -> list[int]:
+    """Indices (among an image's IMAGE_TOKENS placeholder tokens, raster order of the merged grid) of the
+    tokens that cover a world position's quadrant."""
+    side = int(IMAGE_TOKENS ** 0.5)
+    half = side // 2
+    row0 = 0 if "top" in position else half
+    col0 = 0 if "left" in position else half
+    return [r * side + c for r in range(row0, row0 + half) for c in range(col0, col0 + half)]
+
+
+def image_region_targets(tok: PreTrainedTokenizerBase, ex: Example) -> list[tuple[int, list[int]]]:
+    """Attention supervision towards the object a question is about (`Example.about`), in encode_example's
+    positions: the positions that predict a gate-filter answer's value tokens, or an MCQ generation's
+    answer letter and answer text, attend to the image tokens of that object's quadrant."""
+    if ex.image is None or not any(ex.about):
+        return []
+    seq, labels = encode_example(tok, ex)
+    pads = [i for i, t in enumerate(seq) if t == tok.convert_tokens_to_ids(IMAGE_PAD)]
+    first = labels.index(next(t for t in labels if t != -100)) - 1  # predicts the first target token
+    if ex.task == "qagen":
+        offsets = tok(ex.target + END, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        queries: list[list[int]] = []
+        for m in _ANSWER_LINE.finditer(ex.target):  # the letter and every token of the answer text
+            text = [k for k, (a, e) in enumerate(offsets) if a < m.end("text") and e > m.start("text")]
+            queries.append([first + k for k in [token_at(offsets, m.start("letter")), *text]])
+    else:
+        value = ex.target.strip().rstrip(".")
+        queries = [[first + k for k in range(len(ids(tok, " " + value)))]]
+    return [(q, [pads[k] for k in quadrant_tokens(pos)])
+            for pos, qs in zip(ex.about, queries, strict=True) if pos is not None for q in qs]
 
 
 # -- reader trees ---------------------------------------------------------------------------------

@@ -36,12 +36,13 @@ from pipeline.mcq import (
 )
 from pipeline.nano import data
 from pipeline.nano.infer import NanoReader, NanoReaderEngine, NanoVL
+from pipeline.nano.train import VLRecipe
 from pipeline.reward import compute_rewards
 
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "models" / "nano"
 VL_NAME = "nano-vl"
 READER_NAME = "nano-reader"
-UNDERTRAINED = ("nano-vl-step300", "nano-vl-step600")
+UNDERTRAINED = tuple(VLRecipe().snapshots)  # the under-trained captioner snapshots
 REWARD_DRAWS = 8
 
 TARGETS = {

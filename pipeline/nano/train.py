@@ -17,7 +17,7 @@ import multiprocessing as mp
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +37,17 @@ from pipeline.models.builders import (
     tiny_vl_config,
 )
 from pipeline.nano import data
-from pipeline.nano.encode import collate_drill, collate_vl, ids, reader_tree, split_reader_prompt, token_at
+from pipeline.nano.encode import (
+    answer_copy_targets,
+    collate_drill,
+    collate_vl,
+    first_option_targets,
+    ids,
+    image_region_targets,
+    reader_tree,
+    split_reader_prompt,
+    token_at,
+)
 from pipeline.nano.tree import tree_forward
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +108,24 @@ class VLRecipe:
     ])
     snapshots: dict[str, int] = field(default_factory=lambda: {"nano-vl-step300": 300, "nano-vl-step600": 600})
     name: str = "nano-vl"
+    text_heads: int = 2
+    text_kv_heads: int = 1
+    attention_weight: float = 1.0
+    attention_layer: int = -1
+    region_head: int | None = 1
+    option_head: int | None = 0
+    copy_head: int | None = None
+    region_filter: bool = False
+    """attention supervision (weight, text layer, heads; None: off): region_head makes each generated answer
+    letter and text (and with region_filter the gate filter's answer) look at the image tokens where the
+    answer is read (image_region_targets); option_head makes each answer letter look at its question's
+    option A (first_option_targets); copy_head makes answer texts copies of the option their letter names
+    (answer_copy_targets)"""
+
+    def config(self, tok: PreTrainedTokenizerBase):
+        head_dim = 128 // self.text_heads
+        section = (head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16)
+        return tiny_vl_config(tok, heads=self.text_heads, kv_heads=self.text_kv_heads, mrope_section=section)
 
 
 @dataclass
@@ -220,19 +248,43 @@ def train_phases(model: torch.nn.Module, recipe: VLRecipe | ReaderRecipe, seed: 
 
 # -- nano-VL --------------------------------------------------------------------------------------
 def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, phase: Phase,
-               device: str) -> StepLoss:
+               device: str, recipe: VLRecipe | None = None) -> StepLoss:
     """One nano-VL step's loss: a mixed caption + filter batch, plus (if any) an MCQ-generation batch
-    (long sequences, so batched on their own); the two mean token losses are summed."""
+    (long sequences, so batched on their own); the two mean token losses are summed, plus the recipe's
+    attention supervision (weight x attention_loss of the chosen heads of one text layer): region_head,
+    option_head and copy_head on the MCQ-generation batch, region_head (region_filter) on the filter questions."""
+    weight, layer = (recipe.attention_weight, recipe.attention_layer) if recipe else (0.0, -1)
+    copy_head = recipe.copy_head if recipe and weight > 0 else None
+    region_head = recipe.region_head if recipe and weight > 0 else None
+    option_head = recipe.option_head if recipe and weight > 0 else None
+    region_filter = bool(recipe and recipe.region_filter)
+
+    def supervised(out, examples: list[data.Example], head: int | None, targets) -> torch.Tensor:
+        if head is None:
+            return torch.zeros((), device=device)
+        return weight * attention_loss(out.attentions[layer][:, head], [targets(tok, ex) for ex in examples])
 
     def loss(rng: random.Random) -> torch.Tensor:
         kinds = ["caption"] * phase.captions + ["filter"] * phase.filters
         total = torch.zeros((), device=device)
         if kinds:
             short = [data.caption_example(rng) if k == "caption" else data.filter_example(rng) for k in kinds]
-            total = total + model(**collate_vl(tok, processor.image_processor, short).model_inputs(device)).loss
+            watch = region_head is not None and region_filter
+            out = model(**collate_vl(tok, processor.image_processor, short).model_inputs(device),
+                        output_attentions=watch)
+            total = total + out.loss
+            if watch:
+                total = total + supervised(out, short, region_head, image_region_targets)
         if phase.qagen:
             qa = [data.qagen_example(rng) for _ in range(phase.qagen)]
-            total = total + model(**collate_vl(tok, processor.image_processor, qa).model_inputs(device)).loss
+            watch = any(h is not None for h in (copy_head, region_head, option_head))
+            out = model(**collate_vl(tok, processor.image_processor, qa).model_inputs(device),
+                        output_attentions=watch)
+            total = total + out.loss
+            if watch:
+                total = total + supervised(out, qa, region_head, image_region_targets)
+                total = total + supervised(out, qa, option_head, first_option_targets)
+                total = total + supervised(out, qa, copy_head, answer_copy_targets)
         return total
 
     return loss
@@ -242,7 +294,9 @@ def vl_phase(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Pat
              index: int, seed: int = SEED, log: Log = print, device: str = "cpu") -> dict:
     """Run phase `index` of the recipe on `model` alone (e.g. resuming from a saved earlier phase)."""
     processor = build_processor(tok)
-    return run_phase(model, recipe, index, seed, vl_loss_fn(model, tok, processor, recipe.phases[index], device),
+    model = _attention_ready(model, recipe)
+    return run_phase(model, recipe, index, seed,
+                     vl_loss_fn(model, tok, processor, recipe.phases[index], device, recipe),
                      lambda path: save_model_dir(model, tok, processor, path), out_root, log)
 
 
@@ -251,8 +305,8 @@ def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, see
     """Multi-task nano-VL from scratch: every phase of the recipe (snapshots on the way)."""
     processor = build_processor(tok)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok)).to(device)
-    fns = [vl_loss_fn(model, tok, processor, p, device) for p in recipe.phases]
+    model = _attention_ready(Qwen2_5_VLForConditionalGeneration(recipe.config(tok)).to(device), recipe)
+    fns = [vl_loss_fn(model, tok, processor, p, device, recipe) for p in recipe.phases]
     return train_phases(model, recipe, seed, fns, lambda path: save_model_dir(model, tok, processor, path),
                         out_root, log)
 
@@ -315,13 +369,20 @@ def reader_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: rando
     return loss + weight * attention_loss(attns[layer][:, head], attend)
 
 
-def attention_loss(attentions: torch.Tensor, attend: list[list[tuple[int, int]]]) -> torch.Tensor:
-    """Mean -log attention weight of each supervised (query, target) pair; attentions [B, T, T] (one head)."""
+def attention_loss(attentions: torch.Tensor, attend: Sequence[Sequence[tuple[int, int | Sequence[int]]]]
+                   ) -> torch.Tensor:
+    """Mean -log attention weight of each supervised (query, target) pair; attentions [B, T, T] (one head).
+    A target may be several key positions (a region): then -log of the weight summed over them."""
     rows = [(b, q, t) for b, pairs in enumerate(attend) for q, t in pairs]
     if not rows:
         return attentions.sum() * 0
-    b, q, t = (torch.tensor(x, device=attentions.device) for x in zip(*rows, strict=True))
-    return -torch.log(attentions[b, q, t] + 1e-6).mean()
+    if all(isinstance(t, int) for _, _, t in rows):
+        b, q, t = (torch.tensor(x, device=attentions.device) for x in zip(*rows, strict=True))
+        return -torch.log(attentions[b, q, t] + 1e-6).mean()
+    flat = [(i, b, q, k) for i, (b, q, t) in enumerate(rows) for k in ([t] if isinstance(t, int) else t)]
+    i, b, q, k = (torch.tensor(x, device=attentions.device) for x in zip(*flat, strict=True))
+    mass = torch.zeros(len(rows), dtype=attentions.dtype, device=attentions.device).index_add(0, i, attentions[b, q, k])
+    return -torch.log(mass + 1e-6).mean()
 
 
 def drill_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: random.Random, n: int,
@@ -363,7 +424,7 @@ def reader_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe:
     return loss
 
 
-def _attention_ready(model: torch.nn.Module, recipe: ReaderRecipe) -> torch.nn.Module:
+def _attention_ready(model: torch.nn.Module, recipe: VLRecipe | ReaderRecipe) -> torch.nn.Module:
     """The eager attention implementation when the recipe supervises attention (only it returns attention
     weights); the saved model loads with the default implementation, same numbers."""
     if recipe.attention_weight > 0:
