@@ -3,7 +3,7 @@
 Deterministic: fixed seeds, fixed step counts, one thread per training process (weights are
 bit-identical for the same seed, thread count and torch build). Fresh scenes every step.
 
-    python -m pipeline.nano.train --all            # rebuild everything under models/nano (~25 min)
+    python -m pipeline.nano.train --all            # rebuild everything under models/nano (~26 min)
     python -m pipeline.nano.train --model reader   # one model
 """
 
