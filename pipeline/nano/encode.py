@@ -27,11 +27,20 @@ def ids(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def prompt_ids(tok: PreTrainedTokenizerBase, ex: Example) -> list[int]:
+    """The example's prompt (+ pre-fill) tokens, image placeholders expanded: encode_example's first part."""
+    return ids(tok, prompt_text(tok, ex.messages, ex.prefill).replace(IMAGE_PAD, IMAGE_PAD * IMAGE_TOKENS))
+
+
 def encode_example(tok: PreTrainedTokenizerBase, ex: Example) -> tuple[list[int], list[int]]:
     """(input ids, labels): labels are -100 on the prompt, the target + end-of-turn token otherwise."""
-    prompt = prompt_text(tok, ex.messages, ex.prefill).replace(IMAGE_PAD, IMAGE_PAD * IMAGE_TOKENS)
-    p, t = ids(tok, prompt), ids(tok, ex.target + END)
+    p, t = prompt_ids(tok, ex), ids(tok, ex.target + END)
     return p + t, [-100] * len(p) + t
+
+
+def target_offsets(tok: PreTrainedTokenizerBase, ex: Example) -> list[tuple[int, int]]:
+    """Character spans in ex.target of the target tokens encode_example appends after the prompt."""
+    return tok(ex.target + END, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
 
 
 @dataclass
@@ -104,8 +113,7 @@ def answer_copy_targets(tok: PreTrainedTokenizerBase, ex: Example) -> list[tuple
     """Attention supervision for a generator example, in encode_example's positions: each position that
     predicts a token of an answer line's text attends to the same token of the option line it names, so
     the answer text is a copy of the chosen option (the letter is the only decision)."""
-    prompt_len = len(encode_example(tok, ex)[0]) - len(ids(tok, ex.target + END))
-    offsets = tok(ex.target + END, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    prompt_len, offsets = len(prompt_ids(tok, ex)), target_offsets(tok, ex)
     pairs = []
     for answer, option, length in answer_copy_spans(ex.target):
         for k, (a, e) in enumerate(offsets):  # a token's span may start at the space before its word
@@ -122,8 +130,7 @@ def first_option_targets(tok: PreTrainedTokenizerBase, ex: Example) -> list[tupl
     predicts each answer letter attends to the first token of that question's option A. With colour
     options a window of the pool (`data.generator_layout`), the letter is the answer's offset from option
     A, so the letter needs the answer (from the image) and option A (from here)."""
-    prompt_len = len(encode_example(tok, ex)[0]) - len(ids(tok, ex.target + END))
-    offsets = tok(ex.target + END, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    prompt_len, offsets = len(prompt_ids(tok, ex)), target_offsets(tok, ex)
     pairs = []
     for m in _ANSWER_LINE.finditer(ex.target):
         option_a = [o for o in _FIRST_OPTION.finditer(ex.target, 0, m.start())][-1]
@@ -148,11 +155,11 @@ def image_region_targets(tok: PreTrainedTokenizerBase, ex: Example) -> list[tupl
     answer letter and answer text, attend to the image tokens of that object's quadrant."""
     if ex.image is None or not any(ex.about):
         return []
-    seq, labels = encode_example(tok, ex)
-    pads = [i for i, t in enumerate(seq) if t == tok.convert_tokens_to_ids(IMAGE_PAD)]
-    first = labels.index(next(t for t in labels if t != -100)) - 1  # predicts the first target token
+    prompt = prompt_ids(tok, ex)
+    pads = [i for i, t in enumerate(prompt) if t == tok.convert_tokens_to_ids(IMAGE_PAD)]
+    first = len(prompt) - 1  # predicts the first target token
     if ex.task == "qagen":
-        offsets = tok(ex.target + END, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = target_offsets(tok, ex)
         queries: list[list[int]] = []
         for m in _ANSWER_LINE.finditer(ex.target):  # the letter and every token of the answer text
             text = [k for k, (a, e) in enumerate(offsets) if a < m.end("text") and e > m.start("text")]
