@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from pipeline import world
+from pipeline.mcq import MCQ, NONE_OF_THE_ABOVE
 from pipeline.nano import data
 from pipeline.nano import eval as nano_eval
 from pipeline.nano.infer import NanoReaderEngine, NanoVL
@@ -113,3 +115,37 @@ def test_committed_tokenizer_is_the_recipe_tokenizer():
 
     committed = AutoTokenizer.from_pretrained(MODELS / "tokenizer")
     assert make_tokenizer().get_vocab() == committed.get_vocab()
+
+
+def test_diagnosis_of_the_filter(vl, scenes, mcqs):
+    """pipeline.nano.diagnose on the committed nano-VL: per-type accuracy and the wrong position answers'
+    kinds add up, attention weights are weights, and the vision tower's output already carries each
+    image token's object colour (what the colour questions read)."""
+    from pipeline.nano import diagnose
+
+    acc, kinds = diagnose.filter_breakdown(vl, scenes[:8], mcqs[:8])
+    assert acc["background"] == acc["count"] == 1.0
+    n_position = sum(q.qtype == "position_of" for qs in mcqs[:8] for q in qs)
+    assert sum(kinds.values()) == round((1 - acc.get("position_of", 1.0)) * n_position)
+    att = diagnose.answer_attention(vl, scenes[:8], mcqs[:8])
+    assert att and all(0 <= obj <= img <= 1 + 1e-5 for obj, img in att.values())
+    assert {head for _, head in att} == {0, 1}
+    assert att[("shape_at", 1)][0] > 0.5  # the supervised region head looks at the object asked about
+    probes = diagnose.image_probes(vl, data.eval_scenes(40))
+    assert len(probes) == 3 and probes[0]["color"] >= 0.9
+
+
+def test_position_error_kinds():
+    from pipeline.nano.diagnose import position_error_kind
+
+    scene = world.Scene("white", (world.SceneObject("star", "red", "top left"),
+                                  world.SceneObject("star", "blue", "top right"),
+                                  world.SceneObject("circle", "red", "bottom left"),
+                                  world.SceneObject("square", "green", "bottom right")))
+    q = MCQ(question="Where is the red star?", options=world.POSITIONS, answer="A", qtype="position_of",
+                  meta={"key": "red star"})
+    assert position_error_kind(scene, q, "top right") == "object of the same shape"
+    assert position_error_kind(scene, q, "bottom left") == "object of the same colour"
+    assert position_error_kind(scene, q, "bottom right") == "other object"
+    assert position_error_kind(replace(scene, objects=scene.objects[:1]), q, "bottom right") == "empty quadrant"
+    assert position_error_kind(scene, q, NONE_OF_THE_ABOVE) == "none of the above"

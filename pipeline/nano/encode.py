@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from pipeline import world
 from pipeline.mcq import READER_PREFILL, ShuffledMCQ, reader_messages
 from pipeline.models.builders import IMAGE_TOKENS
 from pipeline.nano.data import DrillQA, Example
@@ -147,6 +148,20 @@ def quadrant_tokens(position: str) -> list[int]:
     row0 = 0 if "top" in position else half
     col0 = 0 if "left" in position else half
     return [r * side + c for r in range(row0, row0 + half) for c in range(col0, col0 + half)]
+
+
+def image_token_labels(scene: world.Scene) -> dict[str, list[int]]:
+    """Per image token (raster order of the merged grid): its quadrant (index in world.POSITIONS) and the
+    shape and colour of the object in that quadrant (indices in world.SHAPES / COLORS; none: one past)."""
+    out = {"position": [0] * IMAGE_TOKENS, "shape": [len(world.SHAPES)] * IMAGE_TOKENS,
+           "color": [len(world.COLORS)] * IMAGE_TOKENS}
+    for q, pos in enumerate(world.POSITIONS):
+        for k in quadrant_tokens(pos):
+            out["position"][k] = q
+    for o in scene.objects:
+        for k in quadrant_tokens(o.position):
+            out["shape"][k], out["color"][k] = world.SHAPES.index(o.shape), world.COLORS.index(o.color)
+    return out
 
 
 def image_region_targets(tok: PreTrainedTokenizerBase, ex: Example) -> list[tuple[int, list[int]]]:

@@ -21,6 +21,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from PIL import Image
+
 from pipeline import world
 from pipeline.config import RewardConfig
 from pipeline.mcq import (
@@ -30,6 +32,7 @@ from pipeline.mcq import (
     NONE_OF_THE_ABOVE,
     QA_GENERATION_PROMPT,
     READER_PREFILL,
+    ShuffledMCQ,
     filter_messages,
     parse_generator_output,
     shuffle_options,
@@ -107,21 +110,43 @@ def eval_qagen(vl: NanoVL, scenes: Sequence[world.Scene]) -> dict[str, float]:
             "qagen_blocks_per_output": blocks / len(scenes), "qagen_answer_text_correct": text_right / max(1, blocks)}
 
 
+def filter_requests(scenes: Sequence[world.Scene], mcqs: Sequence[Sequence[MCQ]], rng: random.Random,
+                    with_image: bool) -> tuple[list[tuple[list[dict], Image.Image | None, str]], list[ShuffledMCQ],
+                                               list[world.Scene]]:
+    """The gate's queries for every held-out question (fresh shuffle; with the image, NONE_OF_THE_ABOVE
+    added), the shown MCQs and each one's scene."""
+    reqs, shown_all, owners = [], [], []
+    for scene, qs in zip(scenes, mcqs, strict=True):
+        img = world.render(scene) if with_image else None
+        for q in qs:
+            shown = shuffle_options(q, rng, extra_option=NONE_OF_THE_ABOVE if with_image else None)
+            reqs.append((filter_messages(shown, with_image), img, READER_PREFILL))
+            shown_all.append(shown)
+            owners.append(scene)
+    return reqs, shown_all, owners
+
+
+def filter_picks(vl: NanoVL, reqs: Sequence[tuple[list[dict], Image.Image | None, str]],
+                 shown: Sequence[ShuffledMCQ]) -> list[int]:
+    """The option the filter scores highest (' ' + option text after the pre-fill) for each query."""
+    scores = vl.score(reqs, [[" " + o for o in s.options] for s in shown])
+    return [max(range(len(sc)), key=sc.__getitem__) for sc in scores]
+
+
 def eval_filter(vl: NanoVL, scenes: Sequence[world.Scene], mcqs: Sequence[Sequence[MCQ]]) -> dict[str, float]:
+    """Accuracy with and without the image, and with the image per question type."""
     rng = random.Random(data.EVAL_MCQ_SEED + 1)
     out = {}
     for with_image in (True, False):
-        reqs, shown_all = [], []
-        for scene, qs in zip(scenes, mcqs, strict=True):
-            img = world.render(scene) if with_image else None
-            for q in qs:
-                shown = shuffle_options(q, rng, extra_option=NONE_OF_THE_ABOVE if with_image else None)
-                reqs.append((filter_messages(shown, with_image), img, READER_PREFILL))
-                shown_all.append(shown)
-        scores = vl.score(reqs, [[" " + o for o in s.options] for s in shown_all])
-        right = [max(range(len(sc)), key=sc.__getitem__) == s.options.index(s.mcq.answer_text)
-                 for sc, s in zip(scores, shown_all, strict=True)]
-        out["filter_with_image" if with_image else "filter_without_image"] = sum(right) / len(right)
+        reqs, shown_all, _ = filter_requests(scenes, mcqs, rng, with_image)
+        picks = filter_picks(vl, reqs, shown_all)
+        by_type: dict[str, list[bool]] = defaultdict(list)
+        for p, s in zip(picks, shown_all, strict=True):
+            by_type[s.mcq.qtype].append(s.options[p] == s.mcq.answer_text)
+        name = "filter_with_image" if with_image else "filter_without_image"
+        out[name] = sum(sum(v) for v in by_type.values()) / len(picks)
+        if with_image:
+            out.update({f"{name}_{t}": sum(v) / len(v) for t, v in sorted(by_type.items())})
     return out
 
 
