@@ -13,6 +13,7 @@ from transformers import Qwen2ForCausalLM
 from pipeline import world
 from pipeline.mcq import (
     CANNOT_ANSWER,
+    NONE_OF_THE_ABOVE,
     READER_PREFILL,
     parse_generator_output,
     reader_messages,
@@ -357,31 +358,35 @@ def test_reward_prompt_attention_targets(tok):
 
 
 def test_image_region_targets_point_at_the_object_asked_about(tok):
-    """Filter questions about one object: each position that predicts a value token attends to the four image
-    tokens of that object's quadrant; background and count questions are not supervised."""
+    """Filter questions about one object (its shape, its colour, or where it is): each position that predicts
+    a value token attends to the four image tokens of that object's quadrant; background and count
+    questions are not supervised."""
     from pipeline.nano.encode import IMAGE_PAD, encode_example, image_region_targets, quadrant_tokens
 
     assert quadrant_tokens("top left") == [0, 1, 4, 5] and quadrant_tokens("bottom right") == [10, 11, 14, 15]
     rng = data.stream(4, "test-region")
     pad = tok.convert_tokens_to_ids(IMAGE_PAD)
-    seen = set()
+    seen, where = set(), 0
     for _ in range(60):
         ex = data.filter_example(rng, with_image=True)
         seq, labels = encode_example(tok, ex)
         pairs = image_region_targets(tok, ex)
         question = ex.messages[-1]["content"][-1]["text"]
-        if "background" in question or "How many" in question or "Where is" in question:
-            assert ex.about == (None,) and not pairs  # the whole image, or a position as the answer
+        if "background" in question or "How many" in question:
+            assert ex.about == (None,) and not pairs  # the whole image
             continue
         (about,) = ex.about
         assert about in world.POSITIONS and pairs
         seen.add(about)
         pads = [i for i, t in enumerate(seq) if t == pad]
         value = ex.target.strip().rstrip(".")
+        if "Where is" in question:
+            where += 1
+            assert value in (about, NONE_OF_THE_ABOVE)  # the named object is where the answer says
         assert [tok.decode([seq[q + 1]]) for q, _ in pairs] == [tok.decode([t]) for t in ids(tok, " " + value)]
         for q, region in pairs:
             assert labels[q + 1] != -100 and [pads.index(k) for k in region] == quadrant_tokens(about)
-    assert seen == set(world.POSITIONS)
+    assert seen == set(world.POSITIONS) and where >= 3
     assert not image_region_targets(tok, data.filter_example(rng, with_image=False))
     # MCQ generation: the positions predicting each answer letter and answer text look at its question's object
     for _ in range(10):
@@ -433,3 +438,55 @@ def test_vl_recipe_config_keeps_head_dim_and_mrope_consistent(tok):
         text = cfg.text_config
         head_dim = text.hidden_size // text.num_attention_heads
         assert text.num_attention_heads == heads and 2 * sum(text.rope_parameters["mrope_section"]) == head_dim
+
+
+def test_image_token_labels_and_the_probe_learn_them():
+    from pipeline.nano.encode import image_token_labels, quadrant_tokens
+    from pipeline.nano.train import ImageProbe
+
+    scene = world.Scene("white", (world.SceneObject("star", "red", "top right"),))
+    lab = image_token_labels(scene)
+    for q, pos in enumerate(world.POSITIONS):
+        assert [lab["position"][k] for k in quadrant_tokens(pos)] == [q] * 4
+        want = (world.SHAPES.index("star"), world.COLORS.index("red")) if pos == "top right" else \
+            (len(world.SHAPES), len(world.COLORS))
+        assert {(lab["shape"][k], lab["color"][k]) for k in quadrant_tokens(pos)} == {want}
+    probe = ImageProbe(8)
+    # two images of 16 tokens (hidden 8) between padding, features that encode the quadrant
+    hidden = torch.randn(2, 20, 8) * 0.1
+    mask = torch.zeros(2, 20, dtype=torch.bool)
+    mask[:, 2:18] = True
+    hidden[:, 2:18, :4] += torch.nn.functional.one_hot(torch.tensor(lab["position"]), 4).float()
+    opt = torch.optim.AdamW(probe.parameters(), lr=0.1)
+    first = probe.loss(hidden, mask, [scene, scene], {"position": 1.0}).item()
+    assert abs(first - torch.log(torch.tensor(4.0)).item()) < 1e-5  # zero-initialised: uniform
+    for _ in range(30):
+        opt.zero_grad()
+        probe.loss(hidden, mask, [scene, scene], {"position": 1.0}).backward()
+        opt.step()
+    assert probe.loss(hidden, mask, [scene, scene], {"position": 1.0}).item() < 0.2 * first
+
+
+def test_position_probe_trains_beside_the_model_and_is_not_saved(tok, tmp_path):
+    from dataclasses import replace
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pipeline.models.builders import build_processor
+    from pipeline.nano.train import vl_loss_fn
+
+    recipe = VLRecipe(phases=[Phase(steps=4, lr=3e-3, warmup=1, captions=2, filters=2)], snapshots={},
+                      position_probe=1.0, object_probe=0.5)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(recipe.config(tok))
+    fn = vl_loss_fn(model, tok, build_processor(tok), recipe.phases[0], "cpu", recipe)
+    weight = fn.extra_parameters[0]
+    assert len(fn.extra_parameters) == 6 and not weight.any()
+    info = train_vl(tok, tmp_path, recipe, seed=1, log=lambda _: None)
+    assert len(info["losses"]) == 4
+    train_vl(tok, tmp_path / "plain", replace(recipe, position_probe=0.0, object_probe=0.0), seed=1, log=lambda _: None)
+    saved, plain = (load_file(d / "nano-vl" / "model.safetensors") for d in (tmp_path, tmp_path / "plain"))
+    assert set(saved) == set(plain) and {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in plain.items()}
+    loss = fn(data.stream(1, "probe"))
+    loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0  # the probe's loss reaches it

@@ -51,6 +51,8 @@ class Example:
     task: str = ""
     about: tuple[str | None, ...] = ()
     """per answer in the target, where in the image it is read (`answer_region`); for attention supervision"""
+    scene: world.Scene | None = None
+    """the scene the image shows (training-only image probes)"""
 
 
 def stream(seed: int, name: str) -> random.Random:
@@ -94,7 +96,7 @@ def option_target(text: str) -> str:
 def caption_example(rng: random.Random) -> Example:
     scene = train_scene(rng)
     return Example(image_messages(CAPTION_PROMPT), world.caption(scene, rng.randrange(3)),
-                   image=train_image(scene, rng), task="caption")
+                   image=train_image(scene, rng), task="caption", scene=scene)
 
 
 _POOLS = {"background": (*world.BACKGROUNDS, "blue"), "count": world.COUNT_WORDS[1:],
@@ -174,19 +176,22 @@ def qagen_example(rng: random.Random) -> Example:
     scene = train_scene(rng)
     mcqs = generator_questions(scene, rng)
     return Example(image_messages(QA_GENERATION_PROMPT), format_generator_output(mcqs),
-                   image=train_image(scene, rng), task="qagen",
+                   image=train_image(scene, rng), task="qagen", scene=scene,
                    about=tuple(answer_region(scene, q) for q in mcqs))
 
 
 def answer_region(scene: world.Scene, mcq: MCQ) -> str | None:
     """Where in the image a world question's answer is read: the position of the object whose shape or
-    colour is asked. None for background and count (the whole image) and for position_of, whose answer is
-    the position itself (no attention over image tokens can return a position as a value)."""
+    colour is asked, or (position_of) of the object named (after the first text layer an image token's
+    residual carries its quadrant: a linear probe reads it at 0.85, docs/nano.md). None for background
+    and count (the whole image)."""
     key = str(mcq.meta.get("key", ""))
     if mcq.qtype in ("shape_at", "color_at"):
         return key
     if mcq.qtype == "color_of_shape":
         return next(o.position for o in scene.objects if o.shape == key)
+    if mcq.qtype == "position_of":
+        return next(o.position for o in scene.objects if f"{o.color} {o.shape}" == key)
     return None
 
 
@@ -217,7 +222,8 @@ def filter_example(rng: random.Random, with_image: bool | None = None) -> Exampl
     shown = shuffle_options(broken or mcq, rng, extra_option=NONE_OF_THE_ABOVE)
     answer = NONE_OF_THE_ABOVE if broken else mcq.answer_text
     return Example(filter_messages(shown, True), option_target(answer), prefill=READER_PREFILL,
-                   image=train_image(scene, rng), task="filter", about=(answer_region(scene, mcq),))
+                   image=train_image(scene, rng), task="filter", about=(answer_region(scene, mcq),),
+                   scene=scene)
 
 
 # -- reader ---------------------------------------------------------------------------------------

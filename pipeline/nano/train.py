@@ -29,7 +29,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from pipeline import world
 from pipeline.models.builders import (
+    IMAGE_TOKENS,
     build_processor,
     build_tokenizer,
     save_model_dir,
@@ -44,6 +46,7 @@ from pipeline.nano.encode import (
     first_option_targets,
     ids,
     image_region_targets,
+    image_token_labels,
     reader_tree,
     split_reader_prompt,
     token_at,
@@ -116,6 +119,12 @@ class VLRecipe:
     option_head: int | None = 0
     copy_head: int | None = None
     region_filter: bool = False
+    position_probe: float = 0.0
+    object_probe: float = 0.0
+    """weights of auxiliary losses (training only; the probes are not saved): linear probes on the residual
+    after the first text layer predict each image token's quadrant (position_probe) and the shape and
+    colour of the object in that quadrant (object_probe), so that a question naming an object can find
+    its tokens by content (ImageProbe)"""
     """attention supervision (weight, text layer, heads; None: off): region_head makes each generated answer
     letter and text (and with region_filter the gate filter's answer) look at the image tokens where the
     answer is read (image_region_targets); option_head makes each answer letter look at its question's
@@ -174,8 +183,10 @@ def scaled(recipe: VLRecipe | ReaderRecipe, factor: float) -> VLRecipe | ReaderR
     return replace(recipe, phases=phases)
 
 
-def _optimizer(model: torch.nn.Module, sched: Schedule) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=sched.lr, betas=sched.betas, weight_decay=sched.weight_decay)
+def _optimizer(model: torch.nn.Module, sched: Schedule, extra: Sequence[torch.nn.Parameter] = ()
+               ) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([*model.parameters(), *extra], lr=sched.lr, betas=sched.betas,
+                             weight_decay=sched.weight_decay)
 
 
 def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Schedule, step: int, loss: torch.Tensor) -> None:
@@ -210,7 +221,7 @@ def run_phase(model: torch.nn.Module, recipe: VLRecipe | ReaderRecipe, index: in
     sched = phase.schedule()
     snapshots = getattr(recipe, "snapshots", {})
     model.train()
-    opt = _optimizer(model, sched)
+    opt = _optimizer(model, sched, getattr(loss_fn, "extra_parameters", ()))
     losses: list[float] = []
     t0 = time.time()
     snaps: dict[str, dict] = {}
@@ -247,6 +258,33 @@ def train_phases(model: torch.nn.Module, recipe: VLRecipe | ReaderRecipe, seed: 
 
 
 # -- nano-VL --------------------------------------------------------------------------------------
+class ImageProbe(torch.nn.Module):
+    """Training-only linear probes from each image token's residual to what the scene has there: its
+    quadrant (world.POSITIONS) and the shape and colour of the object in that quadrant (or none)."""
+
+    SIZES = {"position": len(world.POSITIONS), "shape": len(world.SHAPES) + 1, "color": len(world.COLORS) + 1}
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(hidden, n) for k, n in self.SIZES.items()})
+        for head in self.heads.values():
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+
+    def loss(self, hidden: torch.Tensor, image_mask: torch.Tensor, scenes: Sequence[world.Scene],
+             weights: dict[str, float]) -> torch.Tensor:
+        """Sum over probes of weight x cross-entropy over every image's IMAGE_TOKENS tokens, in batch order."""
+        x = hidden[image_mask].view(len(scenes), IMAGE_TOKENS, hidden.shape[-1])
+        labels = [image_token_labels(s) for s in scenes]
+        total = hidden.new_zeros(())
+        for name, w in weights.items():
+            if w > 0:
+                y = torch.tensor([v for lab in labels for v in lab[name]], device=hidden.device)
+                logits = self.heads[name](x).reshape(-1, self.SIZES[name])
+                total = total + w * torch.nn.functional.cross_entropy(logits.float(), y)
+        return total
+
+
 def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, phase: Phase,
                device: str, recipe: VLRecipe | None = None) -> StepLoss:
     """One nano-VL step's loss: a mixed caption + filter batch, plus (if any) an MCQ-generation batch
@@ -258,6 +296,10 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
     region_head = recipe.region_head if recipe and weight > 0 else None
     option_head = recipe.option_head if recipe and weight > 0 else None
     region_filter = bool(recipe and recipe.region_filter)
+    probe_weights = {"position": recipe.position_probe, "shape": recipe.object_probe,
+                     "color": recipe.object_probe} if recipe else {}
+    probe = ImageProbe(model.config.text_config.hidden_size).to(device) \
+        if any(w > 0 for w in probe_weights.values()) else None
 
     def supervised(out, examples: list[data.Example], head: int | None, targets) -> torch.Tensor:
         if head is None:
@@ -270,9 +312,14 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
         if kinds:
             short = [data.caption_example(rng) if k == "caption" else data.filter_example(rng) for k in kinds]
             watch = region_head is not None and region_filter
-            out = model(**collate_vl(tok, processor.image_processor, short).model_inputs(device),
-                        output_attentions=watch)
+            batch = collate_vl(tok, processor.image_processor, short)
+            out = model(**batch.model_inputs(device), output_attentions=watch,
+                        output_hidden_states=probe is not None)
             total = total + out.loss
+            if probe is not None:
+                image_mask = (batch.input_ids == batch.image_token_id).to(device)
+                scenes = [ex.scene for ex in short if ex.image is not None]
+                total = total + probe.loss(out.hidden_states[1], image_mask, scenes, probe_weights)  # type: ignore[arg-type]
             if watch:
                 total = total + supervised(out, short, region_head, image_region_targets)
         if phase.qagen:
@@ -287,6 +334,8 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
                 total = total + supervised(out, qa, copy_head, answer_copy_targets)
         return total
 
+    if probe is not None:
+        loss.extra_parameters = list(probe.parameters())  # type: ignore[attr-defined]
     return loss
 
 
