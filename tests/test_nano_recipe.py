@@ -490,3 +490,32 @@ def test_position_probe_trains_beside_the_model_and_is_not_saved(tok, tmp_path):
     loss = fn(data.stream(1, "probe"))
     loss.backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0  # the probe's loss reaches it
+
+
+def test_question_word_targets_point_at_the_words_that_name_the_object(tok):
+    """Gate-filter queries that name their object by look: every position that predicts a value token attends
+    to the question's shape word (and, for "Where is the <colour> <shape>?", its colour word); other queries
+    and MCQ generation are not supervised."""
+    from pipeline.nano.encode import encode_example, question_word_targets
+
+    rng = data.stream(6, "test-words")
+    kinds = set()
+    for _ in range(80):
+        ex = data.filter_example(rng, with_image=True)
+        seq, labels = encode_example(tok, ex)
+        question = ex.messages[-1]["content"][-1]["text"].splitlines()[0]
+        value = ex.target.strip().rstrip(".")
+        for kind, pool in (("shape", world.SHAPES), ("color", world.COLORS)):
+            pairs = question_word_targets(tok, ex, kind)
+            named = [w for w in re.findall(r"[a-z]+", question.lower()) if w in pool]
+            if not named:
+                assert not pairs
+                continue
+            kinds.add((question.split()[2], kind))
+            assert [tok.decode([seq[q + 1]]) for q, _ in pairs] == [tok.decode([t]) for t in ids(tok, " " + value)]
+            assert all(labels[q + 1] != -100 for q, _ in pairs)
+            assert {tok.decode([seq[k]]).strip() for _, k in pairs} == set(named)
+            assert len({k for _, k in pairs}) == 1 and pairs[0][1] < min(q for q, _ in pairs)
+    assert kinds == {("color", "shape"), ("is", "shape"), ("is", "color")}  # What color is the <shape>? / Where is ...
+    assert not question_word_targets(tok, data.filter_example(rng, with_image=False), "shape")
+    assert not question_word_targets(tok, data.qagen_example(rng), "shape")

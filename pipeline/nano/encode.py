@@ -150,6 +150,30 @@ def quadrant_tokens(position: str) -> list[int]:
     return [r * side + c for r in range(row0, row0 + half) for c in range(col0, col0 + half)]
 
 
+_QUESTION_LINE = re.compile(r"Question: (?P<q>[^\n]+)")
+_WORDS = {"shape": re.compile(r"\b(?:" + "|".join(world.SHAPES) + r")\b"),
+          "color": re.compile(r"\b(?:" + "|".join(world.COLORS) + r")\b")}
+
+
+def question_word_targets(tok: PreTrainedTokenizerBase, ex: Example, kind: str) -> list[tuple[int, int]]:
+    """Attention supervision for a gate-filter query with the image whose question names its object by
+    look ("What color is the star?", "Where is the red star?"): the positions that predict the answer's
+    value tokens attend to the question's shape word (kind "shape") or colour word ("color"), in
+    encode_example's positions. Empty for other queries."""
+    if ex.task != "filter" or ex.image is None:
+        return []
+    text = prompt_text(tok, ex.messages, ex.prefill).replace(IMAGE_PAD, IMAGE_PAD * IMAGE_TOKENS)
+    line = _QUESTION_LINE.search(text)
+    word = _WORDS[kind].search(text, line.start("q"), line.end("q")) if line else None
+    if word is None:
+        return []
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    key = token_at(offsets, word.end() - 1)
+    first = len(offsets) - 1  # predicts the first target token
+    value = ex.target.strip().rstrip(".")
+    return [(first + k, key) for k in range(len(ids(tok, " " + value)))]
+
+
 def image_token_labels(scene: world.Scene) -> dict[str, list[int]]:
     """Per image token (raster order of the merged grid): its quadrant (index in world.POSITIONS) and the
     shape and colour of the object in that quadrant (indices in world.SHAPES / COLORS; none: one past)."""

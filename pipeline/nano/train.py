@@ -47,6 +47,7 @@ from pipeline.nano.encode import (
     ids,
     image_region_targets,
     image_token_labels,
+    question_word_targets,
     reader_tree,
     split_reader_prompt,
     token_at,
@@ -119,6 +120,12 @@ class VLRecipe:
     option_head: int | None = 0
     copy_head: int | None = None
     region_filter: bool = False
+    word_layer: int = 0
+    shape_word_head: int | None = None
+    color_word_head: int | None = None
+    """attention supervision (weight attention_weight; None: off) of the gate filter's question gathering:
+    at the positions that predict a filter answer, these heads of word_layer attend to the question's
+    shape / colour word when the question names its object by look (question_word_targets)"""
     position_probe: float = 0.0
     object_probe: float = 0.0
     """weights of auxiliary losses (training only; the probes are not saved): linear probes on the residual
@@ -311,7 +318,9 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
         total = torch.zeros((), device=device)
         if kinds:
             short = [data.caption_example(rng) if k == "caption" else data.filter_example(rng) for k in kinds]
-            watch = region_head is not None and region_filter
+            words = [(h, kind) for h, kind in ((recipe.shape_word_head, "shape"), (recipe.color_word_head, "color"))
+                     if h is not None] if recipe and weight > 0 else []
+            watch = (region_head is not None and region_filter) or bool(words)
             batch = collate_vl(tok, processor.image_processor, short)
             out = model(**batch.model_inputs(device), output_attentions=watch,
                         output_hidden_states=probe is not None)
@@ -320,8 +329,11 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
                 image_mask = (batch.input_ids == batch.image_token_id).to(device)
                 scenes = [ex.scene for ex in short if ex.image is not None]
                 total = total + probe.loss(out.hidden_states[1], image_mask, scenes, probe_weights)  # type: ignore[arg-type]
-            if watch:
+            if region_head is not None and region_filter:
                 total = total + supervised(out, short, region_head, image_region_targets)
+            for head, kind in words:
+                total = total + weight * attention_loss(out.attentions[recipe.word_layer][:, head],  # type: ignore[union-attr]
+                                                        [question_word_targets(tok, ex, kind) for ex in short])
         if phase.qagen:
             qa = [data.qagen_example(rng) for _ in range(phase.qagen)]
             watch = any(h is not None for h in (copy_head, region_head, option_head))
