@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -120,6 +121,11 @@ class VLRecipe:
     option_head: int | None = 0
     copy_head: int | None = None
     region_filter: bool = False
+    """attention supervision (weight, text layer, heads; None: off): region_head makes each generated answer
+    letter and text (and with region_filter the gate filter's answer) look at the image tokens where the
+    answer is read (image_region_targets); option_head makes each answer letter look at its question's
+    option A (first_option_targets); copy_head makes answer texts copies of the option their letter names
+    (answer_copy_targets)"""
     word_layer: int = 0
     shape_word_head: int | None = None
     color_word_head: int | None = None
@@ -132,11 +138,6 @@ class VLRecipe:
     after the first text layer predict each image token's quadrant (position_probe) and the shape and
     colour of the object in that quadrant (object_probe), so that a question naming an object can find
     its tokens by content (ImageProbe)"""
-    """attention supervision (weight, text layer, heads; None: off): region_head makes each generated answer
-    letter and text (and with region_filter the gate filter's answer) look at the image tokens where the
-    answer is read (image_region_targets); option_head makes each answer letter look at its question's
-    option A (first_option_targets); copy_head makes answer texts copies of the option their letter names
-    (answer_copy_targets)"""
 
     def config(self, tok: PreTrainedTokenizerBase):
         head_dim = 128 // self.text_heads
@@ -308,10 +309,10 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
     probe = ImageProbe(model.config.text_config.hidden_size).to(device) \
         if any(w > 0 for w in probe_weights.values()) else None
 
-    def supervised(out, examples: list[data.Example], head: int | None, targets) -> torch.Tensor:
+    def supervised(out, examples: list[data.Example], head: int | None, targets, at: int = layer) -> torch.Tensor:
         if head is None:
             return torch.zeros((), device=device)
-        return weight * attention_loss(out.attentions[layer][:, head], [targets(tok, ex) for ex in examples])
+        return weight * attention_loss(out.attentions[at][:, head], [targets(tok, ex) for ex in examples])
 
     def loss(rng: random.Random) -> torch.Tensor:
         kinds = ["caption"] * phase.captions + ["filter"] * phase.filters
@@ -332,8 +333,8 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
             if region_head is not None and region_filter:
                 total = total + supervised(out, short, region_head, image_region_targets)
             for head, kind in words:
-                total = total + weight * attention_loss(out.attentions[recipe.word_layer][:, head],  # type: ignore[union-attr]
-                                                        [question_word_targets(tok, ex, kind) for ex in short])
+                total = total + supervised(out, short, head, partial(question_word_targets, kind=kind),
+                                           recipe.word_layer)  # type: ignore[union-attr]
         if phase.qagen:
             qa = [data.qagen_example(rng) for _ in range(phase.qagen)]
             watch = any(h is not None for h in (copy_head, region_head, option_head))
