@@ -27,7 +27,14 @@ from pipeline import world
 from pipeline.mcq import CAPTION_PROMPT, MCQ, NONE_OF_THE_ABOVE
 from pipeline.nano import data
 from pipeline.nano.encode import image_token_labels, prompt_text, quadrant_tokens
-from pipeline.nano.eval import DEFAULT_MODELS, VL_NAME, eval_mcqs, filter_picks, filter_requests
+from pipeline.nano.eval import (
+    DEFAULT_MODELS,
+    VL_NAME,
+    accuracy_by_type,
+    eval_mcqs,
+    filter_picks,
+    filter_requests,
+)
 from pipeline.nano.infer import NanoVL
 
 
@@ -51,14 +58,9 @@ def filter_breakdown(vl: NanoVL, scenes: Sequence[world.Scene], mcqs: Sequence[S
     """With-image accuracy per type (the eval's queries) and the kinds of the wrong position answers."""
     reqs, shown, owners = filter_requests(scenes, mcqs, random.Random(data.EVAL_MCQ_SEED + 1), True)
     picks = filter_picks(vl, reqs, shown)
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    kinds: Counter = Counter()
-    for p, s, scene in zip(picks, shown, owners, strict=True):
-        right = s.options[p] == s.mcq.answer_text
-        by_type[s.mcq.qtype].append(right)
-        if s.mcq.qtype == "position_of" and not right:
-            kinds[position_error_kind(scene, s.mcq, s.options[p])] += 1
-    return {t: sum(v) / len(v) for t, v in sorted(by_type.items())}, kinds
+    kinds = Counter(position_error_kind(scene, s.mcq, s.options[p]) for p, s, scene in zip(picks, shown, owners, strict=True)
+                    if s.mcq.qtype == "position_of" and s.options[p] != s.mcq.answer_text)
+    return accuracy_by_type(picks, shown)[1], kinds
 
 
 @torch.no_grad()

@@ -169,9 +169,13 @@ def question_word_targets(tok: PreTrainedTokenizerBase, ex: Example, kind: str) 
         return []
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     key = token_at(offsets, word.end() - 1)
-    first = len(offsets) - 1  # predicts the first target token
+    return [(q, key) for q in _value_queries(tok, ex, len(offsets))]
+
+
+def _value_queries(tok: PreTrainedTokenizerBase, ex: Example, prompt_len: int) -> list[int]:
+    """The positions that predict an option-text answer's value tokens (' ' + value, the '.' left out)."""
     value = ex.target.strip().rstrip(".")
-    return [(first + k, key) for k in range(len(ids(tok, " " + value)))]
+    return [prompt_len - 1 + k for k in range(len(ids(tok, " " + value)))]
 
 
 def image_token_labels(scene: world.Scene) -> dict[str, list[int]]:
@@ -204,8 +208,7 @@ def image_region_targets(tok: PreTrainedTokenizerBase, ex: Example) -> list[tupl
             text = [k for k, (a, e) in enumerate(offsets) if a < m.end("text") and e > m.start("text")]
             queries.append([first + k for k in [token_at(offsets, m.start("letter")), *text]])
     else:
-        value = ex.target.strip().rstrip(".")
-        queries = [[first + k for k in range(len(ids(tok, " " + value)))]]
+        queries = [_value_queries(tok, ex, len(prompt))]
     return [(q, [pads[k] for k in quadrant_tokens(pos)])
             for pos, qs in zip(ex.about, queries, strict=True) if pos is not None for q in qs]
 

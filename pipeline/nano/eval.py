@@ -133,37 +133,37 @@ def filter_picks(vl: NanoVL, reqs: Sequence[tuple[list[dict], Image.Image | None
     return [max(range(len(sc)), key=sc.__getitem__) for sc in scores]
 
 
+def accuracy_by_type(picks: Sequence[int], shown: Sequence[ShuffledMCQ]) -> tuple[float, dict[str, float]]:
+    """Overall accuracy of the picked option indices, and per question type (sorted)."""
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for p, s in zip(picks, shown, strict=True):
+        by_type[s.mcq.qtype].append(s.options[p] == s.mcq.answer_text)
+    return sum(sum(v) for v in by_type.values()) / len(picks), {t: sum(v) / len(v) for t, v in sorted(by_type.items())}
+
+
 def eval_filter(vl: NanoVL, scenes: Sequence[world.Scene], mcqs: Sequence[Sequence[MCQ]]) -> dict[str, float]:
     """Accuracy with and without the image, and with the image per question type."""
     rng = random.Random(data.EVAL_MCQ_SEED + 1)
     out = {}
     for with_image in (True, False):
         reqs, shown_all, _ = filter_requests(scenes, mcqs, rng, with_image)
-        picks = filter_picks(vl, reqs, shown_all)
-        by_type: dict[str, list[bool]] = defaultdict(list)
-        for p, s in zip(picks, shown_all, strict=True):
-            by_type[s.mcq.qtype].append(s.options[p] == s.mcq.answer_text)
+        overall, per_type = accuracy_by_type(filter_picks(vl, reqs, shown_all), shown_all)
         name = "filter_with_image" if with_image else "filter_without_image"
-        out[name] = sum(sum(v) for v in by_type.values()) / len(picks)
+        out[name] = overall
         if with_image:
-            out.update({f"{name}_{t}": sum(v) / len(v) for t, v in sorted(by_type.items())})
+            out.update({f"{name}_{t}": a for t, a in per_type.items()})
     return out
 
 
 def eval_reader(reader: NanoReader, scenes: Sequence[world.Scene]) -> dict[str, float]:
     rng = random.Random(data.EVAL_MCQ_SEED + 2)
-    items, kinds = [], []
+    items = []
     for i, scene in enumerate(scenes):
         cap = world.caption(scene, i % 3)
         for q in world.scene_mcqs(scene, rng):
             items.append((cap, shuffle_options(q, rng, extra_option=CANNOT_ANSWER)))
-            kinds.append(q.qtype)
-    picks = reader.answer(items)
-    by_type: dict[str, list[bool]] = defaultdict(list)
-    for (_, s), p, t in zip(items, picks, kinds, strict=True):
-        by_type[t].append(s.options[p] == s.mcq.answer_text)
-    res = {"reader_gt_accuracy": sum(sum(v) for v in by_type.values()) / len(picks)}
-    res.update({f"reader_gt_{t}": sum(v) / len(v) for t, v in sorted(by_type.items())})
+    overall, per_type = accuracy_by_type(reader.answer(items), [s for _, s in items])
+    res = {"reader_gt_accuracy": overall} | {f"reader_gt_{t}": a for t, a in per_type.items()}
     unin = [(world.UNINFORMATIVE_CAPTION, s) for _, s in items[:: max(1, len(items) // 400)]]
     picks = reader.answer(unin)
     res["reader_cannot_uninformative"] = sum(s.options[p] == CANNOT_ANSWER for (_, s), p in zip(unin, picks, strict=True)) / len(unin)
