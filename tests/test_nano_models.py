@@ -149,3 +149,12 @@ def test_position_error_kinds():
     assert position_error_kind(scene, q, "bottom right") == "other object"
     assert position_error_kind(replace(scene, objects=scene.objects[:1]), q, "bottom right") == "empty quadrant"
     assert position_error_kind(scene, q, NONE_OF_THE_ABOVE) == "none of the above"
+
+
+def test_eval_and_diagnose_refuse_a_missing_model_folder(tmp_path, capsys):
+    from pipeline.nano import diagnose
+
+    for main, args in ((nano_eval.main, ["--models", str(tmp_path)]), (diagnose.main, ["--model", str(tmp_path)])):
+        with pytest.raises(SystemExit) as err:
+            main(args)
+        assert err.value.code == 2 and str(tmp_path) in capsys.readouterr().err

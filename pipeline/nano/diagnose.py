@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(DEFAULT_MODELS / VL_NAME))
     ap.add_argument("--scenes", type=int, default=data.N_EVAL_SCENES)
     args = ap.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        ap.error(f"no model folder (with config.json) at {args.model}")
     vl = NanoVL(Path(args.model))
     scenes = data.eval_scenes(args.scenes)
     mcqs = eval_mcqs(scenes)

@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     models = Path(args.models)
+    missing = [n for n in (VL_NAME, READER_NAME) if not (models / n / "config.json").is_file()]
+    if missing:
+        ap.error(f"no {' / '.join(missing)} model folder under {models}")
     res = run(models, args.scenes, device=args.device)
     if args.write_manifest:
         path = models / "MANIFEST.json"
