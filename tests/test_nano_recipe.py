@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import re
 
@@ -143,6 +145,20 @@ def test_filter_examples(tok):
         assert ex.prefill == READER_PREFILL and ex.target.endswith(".")
         assert (ex.image is not None) == (ex.task == "filter")
     assert {("filter", False), ("filter", True), ("filter_noimg", False)} <= seen
+
+
+def test_filter_type_weights_oversample_a_question_type():
+    def questions(weights):
+        rng = data.stream(0, "test-filter-weights")
+        exs = [data.filter_example(rng, with_image=True, type_weights=weights) for _ in range(300)]
+        return [(ex.messages[-1]["content"][-1]["text"], ex.target) for ex in exs]
+
+    def position_share(weights):
+        return sum(text.startswith("Question: Where is the") for text, _ in questions(weights)) / 300
+
+    plain, heavy = position_share(None), position_share({"position_of": 10.0})
+    assert 0.1 < plain < 0.35 and heavy > 0.6
+    assert questions({}) == questions(None)  # no weights: the default stream, example for example
 
 
 def test_train_scenes_exclude_eval_scenes():
@@ -433,11 +449,12 @@ def test_first_option_targets_look_at_option_a_from_each_answer_letter(tok):
 
 
 def test_vl_recipe_config_keeps_head_dim_and_mrope_consistent(tok):
-    for heads, kv in ((2, 1), (4, 2)):
-        cfg = VLRecipe(text_heads=heads, text_kv_heads=kv).config(tok)
+    for heads, kv, layers in ((2, 1, 2), (4, 2, 3)):
+        cfg = VLRecipe(text_heads=heads, text_kv_heads=kv, text_layers=layers).config(tok)
         text = cfg.text_config
         head_dim = text.hidden_size // text.num_attention_heads
         assert text.num_attention_heads == heads and 2 * sum(text.rope_parameters["mrope_section"]) == head_dim
+        assert text.num_hidden_layers == layers and text.num_key_value_heads == kv
 
 
 def test_image_token_labels_and_the_probe_learn_them():
@@ -460,6 +477,7 @@ def test_image_token_labels_and_the_probe_learn_them():
     opt = torch.optim.AdamW(probe.parameters(), lr=0.1)
     first = probe.loss(hidden, mask, [scene, scene], {"position": 1.0}).item()
     assert abs(first - torch.log(torch.tensor(4.0)).item()) < 1e-5  # zero-initialised: uniform
+    assert probe.loss(hidden, torch.zeros_like(mask), [], {"position": 1.0}).item() == 0  # a batch without images
     for _ in range(30):
         opt.zero_grad()
         probe.loss(hidden, mask, [scene, scene], {"position": 1.0}).backward()
@@ -519,3 +537,104 @@ def test_question_word_targets_point_at_the_words_that_name_the_object(tok):
     assert kinds == {("color", "shape"), ("is", "shape"), ("is", "color")}  # What color is the <shape>? / Where is ...
     assert not question_word_targets(tok, data.filter_example(rng, with_image=False), "shape")
     assert not question_word_targets(tok, data.qagen_example(rng), "shape")
+
+
+def test_option_head_is_supervised_in_the_option_layer(tok, monkeypatch):
+    """option_layer moves the option head's attention supervision to another text layer (here the first of
+    three); the region head stays in attention_layer."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pipeline.models.builders import build_processor
+    from pipeline.nano import train
+    from pipeline.nano.encode import collate_vl
+
+    recipe = VLRecipe(phases=[Phase(steps=1, lr=1e-3, qagen=2)], text_layers=3, option_layer=0)
+    torch.manual_seed(0)
+    model = train._attention_ready(Qwen2_5_VLForConditionalGeneration(recipe.config(tok)), recipe)
+    processor = build_processor(tok)
+    seen: list[torch.Tensor] = []
+
+    def spy(attentions, attend):
+        seen.append(attentions.detach())
+        return attentions.sum() * 0
+
+    monkeypatch.setattr(train, "attention_loss", spy)
+    train.vl_loss_fn(model, tok, processor, recipe.phases[0], "cpu", recipe)(random.Random(3))
+    rng = random.Random(3)
+    batch = collate_vl(tok, processor.image_processor, [data.qagen_example(rng) for _ in range(2)])
+    with torch.no_grad():
+        attentions = model(**batch.model_inputs("cpu"), output_attentions=True).attentions
+    region, option = seen  # region head (1) of the last layer, then option head (0) of layer 0
+    assert torch.allclose(region, attentions[-1][:, 1]) and torch.allclose(option, attentions[0][:, 0])
+    assert not torch.allclose(option, attentions[-1][:, 0])
+
+
+def test_filter_recipe_starts_from_the_trained_vl(tok, tmp_path):
+    """nano-filter starts from the nano-VL folder under the output root (lr 0: its weights, unchanged)
+    and refuses to start without it."""
+    from pipeline.nano.train import FilterRecipe
+
+    train_vl(tok, tmp_path, VLRecipe(phases=[Phase(steps=2, lr=1e-3, warmup=1, captions=2)], snapshots={}),
+             log=lambda _: None)
+    still = FilterRecipe(phases=[Phase(steps=1, lr=0.0, warmup=1, captions=1, filters=2)])
+    train_vl(tok, tmp_path, still, log=lambda _: None)
+    vl, filt = (load_file(tmp_path / name / "model.safetensors") for name in ("nano-vl", "nano-filter"))
+    assert set(vl) == set(filt) and all(torch.equal(vl[k], filt[k]) for k in vl)
+    info = train_vl(tok, tmp_path, FilterRecipe(phases=[Phase(steps=2, lr=1e-3, warmup=1, filters=2)]),
+                    log=lambda _: None)
+    assert info["steps"] == 2 and all(math.isfinite(x) for x in info["losses"])
+    moved = load_file(tmp_path / "nano-filter" / "model.safetensors")
+    assert any(not torch.equal(vl[k], moved[k]) for k in vl)
+    with pytest.raises(FileNotFoundError, match="train it first"):
+        train_vl(tok, tmp_path / "empty", still, log=lambda _: None)
+
+
+def test_filter_trains_after_the_vl_and_is_skipped_when_it_fails(tok, tmp_path, monkeypatch):
+    """train_models queues nano-filter once nano-VL is done, runs the in-between work while it trains,
+    and skips it when nano-VL failed (it must not start from a stale nano-VL)."""
+    from multiprocessing.dummy import Pool
+
+    from pipeline.nano import train
+
+    order: list[str] = []
+
+    def fake_vl(tok, root, recipe, *args):
+        order.append(recipe.name)
+        if recipe.name == "nano-vl" and (root / "break").exists():
+            raise RuntimeError("nano-vl broke")
+        return {"steps": 1, "seconds": 0.0, "losses": [1.0], "snapshots": {}}
+
+    def fake_reader(tok, root, recipe, *args):
+        order.append(recipe.name)
+        return {"steps": 1, "seconds": 0.0, "losses": [1.0], "snapshots": {}}
+
+    monkeypatch.setattr(train, "train_vl", fake_vl)
+    monkeypatch.setattr(train, "train_reader", fake_reader)
+    tok.save_pretrained(tmp_path / train.TOKENIZER_DIR)
+    args = (str(tmp_path), 0, 1, 0.01, "cpu")
+    with Pool(2) as pool:
+        infos = train.train_models(["vl", "filter", "reader"], args, pool, lambda: order.append("eval"))
+    assert list(infos) == ["vl", "filter", "reader"] and not any("error" in v for v in infos.values())
+    assert order.index("nano-vl") < order.index("nano-filter") and order.index("nano-reader") < order.index("eval")
+    (tmp_path / "break").touch()
+    with Pool(2) as pool:
+        infos = train.train_models(["vl", "filter"], args, pool, lambda: order.append("late eval"))
+    assert infos["vl"]["error"] == "RuntimeError: nano-vl broke" and infos["filter"]["error"].startswith("skipped")
+    assert infos["filter"]["recipe"]["name"] == "nano-filter" and "late eval" not in order
+    assert "nano-vl broke" in (tmp_path / "train_vl.log").read_text()
+
+
+def test_train_all_command_builds_every_model_and_the_manifest(tok, tmp_path):
+    """`python -m pipeline.nano.train --all` at a tiny scale: nano-VL, then nano-filter from it, and
+    nano-reader in a second process; MANIFEST.json records each (nano-filter's start) with its sha256."""
+    from pipeline.nano import train
+
+    tok.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "out"
+    assert train.main(["--all", "--scale", "0.002", "--out", str(out), "--no-eval", "--tokenizer", str(tmp_path / "tok")]) == 0
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert {"nano-vl", "nano-filter", "nano-reader"} <= set(manifest["models"])
+    assert manifest["models"]["nano-filter"]["recipe"]["start_from"] == "nano-vl"
+    assert manifest["models"]["nano-filter"]["steps"] == 2 and manifest["models"]["nano-vl"]["steps"] == 6
+    for name, entry in manifest["models"].items():
+        assert (out / name / "model.safetensors").is_file() and "model.safetensors" in entry["sha256"]

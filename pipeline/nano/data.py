@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,13 +205,19 @@ def _broken(mcq: MCQ, pool: tuple[str, ...], rng: random.Random) -> MCQ | None:
     return MCQ(question=mcq.question, options=tuple(opts), answer=mcq.answer, qtype=mcq.qtype)
 
 
-def filter_example(rng: random.Random, with_image: bool | None = None) -> Example:
+def filter_example(rng: random.Random, with_image: bool | None = None,
+                   type_weights: Mapping[str, float] | None = None) -> Example:
     """The gate's query. With the image: the right option (or NONE_OF_THE_ABOVE when no option is right).
 
     Without the image the target is a uniformly random shown option, so the model learns not to guess.
+    The question is one of the scene's, uniformly or (type_weights, default 1 per type) weighted by type.
     """
     scene = train_scene(rng)
-    mcq = rng.choice(world.scene_mcqs(scene, rng))
+    mcqs = world.scene_mcqs(scene, rng)
+    if type_weights:
+        mcq = rng.choices(mcqs, weights=[type_weights.get(q.qtype, 1.0) for q in mcqs])[0]
+    else:
+        mcq = rng.choice(mcqs)
     if with_image is None:
         with_image = rng.random() < 0.7
     if not with_image:

@@ -1,7 +1,8 @@
-"""Where nano-VL's gate-filter answers go wrong: per-type accuracy, what the wrong position answers pick,
-where the last text layer looks when it answers, and what the image tokens' residuals carry.
+"""Where a gate filter's answers go wrong (nano-filter by default, or nano-VL): per-type accuracy, what
+the wrong position answers pick, where the last text layer looks when it answers, and what the image
+tokens' residuals carry.
 
-    python -m pipeline.nano.diagnose [--model models/nano/nano-vl] [--scenes 200]
+    python -m pipeline.nano.diagnose [--model models/nano/nano-filter] [--scenes 200]
 
 - filter: the eval's with-image accuracy per question type; for "Where is the <colour> <shape>?" the
   kind of each wrong pick (an empty quadrant, another object sharing the shape or the colour, another
@@ -29,7 +30,7 @@ from pipeline.nano import data
 from pipeline.nano.encode import image_token_labels, prompt_text, quadrant_tokens
 from pipeline.nano.eval import (
     DEFAULT_MODELS,
-    VL_NAME,
+    FILTER_NAME,
     accuracy_by_type,
     eval_mcqs,
     filter_picks,
@@ -142,7 +143,7 @@ def image_probes(vl: NanoVL, scenes: Sequence[world.Scene]) -> list[dict[str, fl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.nano.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODELS / VL_NAME))
+    ap.add_argument("--model", default=str(DEFAULT_MODELS / FILTER_NAME))
     ap.add_argument("--scenes", type=int, default=data.N_EVAL_SCENES)
     args = ap.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():

@@ -2,9 +2,9 @@
 
     python -m pipeline.nano.eval [--models models/nano] [--scenes 200] [--write-manifest]
 
-Captioner (caption_accuracy), MCQ generation (pipeline.mcq.parse_generator_output + correctness
-against the scene), gate filter with / without the image, reader from ground-truth and
-uninformative captions, and the CapRL reward (8 draws with replacement, fresh shuffle + CANNOT_ANSWER
+Captioner (caption_accuracy) and MCQ generation (pipeline.mcq.parse_generator_output + correctness
+against the scene) of nano-VL, the gate filter (nano-filter) with / without the image, reader from
+ground-truth and uninformative captions, and the CapRL reward (8 draws with replacement, fresh shuffle + CANNOT_ANSWER
 per draw, option_text answers) of ground-truth, empty, under-trained and nano-VL captions.
 Last line: nano_min_margin=<reward(gt) - reward(empty)>.
 """
@@ -44,6 +44,7 @@ from pipeline.reward import compute_rewards
 
 DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "models" / "nano"
 VL_NAME = "nano-vl"
+FILTER_NAME = "nano-filter"
 READER_NAME = "nano-reader"
 UNDERTRAINED = tuple(VLRecipe().snapshots)  # the under-trained captioner snapshots
 REWARD_DRAWS = 8
@@ -194,8 +195,13 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run(models: Path, n_scenes: int, log: Callable[[str], None] = _print, device: str = "cpu") -> dict[str, float]:
-    """Every metric on the first n_scenes held-out scenes, printed as it is measured."""
+SECTIONS = ("models", "gate")
+
+
+def run(models: Path, n_scenes: int, log: Callable[[str], None] = _print, device: str = "cpu",
+        sections: Sequence[str] = SECTIONS) -> dict[str, float]:
+    """Every metric on the first n_scenes held-out scenes, printed as it is measured: section "models"
+    (nano-VL's captions and MCQs, the reader, the rewards, the snapshots), section "gate" (nano-filter)."""
     scenes = data.eval_scenes(n_scenes)
     mcqs = eval_mcqs(scenes)
     res: dict[str, float] = {}
@@ -206,27 +212,43 @@ def run(models: Path, n_scenes: int, log: Callable[[str], None] = _print, device
         for k, v in part.items():
             log(_fmt(k, v))
 
-    vl = NanoVL(models / VL_NAME, device=device)
-    r, vl_caps = eval_captioner(vl, scenes)
-    add(r)
-    add(eval_qagen(vl, scenes))
-    add(eval_filter(vl, scenes, mcqs))
-    reader = NanoReaderEngine(models / READER_NAME, device=device)
-    add(eval_reader(reader, scenes))
-    gt = [world.caption(s, i % 3) for i, s in enumerate(scenes)]
-    add({"reward_gt": sum(caprl_reward(reader, gt, mcqs)) / len(scenes),
-         "reward_empty": sum(caprl_reward(reader, [""] * len(scenes), mcqs)) / len(scenes),
-         "reward_uninformative": sum(caprl_reward(reader, [world.UNINFORMATIVE_CAPTION] * len(scenes), mcqs))
-         / len(scenes),
-         "reward_nano_vl": sum(caprl_reward(reader, vl_caps, mcqs)) / len(scenes)})
-    for name in UNDERTRAINED:
-        if (models / name).exists():
-            acc, caps = eval_captioner(NanoVL(models / name, device=device), scenes)
-            add({f"{name}_caption_exact": acc["caption_exact"],
-                 f"{name}_caption_attribute_accuracy": acc["caption_attribute_accuracy"],
-                 f"reward_{name}": sum(caprl_reward(reader, caps, mcqs)) / len(scenes)})
-    add({"eval_seconds": round(time.time() - t0, 1)})
+    if "models" in sections:
+        vl = NanoVL(models / VL_NAME, device=device)
+        r, vl_caps = eval_captioner(vl, scenes)
+        add(r)
+        add(eval_qagen(vl, scenes))
+        reader = NanoReaderEngine(models / READER_NAME, device=device)
+        add(eval_reader(reader, scenes))
+        gt = [world.caption(s, i % 3) for i, s in enumerate(scenes)]
+        add({"reward_gt": sum(caprl_reward(reader, gt, mcqs)) / len(scenes),
+             "reward_empty": sum(caprl_reward(reader, [""] * len(scenes), mcqs)) / len(scenes),
+             "reward_uninformative": sum(caprl_reward(reader, [world.UNINFORMATIVE_CAPTION] * len(scenes), mcqs))
+             / len(scenes),
+             "reward_nano_vl": sum(caprl_reward(reader, vl_caps, mcqs)) / len(scenes)})
+        for name in UNDERTRAINED:
+            if (models / name).exists():
+                acc, caps = eval_captioner(NanoVL(models / name, device=device), scenes)
+                add({f"{name}_caption_exact": acc["caption_exact"],
+                     f"{name}_caption_attribute_accuracy": acc["caption_attribute_accuracy"],
+                     f"reward_{name}": sum(caprl_reward(reader, caps, mcqs)) / len(scenes)})
+    if "gate" in sections:
+        add(eval_filter(NanoVL(models / FILTER_NAME, device=device), scenes, mcqs))
+    res["eval_seconds"] = round(time.time() - t0, 1)
     return res
+
+
+def write_manifest(models: Path, res: dict[str, float], n_scenes: int) -> None:
+    """Store the eval numbers in models/MANIFEST.json (key "eval")."""
+    path = models / "MANIFEST.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest["eval"] = {k: round(v, 4) for k, v in res.items()} | {"scenes": n_scenes}
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def report(res: dict[str, float]) -> None:
+    """The eval's time and its last line, nano_min_margin=<reward(gt) - reward(empty)>."""
+    print(_fmt("eval_seconds", res["eval_seconds"]), flush=True)
+    print(f"nano_min_margin={res['reward_gt'] - res['reward_empty']:.4f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,16 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     models = Path(args.models)
-    missing = [n for n in (VL_NAME, READER_NAME) if not (models / n / "config.json").is_file()]
+    missing = [n for n in (VL_NAME, FILTER_NAME, READER_NAME) if not (models / n / "config.json").is_file()]
     if missing:
         ap.error(f"no {' / '.join(missing)} model folder under {models}")
     res = run(models, args.scenes, device=args.device)
     if args.write_manifest:
-        path = models / "MANIFEST.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
-        manifest["eval"] = {k: round(v, 4) for k, v in res.items()} | {"scenes": args.scenes}
-        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    print(f"nano_min_margin={res['reward_gt'] - res['reward_empty']:.4f}")
+        write_manifest(models, res, args.scenes)
+    report(res)
     return 0
 
 

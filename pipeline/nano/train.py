@@ -1,10 +1,10 @@
-"""The nano recipe: tokenizer, nano-VL (captioner + MCQ generator + gate filter), nano-reader.
+"""The nano recipe: tokenizer, nano-VL (captioner + MCQ generator), nano-filter (the gate), nano-reader.
 
 Deterministic: fixed seeds, fixed step counts, one thread per training process (weights are
 bit-identical for the same seed, thread count and torch build). Fresh scenes every step.
 
-    python -m pipeline.nano.train --all            # rebuild everything under models/nano (~26 min)
-    python -m pipeline.nano.train --model reader   # one model
+    python -m pipeline.nano.train --all            # rebuild everything under models/nano (~27 min)
+    python -m pipeline.nano.train --model reader   # one model (--model filter: from models/nano/nano-vl)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -113,6 +114,7 @@ class VLRecipe:
     ])
     snapshots: dict[str, int] = field(default_factory=lambda: {"nano-vl-step300": 300, "nano-vl-step600": 600})
     name: str = "nano-vl"
+    text_layers: int = 2
     text_heads: int = 2
     text_kv_heads: int = 1
     attention_weight: float = 1.0
@@ -120,18 +122,22 @@ class VLRecipe:
     region_head: int | None = 1
     option_head: int | None = 0
     copy_head: int | None = None
+    option_layer: int | None = None
     region_filter: bool = False
     """attention supervision (weight, text layer, heads; None: off): region_head makes each generated answer
     letter and text (and with region_filter the gate filter's answer) look at the image tokens where the
     answer is read (image_region_targets); option_head makes each answer letter look at its question's
-    option A (first_option_targets); copy_head makes answer texts copies of the option their letter names
-    (answer_copy_targets)"""
+    option A (first_option_targets; in text layer option_layer, default attention_layer); copy_head makes
+    answer texts copies of the option their letter names (answer_copy_targets)"""
     word_layer: int = 0
     shape_word_head: int | None = None
     color_word_head: int | None = None
     """attention supervision (weight attention_weight; None: off) of the gate filter's question gathering:
     at the positions that predict a filter answer, these heads of word_layer attend to the question's
     shape / colour word when the question names its object by look (question_word_targets)"""
+    filter_type_weights: dict[str, float] = field(default_factory=dict)
+    """sampling weight of each question type in the gate filter's examples (default 1: the scene's
+    questions uniformly; data.filter_example)"""
     position_probe: float = 0.0
     object_probe: float = 0.0
     """weights of auxiliary losses (training only; the probes are not saved): linear probes on the residual
@@ -139,10 +145,35 @@ class VLRecipe:
     colour of the object in that quadrant (object_probe), so that a question naming an object can find
     its tokens by content (ImageProbe)"""
 
+    start_from: str | None = None
+    """a model folder under the output root to start from (its architecture; None: fresh weights)"""
+
     def config(self, tok: PreTrainedTokenizerBase):
         head_dim = 128 // self.text_heads
         section = (head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16)
-        return tiny_vl_config(tok, heads=self.text_heads, kv_heads=self.text_kv_heads, mrope_section=section)
+        return tiny_vl_config(tok, layers=self.text_layers, heads=self.text_heads, kv_heads=self.text_kv_heads,
+                              mrope_section=section)
+
+
+@dataclass
+class FilterRecipe(VLRecipe):
+    """nano-filter, the gate's filter model: nano-VL fine-tuned on the gate's queries alone, with the
+    circuit for "Where is the <colour> <shape>?" told where to look: first-layer heads gather the
+    question's shape / colour word, a position probe makes the first layer write each image token's
+    quadrant, and the last layer's region head looks at the object the question names. Its own model
+    because in nano-VL's two text layers that supervision breaks MCQ generation (docs/nano.md)."""
+
+    phases: list[Phase] = field(default_factory=lambda: [
+        Phase(steps=400, lr=5e-4, warmup=20, captions=4, filters=32),
+        Phase(steps=400, lr=3e-4, warmup=20, captions=4, filters=32),
+    ])
+    snapshots: dict[str, int] = field(default_factory=dict)
+    name: str = "nano-filter"
+    start_from: str | None = "nano-vl"
+    region_filter: bool = True
+    shape_word_head: int | None = 0
+    color_word_head: int | None = 1
+    position_probe: float = 1.0
 
 
 @dataclass
@@ -281,10 +312,13 @@ class ImageProbe(torch.nn.Module):
 
     def loss(self, hidden: torch.Tensor, image_mask: torch.Tensor, scenes: Sequence[world.Scene],
              weights: dict[str, float]) -> torch.Tensor:
-        """Sum over probes of weight x cross-entropy over every image's IMAGE_TOKENS tokens, in batch order."""
+        """Sum over probes of weight x cross-entropy over every image's IMAGE_TOKENS tokens, in batch order
+        (0 for a batch without images)."""
+        total = hidden.new_zeros(())
+        if not scenes:
+            return total
         x = hidden[image_mask].view(len(scenes), IMAGE_TOKENS, hidden.shape[-1])
         labels = [image_token_labels(s) for s in scenes]
-        total = hidden.new_zeros(())
         for name, w in weights.items():
             if w > 0:
                 y = torch.tensor([v for lab in labels for v in lab[name]], device=hidden.device)
@@ -304,6 +338,8 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
     region_head = recipe.region_head if recipe and weight > 0 else None
     option_head = recipe.option_head if recipe and weight > 0 else None
     region_filter = bool(recipe and recipe.region_filter)
+    option_layer = layer if recipe is None or recipe.option_layer is None else recipe.option_layer
+    weights = recipe.filter_type_weights if recipe else {}
     probe_weights = {"position": recipe.position_probe, "shape": recipe.object_probe,
                      "color": recipe.object_probe} if recipe else {}
     probe = ImageProbe(model.config.text_config.hidden_size).to(device) \
@@ -318,7 +354,8 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
         kinds = ["caption"] * phase.captions + ["filter"] * phase.filters
         total = torch.zeros((), device=device)
         if kinds:
-            short = [data.caption_example(rng) if k == "caption" else data.filter_example(rng) for k in kinds]
+            short = [data.caption_example(rng) if k == "caption" else data.filter_example(rng, type_weights=weights)
+                     for k in kinds]
             words = [(h, kind) for h, kind in ((recipe.shape_word_head, "shape"), (recipe.color_word_head, "color"))
                      if h is not None] if recipe and weight > 0 else []
             watch = (region_head is not None and region_filter) or bool(words)
@@ -343,7 +380,7 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
             total = total + out.loss
             if watch:
                 total = total + supervised(out, qa, region_head, image_region_targets)
-                total = total + supervised(out, qa, option_head, first_option_targets)
+                total = total + supervised(out, qa, option_head, first_option_targets, option_layer)
                 total = total + supervised(out, qa, copy_head, answer_copy_targets)
         return total
 
@@ -364,10 +401,18 @@ def vl_phase(model: torch.nn.Module, tok: PreTrainedTokenizerBase, out_root: Pat
 
 def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, seed: int = SEED,
              log: Log = print, device: str = "cpu") -> dict:
-    """Multi-task nano-VL from scratch: every phase of the recipe (snapshots on the way)."""
+    """A nano-VL recipe: every phase (snapshots on the way), from fresh weights or from the model folder
+    `recipe.start_from` under out_root (nano-filter starts from nano-VL)."""
     processor = build_processor(tok)
     torch.manual_seed(seed)
-    model = _attention_ready(Qwen2_5_VLForConditionalGeneration(recipe.config(tok)).to(device), recipe)
+    if recipe.start_from:
+        start = out_root / recipe.start_from
+        if not (start / "config.json").is_file():
+            raise FileNotFoundError(f"{recipe.name} starts from {start}, which holds no model: train it first")
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(start).to(device)
+    else:
+        model = Qwen2_5_VLForConditionalGeneration(recipe.config(tok)).to(device)
+    model = _attention_ready(model, recipe)
     fns = [vl_loss_fn(model, tok, processor, p, device, recipe) for p in recipe.phases]
     return train_phases(model, recipe, seed, fns, lambda path: save_model_dir(model, tok, processor, path),
                         out_root, log)
@@ -516,6 +561,9 @@ def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRec
 
 
 # -- orchestration --------------------------------------------------------------------------------
+RECIPES = {"vl": VLRecipe, "filter": FilterRecipe, "reader": ReaderRecipe}
+
+
 def _job(kind: str, out_root: str, seed: int, threads: int, scale: float, device: str) -> dict:
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
@@ -528,7 +576,7 @@ def _job(kind: str, out_root: str, seed: int, threads: int, scale: float, device
         print(msg, flush=True)
         logf.write(msg + "\n")
 
-    recipe = scaled(VLRecipe() if kind == "vl" else ReaderRecipe(), scale)
+    recipe = scaled(RECIPES[kind](), scale)
     try:
         if isinstance(recipe, VLRecipe):
             info = train_vl(tok, root, recipe, seed, log, device)
@@ -541,6 +589,31 @@ def _job(kind: str, out_root: str, seed: int, threads: int, scale: float, device
         logf.close()
     info["recipe"] = asdict(recipe)
     return info
+
+
+def train_models(kinds: Sequence[str], job_args: tuple, pool: Any, while_filter_trains: Callable[[], None] | None = None
+                 ) -> dict[str, dict]:
+    """Train the requested models on `pool` (one task each, `_job(kind, *job_args)`). nano-filter starts
+    from nano-VL's weights, so when both are requested it is queued once nano-VL is done (and skipped
+    if nano-VL failed). `while_filter_trains` runs here once every other model is trained, while
+    nano-filter still trains (the eval's other sections: the core the other models freed)."""
+    wanted = list(dict.fromkeys(kinds))
+    pending = {k: pool.apply_async(_job, (k, *job_args)) for k in wanted if k != "filter"}
+    infos: dict[str, dict] = {}
+    gate = None
+    if "filter" in wanted:
+        if "vl" in pending:
+            infos["vl"] = pending.pop("vl").get()
+        if "error" in infos.get("vl", {}):
+            infos["filter"] = {"error": "skipped: nano-VL failed", "recipe": asdict(FilterRecipe())}
+        else:
+            gate = pool.apply_async(_job, ("filter", *job_args))
+    infos.update({k: job.get() for k, job in pending.items()})
+    if gate is not None:
+        if while_filter_trains is not None and not any("error" in v for v in infos.values()):
+            while_filter_trains()
+        infos["filter"] = gate.get()
+    return {k: infos[k] for k in wanted}
 
 
 def update_manifest(out: Path, infos: list[dict], seed: int, threads: int, device: str) -> dict:
@@ -569,8 +642,10 @@ def update_manifest(out: Path, infos: list[dict], seed: int, threads: int, devic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.nano.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--all", action="store_true", help="tokenizer + nano-VL + nano-reader (two processes)")
-    ap.add_argument("--model", choices=["vl", "reader"], action="append", default=[])
+    ap.add_argument("--all", action="store_true",
+                    help="tokenizer, nano-VL then nano-filter, and nano-reader (two processes), then the eval")
+    ap.add_argument("--model", choices=list(RECIPES), action="append", default=[],
+                    help="one model (repeatable); filter starts from the nano-vl already under --out")
     ap.add_argument("--out", default=str(NANO_DIR))
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads per training process")
@@ -580,29 +655,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
     ap.add_argument("--tokenizer", default=None, help="reuse this tokenizer dir instead of training one")
     args = ap.parse_args(argv)
-    kinds = ["vl", "reader"] if args.all else args.model
+    kinds = list(RECIPES) if args.all else args.model
     if not kinds:
-        ap.error("pass --all or --model vl|reader")
+        ap.error("pass --all or --model vl|filter|reader")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else make_tokenizer(args.seed)
     tok.save_pretrained(out / TOKENIZER_DIR)
-    jobs = [(k, str(out), args.seed, args.threads, args.scale, args.device) for k in kinds]
-    if len(jobs) == 1:
-        results = [_job(*jobs[0])]
-    else:
-        with mp.get_context("spawn").Pool(len(jobs)) as pool:
-            results = pool.starmap(_job, jobs)
-    infos = dict(zip(kinds, results, strict=True))
+    job_args = (str(out), args.seed, args.threads, args.scale, args.device)
+    from pipeline.nano import eval as nano_eval
+
+    evaluate = not args.no_eval and set(kinds) == set(RECIPES)
+    early: dict[str, float] = {}
+
+    def eval_models() -> None:  # nano-VL, the reader and the snapshots are final: evaluate them meanwhile (1 thread)
+        early.update(nano_eval.run(out, data.N_EVAL_SCENES, device=args.device, sections=["models"]))
+
+    with mp.get_context("spawn").Pool(min(2, len(kinds))) as pool:
+        infos = train_models(kinds, job_args, pool, eval_models if evaluate else None)
     failed = {k: v["error"] for k, v in infos.items() if "error" in v}
     update_manifest(out, [v for v in infos.values() if "error" not in v], args.seed, args.threads, args.device)
     if failed:
         print(f"training failed: {failed}", file=sys.stderr)
         return 1
-    if not args.no_eval:
-        from pipeline.nano import eval as nano_eval
-
+    if evaluate:
+        res = early | nano_eval.run(out, data.N_EVAL_SCENES, device=args.device, sections=["gate"])
+        res["eval_seconds"] = round(early["eval_seconds"] + res["eval_seconds"], 1)
+        nano_eval.write_manifest(out, res, data.N_EVAL_SCENES)
+        nano_eval.report(res)
+    elif not args.no_eval:
         nano_eval.main(["--models", str(out), "--write-manifest", "--device", args.device])
     return 0
 

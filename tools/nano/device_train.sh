@@ -16,7 +16,7 @@ if [ -f "$out/MANIFEST.json" ]; then
       | grep -v -i warn | tee "$out/eval.log"
 fi
 cd "$out"
-for d in nano-vl nano-reader nano-vl-step300 nano-vl-step600; do [ -d "$d" ] && tar cf "$OUT/$d.tar" "$d"; done
+for d in nano-vl nano-filter nano-reader nano-vl-step300 nano-vl-step600; do [ -d "$d" ] && tar cf "$OUT/$d.tar" "$d"; done
 ls _checkpoints > ckpts.txt 2>/dev/null
 last() { ls -d _checkpoints/"$1"-step* 2>/dev/null | sort -t p -k3 -n | tail -1; }
 [ -d nano-vl ] || { c=$(last nano-vl); [ -n "$c" ] && tar cf "$OUT/ckpt-vl.tar" "$c"; }
