@@ -49,6 +49,11 @@ def vl():
 
 
 @pytest.fixture(scope="module")
+def gate_filter():
+    return NanoVL(MODELS / nano_eval.FILTER_NAME)
+
+
+@pytest.fixture(scope="module")
 def reader():
     return NanoReaderEngine(MODELS / nano_eval.READER_NAME)
 
@@ -64,6 +69,8 @@ def test_load_through_auto_classes():
     proc = AutoProcessor.from_pretrained(vl_dir)
     model = AutoModelForImageTextToText.from_pretrained(vl_dir)
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    gate = AutoModelForImageTextToText.from_pretrained(MODELS / nano_eval.FILTER_NAME)
+    assert {k: v.shape for k, v in gate.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert proc.image_processor.size["longest_edge"] == world.IMAGE_SIZE ** 2
     lm = AutoModelForCausalLM.from_pretrained(reader_dir)
     assert type(lm).__name__ == "Qwen2ForCausalLM"
@@ -71,8 +78,8 @@ def test_load_through_auto_classes():
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
 
 
-# The bars sit just under the committed models' numbers (docs/nano.md): the captioner, MCQ generation, the
-# reader and the reward meet their targets here; the gate filter clears a well-above-chance bar, not its target.
+# The bars sit just under the committed models' numbers (docs/nano.md) and at the targets where a few scenes
+# allow it: captioner, MCQ generation, gate filter, reader, reward.
 def test_captioner(vl, scenes):
     res, caps = nano_eval.eval_captioner(vl, scenes)
     assert res["caption_attribute_accuracy"] >= 0.95 and res["caption_exact"] >= 0.9  # 200 scenes: 0.988 / 0.930
@@ -88,10 +95,11 @@ def test_mcq_generation_format_and_answers(vl, scenes):
     assert res["qagen_correct"] >= 0.9  # 200-scene eval: 0.992
 
 
-def test_filter_needs_the_image(vl, scenes, mcqs):
-    res = nano_eval.eval_filter(vl, scenes[:10], mcqs[:10])
-    assert res["filter_with_image"] >= 0.75  # 10 scenes: 0.84; 200-scene eval: 0.87
-    assert res["filter_with_image"] - res["filter_without_image"] >= 0.4  # without: 0.26, chance 0.25
+def test_filter_needs_the_image(gate_filter, scenes, mcqs):
+    res = nano_eval.eval_filter(gate_filter, scenes[:10], mcqs[:10])
+    assert res["filter_with_image"] >= 0.9  # 10 scenes: 0.92; 200-scene eval: 0.933
+    assert res["filter_with_image_position_of"] >= 0.9  # nano-VL's own answers: 0.58 on 200 scenes
+    assert res["filter_with_image"] - res["filter_without_image"] >= 0.5  # without: 0.32 here, chance 0.25
 
 
 def test_reader(reader, scenes):
@@ -117,22 +125,23 @@ def test_committed_tokenizer_is_the_recipe_tokenizer():
     assert make_tokenizer().get_vocab() == committed.get_vocab()
 
 
-def test_diagnosis_of_the_filter(vl, scenes, mcqs):
-    """pipeline.nano.diagnose on the committed nano-VL: per-type accuracy and the wrong position answers'
-    kinds add up, attention weights are weights, and the vision tower's output already carries each
-    image token's object colour (what the colour questions read)."""
+def test_diagnosis_of_the_filter(gate_filter, scenes, mcqs):
+    """pipeline.nano.diagnose on the committed nano-filter: per-type accuracy and the wrong position
+    answers' kinds add up, attention weights are weights, the region head looks at the object a question
+    names, the vision tower's output already carries each image token's object colour and the first
+    text layer writes its quadrant (the position probe of nano-filter's recipe)."""
     from pipeline.nano import diagnose
 
-    acc, kinds = diagnose.filter_breakdown(vl, scenes[:8], mcqs[:8])
+    acc, kinds = diagnose.filter_breakdown(gate_filter, scenes[:8], mcqs[:8])
     assert acc["background"] == acc["count"] == 1.0
     n_position = sum(q.qtype == "position_of" for qs in mcqs[:8] for q in qs)
     assert sum(kinds.values()) == round((1 - acc.get("position_of", 1.0)) * n_position)
-    att = diagnose.answer_attention(vl, scenes[:8], mcqs[:8])
+    att = diagnose.answer_attention(gate_filter, scenes[:8], mcqs[:8])
     assert att and all(0 <= obj <= img <= 1 + 1e-5 for obj, img in att.values())
     assert {head for _, head in att} == {0, 1}
-    assert att[("shape_at", 1)][0] > 0.5  # the supervised region head looks at the object asked about
-    probes = diagnose.image_probes(vl, data.eval_scenes(40))
-    assert len(probes) == 3 and probes[0]["color"] >= 0.9
+    assert att[("shape_at", 1)][0] > 0.5 and att[("position_of", 1)][0] > 0.5  # 0.84 / 0.89
+    probes = diagnose.image_probes(gate_filter, data.eval_scenes(40))
+    assert len(probes) == 3 and probes[0]["color"] >= 0.9 and probes[1]["position"] >= 0.95
 
 
 def test_position_error_kinds():
