@@ -598,18 +598,14 @@ def test_filter_trains_after_the_vl_and_is_skipped_when_it_fails(tok, tmp_path, 
 
     order: list[str] = []
 
-    def fake_vl(tok, root, recipe, *args):
+    def fake_training(tok, root, recipe, *args):  # stands in for train_vl and train_reader
         order.append(recipe.name)
         if recipe.name == "nano-vl" and (root / "break").exists():
             raise RuntimeError("nano-vl broke")
         return {"steps": 1, "seconds": 0.0, "losses": [1.0], "snapshots": {}}
 
-    def fake_reader(tok, root, recipe, *args):
-        order.append(recipe.name)
-        return {"steps": 1, "seconds": 0.0, "losses": [1.0], "snapshots": {}}
-
-    monkeypatch.setattr(train, "train_vl", fake_vl)
-    monkeypatch.setattr(train, "train_reader", fake_reader)
+    monkeypatch.setattr(train, "train_vl", fake_training)
+    monkeypatch.setattr(train, "train_reader", fake_training)
     tok.save_pretrained(tmp_path / train.TOKENIZER_DIR)
     args = (str(tmp_path), 0, 1, 0.01, "cpu")
     with Pool(2) as pool:
