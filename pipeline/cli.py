@@ -1,4 +1,4 @@
-"""The command line: run | submit | retry | status | demo (browse arrives with its stage)."""
+"""The command line: run | submit | retry | status | demo."""
 
 from __future__ import annotations
 
@@ -20,9 +20,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a manifest field, e.g. --set annotate.captioner.batch_size=16 (repeatable)")
 
 
-def _add_stage_and_shards(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", "-s", required=True, help="stage name: download, qa, train, annotate, evaluate")
-    p.add_argument("--shards", required=True, help="shard spec: '0-999', '3,7,10-12' or '5'")
+def _add_stage_and_shards(p: argparse.ArgumentParser, chain: bool = False) -> None:
+    if chain:
+        p.add_argument("--stage", "-s", required=True,
+                       help="stage name, or a chain 'qa,train,annotate,evaluate' submitted in order, each job "
+                            "starting after the previous one succeeded (--dependency=afterok)")
+    else:
+        p.add_argument("--stage", "-s", required=True, help="stage name: download, qa, train, annotate, evaluate")
+    p.add_argument("--shards", help="shard spec: '0-999', '3,7,10-12' or '5' (required for per-shard stages; for a "
+                                    "whole-run stage, its input shards, default: every committed one)")
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -67,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "through `python -m pipeline run`. The script is saved under ROOT/logs and submitted with "
                     "sbatch; task logs go to ROOT/logs (or slurm.log_dir). Environment set-up lines come from "
                     "the manifest's slurm.setup.")
-    _add_stage_and_shards(submit)
-    submit.add_argument("--tasks", type=int, required=True, help="number of array tasks (capped at the shard count)")
+    _add_stage_and_shards(submit, chain=True)
+    submit.add_argument("--tasks", type=int, default=1,
+                        help="number of array tasks of a per-shard stage (capped at the shard count); a whole-run "
+                             "stage is always one job")
     _add_config_args(submit)
     _add_resource_args(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script; save and submit nothing")
@@ -92,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(retry)
     _add_resource_args(retry)
 
-    status = sub.add_parser("status", help="committed / failed / running shards per stage, read from ROOT alone")
+    status = sub.add_parser(
+        "status", help="committed / failed / running shards per stage, read from ROOT alone",
+        description="Read ROOT alone: committed, failed, running, stale, pending and outdated units per stage. "
+                    "Without --manifest/--set the markers are taken as they record themselves (with the settings "
+                    "they were made with); with them, units made with other settings are outdated and the "
+                    "differing setting is named. A unit whose recorded inputs were recommitted is outdated either way.")
     _add_config_args(status)
     status.add_argument("--stage", help="only this stage")
     status.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from pipeline.runner import run_stage
 
-            shards = parse_shard_spec(args.shards)
+            shards = parse_shard_spec(args.shards) if args.shards else None
             report = run_stage(_config(args), args.stage, shards, force=args.force,
                                failed_only=args.failed_only, progress=not args.no_progress)
             return report.exit_code
@@ -130,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from pipeline.status import print_status
 
-            return print_status(_config(args), args.stage, stale_after=args.stale_after)
+            compare = args.manifest is not None or bool(args.overrides)
+            return print_status(_config(args), args.stage, stale_after=args.stale_after, compare=compare)
         if args.command == "demo":
             from pipeline.demo import run_demo
 
@@ -148,27 +162,40 @@ def main(argv: list[str] | None = None) -> int:
 _RESOURCES = ("parallel", "gpus", "cpus", "mem", "time", "partition", "account", "requeue")
 
 
-def _submit_spec(args: argparse.Namespace, shards: list[int], tasks: int, defaults: dict, failed_only: bool = False):
+def _submit_spec(args: argparse.Namespace, stage: str, shards: list[int], tasks: int, defaults: dict,
+                 failed_only: bool = False, whole_run: bool = False, dependency: str | None = None):
     from pipeline.slurm import SubmitSpec
 
     res = {k: getattr(args, k) if getattr(args, k) is not None else defaults.get(k) for k in _RESOURCES}
-    return SubmitSpec(stage=args.stage, shards=shards, tasks=tasks, manifest=args.manifest,
-                      overrides=list(args.overrides), failed_only=failed_only,
-                      **{k: v for k, v in res.items() if v is not None})
+    return SubmitSpec(stage=stage, shards=shards, tasks=tasks, manifest=args.manifest,
+                      overrides=list(args.overrides), failed_only=failed_only, whole_run=whole_run,
+                      dependency=dependency, **{k: v for k, v in res.items() if v is not None})
 
 
-def _do_submit(args: argparse.Namespace, spec) -> int:
+def _do_submit(args: argparse.Namespace, specs: list) -> int:
+    """Submit one spec, or a chain in order, each after the previous one succeeded."""
     from pipeline.slurm import submit
 
     config = _config(args)
-    _check_stage(config, args.stage)
-    sub = submit(config, spec, dry_run=args.dry_run)
-    if args.dry_run:
-        sys.stdout.write(sub.script)
-        return 0
-    print(f"submitted job {sub.job_id}: stage {sub.stage}, shards {sub.shard_spec} in {sub.tasks} task(s)")
-    print(f"script: {sub.script_url}")
-    print(f"logs:   {sub.log_dir}/{sub.stage}-{sub.job_id}_<task>.log")
+    previous: str | None = None
+    for spec in specs:
+        _check_stage(config, spec.stage)
+        if previous is not None:
+            spec.dependency = f"afterok:{previous}"
+        sub = submit(config, spec, dry_run=args.dry_run)
+        if args.dry_run:
+            if len(specs) > 1:
+                print(f"# ---- {spec.stage}" + (f" (after {previous})" if previous else ""))
+            sys.stdout.write(sub.script)
+            previous = f"<job id of {spec.stage}>"
+            continue
+        kind = "job" if spec.whole_run else f"array of {sub.tasks} task(s)"
+        print(f"submitted job {sub.job_id}: stage {sub.stage} ({kind}), shards {sub.shard_spec or 'default'}"
+              + (f", after {spec.dependency}" if spec.dependency else ""))
+        print(f"script: {sub.script_url}")
+        log_name = f"{sub.stage}-{sub.job_id}.log" if spec.whole_run else f"{sub.stage}-{sub.job_id}_<task>.log"
+        print(f"logs:   {sub.log_dir}/{log_name}")
+        previous = sub.job_id
     return 0
 
 
@@ -179,12 +206,27 @@ def _check_stage(config: RunConfig, stage: str) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    spec = _submit_spec(args, parse_shard_spec(args.shards), args.tasks, {})
-    return _do_submit(args, spec)
+    config = _config(args)
+    stages = [s.strip() for s in args.stage.split(",") if s.strip()]
+    if not stages:
+        raise PipelineError("--stage names no stage")
+    shards = parse_shard_spec(args.shards) if args.shards else []
+    specs = []
+    for stage in stages:
+        _check_stage(config, stage)
+        declared = load_stage(stage, config)
+        if not declared.whole_run and not shards:
+            raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
+        defaults = {"gpus": declared.resources.gpus or None,
+                    "cpus": declared.resources.cpus if declared.resources.cpus > 1 else None}
+        specs.append(_submit_spec(args, stage, shards, 1 if declared.whole_run else args.tasks, defaults,
+                                  whole_run=declared.whole_run))
+    return _do_submit(args, specs)
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from pipeline.slurm import active_submissions, last_submission, retry_shards
+    from pipeline.slurm import active_submissions, last_submission
+    from pipeline.status import retry_shards
 
     config = _config(args)
     _check_stage(config, args.stage)
@@ -200,7 +242,7 @@ def _retry(args: argparse.Namespace) -> int:
         print(spec_text)
         print(f"{args.stage}: {len(todo)} shard(s) {what}", file=sys.stderr)
         return 0
-    if args.failed_only and not hasattr(load_stage(args.stage, config), "retry_shard"):
+    if args.failed_only and load_stage(args.stage, config).retry_shard is None:
         raise PipelineError(f"stage {args.stage!r} cannot redo single rows (it has no retry_shard); "
                             f"resubmit those shards with `run --force` instead")
     active = active_submissions(config, args.stage)
@@ -211,5 +253,5 @@ def _retry(args: argparse.Namespace) -> int:
     last = last_submission(config, args.stage) or {}
     defaults = dict(last.get("spec", {}))
     tasks = args.tasks or min(int(defaults.get("tasks") or last.get("tasks") or 1), len(todo))
-    spec = _submit_spec(args, todo, tasks, defaults, failed_only=args.failed_only)
-    return _do_submit(args, spec)
+    spec = _submit_spec(args, args.stage, todo, tasks, defaults, failed_only=args.failed_only)
+    return _do_submit(args, [spec])

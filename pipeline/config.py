@@ -258,12 +258,28 @@ class RunConfig(Section):
             return value
         return self.extra.get(stage, {})
 
+    def semantic(self, stage: str) -> dict[str, Any]:
+        """What determines a stage's output: its section (less runtime fields) and shard_size. Recorded in
+        markers so `status` can name the setting that makes a shard outdated."""
+        return json.loads(json.dumps({"shard_size": self.shard_size, "section": _semantic_dump(self.section(stage))},
+                                     sort_keys=True, default=str))
+
     def fingerprint(self, stage: str) -> str:
-        """sha256 of what determines a stage's output: its section (less runtime fields) and shard_size."""
-        section = self.section(stage)
-        payload = {"stage": stage, "shard_size": self.shard_size, "section": _semantic_dump(section)}
+        """sha256 of `semantic(stage)` (with the stage's name)."""
+        payload = {"stage": stage, **self.semantic(stage)}
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+def setting_changes(recorded: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the settings that differ between two `RunConfig.semantic` dumps ('section.' dropped)."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in sorted(set(recorded) | set(current)):
+            path = key if not prefix else f"{prefix}.{key}"
+            out += setting_changes(recorded.get(key), current.get(key), "" if path == "section" else path)
+        return out
+    return [] if recorded == current else [prefix or "settings"]
 
 
 def _semantic_dump(value: Any) -> Any:

@@ -15,11 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import world
 from pipeline.errors import PipelineError
+from pipeline.nano import world
+from pipeline.resources import repo_path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_MANIFEST = REPO_ROOT / "manifests" / "demo.yaml"
+DEMO_MANIFEST = repo_path("manifests", "demo.yaml")
 WORLD_TABLE = "world.parquet"
 URL_LIST = "urls.parquet"
 
@@ -114,13 +114,14 @@ def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str |
     with serve_directory(data, port) as base_url:
         write_url_list(data, base_url)
         print(f"demo: serving {data}/ at {base_url}; root {config.root}; shards {format_shard_spec(shards)}", file=out)
-        stages = [s for s in STAGE_ORDER if s in available_stages(config)]
+        declared = available_stages(config)
+        stages = [s for s in STAGE_ORDER if s in declared]
         if not stages:
             print("demo: no stage is implemented yet; the demo world is ready in", data, file=out)
             return 0
         code = 0
         for stage in stages:
-            report = run_stage(config, stage, shards, out=out)
+            report = run_stage(config, stage, None if declared[stage].whole_run else shards, out=out)
             code = max(code, report.exit_code)
             if report.exit_code:
                 break

@@ -11,21 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import IO, Any
 
-import fsspec
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
-from pipeline.config import EngineConfig, RunConfig
+from pipeline import shardio
+from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, MissingInputError
-from pipeline.manifest import read_optional_rows
 from pipeline.shards import shard_name
 from pipeline.storage import Storage
 
 IMAGES_DIR = "images"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -44,7 +41,7 @@ class InputShard:
 
     def open(self) -> IO[bytes]:
         try:
-            return fsspec.open(self.tar_url, "rb", **self.storage_options).open()
+            return shardio.open_url(self.tar_url, "rb", self.storage_options)
         except FileNotFoundError:
             raise MissingInputError(f"input shard {self.tar_url} does not exist") from None
 
@@ -52,7 +49,7 @@ class InputShard:
         """key -> row of the sidecar parquet ({} when there is none or it has no key column)."""
         if not self.parquet_url:
             return {}
-        rows = read_optional_rows(self.parquet_url, self.storage_options) or []
+        rows = shardio.read_optional_manifest(self.parquet_url, self.storage_options) or []
         return {str(r["key"]): r for r in rows if r.get("key") is not None}
 
 
@@ -62,22 +59,22 @@ def expand_pattern(pattern: str) -> tuple[str, ...]:
     return tuple(braceexpand(pattern))
 
 
-def pattern_url(pattern: str, shard: int) -> str:
+def pattern_url(pattern: str, shard: int, setting: str = "annotate.input_pattern") -> str:
     """The URL of shard `shard` under a pattern (see the module docstring)."""
     if "{shard" in pattern:
         try:
             return pattern.format(shard=shard)
         except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(f"annotate.input_pattern {pattern!r} cannot be formatted with shard={shard}: {exc}") from None
+            raise ConfigError(f"{setting} {pattern!r} cannot be formatted with shard={shard}: {exc}") from None
     urls = expand_pattern(pattern)
     if len(urls) == 1 and "{" not in pattern:
         raise ConfigError(
-            f"annotate.input_pattern {pattern!r} names one file; use a brace range like "
+            f"{setting} {pattern!r} names one file; use a brace range like "
             "'s3://bucket/{00000..00099}.tar' or a '{shard:05d}' template"
         )
     if shard >= len(urls):
         raise ConfigError(
-            f"shard {shard} is outside annotate.input_pattern {pattern!r}, which expands to {len(urls)} shard(s) (0-{len(urls) - 1})"
+            f"shard {shard} is outside {setting} {pattern!r}, which expands to {len(urls)} shard(s) (0-{len(urls) - 1})"
         )
     return urls[shard]
 
@@ -89,12 +86,15 @@ def _sidecar(url: str) -> str | None:
     return None
 
 
-def resolve_input(config: RunConfig, storage: Storage, shard: int) -> InputShard:
-    """The image shard that feeds `shard` of the annotate stage."""
-    pattern = config.annotate.input_pattern
+def resolve_input(config: RunConfig, storage: Storage, shard: int, pattern: str | None = None,
+                  pattern_options: dict[str, Any] | None = None, setting: str = "annotate.input_pattern") -> InputShard:
+    """The image shard that feeds `shard` of a stage reading images: the shard under `pattern` (default
+    annotate.input_pattern) when set, else the committed download shard."""
+    if pattern is None and setting == "annotate.input_pattern":
+        pattern, pattern_options = config.annotate.input_pattern, config.annotate.input_storage_options
     if pattern:
-        url = pattern_url(pattern, shard)
-        options = config.annotate.input_storage_options or (config.storage_options if "://" in url else {})
+        url = pattern_url(pattern, shard, setting)
+        options = pattern_options or (config.storage_options if "://" in url else {})
         return InputShard(tar_url=url, parquet_url=_sidecar(url), storage_options=dict(options))
     name = shard_name(shard)
     return InputShard(
@@ -103,12 +103,3 @@ def resolve_input(config: RunConfig, storage: Storage, shard: int) -> InputShard
         storage_options=dict(storage.storage_options),
         upstream_stage="download",
     )
-
-
-def resolve_model(cfg: EngineConfig) -> EngineConfig:
-    """The engine config with a relative model path that is missing here but present in the repository
-    (models/nano/...) made absolute, so the demo manifest works from any working directory."""
-    if not cfg.model or Path(cfg.model).is_absolute() or Path(cfg.model).exists() or "://" in cfg.model:
-        return cfg
-    in_repo = REPO_ROOT / cfg.model
-    return cfg.model_copy(update={"model": str(in_repo)}) if in_repo.exists() else cfg

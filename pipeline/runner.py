@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineError, Preempted
-from pipeline.shards import format_shard_spec, shard_name
-from pipeline.stage import RunContext, ShardContext, ShardStats, load_stage, marker_digest, timed
-from pipeline.storage import Storage, now_iso, task_identity
+from pipeline.shards import format_shard_spec
+from pipeline.stage import InputCache, RunContext, ShardContext, ShardStats, Stage, load_stage, timed
+from pipeline.storage import Storage, now_iso, task_identity, unit_name
 
 log = logging.getLogger("pipeline.runner")
 
@@ -89,7 +89,7 @@ def preemption_signals() -> Iterator[None]:
 def run_stage(
     config: RunConfig,
     stage: str,
-    shards: list[int],
+    shards: list[int] | None,
     *,
     force: bool = False,
     failed_only: bool = False,
@@ -100,42 +100,48 @@ def run_stage(
 ) -> RunReport:
     """Run `stage` over `shards` in sequence with one set of shared resources (engines load once).
 
-    With `failed_only`, committed shards whose marker counts failed rows are handed to the stage's
+    A whole-run stage runs once over `shards` (its input shards; None: the stage's default). With
+    `failed_only`, committed shards whose marker counts failed rows are handed to the stage's
     `retry_shard(ctx, shard, previous_marker)`, which redoes only those rows; uncommitted shards run as usual.
     """
     out = out or sys.stdout
-    module = load_stage(stage, config)
-    retry = getattr(module, "retry_shard", None)
+    declared = load_stage(stage, config)
     if failed_only and force:
         raise PipelineError("--force and --failed-only exclude each other: --force redoes whole shards")
-    if failed_only and retry is None:
+    if failed_only and declared.retry_shard is None:
         raise PipelineError(f"stage {stage!r} cannot redo single rows (it has no retry_shard); use --force")
     storage = storage or Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable()
     storage.ensure_run_meta({"shard_size": config.shard_size})
     resources = {} if resources is None else resources
-    fingerprint = config.fingerprint(stage)
+    cache = InputCache(storage)
+    if declared.whole_run:
+        shards = whole_run_shards(declared, config, storage, shards)
+    elif shards is None:
+        raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
     report = RunReport(stage=stage)
-    input_stage = getattr(module, "INPUT_STAGE", None)
 
-    prepare = getattr(module, "prepare", None)
-    if prepare is not None:
-        prepare(RunContext(config, storage, stage, shards, resources, log))
+    if declared.prepare is not None:
+        declared.prepare(RunContext(config, storage, stage, shards, resources, log))
 
-    done = storage.committed(stage, fingerprint)
-    upstream = storage.markers(input_stage) if input_stage else {}
+    work = _Work(declared, config, storage, resources, cache, report, out)
+    if declared.whole_run:
+        unit = declared.unit_of(config)
+        marker = storage.committed_units(stage, work.fingerprint).get(unit)
+        if not force and marker is not None and is_current(marker, cache, shards, declared):
+            report.skipped = [0]
+            print(f"{stage}: {unit} is committed and current; skipping (--force redoes it)", file=out)
+        else:
+            with preemption_signals():
+                try:
+                    work.run(unit, shards)
+                except Preempted as sig:
+                    report.preempted = sig.signum
+        print(report.summary(), file=out)
+        return report
 
-    def is_current(shard: int) -> bool:
-        marker = done.get(shard)
-        if marker is None:
-            return False
-        if input_stage and shard in upstream:
-            key = f"{input_stage}/{shard_name(shard)}"
-            recorded = marker.get("inputs", {}).get(key)
-            return recorded is None or recorded == marker_digest(upstream[shard])
-        return True
-
-    todo = [s for s in shards if force or not is_current(s)]
+    done = storage.committed(stage, work.fingerprint)
+    todo = [s for s in shards if force or s not in done or not is_current(done[s], cache)]
     redo_rows = {s: done[s] for s in shards if failed_only and s not in todo and _failed_rows(done[s]) > 0}
     todo = sorted([*todo, *redo_rows])
     report.skipped = [s for s in shards if s not in todo]
@@ -146,8 +152,7 @@ def run_stage(
     with preemption_signals():
         try:
             for shard in bar:
-                _run_one(module, config, storage, stage, shard, fingerprint, resources, report, out,
-                         previous=redo_rows.get(shard))
+                work.run(shard, [shard], previous=redo_rows.get(shard))
         except Preempted as sig:
             report.preempted = sig.signum
     bar.close()
@@ -155,15 +160,51 @@ def run_stage(
     return report
 
 
+def whole_run_shards(declared: Stage, config: RunConfig, storage: Storage, shards: list[int] | None) -> list[int]:
+    """The input shards of a whole-run unit: as given, else the stage's default, else every committed shard
+    of its first required input."""
+    if shards is not None:
+        return shards
+    if declared.default_shards is not None:
+        return declared.default_shards(config, storage)
+    first = next((i.stage for i in declared.inputs if i.required), None)
+    if first is None:
+        return []
+    found = sorted(storage.committed(first))
+    if not found:
+        raise PipelineError(f"stage {declared.name!r} reads the shards of {first!r}, and none is committed under "
+                            f"{storage.root_url}; run {first} first (or give --shards)")
+    return found
+
+
+def is_current(marker: dict[str, Any], cache: InputCache, shards: list[int] | None = None,
+               declared: Stage | None = None) -> bool:
+    """Whether a committed unit still matches every input it recorded (and, for a whole-run unit, was made
+    from the same input shards)."""
+    recorded = marker.get("inputs", {}) or {}
+    for key, digest in recorded.items():
+        if cache.digest(key) != digest:
+            return False
+    if shards is not None and declared is not None and declared.whole_run:
+        if sorted(marker.get("shards", [])) != sorted(shards):
+            return False
+    return True
+
+
+def stale_inputs(marker: dict[str, Any], cache: InputCache) -> list[str]:
+    """The recorded inputs ('stage/unit') whose current digest differs from the one the marker recorded."""
+    return sorted(k for k, d in (marker.get("inputs", {}) or {}).items() if cache.digest(k) != d)
+
+
 class Heartbeat:
     """Refreshes a shard's `_running` claim every `interval` seconds, so `status` can tell a live task
     from a dead one (PIPELINE_HEARTBEAT_S, default 60). Stopped before the claim is released."""
 
-    def __init__(self, storage: Storage, stage: str, shard: int, interval: float | None = None):
-        self.storage, self.stage, self.shard = storage, stage, shard
+    def __init__(self, storage: Storage, stage: str, unit: int | str, interval: float | None = None):
+        self.storage, self.stage, self.shard = storage, stage, unit
         self.interval = interval if interval is not None else heartbeat_interval()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{shard}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{unit}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self.storage.claim(self.stage, self.shard)
@@ -175,7 +216,7 @@ class Heartbeat:
             try:
                 self.storage.claim(self.stage, self.shard)
             except Exception:  # noqa: BLE001 - a missed heartbeat is not worth failing a shard
-                log.debug("heartbeat of shard %s failed", shard_name(self.shard), exc_info=True)
+                log.debug("heartbeat of %s failed", unit_name(self.shard), exc_info=True)
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
@@ -194,58 +235,82 @@ def _failed_rows(marker: dict[str, Any]) -> int:
     return int(marker.get("rows", {}).get("failed", 0) or 0)
 
 
-def _run_one(module, config, storage, stage, shard, fingerprint, resources, report, out, previous=None) -> None:
-    """Run (or, given the previous marker, retry the failed rows of) one shard inside a transaction,
-    holding a heartbeat claim on it; on any exit its staging is removed and its claim released."""
-    txn = None
-    try:
-        txn = storage.begin(stage, shard)
-        with Heartbeat(storage, stage, shard):
-            _run_claimed(module, config, storage, stage, shard, fingerprint, resources, report, out, txn, previous)
-    finally:
-        # Also reached when a signal lands between begin() and the shard's own handlers.
-        if txn is not None and not txn.done:
-            txn.cleanup()
-        storage.release(stage, shard)
+@dataclass
+class _Work:
+    """One stage's units run in this process: each inside a transaction, holding a heartbeat claim."""
 
+    declared: Stage
+    config: RunConfig
+    storage: Storage
+    resources: dict[str, Any]
+    cache: InputCache
+    report: RunReport
+    out: Any
+    fingerprint: str = ""
 
-def _run_claimed(module, config, storage, stage, shard, fingerprint, resources, report, out, txn, previous) -> None:
-    name = shard_name(shard)
-    ctx = ShardContext(
-        config=config, storage=storage, stage=stage, output_dir=module.OUTPUT_DIR,
-        txn=txn, resources=resources, log=logging.getLogger(f"pipeline.{stage}"),
-    )
-    started = time.time()
-    try:
-        if previous is not None:
-            stats = timed(lambda: module.retry_shard(ctx, shard, previous))
-        else:
-            stats = timed(lambda: module.run_shard(ctx, shard))
-        if not isinstance(stats, ShardStats):
-            raise TypeError(f"stage {stage}.run_shard returned {type(stats).__name__}, expected ShardStats")
-        with open(ctx.output("_stats.json"), "w") as f:
-            json.dump({"stage": stage, "shard": shard, **stats.to_dict()}, f, indent=2, sort_keys=True)
-        txn.commit({
-            "config_fingerprint": fingerprint,
-            "inputs": ctx.inputs,
-            "rows": {"total": stats.rows, "ok": stats.ok, "failed": stats.failed},
-            "stats": stats.to_dict(),
-            "started_at": started,
-            **({"retry_of": previous.get("committed_at"), "retries": int(previous.get("retries", 0)) + 1}
-               if previous is not None else {}),
-        })
-        storage.clear_failure(stage, shard)
-        report.committed.append(shard)
-        if previous is not None:
-            report.retried.append(shard)
-        report.stats[shard] = stats
-        print(f"{stage} {name}: {stats.line()}", file=out, flush=True)
-    except Exception as exc:  # noqa: BLE001 - isolate any shard failure (staging is removed by _run_one)
-        message = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-        storage.record_failure(stage, shard, {
-            "stage": stage, "shard": shard, "error": message, "error_type": type(exc).__name__,
-            "traceback": traceback.format_exc(), "failed_at": now_iso(), **task_identity(),
-        })
-        report.failed[shard] = message
-        print(f"{stage} {name}: FAILED: {message}", file=out, flush=True)
-        log.debug("shard %s failed", name, exc_info=True)
+    def __post_init__(self) -> None:
+        self.fingerprint = self.config.fingerprint(self.declared.name)
+
+    def run(self, unit: int | str, shards: list[int], previous: dict[str, Any] | None = None) -> None:
+        """Run (or, given the previous marker, retry the failed rows of) one unit; on any exit its staging
+        is removed and its claim released."""
+        stage = self.declared.name
+        txn = None
+        try:
+            txn = self.storage.begin(stage, unit)
+            with Heartbeat(self.storage, stage, unit):
+                self._claimed(unit, shards, txn, previous)
+        finally:
+            # Also reached when a signal lands between begin() and the unit's own handlers.
+            if txn is not None and not txn.done:
+                txn.cleanup()
+            self.storage.release(stage, unit)
+
+    def _claimed(self, unit: int | str, shards: list[int], txn, previous: dict[str, Any] | None) -> None:
+        declared, stage = self.declared, self.declared.name
+        name = unit_name(unit)
+        ctx = ShardContext(
+            config=self.config, storage=self.storage, stage=stage, output_dir=declared.output_dir,
+            txn=txn, resources=self.resources, log=logging.getLogger(f"pipeline.{stage}"),
+            cache=self.cache, shards=list(shards),
+        )
+        started = time.time()
+        try:
+            if declared.whole_run:
+                stats = timed(lambda: declared.run_whole(ctx, list(shards)))  # type: ignore[misc]
+            elif previous is not None:
+                stats = timed(lambda: declared.retry_shard(ctx, unit, previous))  # type: ignore[misc]
+            else:
+                stats = timed(lambda: declared.run_shard(ctx, unit))  # type: ignore[misc]
+            if not isinstance(stats, ShardStats):
+                raise TypeError(f"stage {stage} returned {type(stats).__name__}, expected ShardStats")
+            with open(ctx.output("_stats.json"), "w") as f:
+                json.dump({"stage": stage, "unit": name, **stats.to_dict()}, f, indent=2, sort_keys=True)
+            txn.commit({
+                "config_fingerprint": self.fingerprint,
+                "config": self.config.semantic(stage),
+                "inputs": ctx.inputs,
+                **({"shards": list(shards), "artifact": f"{declared.output_dir}/{name}"} if declared.whole_run else {}),
+                "rows": {"total": stats.rows, "ok": stats.ok, "failed": stats.failed},
+                "stats": stats.to_dict(),
+                "started_at": started,
+                **({"retry_of": previous.get("committed_at"), "retries": int(previous.get("retries", 0)) + 1}
+                   if previous is not None else {}),
+            })
+            self.storage.clear_failure(stage, unit)
+            key = unit if isinstance(unit, int) else 0
+            self.report.committed.append(key)
+            if previous is not None:
+                self.report.retried.append(key)
+            self.report.stats[key] = stats
+            print(f"{stage} {name}: {stats.line()}", file=self.out, flush=True)
+        except Exception as exc:  # noqa: BLE001 - isolate any unit failure (staging is removed by run)
+            message = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+            self.storage.record_failure(stage, unit, {
+                "stage": stage, "unit": name, **({"shard": unit} if isinstance(unit, int) else {}),
+                "error": message, "error_type": type(exc).__name__,
+                "traceback": traceback.format_exc(), "failed_at": now_iso(), **task_identity(),
+            })
+            self.report.failed[unit if isinstance(unit, int) else 0] = message
+            print(f"{stage} {name}: FAILED: {message}", file=self.out, flush=True)
+            log.debug("unit %s failed", name, exc_info=True)

@@ -63,10 +63,16 @@ class SubmitSpec:
     failed_only: bool = False
     manifest: str | None = None
     overrides: list[str] = field(default_factory=list)
+    whole_run: bool = False
+    """One job (not an array) running the stage once over `shards` (its input shards; [] = the stage's default)."""
+    dependency: str | None = None
+    """sbatch --dependency, e.g. 'afterok:1234' (chains: qa array -> train job -> annotate array)."""
 
     def validate(self) -> None:
         """Raise SlurmError with one line for a value sbatch would refuse later (or silently misread)."""
-        if not self.shards:
+        if self.whole_run:
+            self.tasks = 1
+        elif not self.shards:
             raise SlurmError(f"nothing to submit for stage {self.stage!r}: the shard list is empty")
         if self.tasks < 1:
             raise SlurmError(f"--tasks must be at least 1, got {self.tasks}")
@@ -78,7 +84,7 @@ class SubmitSpec:
             raise SlurmError(f"bad --mem {self.mem!r}: expected e.g. 64G, 500M or 16000")
         if self.time is not None and not _TIME_RE.match(self.time):
             raise SlurmError(f"bad --time {self.time!r}: expected e.g. 04:00:00, 90, 1-12:00:00")
-        if self.tasks > len(self.shards):
+        if self.tasks > len(self.shards) and not self.whole_run:
             self.tasks = len(self.shards)  # a task without shards would only cost a scheduler slot
 
 
@@ -124,10 +130,15 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
                          f"little of --time {spec.time} to work: lower slurm.signal_s or raise --time")
     array = f"0-{spec.tasks - 1}" + (f"%{spec.parallel}" if spec.parallel else "")
     job_name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{config.name}-{spec.stage}")
-    directives = [
-        f"--job-name={job_name}",
-        f"--array={array}",
-        f"--output={log_dir}/{spec.stage}-%A_%a.log",
+    directives = [f"--job-name={job_name}"]
+    if spec.whole_run:
+        directives += ["--nodes=1", f"--output={log_dir}/{spec.stage}-%j.log"]
+    else:
+        directives += [f"--array={array}", f"--output={log_dir}/{spec.stage}-%A_%a.log"]
+    if spec.dependency:
+        directives.append(f"--dependency={spec.dependency}")
+        directives.append("--kill-on-invalid-dep=yes")
+    directives += [
         "--open-mode=append",  # a requeued task adds to its log instead of truncating it
         f"--chdir={os.path.abspath(sc.workdir or os.getcwd())}",
         f"--signal=B:USR1@{sc.signal_s}",
@@ -150,8 +161,9 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
         directives.append(f"--account={account}")
     directives.extend(opt.strip() for opt in sc.extra_sbatch if opt.strip())
 
-    run_args = ["-m", "pipeline", "run", "--stage", spec.stage, "--shards", '"$MY_SHARDS"', "--no-progress",
-                "--root", q(storage.url())]
+    shard_args = (["--shards", q(format_shard_spec(spec.shards))] if spec.shards else []) if spec.whole_run \
+        else ["--shards", '"$MY_SHARDS"']
+    run_args = ["-m", "pipeline", "run", "--stage", spec.stage, *shard_args, "--no-progress", "--root", q(storage.url())]
     if spec.manifest:
         run_args += ["--manifest", q(os.path.abspath(spec.manifest))]
     for item in spec.overrides:
@@ -161,14 +173,16 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
 
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {d}" for d in directives]
+    what = (f"stage {spec.stage} (whole-run) over input shards {format_shard_spec(spec.shards) or 'its default'} in one job"
+            if spec.whole_run else
+            f"stage {spec.stage},\n# shards {format_shard_spec(spec.shards)} in {spec.tasks} array task(s)")
     lines += [
-        f"# Rendered by caprl-pipeline {code_version()} at {now_iso()}: stage {spec.stage},",
-        f"# shards {format_shard_spec(spec.shards)} in {spec.tasks} array task(s). Resubmit with: sbatch <this file>",
+        f"# Rendered by caprl-pipeline {code_version()} at {now_iso()}: {what}. Resubmit with: sbatch <this file>",
         "set -uo pipefail",
         "export PYTHONUNBUFFERED=1",
         "",
         "# python runs as a child so this shell can forward SLURM's signals to it (and requeue afterwards):",
-        "# SIGTERM (scancel, preemption) or SIGUSR1 (time limit near) -> the current shard aborts cleanly, exit 75.",
+        "# SIGTERM (scancel, preemption) or SIGUSR1 (time limit near) -> the current unit aborts cleanly, exit 75.",
         "GOT_USR1=0",
         "GOT_SIGNAL=0",
         "CHILD=",
@@ -179,13 +193,23 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
         *sc.setup,
         "",
         f"PYTHON={q(task_python(config))}",
-        f"SHARDS={q(format_shard_spec(spec.shards))}",
-        f"NUM_TASKS={spec.tasks}",
-        'TASK="${SLURM_ARRAY_TASK_ID:?this script is a SLURM array job: submit it with sbatch}"',
-        'MY_SHARDS=$("$PYTHON" -m pipeline.slurm slice "$SHARDS" "$NUM_TASKS" "$TASK") || exit 2',
-        'if [ -z "$MY_SHARDS" ]; then echo "task $TASK: no shards"; exit 0; fi',
-        f'echo "[$(date -u +%FT%TZ)] task $TASK/$NUM_TASKS job ${{SLURM_JOB_ID:-?}} on $(hostname): '
-        f'stage {spec.stage} shards $MY_SHARDS"',
+    ]
+    if spec.whole_run:
+        lines += [
+            'TASK=0',
+            f'echo "[$(date -u +%FT%TZ)] job ${{SLURM_JOB_ID:-?}} on $(hostname): stage {spec.stage} (whole-run)"',
+        ]
+    else:
+        lines += [
+            f"SHARDS={q(format_shard_spec(spec.shards))}",
+            f"NUM_TASKS={spec.tasks}",
+            'TASK="${SLURM_ARRAY_TASK_ID:?this script is a SLURM array job: submit it with sbatch}"',
+            'MY_SHARDS=$("$PYTHON" -m pipeline.slurm slice "$SHARDS" "$NUM_TASKS" "$TASK") || exit 2',
+            'if [ -z "$MY_SHARDS" ]; then echo "task $TASK: no shards"; exit 0; fi',
+            f'echo "[$(date -u +%FT%TZ)] task $TASK/$NUM_TASKS job ${{SLURM_JOB_ID:-?}} on $(hostname): '
+            f'stage {spec.stage} shards $MY_SHARDS"',
+        ]
+    lines += [
         "",
         f'if [ "$GOT_SIGNAL" -eq 1 ]; then echo "stopped before starting"; RC={EXIT_PREEMPTED}; else',
         '"$PYTHON" ' + " ".join(run_args) + " &",
@@ -197,8 +221,10 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
     if spec.requeue:
         lines += [
             f'if [ "$RC" -eq {EXIT_PREEMPTED} ] && [ "$GOT_USR1" -eq 1 ]; then',
-            '  echo "time limit near: requeueing ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${TASK}"',
-            '  scontrol requeue "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${TASK}"',
+            *(['  echo "time limit near: requeueing $SLURM_JOB_ID"', '  scontrol requeue "$SLURM_JOB_ID"']
+              if spec.whole_run else
+              ['  echo "time limit near: requeueing ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${TASK}"',
+               '  scontrol requeue "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_${TASK}"']),
             "fi",
         ]
     lines.append('exit "$RC"')
@@ -247,30 +273,6 @@ def submissions(storage: Storage, stage: str | None = None) -> list[dict[str, An
     if stage is not None:
         records = [r for r in records if r.get("stage") == stage]
     return sorted(records, key=lambda r: r.get("submitted_at", ""))
-
-
-def retry_shards(config: RunConfig, stage: str, *, failed_only: bool = False, shards: list[int] | None = None,
-                 include_running: bool = False, stale_after: float | None = None) -> list[int]:
-    """Shards of `stage` to redo: not committed (failed, never run, stale claims), or with `failed_only`
-    committed shards whose manifests hold failed rows. Shards of live tasks are left out unless asked."""
-    from pipeline.status import DEFAULT_STALE_AFTER, stage_status
-
-    storage = Storage(config.root, config.storage_options, config.work_dir)
-    storage.check_reachable(create=False)
-    claims = storage.claims(stage)
-    jobs = squeue_job_ids() if any(c.get("slurm_job_id") for c in claims.values()) else None
-    st = stage_status(config, storage, stage, jobs, stale_after or DEFAULT_STALE_AFTER)
-    universe = shards if shards is not None else st.universe
-    if failed_only:
-        picked = st.shards_with_failed_rows
-        return [s for s in picked if universe is None or s in set(universe)]
-    if universe is None:
-        raise SlurmError(
-            f"cannot tell which shards stage {stage!r} should have under {storage.url()}: run.json has no "
-            "num_shards and no submission is recorded under logs/; pass --shards"
-        )
-    busy = set(st.committed) if include_running else set(st.committed) | {c.shard for c in st.running}
-    return [s for s in universe if s not in busy]
 
 
 def last_submission(config: RunConfig, stage: str) -> dict[str, Any] | None:

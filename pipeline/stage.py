@@ -1,14 +1,21 @@
-"""What a stage is: a module with `run_shard(ctx, shard) -> ShardStats`, found by name in a registry.
+"""What a stage is: a declared `Stage`, registered by name; and what it sees while it works.
 
-A stage module defines::
+A stage module declares itself once::
 
-    NAME = "annotate"            # the stage's name (also its _done/<NAME> folder)
-    OUTPUT_DIR = "captions"      # where its per-shard outputs live under ROOT
-    INPUT_STAGE = "download"     # the upstream stage whose shard k feeds shard k (or None)
-    def run_shard(ctx: ShardContext, shard: int) -> ShardStats: ...
-    def prepare(run: RunContext) -> None: ...      # optional, once per run before any shard
+    STAGE = Stage(
+        name="annotate", output_dir="captions", kind=PER_SHARD,
+        inputs=(Input("download"), Input("qa", required=False), Input("train", required=False)),
+        schema=CAPTION_SCHEMA, run_shard=run_shard, retry_shard=retry_shard, prepare=prepare,
+        resources=Resources(gpus=1),
+    )
 
-Stages never know how they are scheduled: the runner (local) and slurm.py (arrays) call them the same way.
+Two kinds:
+- per-shard: `run_shard(ctx, shard) -> ShardStats`; shard k derives from shard k of its inputs.
+- whole-run: `run_whole(ctx, shards) -> ShardStats`, one unit of work over a set of input shards (a
+  checkpoint, a report), committed as ROOT/_done/<stage>/<unit>.json.
+The runner, slurm.py, status, the demo and browse read the declaration; stages never know how they are
+scheduled. Every input a unit reads is recorded in its marker (`ctx.require_input` / `ctx.optional_input`)
+with the digest of the upstream marker, so a recommitted input makes the consumer stale.
 """
 
 from __future__ import annotations
@@ -17,17 +24,25 @@ import hashlib
 import importlib
 import json
 import logging
+import os
+import re
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from types import ModuleType
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.config import RunConfig
-from pipeline.errors import UnknownStageError
+from pipeline.errors import MissingInputError, UnknownStageError
 from pipeline.shards import shard_name
-from pipeline.storage import ShardTransaction, Storage
+from pipeline.storage import ShardTransaction, Storage, unit_name
+
+PER_SHARD = "per_shard"
+WHOLE_RUN = "whole_run"
 
 BUILTIN_STAGES: dict[str, str] = {
     "download": "stages.download",
@@ -36,14 +51,16 @@ BUILTIN_STAGES: dict[str, str] = {
     "annotate": "stages.annotate",
     "evaluate": "stages.evaluate",
 }
-"""Stage name -> module. Plugins add more through the manifest's `stages:` mapping."""
+"""Stage name -> module (its `STAGE`) or `module:attr`. Plugins add more through the manifest's `stages:`."""
 
 STAGE_ORDER = list(BUILTIN_STAGES)
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 
 @dataclass
 class ShardStats:
-    """What a stage reports for one shard; saved as <OUTPUT_DIR>/<shard>_stats.json and in the marker."""
+    """What a stage reports for one unit; saved as <output>_stats.json and in the marker."""
 
     rows: int = 0
     ok: int = 0
@@ -77,6 +94,71 @@ class ShardStats:
         return f"{self.rows} rows, {self.ok} ok, {self.failed} failed{errs} in {self.seconds:.1f}s{rate}"
 
 
+@dataclass(frozen=True)
+class Input:
+    """A stage this one reads: required (its absence is an error) or optional (used when committed)."""
+
+    stage: str
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one task of the stage needs; `submit` uses these as defaults."""
+
+    cpus: int = 1
+    gpus: int = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration (see the module docstring)."""
+
+    name: str
+    output_dir: str
+    kind: str = PER_SHARD
+    inputs: tuple[Input, ...] = ()
+    schema: pa.Schema | None = field(default=None, repr=False)
+    """The pyarrow schema of its parquet manifest (browse and the shard I/O module use it)."""
+    run_shard: Callable[[ShardContext, int], ShardStats] | None = None
+    run_whole: Callable[[ShardContext, list[int]], ShardStats] | None = None
+    retry_shard: Callable[[ShardContext, int, dict[str, Any]], ShardStats] | None = None
+    prepare: Callable[[RunContext], None] | None = None
+    unit: Callable[[RunConfig], str] | None = None
+    """whole-run: the name of the unit it commits (default 'all'), e.g. an evaluation's name."""
+    default_shards: Callable[[RunConfig, Storage], list[int]] | None = None
+    """whole-run: the input shards used when none are given (default: every committed shard of its first
+    required input)."""
+    resources: Resources = Resources()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise UnknownStageError(f"stage name {self.name!r} must be lower-case letters, digits, '_' or '-'")
+        if not self.output_dir or self.output_dir.startswith(("/", "_")) or ".." in self.output_dir.split("/"):
+            raise UnknownStageError(f"stage {self.name!r}: output_dir {self.output_dir!r} must be a relative folder "
+                                    "not starting with '_'")
+        if self.kind not in (PER_SHARD, WHOLE_RUN):
+            raise UnknownStageError(f"stage {self.name!r}: kind must be {PER_SHARD!r} or {WHOLE_RUN!r}")
+        if self.kind == PER_SHARD and self.run_shard is None:
+            raise UnknownStageError(f"per-shard stage {self.name!r} declares no run_shard")
+        if self.kind == WHOLE_RUN and self.run_whole is None:
+            raise UnknownStageError(f"whole-run stage {self.name!r} declares no run_whole")
+
+    @property
+    def whole_run(self) -> bool:
+        return self.kind == WHOLE_RUN
+
+    def unit_of(self, config: RunConfig) -> str:
+        """The marker name of a whole-run stage's unit."""
+        name = self.unit(config) if self.unit else "all"
+        unit_name(name)  # validates
+        return name
+
+    def input(self, stage: str) -> Input | None:
+        return next((i for i in self.inputs if i.stage == stage), None)
+
+
 @dataclass
 class RunContext:
     """What a stage's `prepare` sees: the whole run."""
@@ -89,9 +171,46 @@ class RunContext:
     log: logging.Logger
 
 
+class InputCache:
+    """Upstream markers read once per run and shared by the runner's staleness check and the stages."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self._listed: dict[str, dict[str, dict[str, Any]]] = {}
+        self._checked: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+    def markers(self, stage: str) -> dict[str, dict[str, Any]]:
+        """unit name -> marker for every marker of `stage` (one listing)."""
+        if stage not in self._listed:
+            self._listed[stage] = self.storage.unit_markers(stage)
+        return self._listed[stage]
+
+    def committed(self, stage: str, unit: int | str) -> dict[str, Any] | None:
+        """The upstream marker if that unit is committed (outputs present with their sizes), else None."""
+        name = unit_name(unit)
+        key = (stage, name)
+        if key not in self._checked:
+            marker = self.markers(stage).get(name)
+            if marker is None and stage not in self._listed:
+                marker = self.storage.unit_marker(stage, name)
+            self._checked[key] = marker if marker is not None and self.storage.outputs_intact(marker) else None
+        return self._checked[key]
+
+    def digest(self, key: str) -> str | None:
+        """The current digest of an input key 'stage/unit' (None when not committed)."""
+        stage, _, unit = key.partition("/")
+        marker = self.committed(stage, unit)
+        return None if marker is None else marker_digest(marker)
+
+    def forget(self, stage: str) -> None:
+        self._listed.pop(stage, None)
+        self._checked = {k: v for k, v in self._checked.items() if k[0] != stage}
+
+
 @dataclass
 class ShardContext:
-    """What a stage's `run_shard` sees: config, storage, where to write, shared resources, stop requests."""
+    """What a stage's `run_shard` / `run_whole` sees: config, storage, where to write, shared resources,
+    stop requests, and the inputs it records."""
 
     config: RunConfig
     storage: Storage
@@ -101,25 +220,85 @@ class ShardContext:
     resources: dict[str, Any]
     log: logging.Logger
     stop_requested: Callable[[], bool] = lambda: False
-    inputs: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str | None] = field(default_factory=dict)
+    cache: InputCache | None = None
+    shards: list[int] = field(default_factory=list)
+    """whole-run: the input shards of this unit (per-shard: [shard])."""
+
+    @property
+    def unit(self) -> str:
+        return unit_name(self.txn.unit)
+
+    @property
+    def shard(self) -> int:
+        if not isinstance(self.txn.unit, int):
+            raise TypeError(f"stage {self.stage} is whole-run: it has no shard")
+        return self.txn.unit
 
     def output(self, suffix: str) -> str:
-        """Local path to write ROOT/<OUTPUT_DIR>/<shard><suffix> (e.g. '.tar', '.parquet'); committed atomically."""
-        return self.txn.path(f"{self.output_dir}/{shard_name(self.txn.shard)}{suffix}")
+        """Local path to write ROOT/<output_dir>/<unit><suffix> (e.g. '.tar', '.parquet'); committed atomically."""
+        return self.txn.path(f"{self.output_dir}/{self.unit}{suffix}")
+
+    def output_file(self, name: str) -> str:
+        """Local path to write ROOT/<output_dir>/<unit>/<name> (a whole-run unit's folder of files)."""
+        return self.txn.path(f"{self.output_dir}/{self.unit}/{name}")
 
     def output_rel(self, rel: str) -> str:
-        """Local path for an arbitrary output ROOT/<rel> of this shard."""
+        """Local path for an arbitrary output ROOT/<rel> of this unit."""
         return self.txn.path(rel)
 
-    def require_input(self, stage: str, shard: int | None = None) -> dict[str, Any]:
-        """The committed upstream marker (clear error if missing); recorded as this shard's input provenance."""
-        s = self.txn.shard if shard is None else shard
-        marker = self.storage.require_committed(stage, s)
-        self.inputs[f"{stage}/{shard_name(s)}"] = marker_digest(marker)
+    def _cache(self) -> InputCache:
+        if self.cache is None:
+            self.cache = InputCache(self.storage)
+        return self.cache
+
+    def require_input(self, stage: str, unit: int | str | None = None) -> dict[str, Any]:
+        """The committed upstream marker (clear error if missing); recorded as this unit's input."""
+        u = self.txn.unit if unit is None else unit
+        marker = self._cache().committed(stage, u)
+        if marker is None:
+            raise MissingInputError(
+                f"input {unit_name(u)} of stage '{stage}' is not committed under {self.storage.root_url}; "
+                f"run: python -m pipeline run --stage {stage}"
+                + (f" --shards {u}" if isinstance(u, int) else "")
+            )
+        self.inputs[f"{stage}/{unit_name(u)}"] = marker_digest(marker)
         return marker
 
+    def optional_input(self, stage: str, unit: int | str | None = None) -> dict[str, Any] | None:
+        """The upstream marker if committed, else None; recorded either way (its later arrival or
+        recommit makes this unit stale)."""
+        u = self.txn.unit if unit is None else unit
+        marker = self._cache().committed(stage, u)
+        self.inputs[f"{stage}/{unit_name(u)}"] = None if marker is None else marker_digest(marker)
+        return marker
+
+    def input_folder(self, stage: str, unit: str) -> str:
+        """A local folder holding a committed whole-run unit's artifact (e.g. train's checkpoint), recorded as
+        an input. On an object store the folder is fetched once per digest into local scratch."""
+        marker = self.require_input(stage, unit)
+        rel = marker.get("artifact")
+        if not rel:
+            raise MissingInputError(f"{stage}/{unit} records no artifact folder")
+        if self.storage.is_local:
+            return self.storage.path(rel)
+        local = os.path.join(self.storage.work_dir or tempfile.gettempdir(), "pipeline-artifacts",
+                             f"{stage}-{unit}-{marker_digest(marker)}")
+        if not os.path.isdir(local):
+            tmp = f"{local}.part-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            prefix = rel.rstrip("/") + "/"
+            for out_rel in marker.get("outputs", {}):
+                if out_rel.startswith(prefix):
+                    target = os.path.join(tmp, out_rel[len(prefix):])
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    self.storage.fs.get_file(self.storage.path(out_rel), target)
+            os.replace(tmp, local)
+        return local
+
     def resource(self, key: str, factory: Callable[[], Any]) -> Any:
-        """A shared object (an engine, a tokenizer) created once per process and reused by every shard."""
+        """A shared object (an engine, a tokenizer) created once per process and reused by every unit."""
         if key not in self.resources:
             self.resources[key] = factory()
         return self.resources[key]
@@ -132,11 +311,12 @@ def marker_digest(marker: dict[str, Any]) -> str:
 
 
 def stage_modules(config: RunConfig) -> dict[str, str]:
+    """Registered stage name -> module target (built-ins, then the manifest's plugins)."""
     return {**BUILTIN_STAGES, **config.stages}
 
 
-def load_stage(name: str, config: RunConfig) -> ModuleType:
-    """Import the stage module registered under `name` (built-in or a plugin from the manifest)."""
+def load_stage(name: str, config: RunConfig) -> Stage:
+    """The declared Stage registered under `name` (built-in or a plugin from the manifest)."""
     mapping = stage_modules(config)
     if name not in mapping:
         raise UnknownStageError(f"unknown stage {name!r}; known stages: {', '.join(mapping)}")
@@ -148,24 +328,29 @@ def load_stage(name: str, config: RunConfig) -> ModuleType:
         if exc.name and module_name.startswith(exc.name):
             raise UnknownStageError(f"stage {name!r} is not available yet ({module_name} is missing)") from None
         raise
-    if attr:
-        module = getattr(module, attr)
-    for needed in ("run_shard", "OUTPUT_DIR"):
-        if not hasattr(module, needed):
-            raise UnknownStageError(f"stage {name!r} ({target}) does not define {needed}")
-    return module
+    declared = getattr(module, attr or "STAGE", None)
+    if not isinstance(declared, Stage):
+        raise UnknownStageError(f"stage {name!r} ({target}) declares no Stage"
+                                + ("" if attr else " named STAGE") + "; see pipeline/stage.py")
+    if declared.name != name:
+        raise UnknownStageError(f"stage registered as {name!r} ({target}) declares itself {declared.name!r}")
+    return declared
 
 
-def available_stages(config: RunConfig) -> list[str]:
-    """Registered stages whose modules exist in this checkout."""
-    out = []
+def available_stages(config: RunConfig) -> dict[str, Stage]:
+    """Registered stages whose modules exist in this checkout, by name, in registration order."""
+    out = {}
     for name in stage_modules(config):
         try:
-            load_stage(name, config)
+            out[name] = load_stage(name, config)
         except UnknownStageError:
             continue
-        out.append(name)
     return out
+
+
+def consumers(config: RunConfig, stage: str) -> list[Stage]:
+    """Available stages that declare `stage` as an input."""
+    return [s for s in available_stages(config).values() if s.input(stage)]
 
 
 def timed(fn: Callable[[], ShardStats]) -> ShardStats:
@@ -173,3 +358,9 @@ def timed(fn: Callable[[], ShardStats]) -> ShardStats:
     stats = fn()
     stats.seconds = round(time.perf_counter() - t0, 3)
     return stats
+
+
+__all__ = [
+    "PER_SHARD", "WHOLE_RUN", "Input", "InputCache", "Resources", "RunContext", "ShardContext", "ShardStats",
+    "Stage", "available_stages", "load_stage", "marker_digest", "shard_name", "stage_modules", "timed",
+]

@@ -13,14 +13,17 @@ import os
 import socket
 import sys
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import RunConfig
-from pipeline.quality import mean_quality
+from pipeline.config import RunConfig, setting_changes
+from pipeline.errors import SlurmError
+from pipeline.runner import stale_inputs
 from pipeline.shards import format_shard_spec, parse_shard_spec
-from pipeline.stage import stage_modules
-from pipeline.storage import TMP_DIR, Storage
+from pipeline.slurm import squeue_job_ids, submissions
+from pipeline.stage import PER_SHARD, WHOLE_RUN, InputCache, Stage, available_stages, stage_modules
+from pipeline.storage import TMP_DIR, Storage, unit_name
 
 DEFAULT_STALE_AFTER = 600.0
 """A claim whose heartbeat (refreshed every PIPELINE_HEARTBEAT_S=60 s) is older than this is stale."""
@@ -35,22 +38,44 @@ class ClaimState:
 
 
 @dataclass
+class Outdated:
+    """A committed unit that no longer matches: settings that changed, inputs recommitted since."""
+
+    unit: int | str
+    settings: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+
+    def reason(self, stage: str) -> str:
+        parts = []
+        if self.settings:
+            parts.append("settings changed: " + ", ".join(f"{stage}.{s}" if s != "shard_size" else s
+                                                          for s in self.settings[:6]))
+        if self.inputs:
+            more = f" (+{len(self.inputs) - 4} more)" if len(self.inputs) > 4 else ""
+            parts.append("inputs recommitted since: " + ", ".join(self.inputs[:4]) + more)
+        return "; ".join(parts)
+
+
+@dataclass
 class StageStatus:
-    """One row of the status table."""
+    """One row of the status table. Units are shard ids, or names for a whole-run stage."""
 
     stage: str
-    universe: list[int] | None
-    committed: dict[int, dict[str, Any]]
-    outdated: list[int]
-    failed: dict[int, dict[str, Any]]
+    universe: list[int | str] | None
+    committed: dict[int | str, dict[str, Any]]
+    outdated: list[Outdated]
+    failed: dict[int | str, dict[str, Any]]
     running: list[ClaimState]
     stale: list[ClaimState]
     staging_dirs: int = 0
     row_errors: Counter = field(default_factory=Counter)
+    kind: str = PER_SHARD
+    fingerprints: Counter = field(default_factory=Counter)
+    """settings fingerprint -> committed units made with it (as recorded in the markers)."""
 
     @property
-    def pending(self) -> list[int] | None:
-        """Shards of the run that are neither committed, failed nor running (None if the run's shards are unknown)."""
+    def pending(self) -> list[int | str] | None:
+        """Units of the run that are neither committed, failed nor running (None if the run's shards are unknown)."""
         if self.universe is None:
             return None
         busy = set(self.committed) | set(self.failed) | {c.shard for c in self.running}
@@ -66,7 +91,7 @@ class StageStatus:
 
     @property
     def shards_with_failed_rows(self) -> list[int]:
-        return sorted(s for s, m in self.committed.items() if m.get("rows", {}).get("failed", 0))
+        return sorted(s for s, m in self.committed.items() if isinstance(s, int) and m.get("rows", {}).get("failed", 0))
 
     def task_rate(self) -> float | None:
         """Rows per second of shard work (summed over tasks' own shard times)."""
@@ -84,7 +109,6 @@ class StageStatus:
             return None
         return (self.rows_ok + self.rows_failed) / (max(ends) - min(starts))
 
-
     def quality(self) -> float | None:
         """Running mean caption quality over committed shards (the annotate quality monitor), or None."""
         return mean_quality(self.committed.values())
@@ -93,22 +117,55 @@ class StageStatus:
         pending = self.pending
         return {
             "stage": self.stage,
+            "kind": self.kind,
             "committed": len(self.committed),
             "failed": len(self.failed),
             "running": len(self.running),
             "stale": len(self.stale),
             "pending": None if pending is None else len(pending),
             "outdated": len(self.outdated),
+            "outdated_reasons": {unit_name(o.unit): o.reason(self.stage) for o in self.outdated},
             "rows_ok": self.rows_ok,
             "rows_failed": self.rows_failed,
             "rows_per_s": None if (r := self.task_rate()) is None else round(r, 1),
             "rows_per_s_wall": None if (w := self.wall_rate()) is None else round(w, 1),
             "quality": None if (q := self.quality()) is None else round(q, 3),
-            "failed_shards": format_shard_spec(self.failed),
+            "failed_shards": _spec(self.failed),
             "failure_reasons": sorted({f.get("error", "?")[:200] for f in self.failed.values()}),
-            "stale_shards": format_shard_spec(c.shard for c in self.stale),
+            "stale_shards": _spec(c.shard for c in self.stale),
             "row_errors": dict(self.row_errors),
+            "fingerprints": dict(self.fingerprints),
+            "live_owners": [c.reason for c in self.running],
         }
+
+
+def _label(unit: int | str) -> str:
+    return f"shard {unit}" if isinstance(unit, int) else unit_name(unit)
+
+
+def _units(units: Iterable[int | str]) -> str:
+    units = list(units)
+    return ("shard(s) " if all(isinstance(u, int) for u in units) else "") + _spec(units)
+
+
+def _spec(units: Iterable[int | str]) -> str:
+    """A shard spec for shard ids; names joined by commas for whole-run units."""
+    units = list(units)
+    ints = [u for u in units if isinstance(u, int)]
+    names = sorted(str(u) for u in units if not isinstance(u, int))
+    return ",".join(x for x in [format_shard_spec(ints) if ints else "", *names] if x)
+
+
+def mean_quality(markers: Iterable[Mapping[str, Any]]) -> float | None:
+    """Running mean quality over committed units' markers (stats.extra quality_mean weighted by
+    quality_scored, as a stage's quality monitor reports it); None when no unit was scored."""
+    total = n = 0.0
+    for m in markers:
+        extra = m.get("stats", {}).get("extra", {})
+        if extra.get("quality_mean") is not None and extra.get("quality_scored"):
+            total += extra["quality_mean"] * extra["quality_scored"]
+            n += extra["quality_scored"]
+    return total / n if n else None
 
 
 def _epoch(iso: Any) -> float | None:
@@ -158,22 +215,48 @@ def run_universe(storage: Storage, stage: str) -> list[int] | None:
     total = meta.get("num_shards")
     if isinstance(total, int) and total > 0:
         return list(range(total))
-    from pipeline.slurm import submissions
-
     shards: set[int] = set()
     for record in submissions(storage, stage):
         shards.update(parse_shard_spec(record["shard_spec"]))
     return sorted(shards) if shards else None
 
 
+def _unit(name: str) -> int | str:
+    return int(name) if name.isdigit() else name
+
+
 def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str] | None,
-                 stale_after: float = DEFAULT_STALE_AFTER) -> StageStatus:
-    """Everything `status` and `retry` need to know about one stage, from ROOT (plus squeue when present)."""
-    committed = storage.committed(stage, config.fingerprint(stage))
-    markers = storage.markers(stage)
-    failed = {s: f for s, f in storage.failures(stage).items() if s not in committed}
-    claims = [classify_claim(s, c, jobs, stale_after) for s, c in sorted(storage.claims(stage).items())
-              if s not in committed]
+                 stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True,
+                 cache: InputCache | None = None, declared: Stage | None = None) -> StageStatus:
+    """Everything `status` and `retry` need to know about one stage, from ROOT (plus squeue when present).
+
+    A unit is committed when its marker and outputs are intact and every input it recorded is unchanged;
+    with `compare` (a manifest or --set was given) its recorded settings must also match `config`'s. The
+    others are outdated, with the setting or the input that changed.
+    """
+    cache = cache or InputCache(storage)
+    kind = declared.kind if declared is not None else PER_SHARD
+    intact = {_unit(k): m for k, m in storage.committed_units(stage).items()}
+    fingerprint = config.fingerprint(stage) if compare else None
+    current = config.semantic(stage) if compare else None
+    committed: dict[int | str, dict[str, Any]] = {}
+    outdated: list[Outdated] = []
+    for unit, m in sorted(intact.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]).zfill(12))):
+        settings: list[str] = []
+        if fingerprint is not None and m.get("config_fingerprint") != fingerprint:
+            recorded = m.get("config")
+            settings = setting_changes(recorded, current) if isinstance(recorded, dict) else ["settings (not recorded)"]
+            settings = settings or ["settings"]
+        changed = stale_inputs(m, cache)
+        if settings or changed:
+            outdated.append(Outdated(unit, settings, changed))
+        else:
+            committed[unit] = m
+    all_markers = {_unit(k) for k in storage.unit_markers(stage)}
+    outdated += [Outdated(u, ["outputs missing or changed"]) for u in sorted(all_markers - set(intact), key=str)]
+    failed = {_unit(k): f for k, f in storage.unit_failures(stage).items() if _unit(k) not in committed}
+    claims = [classify_claim(_unit(k), c, jobs, stale_after) for k, c in sorted(storage.unit_claims(stage).items())
+              if _unit(k) not in committed]
     row_errors: Counter = Counter()
     for m in committed.values():
         row_errors.update(m.get("stats", {}).get("errors", {}))
@@ -183,44 +266,73 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
             staging = len(os.listdir(storage.path(TMP_DIR, stage)))
         except FileNotFoundError:
             staging = 0
+    if kind == WHOLE_RUN:
+        universe: list[int | str] | None = [declared.unit_of(config)] if declared is not None else None
+    else:
+        universe = run_universe(storage, stage)  # type: ignore[assignment]
     return StageStatus(
         stage=stage,
-        universe=run_universe(storage, stage),
+        universe=universe,
         committed=committed,
-        outdated=sorted(set(markers) - set(committed)),
+        outdated=outdated,
         failed=failed,
         running=[c for c in claims if c.live],
         stale=[c for c in claims if not c.live],
         staging_dirs=staging,
         row_errors=row_errors,
+        kind=kind,
+        fingerprints=Counter(m.get("config_fingerprint", "?")[:8] for m in committed.values()),
     )
 
 
 def collect_status(config: RunConfig, only: str | None = None,
-                   stale_after: float = DEFAULT_STALE_AFTER) -> list[dict[str, Any]]:
+                   stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True) -> list[dict[str, Any]]:
     """One plain dict per stage (counts, rows, rates, failed shards and reasons), e.g. for JSON output."""
-    return [st.to_row() for st in collect_stage_status(config, only, stale_after)]
+    return [st.to_row() for st in collect_stage_status(config, only, stale_after, compare)]
 
 
 def collect_stage_status(config: RunConfig, only: str | None = None,
-                         stale_after: float = DEFAULT_STALE_AFTER) -> list[StageStatus]:
-    from pipeline.slurm import squeue_job_ids
-
+                         stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True) -> list[StageStatus]:
     storage = Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable(create=False)
+    declared = available_stages(config)
+    cache = InputCache(storage)
     out = []
     jobs: set[str] | None = None
     jobs_checked = False
     for stage in stage_modules(config):
         if only and stage != only:
             continue
-        if not jobs_checked and any(c.get("slurm_job_id") for c in storage.claims(stage).values()):
+        if not jobs_checked and any(c.get("slurm_job_id") for c in storage.unit_claims(stage).values()):
             jobs, jobs_checked = squeue_job_ids(), True
-        st = stage_status(config, storage, stage, jobs, stale_after)
+        st = stage_status(config, storage, stage, jobs, stale_after, compare, cache, declared.get(stage))
         if not (st.committed or st.outdated or st.failed or st.running or st.stale) and only is None:
             continue
         out.append(st)
     return out
+
+
+def retry_shards(config: RunConfig, stage: str, *, failed_only: bool = False, shards: list[int] | None = None,
+                 include_running: bool = False, stale_after: float | None = None) -> list[int]:
+    """Shards of `stage` to redo: not committed (failed, never run, stale claims, outdated), or with
+    `failed_only` committed shards whose manifests hold failed rows. Shards of live tasks are left out
+    unless asked."""
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    storage.check_reachable(create=False)
+    claims = storage.claims(stage)
+    jobs = squeue_job_ids() if any(c.get("slurm_job_id") for c in claims.values()) else None
+    st = stage_status(config, storage, stage, jobs, stale_after or DEFAULT_STALE_AFTER)
+    universe = shards if shards is not None else st.universe
+    if failed_only:
+        picked = st.shards_with_failed_rows
+        return [s for s in picked if universe is None or s in set(universe)]
+    if universe is None:
+        raise SlurmError(
+            f"cannot tell which shards stage {stage!r} should have under {storage.url()}: run.json has no "
+            "num_shards and no submission is recorded under logs/; pass --shards"
+        )
+    busy = set(st.committed) if include_running else set(st.committed) | {c.shard for c in st.running}
+    return [s for s in universe if isinstance(s, int) and s not in busy]
 
 
 def _fmt(value: Any) -> str:
@@ -232,10 +344,14 @@ def _fmt(value: Any) -> str:
 
 
 def print_status(config: RunConfig, only: str | None = None, out=None,
-                 stale_after: float = DEFAULT_STALE_AFTER) -> int:
-    """Print the table and, under it, failure reasons, stale claims and row-level error counts."""
+                 stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True) -> int:
+    """Print the table and, under it, failure reasons, outdated units, claims and row-level error counts.
+
+    Without `compare` (no manifest given) units are judged by their markers alone: committed with the
+    settings they were made with, which are listed; with it, units made with other settings are outdated
+    and the setting that differs is named."""
     out = out or sys.stdout
-    rows = collect_stage_status(config, only, stale_after)
+    rows = collect_stage_status(config, only, stale_after, compare)
     if not rows:
         print(f"no stage has run under {config.root}", file=out)
         return 0
@@ -258,22 +374,36 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)), file=out)
     for st in rows:
-        by_reason: dict[str, list[int]] = {}
-        for shard, rec in st.failed.items():
-            by_reason.setdefault(rec.get("error", "?").splitlines()[0][:200], []).append(shard)
-        for reason, shards in sorted(by_reason.items()):
-            print(f"{st.stage}: shard(s) {format_shard_spec(shards)} FAILED: {reason}", file=out)
+        if st.kind == WHOLE_RUN:
+            for unit, m in st.committed.items():
+                shards = m.get("shards", [])
+                print(f"{st.stage}: {unit} committed {m.get('committed_at', '?')} from {len(shards)} input shard(s)"
+                      + (f" [{format_shard_spec(shards)}]" if shards else ""), file=out)
+        if not compare and st.fingerprints:
+            made = ", ".join(f"{fp} ({n})" for fp, n in st.fingerprints.most_common())
+            print(f"{st.stage}: committed with settings {made} as recorded in the markers; "
+                  "pass --manifest to compare with a configuration", file=out)
+        by_reason: dict[str, list[int | str]] = {}
+        for unit, rec in st.failed.items():
+            by_reason.setdefault(rec.get("error", "?").splitlines()[0][:200], []).append(unit)
+        for reason, units in sorted(by_reason.items()):
+            print(f"{st.stage}: {_units(units)} FAILED: {reason}", file=out)
+        by_outdated: dict[str, list[int | str]] = {}
+        for o in st.outdated:
+            by_outdated.setdefault(o.reason(st.stage), []).append(o.unit)
+        for reason, units in sorted(by_outdated.items()):
+            print(f"{st.stage}: {_units(units)} OUTDATED ({reason})", file=out)
         for c in st.stale:
-            print(f"{st.stage}: shard {c.shard} has a stale claim ({c.reason}); `retry` will include it", file=out)
+            print(f"{st.stage}: {_label(c.shard)} has a stale claim ({c.reason}); `retry` will include it", file=out)
         for c in st.running:
-            print(f"{st.stage}: shard {c.shard} running ({c.reason})", file=out)
+            print(f"{st.stage}: {_label(c.shard)} running ({c.reason})", file=out)
         if st.row_errors:
             top = ", ".join(f"{k}: {v}" for k, v in st.row_errors.most_common(5))
             print(f"{st.stage}: failed rows in {format_shard_spec(st.shards_with_failed_rows)}: {top}", file=out)
         leftovers = st.staging_dirs - len(st.running)
         if leftovers > 0:
-            print(f"{st.stage}: {leftovers} staging folder(s) of aborted shards under {TMP_DIR}/{st.stage} "
-                  "(removed when those shards rerun)", file=out)
+            print(f"{st.stage}: {leftovers} staging folder(s) of aborted units under {TMP_DIR}/{st.stage} "
+                  "(removed when those units rerun)", file=out)
         if st.pending:
-            print(f"{st.stage}: pending shards {format_shard_spec(st.pending)}", file=out)
+            print(f"{st.stage}: pending {'shards ' if st.kind == PER_SHARD else ''}{_spec(st.pending)}", file=out)
     return 0

@@ -23,6 +23,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -195,15 +196,21 @@ class Storage:
         return self.read_json(RUN_META)
 
     # -- commit markers ----------------------------------------------------------------------
-    def marker_rel(self, stage: str, shard: int) -> str:
-        return f"{DONE_DIR}/{stage}/{shard_name(shard)}.json"
+    def marker_rel(self, stage: str, unit: int | str) -> str:
+        return f"{DONE_DIR}/{stage}/{unit_name(unit)}.json"
 
-    def marker(self, stage: str, shard: int) -> dict[str, Any] | None:
-        return self.read_json(self.marker_rel(stage, shard))
+    def marker(self, stage: str, unit: int | str) -> dict[str, Any] | None:
+        return self.read_json(self.marker_rel(stage, unit))
+
+    unit_marker = marker
 
     def markers(self, stage: str) -> dict[int, dict[str, Any]]:
-        """shard -> marker for every committed-looking shard of a stage (one listing)."""
+        """shard -> marker for every committed-looking shard of a per-shard stage (one listing)."""
         return {int(k): v for k, v in self.list_json(f"{DONE_DIR}/{stage}").items() if k.isdigit()}
+
+    def unit_markers(self, stage: str) -> dict[str, dict[str, Any]]:
+        """unit name ('00042' for a shard, 'all' for a whole-run unit) -> marker (one listing)."""
+        return self.list_json(f"{DONE_DIR}/{stage}")
 
     def output_sizes(self, rel_dirs: set[str]) -> dict[str, int]:
         """rel path -> size for every file under the given output dirs (one listing per dir)."""
@@ -220,22 +227,24 @@ class Storage:
 
     def committed(self, stage: str, fingerprint: str | None = None) -> dict[int, dict[str, Any]]:
         """shard -> marker for shards that are committed: marker present, fingerprint matching, outputs intact."""
-        markers = self.markers(stage)
+        return {int(k): v for k, v in self.committed_units(stage, fingerprint).items() if k.isdigit()}
+
+    def committed_units(self, stage: str, fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
+        """unit name -> marker for every committed unit (shards and whole-run units) of a stage."""
+        markers = self.unit_markers(stage)
         dirs = {rel.rsplit("/", 1)[0] for m in markers.values() for rel in m.get("outputs", {}) if "/" in rel}
         sizes = self.output_sizes(dirs)
         good = {}
-        for shard, m in markers.items():
+        for unit, m in markers.items():
             if fingerprint is not None and m.get("config_fingerprint") != fingerprint:
                 continue
             if all(sizes.get(rel) == info["size"] for rel, info in m.get("outputs", {}).items()):
-                good[shard] = m
+                good[unit] = m
         return good
 
-    def is_committed(self, stage: str, shard: int, fingerprint: str | None = None) -> bool:
-        m = self.marker(stage, shard)
-        if m is None or (fingerprint is not None and m.get("config_fingerprint") != fingerprint):
-            return False
-        for rel, info in m.get("outputs", {}).items():
+    def outputs_intact(self, marker: dict[str, Any]) -> bool:
+        """Whether every output a marker lists exists with its recorded size."""
+        for rel, info in marker.get("outputs", {}).items():
             try:
                 if int(self.fs.size(self.path(rel))) != info["size"]:
                     return False
@@ -243,51 +252,80 @@ class Storage:
                 return False
         return True
 
-    def require_committed(self, stage: str, shard: int) -> dict[str, Any]:
-        """The marker of an upstream shard, or a clear error telling the user what to run first."""
-        if not self.is_committed(stage, shard):
+    def is_committed(self, stage: str, unit: int | str, fingerprint: str | None = None) -> bool:
+        m = self.marker(stage, unit)
+        if m is None or (fingerprint is not None and m.get("config_fingerprint") != fingerprint):
+            return False
+        return self.outputs_intact(m)
+
+    def require_committed(self, stage: str, unit: int | str) -> dict[str, Any]:
+        """The marker of an upstream unit, or a clear error telling the user what to run first."""
+        m = self.marker(stage, unit)
+        if m is None or not self.outputs_intact(m):
+            shards = f" --shards {unit}" if isinstance(unit, int) else ""
             raise MissingInputError(
-                f"input shard {shard_name(shard)} of stage '{stage}' is not committed under {self.root_url}; "
-                f"run: python -m pipeline run --stage {stage} --shards {shard}"
+                f"input {unit_name(unit)} of stage '{stage}' is not committed under {self.root_url}; "
+                f"run: python -m pipeline run --stage {stage}{shards}"
             )
-        return self.marker(stage, shard)  # type: ignore[return-value]
+        return m
 
     # -- failure and claim records -----------------------------------------------------------
-    def record_failure(self, stage: str, shard: int, record: dict[str, Any]) -> None:
-        self.write_json(f"{FAILED_DIR}/{stage}/{shard_name(shard)}.json", record)
+    def record_failure(self, stage: str, unit: int | str, record: dict[str, Any]) -> None:
+        self.write_json(f"{FAILED_DIR}/{stage}/{unit_name(unit)}.json", record)
 
-    def clear_failure(self, stage: str, shard: int) -> None:
-        self.remove(f"{FAILED_DIR}/{stage}/{shard_name(shard)}.json")
+    def clear_failure(self, stage: str, unit: int | str) -> None:
+        self.remove(f"{FAILED_DIR}/{stage}/{unit_name(unit)}.json")
 
     def failures(self, stage: str) -> dict[int, dict[str, Any]]:
         return {int(k): v for k, v in self.list_json(f"{FAILED_DIR}/{stage}").items() if k.isdigit()}
 
-    def claim(self, stage: str, shard: int) -> None:
-        self.write_json(f"{RUNNING_DIR}/{stage}/{shard_name(shard)}.json", task_identity())
+    def unit_failures(self, stage: str) -> dict[str, dict[str, Any]]:
+        return self.list_json(f"{FAILED_DIR}/{stage}")
 
-    def release(self, stage: str, shard: int) -> None:
-        self.remove(f"{RUNNING_DIR}/{stage}/{shard_name(shard)}.json")
+    def claim(self, stage: str, unit: int | str) -> None:
+        self.write_json(f"{RUNNING_DIR}/{stage}/{unit_name(unit)}.json", task_identity())
+
+    def release(self, stage: str, unit: int | str) -> None:
+        self.remove(f"{RUNNING_DIR}/{stage}/{unit_name(unit)}.json")
 
     def claims(self, stage: str) -> dict[int, dict[str, Any]]:
         return {int(k): v for k, v in self.list_json(f"{RUNNING_DIR}/{stage}").items() if k.isdigit()}
 
+    def unit_claims(self, stage: str) -> dict[str, dict[str, Any]]:
+        return self.list_json(f"{RUNNING_DIR}/{stage}")
+
     # -- transactions ------------------------------------------------------------------------
-    def begin(self, stage: str, shard: int) -> ShardTransaction:
-        """Start (re)writing a shard: drop its marker first, clear stale staging, open a fresh staging dir."""
-        self.remove(self.marker_rel(stage, shard))
+    def begin(self, stage: str, unit: int | str) -> ShardTransaction:
+        """Start (re)writing a unit: drop its marker first, clear stale staging, open a fresh staging dir."""
+        self.remove(self.marker_rel(stage, unit))
         token = uuid.uuid4().hex[:12]
+        name = unit_name(unit)
         if self.is_local:
             base = self.path(TMP_DIR, stage)
             os.makedirs(base, exist_ok=True)
-            prefix = f"{shard_name(shard)}-"
+            prefix = f"{name}-"
             for entry in os.listdir(base):
                 if entry.startswith(prefix):
                     shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
             staging = os.path.join(base, prefix + token)
             os.makedirs(staging)
         else:
-            staging = tempfile.mkdtemp(prefix=f"pipeline-{stage}-{shard_name(shard)}-", dir=self.work_dir)
-        return ShardTransaction(storage=self, stage=stage, shard=shard, staging=staging)
+            staging = tempfile.mkdtemp(prefix=f"pipeline-{stage}-{name}-", dir=self.work_dir)
+        return ShardTransaction(storage=self, stage=stage, unit=unit, staging=staging)
+
+
+_UNIT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+def unit_name(unit: int | str) -> str:
+    """The file name (without .json) of a unit's marker: '00042' for shard 42, the name of a whole-run unit."""
+    if isinstance(unit, int):
+        return shard_name(unit)
+    if unit.isdigit():
+        return unit
+    if not _UNIT.match(unit):
+        raise ValueError(f"unit name {unit!r} must start with a lower-case letter and hold only a-z, 0-9, '_', '-'")
+    return unit
 
 
 def task_identity() -> dict[str, Any]:
@@ -305,7 +343,7 @@ class ShardTransaction:
 
     storage: Storage
     stage: str
-    shard: int
+    unit: int | str
     staging: str
     _outputs: list[str] = field(default_factory=list)
     done: bool = False
@@ -318,6 +356,12 @@ class ShardTransaction:
         if rel not in self._outputs:
             self._outputs.append(rel)
         return local
+
+    @property
+    def shard(self) -> int:
+        if not isinstance(self.unit, int):
+            raise TypeError(f"{self.stage}/{self.unit} is a whole-run unit, not a shard")
+        return self.unit
 
     @property
     def outputs(self) -> list[str]:
@@ -346,14 +390,14 @@ class ShardTransaction:
                     raise OSError(f"upload of {rel} is {remote} bytes, expected {size}")
         marker = {
             "stage": self.stage,
-            "shard": self.shard,
+            **({"shard": self.unit} if isinstance(self.unit, int) else {"unit": self.unit}),
             "outputs": outputs,
             "code_version": code_version(),
             "committed_at": now_iso(),
             **task_identity(),
             **marker_fields,
         }
-        st.write_json(st.marker_rel(self.stage, self.shard), marker)
+        st.write_json(st.marker_rel(self.stage, self.unit), marker)
         self.done = True
         self.cleanup()
         return marker

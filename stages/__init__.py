@@ -1,1 +1,1 @@
-"""One module per stage, each exposing run_shard(ctx, shard) -> ShardStats (see pipeline/stage.py)."""
+"""One package per stage: each declares its `STAGE` (pipeline.stage.Stage) and keeps its own helpers beside it."""

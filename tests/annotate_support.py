@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import webdataset
 from PIL import Image
 
-from pipeline import world
 from pipeline.engines.base import ChatRequest, Generation, Sampling
+from pipeline.nano import world
 from pipeline.shards import sample_key, shard_name
 from pipeline.storage import Storage
 

@@ -19,7 +19,6 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.shards import sample_key, shard_name
-from pipeline.stage import ShardContext, ShardStats
+from pipeline.stage import Input, ShardContext, ShardStats, Stage
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -96,8 +95,8 @@ def digest_shard(ctx: ShardContext, shard: int) -> ShardStats:
     return ShardStats(rows=len(out), ok=len(out))
 
 
-fetch = SimpleNamespace(NAME="fetch", OUTPUT_DIR="fetched", INPUT_STAGE=None, run_shard=fetch_shard)
-digest = SimpleNamespace(NAME="digest", OUTPUT_DIR="digests", INPUT_STAGE="download", run_shard=digest_shard)
+fetch = Stage(name="fetch", output_dir="fetched", run_shard=fetch_shard)
+digest = Stage(name="digest", output_dir="digests", inputs=(Input("download"),), run_shard=digest_shard)
 
 STAGES = {"fetch": "tests.plugin_stages:fetch", "digest": "tests.plugin_stages:digest"}
 """The manifest `stages:` mapping that registers both."""

@@ -16,13 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import world
+from pipeline.nano import world
 from pipeline.shards import sample_key
-from pipeline.stage import ShardContext, ShardStats
+from pipeline.stage import ShardContext, ShardStats, Stage
 
-NAME = "synth"
-OUTPUT_DIR = "synth"
-INPUT_STAGE = None
 
 
 def run_shard(ctx: ShardContext, shard: int) -> ShardStats:
@@ -47,3 +44,6 @@ def run_shard(ctx: ShardContext, shard: int) -> ShardStats:
                 time.sleep(delay)
     pq.write_table(pa.Table.from_pylist(records), ctx.output(".parquet"))
     return ShardStats(rows=rows, ok=rows)
+
+
+STAGE = Stage(name="synth", output_dir="synth", run_shard=run_shard, description="synthetic rows for runner tests")

@@ -10,14 +10,15 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import quality, world
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from pipeline.nano import world
 from pipeline.runner import run_stage
 from pipeline.shards import sample_key
 from pipeline.status import print_status
 from pipeline.storage import Storage
-from stages import annotate
+from stages.annotate import quality
+from stages.annotate import stage as annotate
 from tests.annotate_support import (
     NOT_AN_IMAGE,
     RuleReader,

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import quality, world
 from pipeline.config import load_config
 from pipeline.demo import DEMO_MANIFEST, URL_LIST, make_demo_data, serve_directory, write_url_list
+from pipeline.nano import world
 from pipeline.runner import run_stage
 from pipeline.status import print_status
 from pipeline.storage import Storage
+from stages.annotate import quality
 from tests.annotate_support import RuleReader
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def captioner_dir(tmp_path_factory) -> Path:
     found = nano_captioner()
     if found is not None:
         return found
-    from pipeline.models.random_checkpoints import build_random_vl_model
+    from pipeline.nano.random_checkpoints import build_random_vl_model
 
     return build_random_vl_model(tmp_path_factory.mktemp("models") / "random-vl", seed=0)
 

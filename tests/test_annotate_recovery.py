@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     import sys, time, pathlib
     from pipeline.config import load_config
     from pipeline.runner import run_stage
-    from stages import annotate
+    from stages.annotate import stage as annotate
     from tests.annotate_support import ScriptedCaptioner, oracle_policy, scene_rows
 
     root, delay, flag = sys.argv[1], float(sys.argv[2]), pathlib.Path(sys.argv[3])

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from pipeline import world
 from pipeline.mcq import CAPTION_PROMPT
-from pipeline.models.builders import (
+from pipeline.nano import world
+from pipeline.nano.builders import (
     IMAGE_TOKENS,
     SPECIAL_TOKENS,
     build_processor,

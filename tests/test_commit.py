@@ -73,7 +73,7 @@ def test_sigkill_never_leaves_a_marker_without_outputs(tmp_path, clean_run):
     killed_mid_run = 0
     for trial in range(trials):
         root = tmp_path / f"root{trial}"
-        manifest = _manifest(tmp_path, str(root), delay=0.004)
+        manifest = _manifest(tmp_path, str(root), delay=0.015)
         proc = _run_cli(manifest)
         time.sleep(rng.uniform(0.3, 1.6))
         if proc.poll() is None:

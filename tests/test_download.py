@@ -18,13 +18,14 @@ import pytest
 from imageserver import EXPECTED, ImageServer
 from PIL import Image
 
-from pipeline import cli, imageshards
+from pipeline import cli
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, RunDriftError
 from pipeline.runner import run_stage
 from pipeline.shards import sample_key
 from pipeline.storage import Storage
-from stages.download import ShardRangeError
+from stages.download import imageshards
+from stages.download.stage import ShardRangeError
 
 REPO = Path(__file__).resolve().parent.parent
 ROUTES = list(EXPECTED)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import world
 from pipeline.config import EngineConfig, RewardConfig
 from pipeline.engines import ChatRequest, Engine, Sampling, create_engine
 from pipeline.engines.hf import HFEngine, ModelLoadError
 from pipeline.mcq import READER_PREFILL
-from pipeline.models.random_checkpoints import build_random_text_model, build_random_vl_model
+from pipeline.nano import world
+from pipeline.nano.random_checkpoints import build_random_text_model, build_random_vl_model
 from pipeline.reward import CapRLReward
 
 

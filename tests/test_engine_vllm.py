@@ -20,12 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline import world
 from pipeline.config import EngineConfig, RewardConfig
 from pipeline.engines import ChatRequest, Sampling, create_engine
 from pipeline.engines.hf import HFEngine
 from pipeline.mcq import READER_PREFILL
-from pipeline.models.random_checkpoints import build_random_text_model
+from pipeline.nano import world
+from pipeline.nano.random_checkpoints import build_random_text_model
 from pipeline.reward import CapRLReward
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 from imageserver import bomb_png, image_bytes
 from PIL import Image
 
-from pipeline.fetch import GuardedResizer, classify, precheck, sniff
+from stages.download.fetch import GuardedResizer, classify, precheck, sniff
 
 
 @pytest.mark.parametrize("fmt,kind", [("jpg", "jpeg"), ("png", "png"), ("webp", "webp")])
@@ -77,7 +77,7 @@ def test_classify(message, reason):
 
 
 def test_rows_without_a_usable_url_fail_without_a_request(tmp_path):
-    from pipeline.fetch import FetchOptions, fetch
+    from stages.download.fetch import FetchOptions, fetch
 
     out = fetch([0, 1, 2], [None, "", "not a url"], FetchOptions(), str(tmp_path))
     assert out.column("row").to_pylist() == [0, 1, 2]

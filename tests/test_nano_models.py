@@ -14,9 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from pipeline import world
 from pipeline.mcq import MCQ, NONE_OF_THE_ABOVE
-from pipeline.nano import data
+from pipeline.nano import data, world
 from pipeline.nano import eval as nano_eval
 from pipeline.nano.infer import NanoReaderEngine, NanoVL
 

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM
 
-from pipeline import world
 from pipeline.mcq import (
     CANNOT_ANSWER,
     NONE_OF_THE_ABOVE,
@@ -21,8 +20,8 @@ from pipeline.mcq import (
     reader_messages,
     shuffle_options,
 )
-from pipeline.models.builders import tiny_text_config
-from pipeline.nano import data
+from pipeline.nano import data, world
+from pipeline.nano.builders import tiny_text_config
 from pipeline.nano.encode import ids, prompt_text, reader_tree, split_reader_prompt
 from pipeline.nano.infer import tree_score
 from pipeline.nano.train import Phase, ReaderRecipe, VLRecipe, make_tokenizer, scaled, train_reader, train_vl
@@ -243,7 +242,7 @@ def test_training_inputs_equal_the_processors(tok):
     mm_token_type_ids included (without it Qwen2.5-VL trains on 1-D positions and fails under any
     real processor, the hf engine and vLLM all)."""
     from pipeline.mcq import CAPTION_PROMPT
-    from pipeline.models.builders import build_processor
+    from pipeline.nano.builders import build_processor
     from pipeline.nano.encode import collate_vl
 
     processor = build_processor(tok)
@@ -490,7 +489,7 @@ def test_position_probe_trains_beside_the_model_and_is_not_saved(tok, tmp_path):
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from pipeline.models.builders import build_processor
+    from pipeline.nano.builders import build_processor
     from pipeline.nano.train import vl_loss_fn
 
     recipe = VLRecipe(phases=[Phase(steps=4, lr=3e-3, warmup=1, captions=2, filters=2)], snapshots={},
@@ -544,8 +543,8 @@ def test_option_head_is_supervised_in_the_option_layer(tok, monkeypatch):
     three); the region head stays in attention_layer."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from pipeline.models.builders import build_processor
     from pipeline.nano import train
+    from pipeline.nano.builders import build_processor
     from pipeline.nano.encode import collate_vl
 
     recipe = VLRecipe(phases=[Phase(steps=1, lr=1e-3, qagen=2)], text_layers=3, option_layer=0)

@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from pipeline import world
 from pipeline.config import RewardConfig, SamplingConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
 from pipeline.mcq import CANNOT_ANSWER, LETTERS, MCQ, READER_PREFILL
+from pipeline.nano import world
 from pipeline.reward import CapRLReward, RewardCache, compute_rewards
 
 # A reader policy maps (caption, question, shown options) -> generated text after the prefill.

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import urllist
-from pipeline.urllist import InputError, read_url_list
+from stages.download import urllist
+from stages.download.urllist import InputError, read_url_list
 
 ROWS = [
     {"url": "http://h/a.jpg", "text": "a cat", "id": 1, "tags": "x"},

@@ -29,18 +29,18 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
+from pipeline.wds import TarSink, read_samples  # noqa: E402
 
-from pipeline import world  # noqa: E402
-from pipeline.captioning import caption_request  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.engines.base import Sampling, create_engine  # noqa: E402
 from pipeline.engines.preprocess import map_ahead  # noqa: E402
-from pipeline.imageprep import decode_image  # noqa: E402
+from pipeline.nano import world  # noqa: E402
 from pipeline.runner import run_stage  # noqa: E402
 from pipeline.shards import sample_key, shard_name  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
-from pipeline.wds import TarSink, read_samples  # noqa: E402
-from stages import annotate  # noqa: E402
+from stages.annotate import stage as annotate  # noqa: E402
+from stages.annotate.captioning import caption_request  # noqa: E402
+from stages.annotate.imageprep import decode_image  # noqa: E402
 
 MAX_PIXELS = 448 * 448
 
@@ -157,7 +157,7 @@ def small_captioner(tmp: Path) -> Path:
     nano = REPO / "models" / "nano" / "nano-vl"
     if (nano / "config.json").exists():
         return nano
-    from pipeline.models.random_checkpoints import build_random_vl_model
+    from pipeline.nano.random_checkpoints import build_random_vl_model
 
     return build_random_vl_model(tmp / "random-vl", seed=0)
 

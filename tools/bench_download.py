@@ -132,8 +132,8 @@ def same_images(ours: str, theirs: str, shard_size: int) -> tuple[int, int]:
     import math
     import tarfile
 
-    from pipeline import imageshards
     from pipeline.shards import sample_key
+    from stages.download import imageshards
 
     digits = math.ceil(math.log10(shard_size))  # img2dataset's key: shard * 10**digits + index
 

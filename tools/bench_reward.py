@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline import world  # noqa: E402
 from pipeline.config import EngineConfig, RewardConfig  # noqa: E402
 from pipeline.engines.base import ChatRequest, Generation, Sampling  # noqa: E402
 from pipeline.engines.hf import HFEngine  # noqa: E402
-from pipeline.models.random_checkpoints import build_random_text_model  # noqa: E402
+from pipeline.nano import world  # noqa: E402
+from pipeline.nano.random_checkpoints import build_random_text_model  # noqa: E402
 from pipeline.reward import CapRLReward  # noqa: E402
 
 

@@ -131,7 +131,7 @@ def build_model(out: Path) -> Path:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from pipeline.models.builders import SPECIAL_TOKENS, build_processor, build_tokenizer, save_model_dir
+    from pipeline.nano.builders import SPECIAL_TOKENS, build_processor, build_tokenizer, save_model_dir
 
     texts = ["Please describe this image in detail.", "The image shows a red circle on a white background."] * 50
     tok = build_tokenizer(texts, vocab_size=400)
@@ -199,10 +199,10 @@ def report(name: str, n: int, seconds: float, tokens: int) -> None:
 def bench_engine(model_dir: Path, images: list):
     import torch
 
-    from pipeline.captioning import caption_request
     from pipeline.engines.base import Sampling
     from pipeline.engines.hf import HFEngine
     from pipeline.engines.preprocess import prepare_image
+    from stages.annotate.captioning import caption_request
 
     engine = HFEngine(engine_config(model_dir))
     print(f"  engine {engine.model_id} on {engine.device}")
@@ -272,7 +272,7 @@ def bench_stage(engine, workdir: Path, images: list) -> None:
     from pipeline.runner import run_stage
     from pipeline.shards import sample_key
     from pipeline.storage import Storage
-    from stages import annotate
+    from stages.annotate import stage as annotate
     from tests.annotate_support import write_shard_files
 
     root = workdir / "run"

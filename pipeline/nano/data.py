@@ -16,7 +16,6 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline import world
 from pipeline.mcq import (
     CANNOT_ANSWER,
     CAPTION_PROMPT,
@@ -33,10 +32,13 @@ from pipeline.mcq import (
     reader_messages,
     shuffle_options,
 )
+from pipeline.nano import world
 
 EVAL_SEED = 20_000
 EVAL_MCQ_SEED = 30_000
 N_EVAL_SCENES = 200
+SNAPSHOTS = {"nano-vl-step300": 300, "nano-vl-step600": 600}
+"""The under-trained nano-VL snapshots kept from phase 1 (name -> step)."""
 JITTER_PROB = 0.25
 
 

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import world
 from pipeline.mcq import CAPTION_PROMPT, MCQ, NONE_OF_THE_ABOVE
-from pipeline.nano import data
+from pipeline.nano import data, world
 from pipeline.nano.encode import image_token_labels, prompt_text, quadrant_tokens
 from pipeline.nano.eval import (
     DEFAULT_MODELS,

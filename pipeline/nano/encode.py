@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import world
 from pipeline.mcq import READER_PREFILL, ShuffledMCQ, reader_messages
-from pipeline.models.builders import IMAGE_TOKENS
+from pipeline.nano import world
+from pipeline.nano.builders import IMAGE_TOKENS
 from pipeline.nano.data import DrillQA, Example
 
 END = "<|im_end|>"

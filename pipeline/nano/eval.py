@@ -23,7 +23,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline import world
 from pipeline.config import RewardConfig
 from pipeline.mcq import (
     CANNOT_ANSWER,
@@ -37,16 +36,16 @@ from pipeline.mcq import (
     parse_generator_output,
     shuffle_options,
 )
-from pipeline.nano import data
+from pipeline.nano import data, world
 from pipeline.nano.infer import NanoReader, NanoReaderEngine, NanoVL
-from pipeline.nano.train import VLRecipe
+from pipeline.resources import repo_path
 from pipeline.reward import compute_rewards
 
-DEFAULT_MODELS = Path(__file__).resolve().parents[2] / "models" / "nano"
+DEFAULT_MODELS = repo_path("models", "nano")
 VL_NAME = "nano-vl"
 FILTER_NAME = "nano-filter"
 READER_NAME = "nano-reader"
-UNDERTRAINED = tuple(VLRecipe().snapshots)  # the under-trained captioner snapshots
+UNDERTRAINED = tuple(data.SNAPSHOTS)  # the under-trained captioner snapshots
 REWARD_DRAWS = 8
 
 TARGETS = {

@@ -31,8 +31,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pipeline import world
-from pipeline.models.builders import (
+from pipeline.nano import data, world
+from pipeline.nano.builders import (
     IMAGE_TOKENS,
     build_processor,
     build_tokenizer,
@@ -40,7 +40,6 @@ from pipeline.models.builders import (
     tiny_text_config,
     tiny_vl_config,
 )
-from pipeline.nano import data
 from pipeline.nano.encode import (
     answer_copy_targets,
     collate_drill,
@@ -55,8 +54,9 @@ from pipeline.nano.encode import (
     token_at,
 )
 from pipeline.nano.tree import tree_forward
+from pipeline.resources import repo_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = repo_path()
 NANO_DIR = REPO_ROOT / "models" / "nano"
 TOKENIZER_DIR = "tokenizer"
 SEED = 1234
@@ -112,7 +112,7 @@ class VLRecipe:
         Phase(steps=700, lr=5e-4, warmup=20, captions=12, filters=12, qagen=4),
         Phase(steps=800, lr=5e-4, warmup=20, captions=8, filters=24, qagen=8),
     ])
-    snapshots: dict[str, int] = field(default_factory=lambda: {"nano-vl-step300": 300, "nano-vl-step600": 600})
+    snapshots: dict[str, int] = field(default_factory=lambda: dict(data.SNAPSHOTS))
     name: str = "nano-vl"
     text_layers: int = 2
     text_heads: int = 2

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline import world
 from pipeline.mcq import CANNOT_ANSWER, READER_PREFILL, reader_messages, shuffle_options
-from pipeline.models.builders import (
+from pipeline.nano import world
+from pipeline.nano.builders import (
     build_processor,
     build_tokenizer,
     save_model_dir,

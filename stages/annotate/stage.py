@@ -19,22 +19,53 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import quality as quality_monitor
-from pipeline.captioning import CaptionJob, CaptionResult, FeedConfig, caption_images, summarize
+import pyarrow as pa
+
+from pipeline import shardio
 from pipeline.config import AnnotateConfig, EngineConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
 from pipeline.errors import ConfigError
-from pipeline.imageprep import encode_image
-from pipeline.inputs import InputShard, resolve_input, resolve_model
-from pipeline.manifest import CAPTION_SCHEMA, read_rows, write_table
+from pipeline.inputs import InputShard, resolve_input
+from pipeline.resources import resolve_model, stage_reference
+from pipeline.shardio import Sample, read_samples
 from pipeline.shards import shard_name
-from pipeline.stage import RunContext, ShardContext, ShardStats
+from pipeline.stage import PER_SHARD, Input, Resources, RunContext, ShardContext, ShardStats, Stage
 from pipeline.storage import code_version
-from pipeline.wds import Sample, TarSink, read_samples
+from stages.annotate import quality as quality_monitor
+from stages.annotate.captioning import CaptionJob, CaptionResult, FeedConfig, caption_images, summarize
+from stages.annotate.imageprep import encode_image
 
-NAME = "annotate"
 OUTPUT_DIR = "captions"
-INPUT_STAGE = "download"
+
+_J = {"json": "1"}
+CAPTION_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False, metadata=_J),
+    pa.field("url", pa.string(), metadata=_J),
+    pa.field("sha256", pa.string(), metadata=_J),
+    pa.field("width", pa.int32(), metadata=_J),
+    pa.field("height", pa.int32(), metadata=_J),
+    pa.field("image_ext", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("captions", pa.list_(pa.string()), metadata=_J),
+    pa.field("caption_tokens", pa.int32(), metadata=_J),
+    pa.field("finish_reason", pa.string(), metadata=_J),
+    pa.field("model", pa.string(), metadata=_J),
+    pa.field("model_id", pa.string(), metadata=_J),
+    pa.field("prompt_hash", pa.string(), metadata=_J),
+    pa.field("sampling", pa.string(), metadata=_J),
+    pa.field("pipeline_version", pa.string(), metadata=_J),
+    pa.field("timestamp", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error_reason", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("attempts", pa.int32()),
+    pa.field("quality", pa.float64(), metadata=_J),
+    pa.field("quality_questions", pa.int32()),
+])
+"""ROOT/captions/<shard>.parquet: one row per sample of the input shard, ok or error. Fields marked
+{"json": "1"} also go into each sample's .json in the caption tar (not the timestamp: the tar is then the
+same bytes on every greedy rerun even without SOURCE_DATE_EPOCH)."""
+JSON_FIELDS = shardio.json_fields(CAPTION_SCHEMA)
 
 
 # -- provenance -------------------------------------------------------------------------------
@@ -59,15 +90,22 @@ def captioner_key(cfg: EngineConfig) -> str:
     return "engine:annotate.captioner:" + hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
 
 
-def captioner(ctx: ShardContext | RunContext) -> Engine:
-    """The captioning engine of this process (created once, reused for every shard)."""
+def captioner_config(ctx: ShardContext) -> EngineConfig:
+    """annotate.captioner, with a registered checkpoint ('train:latest') resolved to its local folder and
+    recorded as this shard's input (a retrained checkpoint makes the shard stale)."""
     cfg = ctx.config.annotate.captioner
-    key = captioner_key(cfg)
-    if key not in ctx.resources:
-        if cfg.backend != "noop" and not cfg.model:
-            raise ConfigError("annotate.captioner.model is not set: give a checkpoint path or model name")
-        ctx.resources[key] = create_engine(resolve_model(cfg))
-    return ctx.resources[key]
+    if cfg.backend != "noop" and not cfg.model:
+        raise ConfigError("annotate.captioner.model is not set: give a checkpoint path or model name")
+    ref = stage_reference(cfg.model)
+    if ref is not None:
+        return cfg.model_copy(update={"model": ctx.input_folder(*ref)})
+    return resolve_model(cfg)
+
+
+def captioner(ctx: ShardContext) -> Engine:
+    """The captioning engine of this process (created once per model, reused for every shard)."""
+    cfg = captioner_config(ctx)
+    return ctx.resource(captioner_key(cfg), lambda: create_engine(cfg))
 
 
 def prepare(run: RunContext) -> None:
@@ -118,7 +156,7 @@ def run_shard(ctx: ShardContext, shard: int) -> ShardStats:
 def retry_shard(ctx: ShardContext, shard: int, previous_marker: dict[str, Any]) -> ShardStats:
     """Redo only the failed rows of a committed shard; ok rows are kept byte-identical."""
     rel = f"{OUTPUT_DIR}/{shard_name(shard)}.parquet"
-    rows = read_rows(ctx.storage.url(rel), ctx.storage.storage_options)
+    rows = shardio.read_manifest(ctx.storage.url(rel), ctx.storage.storage_options)
     keep = {r["key"]: r for r in rows if r["status"] == "ok"}
     return _annotate(ctx, shard, keep=keep)
 
@@ -138,7 +176,7 @@ def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) ->
 
     engine_id = _engine_id(ctx, plan, keep)
     rows = []
-    with TarSink(ctx.output(".tar")) as sink:
+    with shardio.TarWriter(ctx.output(".tar")) as sink:
         for info, sample in zip(plan.infos, plan.samples(local_tar), strict=True):
             if info.key in keep:
                 row = keep[info.key]
@@ -147,7 +185,7 @@ def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) ->
             rows.append(row)
             if row["status"] == "ok":
                 sink.write(info.key, _tar_files(cfg, row, info, sample))
-    write_table(rows, CAPTION_SCHEMA, ctx.output(".parquet"))
+    shardio.write_manifest(rows, CAPTION_SCHEMA, ctx.output(".parquet"))
     if local_tar != src.tar_url:
         os.remove(local_tar)
     return _stats(rows, plan, src, engine_id, quality, len(keep), ctx.output(".tar"), ctx.output(".parquet"))
@@ -191,7 +229,10 @@ def _caption_pass(ctx: ShardContext, cfg: AnnotateConfig, local_tar: str, src: I
                 info.files, budget = sample.files, budget - size
             else:
                 plan.held = False
-            if info.key not in keep:
+            if not sample.ok:
+                plan.results[info.key] = CaptionResult(key=info.key, status="error", reason=sample.error_reason,
+                                                       error=sample.error)
+            elif info.key not in keep:
                 yield CaptionJob(key=sample.key, data=sample.image)
 
     ecfg = cfg.captioner
@@ -234,12 +275,6 @@ def _row(cfg: AnnotateConfig, info: _SampleInfo, res: CaptionResult, engine_id: 
     }
 
 
-JSON_FIELDS = ("key", "url", "sha256", "width", "height", "caption_tokens", "finish_reason", "captions", "model",
-               "model_id", "prompt_hash", "sampling", "pipeline_version", "quality")
-"""What each sample's .json carries. Not the timestamp (it is in the manifest): the tar is then the same
-bytes on every greedy rerun even without SOURCE_DATE_EPOCH."""
-
-
 def _tar_files(cfg: AnnotateConfig, row: dict[str, Any], info: _SampleInfo, sample: Sample) -> dict[str, bytes]:
     """The files of one output sample: a pure function of the row and the input sample."""
     image = sample.image or b""
@@ -272,3 +307,17 @@ def _stats(rows: list[dict[str, Any]], plan: _Plan, src: InputShard, engine_id: 
         "quality_missing": quality.missing, "quality_source": quality.source,
     }
     return stats
+
+
+STAGE = Stage(
+    name="annotate",
+    output_dir=OUTPUT_DIR,
+    kind=PER_SHARD,
+    inputs=(Input("download"), Input("qa", required=False), Input("train", required=False)),
+    schema=CAPTION_SCHEMA,
+    run_shard=run_shard,
+    retry_shard=retry_shard,
+    prepare=prepare,
+    resources=Resources(gpus=1),
+    description="the captioner over image shards -> caption WebDataset shards + parquet manifests",
+)

@@ -1,30 +1,25 @@
-"""Image shards, the download stage's outputs: a deterministic WebDataset tar and a per-row parquet manifest.
+"""Image shards, the download stage's outputs (rows and samples; the bytes are written by pipeline.shardio): a deterministic WebDataset tar and a per-row parquet manifest.
 
     images/00042.tar       <key>.<jpg|png|webp>, <key>.txt (caption, when configured), <key>.json per ok row
     images/00042.parquet   one row per INPUT row: key, index, url, status ok/error, error reason, sizes,
                            sha256 of the downloaded bytes, caption, extra columns, provenance
 
-The tar is a pure function of its samples: members in key order, fixed mtime/owner/mode, USTAR
-headers, JSON with sorted keys. A rerun that fetches the same bytes writes the same tar, and a
+The tar (written by pipeline.shardio) is a pure function of its samples: members in key order, JSON
+with sorted keys. A rerun that fetches the same bytes writes the same tar, and a
 retry that keeps a sample copies its members byte for byte.
 """
 
 from __future__ import annotations
 
 import heapq
-import io
 import json
-import tarfile
 from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.shards import sample_key
-
-TAR_MTIME = 946_684_800
-"""Every member's mtime: 2000-01-01T00:00:00Z, so tars do not depend on when they were written."""
 
 RESERVED = (
     "key", "index", "url", "status", "error", "error_message", "width", "height", "original_width",
@@ -32,45 +27,29 @@ RESERVED = (
 )
 """Manifest columns the stage writes itself; extra input columns may not use these names."""
 
-Sample = tuple[str, list[tuple[str, bytes]]]
-"""(key, [(extension, bytes), ...]) in member order."""
+Members = tuple[str, list[tuple[str, bytes]]]
+"""One sample as (key, [(extension, bytes), ...]) in member order."""
 
-
-def write_tar(path: str, samples: Iterable[Sample]) -> int:
-    """Write samples (sorted by key by the caller) into a reproducible tar; returns the number of samples."""
-    n = 0
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext, data in members:
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                info.mtime = TAR_MTIME
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-            n += 1
-    return n
-
-
-def read_tar(fileobj: IO[bytes]) -> Iterator[Sample]:
-    """Samples of a WebDataset tar, grouped by key (the part of a member name before its first dot)."""
-    key: str | None = None
-    members: list[tuple[str, bytes]] = []
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
-            f = tar.extractfile(info)
-            data = f.read() if f is not None else b""
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, []
-            members.append((ext, data))
-    if key is not None:
-        yield key, members
+IMAGE_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("index", pa.int32(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("sha256", pa.string()),
+    pa.field("bytes", pa.int64()),
+    pa.field("format", pa.string()),
+    pa.field("exif", pa.string()),
+    pa.field("pipeline_version", pa.string()),
+    pa.field("downloaded_at", pa.string()),
+])
+"""ROOT/images/<shard>.parquet: one row per input row. The caption column and the carried-through input
+columns (download.save_additional_columns) follow these."""
 
 
 def sample_json(meta: dict[str, Any]) -> bytes:
@@ -89,10 +68,10 @@ def build(
     results: pa.Table,
     encode_format: str,
     provenance: dict[str, str],
-) -> tuple[pa.Table, Iterator[Sample]]:
+) -> tuple[pa.Table, Iterator[Members]]:
     """Manifest rows and (lazily built, key-ordered) tar samples for `inputs` and their fetch results.
 
-    `inputs` has index, url, [caption] and extra columns; `results` (pipeline.fetch.RESULT_SCHEMA) holds one
+    `inputs` has index, url, [caption] and extra columns; `results` (stages.download.fetch.RESULT_SCHEMA) holds one
     row per input row with the same `row` values as the inputs' `index`, both sorted.
     """
     index = inputs.column("index").to_pylist()
@@ -123,7 +102,7 @@ def build(
     for name, value in provenance.items():
         columns[name] = pa.array([value] * n, pa.string())
 
-    def samples() -> Iterator[Sample]:
+    def samples() -> Iterator[Members]:
         meta_cols = ("width", "height", "original_width", "original_height", "sha256")
         res = {c: results.column(c).to_pylist() for c in meta_cols}
         urls = inputs.column("url").to_pylist()
@@ -143,7 +122,7 @@ def build(
     return pa.table(columns), samples()
 
 
-def merge_samples(*streams: Iterable[Sample]) -> Iterator[Sample]:
+def merge_samples(*streams: Iterable[Members]) -> Iterator[Members]:
     """Key-ordered samples from key-ordered streams (kept samples and redone ones)."""
     return heapq.merge(*streams, key=lambda sample: sample[0])
 

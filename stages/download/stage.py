@@ -22,17 +22,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
-from pipeline import imageshards, urllist
+from pipeline import shardio
 from pipeline.config import DownloadConfig, RunConfig
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.fetch import TRANSIENT, FetchOptions, fetch, shared_pool
 from pipeline.shards import MAX_SHARD, format_shard_spec, shard_name
-from pipeline.stage import RunContext, ShardContext, ShardStats
+from pipeline.stage import PER_SHARD, Resources, RunContext, ShardContext, ShardStats, Stage
 from pipeline.storage import Storage, code_version, now_iso
+from stages.download import imageshards, urllist
+from stages.download.fetch import TRANSIENT, FetchOptions, fetch, shared_pool
 
-NAME = "download"
 OUTPUT_DIR = "images"
-INPUT_STAGE = None
 
 INPUTS_DIR = "_inputs"
 INPUTS_META = f"{INPUTS_DIR}/_meta.json"
@@ -185,10 +184,10 @@ def _stats(manifest: pa.Table, fetched: int, seconds: float, **extra: Any) -> Sh
     return stats
 
 
-def _write(ctx: ShardContext, manifest: pa.Table, samples: Iterable[imageshards.Sample]) -> int:
+def _write(ctx: ShardContext, manifest: pa.Table, samples: Iterable[imageshards.Members]) -> int:
     """Write the shard's tar (streaming the samples) and manifest into staging; returns the tar's sample count."""
-    count = imageshards.write_tar(ctx.output(".tar"), samples)
-    pq.write_table(manifest, ctx.output(".parquet"))
+    count = shardio.write_tar(ctx.output(".tar"), samples)
+    shardio.write_manifest(manifest, imageshards.IMAGE_SCHEMA, ctx.output(".parquet"), allow_extra=True)
     return count
 
 
@@ -220,6 +219,21 @@ def retry_shard(ctx: ShardContext, shard: int, previous_marker: dict[str, Any]) 
     manifest = imageshards.merge(old, new)
     kept_count = len(old) - len(failed)
     with ctx.storage.open(f"{OUTPUT_DIR}/{name}.tar") as f:  # kept samples stream through byte for byte
-        written = _write(ctx, manifest, imageshards.merge_samples(imageshards.read_tar(f), samples))
+        kept = ((s.key, list(s.files.items())) for s in shardio.iter_tar(f, name) if s.ok)
+        written = _write(ctx, manifest, imageshards.merge_samples(kept, samples))
     return _stats(manifest, len(rows), seconds, ok_fetched=written - kept_count, transient_retried=retried,
                   recovered=written - kept_count, retry_of=previous_marker.get("committed_at"))
+
+
+STAGE = Stage(
+    name="download",
+    output_dir=OUTPUT_DIR,
+    kind=PER_SHARD,
+    inputs=(),
+    schema=imageshards.IMAGE_SCHEMA,
+    run_shard=run_shard,
+    retry_shard=retry_shard,
+    prepare=prepare,
+    resources=Resources(),
+    description="URL lists -> image WebDataset shards (img2dataset)",
+)

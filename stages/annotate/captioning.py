@@ -21,9 +21,9 @@ from PIL import Image
 from pipeline.engines.base import ChatRequest, Engine, Generation, Sampling
 from pipeline.engines.preprocess import map_ahead
 from pipeline.errors import PipelineError
-from pipeline.imageprep import DecodedImage, decode_image
+from stages.annotate.imageprep import DecodedImage, decode_image
 
-log = logging.getLogger("pipeline.captioning")
+log = logging.getLogger("stages.annotate.captioning")
 
 RAMP = 8
 """The first chunk is chunk_size / RAMP, doubling up to chunk_size: the engine never waits for a whole

@@ -11,20 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import shardio
 from pipeline.config import QualityConfig, RewardConfig
 from pipeline.engines.base import Engine, create_engine
 from pipeline.errors import ConfigError
-from pipeline.inputs import resolve_model
-from pipeline.manifest import read_optional_rows
 from pipeline.mcq import MCQ
+from pipeline.resources import resolve_model
 from pipeline.shards import shard_name
 from pipeline.stage import ShardContext
 
-log = logging.getLogger("pipeline.quality")
+log = logging.getLogger("stages.annotate.quality")
 
 QA_DIR = "qa"
 
@@ -105,14 +105,31 @@ def reader_engine(ctx: ShardContext, reward: RewardConfig) -> Engine:
 
 
 def load_mcqs(ctx: ShardContext, cfg: QualityConfig, shard: int, from_images: Mapping[str, Any]) -> tuple[dict[str, list[MCQ]], str]:
-    """The MCQs to score with, by key, and where they came from ('qa', 'images' or '')."""
-    use_qa = cfg.mcq_source == "qa" or (cfg.mcq_source == "auto" and ctx.storage.is_committed("qa", shard))
-    if use_qa:
+    """The MCQs to score with, by key, and where they came from ('qa', 'images' or ''). The qa shard is
+    recorded as this shard's (optional) input: its arrival or recommit makes the shard stale."""
+    if cfg.mcq_source == "qa":
         ctx.require_input("qa")
-        rows = read_optional_rows(ctx.storage.url(QA_DIR, f"{shard_name(shard)}.parquet"), ctx.storage.storage_options)
+        use_qa = True
+    else:
+        use_qa = cfg.mcq_source == "auto" and ctx.optional_input("qa") is not None
+    if use_qa:
+        rows = shardio.read_optional_manifest(ctx.storage.url(QA_DIR, f"{shard_name(shard)}.parquet"),
+                                              ctx.storage.storage_options)
         return qa_mcqs(rows or []), "qa"
     parsed = {k: parse_mcqs(v) for k, v in from_images.items()}
     return {k: v for k, v in parsed.items() if v}, "images" if parsed else ""
+
+
+def reward_scorer(ctx: ShardContext, reward_cfg: RewardConfig) -> Any:
+    """The monitor's CapRLReward of this process: its reader engine and, when `reward.cache` is set, the
+    on-disk cache (loaded once, flushed after every shard)."""
+    from pipeline.reward import CapRLReward, RewardCache  # the reward pulls in the reader's engine code
+
+    def build() -> CapRLReward:
+        cache = RewardCache(reward_cfg.cache, ctx.storage.storage_options) if reward_cfg.cache else None
+        return CapRLReward(reader_engine(ctx, reward_cfg), reward_cfg, cache)
+
+    return ctx.resource(reader_key(reward_cfg) + ":reward", build)
 
 
 def score_shard(ctx: ShardContext, cfg: QualityConfig, reward_cfg: RewardConfig, shard: int,
@@ -125,10 +142,10 @@ def score_shard(ctx: ShardContext, cfg: QualityConfig, reward_cfg: RewardConfig,
     report = QualityReport(scores={}, selected=len(keys), source=source)
     if not keys:
         return report
-    from pipeline.reward import CapRLReward  # the reward pulls in the reader's engine code: only when scoring
-
-    reward = CapRLReward(reader_engine(ctx, reward_cfg), reward_cfg)
+    reward = reward_scorer(ctx, reward_cfg)
     results = reward([captions[k] for k in keys], [mcqs[k] for k in keys], keys=keys)
+    if reward.cache is not None:
+        reward.cache.flush()
     for k, res in zip(keys, results, strict=True):
         if res.reward is None:
             report.missing += 1
@@ -136,15 +153,3 @@ def score_shard(ctx: ShardContext, cfg: QualityConfig, reward_cfg: RewardConfig,
         else:
             report.scores[k] = (float(res.reward), len(mcqs[k]))
     return report
-
-
-def mean_quality(markers: Iterable[Mapping[str, Any]]) -> float | None:
-    """Running mean caption quality over committed shards' markers (stats.extra quality_mean weighted by
-    quality_scored), for `status`; None when no shard was scored."""
-    total = n = 0.0
-    for m in markers:
-        extra = m.get("stats", {}).get("extra", {})
-        if extra.get("quality_mean") is not None and extra.get("quality_scored"):
-            total += extra["quality_mean"] * extra["quality_scored"]
-            n += extra["quality_scored"]
-    return total / n if n else None
