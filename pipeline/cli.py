@@ -189,9 +189,9 @@ def _do_submit(args: argparse.Namespace, specs: list) -> int:
             sys.stdout.write(sub.script)
             previous = f"<job id of {spec.stage}>"
             continue
-        kind = "job" if spec.whole_run else f"array of {sub.tasks} task(s)"
-        print(f"submitted job {sub.job_id}: stage {sub.stage} ({kind}), shards {sub.shard_spec or 'default'}"
-              + (f", after {spec.dependency}" if spec.dependency else ""))
+        what = (f"stage {sub.stage} (whole-run, one job), input shards {sub.shard_spec or 'default'}"
+                if spec.whole_run else f"stage {sub.stage}, shards {sub.shard_spec} in {sub.tasks} task(s)")
+        print(f"submitted job {sub.job_id}: {what}" + (f", after {spec.dependency}" if spec.dependency else ""))
         print(f"script: {sub.script_url}")
         log_name = f"{sub.stage}-{sub.job_id}.log" if spec.whole_run else f"{sub.stage}-{sub.job_id}_<task>.log"
         print(f"logs:   {sub.log_dir}/{log_name}")

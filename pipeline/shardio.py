@@ -26,9 +26,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
 
 from pipeline.errors import PipelineError
 
@@ -60,7 +60,8 @@ def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None 
     """Open a local path or fsspec URL (buffered for streaming reads)."""
     if is_local_url(url):
         return open(url.removeprefix("file://"), mode, buffering=READ_BUFFER if "b" in mode else -1)
-    return fsspec.open(url, mode, block_size=READ_BUFFER, **(storage_options or {})).open()
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    return fs.open(path, mode, block_size=READ_BUFFER)
 
 
 # -- samples --------------------------------------------------------------------------------------
@@ -120,13 +121,27 @@ def safe_key(key: str) -> bool:
     return split is not None and split[0] == key
 
 
+class _Counting:
+    """A read-only stream wrapper that counts the bytes read (to tell a tar cut at a member boundary from a
+    complete one: tarfile reads both to their end without complaint)."""
+
+    def __init__(self, raw: IO[bytes]):
+        self.raw, self.count = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
+
 def iter_tar(fileobj: IO[bytes], where: str = "") -> Iterator[Sample]:
     """Samples of a tar stream, in order, with error samples for unsafe members, repeated keys and truncation."""
     current: Sample | None = None
     seen: set[str] = set()
     position = 0
+    counting = _Counting(fileobj)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*", bufsize=READ_BUFFER) as tar:
+        with tarfile.open(fileobj=counting, mode="r|*", bufsize=READ_BUFFER) as tar:  # type: ignore[call-overload]
             for member in tar:
                 position += 1
                 if member.isdir():
@@ -156,6 +171,9 @@ def iter_tar(fileobj: IO[bytes], where: str = "") -> Iterator[Sample]:
                     current = Sample(key=key)
                 extracted = tar.extractfile(member)
                 current.files[ext] = extracted.read() if extracted is not None else b""
+            uncompressed = getattr(tar.fileobj, "comptype", "tar") == "tar"
+            if uncompressed and position and counting.count < tar.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("the archive ends without its end-of-archive blocks")
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         if current is not None:
             current = None  # its files may be incomplete: report it with the truncation, not as a sample
@@ -235,9 +253,13 @@ def rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
         if unknown:
             raise SchemaError(f"row has column(s) {', '.join(sorted(unknown))} that the manifest schema does not declare")
     try:
-        return pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
+        table = pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise SchemaError(f"rows do not fit the manifest schema: {exc}") from None
+    for f in schema:
+        if not f.nullable and table.column(f.name).null_count:
+            raise SchemaError(f"column {f.name} is declared non-null but {table.column(f.name).null_count} row(s) lack it")
+    return table
 
 
 def check_table(table: pa.Table, schema: pa.Schema, allow_extra: bool = False) -> pa.Table:

@@ -21,7 +21,6 @@ from pipeline.shards import sample_key
 from pipeline.stage import ShardContext, ShardStats, Stage
 
 
-
 def run_shard(ctx: ShardContext, shard: int) -> ShardStats:
     opts = ctx.config.extra.get("synth", {})
     rows, delay = int(opts.get("rows", 8)), float(opts.get("delay", 0.0))

@@ -350,12 +350,12 @@ def test_an_engine_that_fails_everything_fails_the_shard_instead_of_committing(t
 
 
 def test_samples_without_images_and_a_truncated_input_tar(tmp_path):
-    from pipeline.wds import TarSink
+    from pipeline.shardio import TarWriter
 
     src = tmp_path / "wds"
     src.mkdir()
     good = scene_rows(2)
-    with TarSink(str(src / "p-00000.tar")) as sink:
+    with TarWriter(str(src / "p-00000.tar")) as sink:
         sink.write(good[0]["key"], {"png": good[0]["image"], "json": b'{"url": "u0"}'})
         sink.write(sample_key(0, 1), {"txt": b"alt text only", "json": b'{"url": "u1"}'})
         sink.write(good[1]["key"].replace("0001", "0002"), {"png": good[1]["image"]})
@@ -363,8 +363,11 @@ def test_samples_without_images_and_a_truncated_input_tar(tmp_path):
     (src / "p-00001.tar").write_bytes(blob[: len(blob) // 2 + 100])  # cut mid-member
     config = _config(tmp_path / "run", f"annotate.input_pattern={src}/p-{{shard:05d}}.tar")
     report, out = _run(config, shards=[0, 1])
-    assert report.committed == [0] and 1 in report.failed
-    assert "corrupt or truncated" in out
+    assert report.committed == [0, 1], out  # a truncated input is a failed row, not a crashed shard
     rows = pq.read_table(tmp_path / "run/captions/00000.parquet").to_pylist()
     assert [(r["status"], r["error_reason"], r["url"]) for r in rows] == [
         ("ok", None, "u0"), ("error", "no_image", "u1"), ("ok", None, None)]
+    cut = pq.read_table(tmp_path / "run/captions/00001.parquet").to_pylist()
+    assert cut[-1]["status"] == "error" and cut[-1]["error_reason"] == "truncated_input"
+    assert "truncated or corrupt" in cut[-1]["error"]
+    assert [r["key"] for r in cut[:-1]] == [r["key"] for r in rows[: len(cut) - 1]]

@@ -18,13 +18,12 @@ import pytest
 from imageserver import EXPECTED, ImageServer
 from PIL import Image
 
-from pipeline import cli
+from pipeline import cli, shardio
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, RunDriftError
 from pipeline.runner import run_stage
 from pipeline.shards import sample_key
 from pipeline.storage import Storage
-from stages.download import imageshards
 from stages.download.stage import ShardRangeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +63,7 @@ def manifest(root: Path | str, shard: int, fs=None) -> pa.Table:
 def tar_samples(root: Path | str, shard: int, fs=None) -> dict[str, dict[str, bytes]]:
     fs = fs or fsspec.filesystem("file")
     with fs.open(f"{root}/images/{shard:05d}.tar", "rb") as f:
-        return {k: dict(m) for k, m in imageshards.read_tar(f)}
+        return {s.key: dict(s.files) for s in shardio.iter_tar(f)}
 
 
 def all_rows(root, shards, fs=None) -> list[dict]:

@@ -132,16 +132,16 @@ def same_images(ours: str, theirs: str, shard_size: int) -> tuple[int, int]:
     import math
     import tarfile
 
+    from pipeline import shardio
     from pipeline.shards import sample_key
-    from stages.download import imageshards
 
     digits = math.ceil(math.log10(shard_size))  # img2dataset's key: shard * 10**digits + index
 
     mine: dict[str, bytes] = {}
     for path in sorted(glob.glob(f"{ours}/images/*.tar")):
         with open(path, "rb") as f:
-            for key, members in imageshards.read_tar(f):
-                mine[key] = dict(members)["jpg"]
+            for sample in shardio.iter_tar(f):
+                mine[sample.key] = sample.files["jpg"]
     equal = compared = 0
     for path in sorted(glob.glob(f"{theirs}/*.tar")):
         with tarfile.open(path) as tar:

@@ -46,9 +46,19 @@ def fit_pixels(height: int, width: int, min_pixels: int, max_pixels: int, factor
     return h, w
 
 
+PREPARED = "caprl_prepared"
+"""Key in a prepared image's `info`: the (min_pixels, max_pixels, factor) it was prepared for. An engine
+handed an image prepared for its own budget uses it as it is, so an image is decoded, turned upright and
+resized once (in the stage's worker pool), never again inside the engine."""
+
+
 def prepare_image(source: bytes | bytearray | memoryview | Image.Image | str, min_pixels: int = 3136,
-                  max_pixels: int = 1_003_520, factor: int = QWEN_FACTOR) -> Image.Image:
-    """Decoded, upright, RGB, resized image (see the module docstring). `source`: bytes, a PIL image or a path."""
+                  max_pixels: int = 1_003_520, factor: int = QWEN_FACTOR, upright: bool = False) -> Image.Image:
+    """Decoded, upright, RGB, resized image (see the module docstring). `source`: bytes, a PIL image or a path.
+    `upright`: the image is already EXIF-transposed (skip that step)."""
+    budget = (min_pixels, max_pixels, factor)
+    if isinstance(source, Image.Image) and source.info.get(PREPARED) == budget:
+        return source
     if isinstance(source, bytes | bytearray | memoryview):
         img = Image.open(io.BytesIO(bytes(source)))
     elif isinstance(source, str):
@@ -56,7 +66,8 @@ def prepare_image(source: bytes | bytearray | memoryview | Image.Image | str, mi
     else:
         img = source
     img.load()
-    img = ImageOps.exif_transpose(img) or img
+    if not upright:
+        img = ImageOps.exif_transpose(img) or img
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -67,6 +78,9 @@ def prepare_image(source: bytes | bytearray | memoryview | Image.Image | str, mi
     h, w = fit_pixels(img.height, img.width, min_pixels, max_pixels, factor)
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), Image.Resampling.BICUBIC)
+    elif img is source:
+        img = img.copy()  # never mark the caller's own image
+    img.info[PREPARED] = budget
     return img
 
 

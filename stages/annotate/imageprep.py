@@ -28,14 +28,15 @@ def open_upright(data: bytes) -> Image.Image:
 
 
 def decode_image(data: bytes | None, min_pixels: int = 3136, max_pixels: int = 1_003_520) -> DecodedImage:
-    """Decode, record the upright size, then the engines' shared `prepare_image` (RGB, resized to the
-    Qwen grid within [min_pixels, max_pixels]) so the engine has nothing left to do on the image."""
+    """Decode and turn upright once, record the upright size, then the engines' shared `prepare_image` (RGB,
+    resized to the Qwen grid within [min_pixels, max_pixels]); the result is marked prepared, so an engine
+    with the same pixel budget uses it as it is."""
     if data is None:
         return DecodedImage(None, error="sample has no image file")
     try:
         img = open_upright(data)
         width, height = img.size
-        return DecodedImage(prepare_image(img, min_pixels=min_pixels, max_pixels=max_pixels), width, height)
+        return DecodedImage(prepare_image(img, min_pixels=min_pixels, max_pixels=max_pixels, upright=True), width, height)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this row's error
         return DecodedImage(None, error=f"cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}")
 
