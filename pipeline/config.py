@@ -239,6 +239,8 @@ class RunConfig(Section):
     root: str = "./run"
     shard_size: int = Field(10_000, ge=1, le=10_000)
     work_dir: str | None = runtime(None, description="local scratch for staging outputs (default: system temp)")
+    claim_stale_s: float = runtime(600.0, gt=0, description="a claim without a heartbeat for this long (and whose "
+                                   "owner cannot be checked directly) belongs to a dead task and may be taken over")
     storage_options: dict[str, Any] = runtime(default_factory=dict)
     stages: dict[str, str] = Field(
         default_factory=dict, description="extra stages: name -> 'module' or 'module:attr' (plugins)"

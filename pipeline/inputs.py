@@ -79,6 +79,17 @@ def pattern_url(pattern: str, shard: int, setting: str = "annotate.input_pattern
     return urls[shard]
 
 
+def pattern_shard_count(pattern: str | None, storage: Storage) -> int | None:
+    """How many shards an input pattern has (a brace range), None for a '{shard}' template (unbounded);
+    without a pattern, the run's num_shards from run.json."""
+    if not pattern:
+        count = (storage.run_meta() or {}).get("num_shards")
+        return count if isinstance(count, int) else None
+    if "{shard" in pattern:
+        return None
+    return len(expand_pattern(pattern))
+
+
 def _sidecar(url: str) -> str | None:
     for suffix in (".tar.gz", ".tgz", ".tar"):
         if url.endswith(suffix):

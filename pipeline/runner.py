@@ -17,11 +17,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.claims import ClaimHeld
 from pipeline.config import RunConfig
-from pipeline.errors import PipelineError, Preempted
+from pipeline.errors import PipelineError, Preempted, StorageError
 from pipeline.shards import format_shard_spec
 from pipeline.stage import InputCache, RunContext, ShardContext, ShardStats, Stage, load_stage, timed
-from pipeline.storage import Storage, now_iso, task_identity, unit_name
+from pipeline.storage import Claim, Storage, now_iso, task_identity, unit_name
 
 log = logging.getLogger("pipeline.runner")
 
@@ -41,6 +42,10 @@ class RunReport:
     failed: dict[int, str] = field(default_factory=dict)
     preempted: int | None = None
     stats: dict[int, ShardStats] = field(default_factory=dict)
+    held: dict[int | str, str] = field(default_factory=dict)
+    """Units skipped because a live owner held their claim: unit -> owner."""
+    skipped_late: list[int | str] = field(default_factory=list)
+    """Units another run committed between this run's plan and its claim."""
 
     @property
     def exit_code(self) -> int:
@@ -52,6 +57,10 @@ class RunReport:
         parts = [f"{self.stage}: {len(self.committed)} committed, {len(self.skipped)} skipped (already committed)"]
         if self.retried:
             parts.append(f"{len(self.retried)} with failed rows redone [{format_shard_spec(self.retried)}]")
+        if self.held:
+            parts.append(f"{len(self.held)} left to their live owners")
+        if self.skipped_late:
+            parts.append(f"{len(self.skipped_late)} committed meanwhile by another run")
         if self.failed:
             parts.append(f"{len(self.failed)} FAILED [{format_shard_spec(self.failed)}]")
         if self.preempted is not None:
@@ -123,8 +132,10 @@ def run_stage(
 
     if declared.prepare is not None:
         declared.prepare(RunContext(config, storage, stage, shards, resources, log))
+    if not declared.whole_run:
+        check_shard_range(declared, config, storage, shards)
 
-    work = _Work(declared, config, storage, resources, cache, report, out)
+    work = _Work(declared, config, storage, resources, cache, report, out, force=force)
     if declared.whole_run:
         unit = declared.unit_of(config)
         marker = storage.committed_units(stage, work.fingerprint).get(unit)
@@ -158,6 +169,23 @@ def run_stage(
     bar.close()
     print(report.summary(), file=out)
     return report
+
+
+def check_shard_range(declared: Stage, config: RunConfig, storage: Storage, shards: list[int]) -> None:
+    """Refuse, with one line, shard ids beyond the stage's input (run.json's num_shards by default)."""
+    if declared.shard_count is not None:
+        count = declared.shard_count(config, storage)
+        where = f"the input of stage {declared.name!r}"
+    else:
+        count = (storage.run_meta() or {}).get("num_shards")
+        where = f"the run ({storage.url('run.json')})"
+    if not isinstance(count, int):
+        return
+    beyond = [s for s in shards if s >= count]
+    if beyond:
+        have = f"shards 0-{count - 1}" if count else "no shards"
+        raise PipelineError(f"shard(s) {format_shard_spec(beyond)} are beyond {where}, which has {count} shard(s) "
+                            f"({have}); nothing was run")
 
 
 def whole_run_shards(declared: Stage, config: RunConfig, storage: Storage, shards: list[int] | None) -> list[int]:
@@ -197,26 +225,28 @@ def stale_inputs(marker: dict[str, Any], cache: InputCache) -> list[str]:
 
 
 class Heartbeat:
-    """Refreshes a shard's `_running` claim every `interval` seconds, so `status` can tell a live task
-    from a dead one (PIPELINE_HEARTBEAT_S, default 60). Stopped before the claim is released."""
+    """Refreshes a held claim every `interval` seconds, so `status` and other runs can tell a live task from
+    a dead one (PIPELINE_HEARTBEAT_S, default 60). `lost` is set when another owner took the claim over."""
 
-    def __init__(self, storage: Storage, stage: str, unit: int | str, interval: float | None = None):
-        self.storage, self.stage, self.shard = storage, stage, unit
+    def __init__(self, claim: Claim, interval: float | None = None):
+        self.claim = claim
         self.interval = interval if interval is not None else heartbeat_interval()
+        self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{unit}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{claim.unit}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
-        self.storage.claim(self.stage, self.shard)
         self._thread.start()
         return self
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.storage.claim(self.stage, self.shard)
-            except Exception:  # noqa: BLE001 - a missed heartbeat is not worth failing a shard
-                log.debug("heartbeat of %s failed", unit_name(self.shard), exc_info=True)
+                if not self.claim.beat():
+                    self.lost = True
+                    return
+            except Exception:  # noqa: BLE001 - a missed heartbeat is not worth failing a unit
+                log.debug("heartbeat of %s failed", unit_name(self.claim.unit), exc_info=True)
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
@@ -246,27 +276,80 @@ class _Work:
     cache: InputCache
     report: RunReport
     out: Any
+    force: bool = False
     fingerprint: str = ""
 
     def __post_init__(self) -> None:
         self.fingerprint = self.config.fingerprint(self.declared.name)
 
-    def run(self, unit: int | str, shards: list[int], previous: dict[str, Any] | None = None) -> None:
-        """Run (or, given the previous marker, retry the failed rows of) one unit; on any exit its staging
-        is removed and its claim released."""
-        stage = self.declared.name
+    def run(self, unit: int | str, shards: list[int], previous: dict[str, Any] | None = None,
+            recheck: bool = True) -> None:
+        """Run (or, given the previous marker, retry the failed rows of) one unit under an exclusive claim.
+        A unit claimed by a live owner is skipped; any error, storage faults included, becomes this unit's
+        failure (recorded if the storage allows) and the run goes on."""
+        stage, name = self.declared.name, unit_name(unit)
+        try:
+            claim = self.storage.acquire(stage, unit, self.config.claim_stale_s)
+        except ClaimHeld as held:
+            self.report.held[unit] = held.who
+            print(f"{stage} {name}: skipped, claimed by {held.who} ({held.reason})", file=self.out, flush=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - a storage fault while claiming fails this unit only
+            self._fail(unit, exc)
+            return
         txn = None
         try:
-            txn = self.storage.begin(stage, unit)
-            with Heartbeat(self.storage, stage, unit):
-                self._claimed(unit, shards, txn, previous)
+            if recheck and previous is None and self._now_current(unit, shards):
+                self.report.skipped_late.append(unit)
+                print(f"{stage} {name}: committed meanwhile by another run; skipping", file=self.out, flush=True)
+                return
+            with Heartbeat(claim) as beat:
+                txn = self.storage.begin(stage, unit)
+                self._claimed(unit, shards, txn, previous, beat)
+        except Exception as exc:  # noqa: BLE001 - e.g. staging could not be created
+            self._fail(unit, exc)
         finally:
             # Also reached when a signal lands between begin() and the unit's own handlers.
             if txn is not None and not txn.done:
                 txn.cleanup()
-            self.storage.release(stage, unit)
+            try:
+                claim.release()
+            except Exception:  # noqa: BLE001 - a claim left behind is judged stale later
+                log.warning("could not release the claim of %s/%s", stage, name, exc_info=True)
 
-    def _claimed(self, unit: int | str, shards: list[int], txn, previous: dict[str, Any] | None) -> None:
+    def _now_current(self, unit: int | str, shards: list[int]) -> bool:
+        """Whether another run committed this unit (current) between our plan and our claim."""
+        if self.force:
+            return False
+        marker = self.storage.marker(self.declared.name, unit)
+        if marker is None or marker.get("config_fingerprint") != self.fingerprint:
+            return False
+        self.cache.forget(self.declared.name)
+        return self.storage.outputs_intact(marker) and is_current(marker, self.cache, shards, self.declared)
+
+    def _fail(self, unit: int | str, exc: BaseException) -> None:
+        """Record a unit's failure (if the storage lets us) and report it in one line."""
+        stage, name = self.declared.name, unit_name(unit)
+        message = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+        try:
+            self.storage.record_failure(stage, unit, {
+                "stage": stage, "unit": name, **({"shard": unit} if isinstance(unit, int) else {}),
+                "error": message, "error_type": type(exc).__name__,
+                "traceback": "".join(traceback.format_exception(exc)), "failed_at": now_iso(), **task_identity(),
+            })
+        except Exception as rec_exc:  # noqa: BLE001 - the storage itself is failing: say so, go on
+            message += f" (and the failure could not be recorded: {type(rec_exc).__name__}: {rec_exc})"
+        self.report.failed[unit if isinstance(unit, int) else 0] = message
+        print(f"{stage} {name}: FAILED: {message}", file=self.out, flush=True)
+        log.debug("unit %s failed", name, exc_info=exc)
+        if isinstance(exc, OSError | StorageError):
+            try:
+                self.storage.check_reachable(create=False)
+            except StorageError as unreachable:
+                raise StorageError(f"{unreachable}; stopping the run ({stage} {name} was the last unit tried)") from None
+
+    def _claimed(self, unit: int | str, shards: list[int], txn, previous: dict[str, Any] | None,
+                 beat: Heartbeat) -> None:
         declared, stage = self.declared, self.declared.name
         name = unit_name(unit)
         ctx = ShardContext(
@@ -275,42 +358,45 @@ class _Work:
             cache=self.cache, shards=list(shards),
         )
         started = time.time()
+        if declared.whole_run:
+            stats = timed(lambda: declared.run_whole(ctx, list(shards)))  # type: ignore[misc]
+        elif previous is not None:
+            stats = timed(lambda: declared.retry_shard(ctx, unit, previous))  # type: ignore[misc]
+        else:
+            stats = timed(lambda: declared.run_shard(ctx, unit))  # type: ignore[misc]
+        if not isinstance(stats, ShardStats):
+            raise TypeError(f"stage {stage} returned {type(stats).__name__}, expected ShardStats")
+        with open(ctx.output("_stats.json"), "w") as f:
+            json.dump({"stage": stage, "unit": name, **stats.to_dict()}, f, indent=2, sort_keys=True)
+        if beat.lost:
+            raise PipelineError(f"the claim on {stage} {name} was taken over by another run; not committing")
+        _commit_hook()
+        txn.commit({
+            "config_fingerprint": self.fingerprint,
+            "config": self.config.semantic(stage),
+            "inputs": ctx.inputs,
+            **({"shards": list(shards), "artifact": f"{declared.output_dir}/{name}"} if declared.whole_run else {}),
+            "rows": {"total": stats.rows, "ok": stats.ok, "failed": stats.failed},
+            "stats": stats.to_dict(),
+            "started_at": started,
+            **({"retry_of": previous.get("committed_at"), "retries": int(previous.get("retries", 0)) + 1}
+               if previous is not None else {}),
+        })
         try:
-            if declared.whole_run:
-                stats = timed(lambda: declared.run_whole(ctx, list(shards)))  # type: ignore[misc]
-            elif previous is not None:
-                stats = timed(lambda: declared.retry_shard(ctx, unit, previous))  # type: ignore[misc]
-            else:
-                stats = timed(lambda: declared.run_shard(ctx, unit))  # type: ignore[misc]
-            if not isinstance(stats, ShardStats):
-                raise TypeError(f"stage {stage} returned {type(stats).__name__}, expected ShardStats")
-            with open(ctx.output("_stats.json"), "w") as f:
-                json.dump({"stage": stage, "unit": name, **stats.to_dict()}, f, indent=2, sort_keys=True)
-            txn.commit({
-                "config_fingerprint": self.fingerprint,
-                "config": self.config.semantic(stage),
-                "inputs": ctx.inputs,
-                **({"shards": list(shards), "artifact": f"{declared.output_dir}/{name}"} if declared.whole_run else {}),
-                "rows": {"total": stats.rows, "ok": stats.ok, "failed": stats.failed},
-                "stats": stats.to_dict(),
-                "started_at": started,
-                **({"retry_of": previous.get("committed_at"), "retries": int(previous.get("retries", 0)) + 1}
-                   if previous is not None else {}),
-            })
             self.storage.clear_failure(stage, unit)
-            key = unit if isinstance(unit, int) else 0
-            self.report.committed.append(key)
-            if previous is not None:
-                self.report.retried.append(key)
-            self.report.stats[key] = stats
-            print(f"{stage} {name}: {stats.line()}", file=self.out, flush=True)
-        except Exception as exc:  # noqa: BLE001 - isolate any unit failure (staging is removed by run)
-            message = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-            self.storage.record_failure(stage, unit, {
-                "stage": stage, "unit": name, **({"shard": unit} if isinstance(unit, int) else {}),
-                "error": message, "error_type": type(exc).__name__,
-                "traceback": traceback.format_exc(), "failed_at": now_iso(), **task_identity(),
-            })
-            self.report.failed[unit if isinstance(unit, int) else 0] = message
-            print(f"{stage} {name}: FAILED: {message}", file=self.out, flush=True)
-            log.debug("unit %s failed", name, exc_info=True)
+        except Exception:  # noqa: BLE001 - the unit is committed; an old failure record is only noise
+            log.warning("could not clear the failure record of %s/%s", stage, name, exc_info=True)
+        key = unit if isinstance(unit, int) else 0
+        self.report.committed.append(key)
+        if previous is not None:
+            self.report.retried.append(key)
+        self.report.stats[key] = stats
+        print(f"{stage} {name}: {stats.line()}", file=self.out, flush=True)
+
+
+def _commit_hook() -> None:
+    """Test hook (PIPELINE_TEST_COMMIT_DELAY_S): widen the window just before a commit, so chaos trials can
+    kill a task mid-commit. Unset in production."""
+    delay = os.environ.get("PIPELINE_TEST_COMMIT_DELAY_S")
+    if delay:
+        time.sleep(float(delay))

@@ -42,7 +42,7 @@ def parse_shard_spec(spec: str) -> list[int]:
 
 def _parse_id(text: str, spec: str) -> int:
     text = text.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ShardSpecError(f"bad shard spec {spec!r}: {text!r} is not a non-negative integer")
     value = int(text)
     if value > MAX_SHARD:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.claims import squeue_job_ids
 from pipeline.config import RunConfig
 from pipeline.errors import SlurmError
 from pipeline.runner import EXIT_PREEMPTED
@@ -280,23 +281,6 @@ def last_submission(config: RunConfig, stage: str) -> dict[str, Any] | None:
     storage = Storage(config.root, config.storage_options, config.work_dir)
     records = submissions(storage, stage)
     return records[-1] if records else None
-
-
-def squeue_job_ids() -> set[str] | None:
-    """Ids of the jobs SLURM still knows as pending/running (unique ids of array tasks too), or None if unknown."""
-    squeue = shutil.which("squeue")
-    if squeue is None:
-        return None
-    try:
-        proc = subprocess.run([squeue, "-h", "-o", "%A %i"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if proc.returncode != 0:
-        return None
-    ids: set[str] = set()
-    for line in proc.stdout.split():
-        ids.add(line.strip())
-    return ids
 
 
 def active_submissions(config: RunConfig, stage: str) -> list[str]:

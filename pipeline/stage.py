@@ -129,6 +129,9 @@ class Stage:
     default_shards: Callable[[RunConfig, Storage], list[int]] | None = None
     """whole-run: the input shards used when none are given (default: every committed shard of its first
     required input)."""
+    shard_count: Callable[[RunConfig, Storage], int | None] | None = None
+    """per-shard: how many shards its input has (shards beyond are refused up front); default: run.json's
+    num_shards when recorded. None from the callable means unknown (no check)."""
     resources: Resources = Resources()
     description: str = ""
 

@@ -8,25 +8,21 @@ are shown as stale; their shards count as pending for `retry`.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
-import socket
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.claims import DEFAULT_STALE_AFTER, judge, squeue_job_ids
 from pipeline.config import RunConfig, setting_changes
 from pipeline.errors import SlurmError
 from pipeline.runner import stale_inputs
 from pipeline.shards import format_shard_spec, parse_shard_spec
-from pipeline.slurm import squeue_job_ids, submissions
+from pipeline.slurm import submissions
 from pipeline.stage import PER_SHARD, WHOLE_RUN, InputCache, Stage, available_stages, stage_modules
 from pipeline.storage import TMP_DIR, Storage, unit_name
-
-DEFAULT_STALE_AFTER = 600.0
-"""A claim whose heartbeat (refreshed every PIPELINE_HEARTBEAT_S=60 s) is older than this is stale."""
 
 
 @dataclass
@@ -168,45 +164,11 @@ def mean_quality(markers: Iterable[Mapping[str, Any]]) -> float | None:
     return total / n if n else None
 
 
-def _epoch(iso: Any) -> float | None:
-    if not isinstance(iso, str):
-        return None
-    try:
-        return _dt.datetime.fromisoformat(iso).timestamp()
-    except ValueError:
-        return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def classify_claim(shard: int, claim: dict[str, Any], jobs: set[str] | None, stale_after: float,
+def classify_claim(shard: int | str, claim: dict[str, Any], jobs: set[str] | None, stale_after: float,
                    now: float | None = None) -> ClaimState:
-    """Decide whether the task holding a claim is still alive (see the module docstring)."""
-    now = now if now is not None else _dt.datetime.now(_dt.timezone.utc).timestamp()
-    job = claim.get("slurm_job_id")
-    if job and jobs is not None:
-        if str(job) in jobs:
-            return ClaimState(shard, True, f"SLURM job {job}", claim)
-        return ClaimState(shard, False, f"SLURM job {job} is no longer in squeue", claim)
-    host, pid = claim.get("host"), claim.get("pid")
-    if host == socket.gethostname() and isinstance(pid, int):
-        if pid_alive(pid):
-            return ClaimState(shard, True, f"pid {pid} on {host}", claim)
-        return ClaimState(shard, False, f"process {pid} on {host} is gone", claim)
-    beat = _epoch(claim.get("time"))
-    age = now - beat if beat is not None else float("inf")
-    where = f"SLURM job {job}" if job else f"pid {pid} on {host}"
-    if age <= stale_after:
-        return ClaimState(shard, True, f"{where}, heartbeat {age:.0f}s ago", claim)
-    return ClaimState(shard, False, f"{where}: no heartbeat for {age:.0f}s", claim)
+    """Decide whether the task holding a claim is still alive (pipeline.claims.judge)."""
+    owner = judge(claim, jobs, stale_after, now)
+    return ClaimState(shard, owner.live, owner.reason, claim)
 
 
 def run_universe(storage: Storage, stage: str) -> list[int] | None:

@@ -38,6 +38,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 import pipeline
+from pipeline.claims import DEFAULT_STALE_AFTER, ClaimHeld, jobs_for, judge, now_epoch, pid_alive
 from pipeline.errors import MissingInputError, RunDriftError, StorageError
 from pipeline.shards import shard_name
 
@@ -79,6 +80,9 @@ class Storage:
     """A pipeline ROOT on any fsspec filesystem."""
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None, work_dir: str | None = None):
+        proto, sep, rest = root.partition("://")
+        if sep and not rest.strip("/"):
+            raise StorageError(f"storage root {root!r} names no bucket or path: expected e.g. {proto}://bucket/prefix")
         self.root_url = root.rstrip("/") or "/"
         try:
             self.fs, path = url_to_fs(self.root_url, **(storage_options or {}))
@@ -137,11 +141,18 @@ class Storage:
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             tmp = f"{os.path.dirname(target)}/.{os.path.basename(target)}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
+                raise
         else:
             self.fs.pipe_file(target, blob)
 
@@ -282,11 +293,84 @@ class Storage:
     def unit_failures(self, stage: str) -> dict[str, dict[str, Any]]:
         return self.list_json(f"{FAILED_DIR}/{stage}")
 
-    def claim(self, stage: str, unit: int | str) -> None:
-        self.write_json(f"{RUNNING_DIR}/{stage}/{unit_name(unit)}.json", task_identity())
+    def claim_rel(self, stage: str, unit: int | str) -> str:
+        return f"{RUNNING_DIR}/{stage}/{unit_name(unit)}.json"
 
-    def release(self, stage: str, unit: int | str) -> None:
-        self.remove(f"{RUNNING_DIR}/{stage}/{unit_name(unit)}.json")
+    def acquire(self, stage: str, unit: int | str, stale_after: float = DEFAULT_STALE_AFTER) -> Claim:
+        """Claim a unit exclusively (see pipeline/claims.py), taking over a stale claim; ClaimHeld if a live
+        owner has it."""
+        rel = self.claim_rel(stage, unit)
+        for _attempt in range(4):
+            record = {**task_identity(), "token": uuid.uuid4().hex, "beat": now_epoch()}
+            if self._create_exclusive(rel, json.dumps(record, indent=2, sort_keys=True).encode()):
+                current = self.read_json(rel)
+                if current is not None and current.get("token") == record["token"]:
+                    return Claim(self, stage, unit, record)
+                raise ClaimHeld(current or {}, "lost the claim to a concurrent writer")
+            existing = self.read_json(rel)
+            if existing is None:
+                continue  # released meanwhile
+            owner = judge(existing, jobs_for(existing), stale_after)
+            if owner.live:
+                raise ClaimHeld(existing, owner.reason)
+            self._drop_stale_claim(rel, existing)
+        raise ClaimHeld(self.read_json(rel) or {}, "the claim kept changing hands")
+
+    def _create_exclusive(self, rel: str, blob: bytes) -> bool:
+        """Create ROOT/<rel> only if it does not exist; False if it does."""
+        target = self.path(rel)
+        if self.is_local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, blob)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return True
+        try:
+            self.fs.pipe_file(target, blob, IfNoneMatch="*")
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if "precondition" in str(exc).lower() or "412" in str(exc):
+                return False
+            raise
+        return True
+
+    def _drop_stale_claim(self, rel: str, seen: dict[str, Any]) -> None:
+        """Remove exactly the stale claim we judged (not one written since by another run)."""
+        target = self.path(rel)
+        if self.is_local:
+            tomb = f"{os.path.dirname(target)}/.{os.path.basename(target)}.stale-{uuid.uuid4().hex}"
+            try:
+                os.rename(target, tomb)
+            except FileNotFoundError:
+                return
+            with open(tomb, "rb") as f:
+                taken = json.loads(f.read() or b"{}")
+            if taken.get("token") != seen.get("token"):  # replaced between our read and the rename: put it back
+                try:
+                    os.link(tomb, target)
+                except FileExistsError:
+                    pass
+            os.remove(tomb)
+            return
+        current = self.read_json(rel)
+        if current is not None and current.get("token") == seen.get("token"):
+            self.remove(rel)
+
+    def release(self, stage: str, unit: int | str, token: str | None = None) -> None:
+        """Remove a unit's claim (only if it still carries `token`, when given)."""
+        rel = self.claim_rel(stage, unit)
+        if token is not None:
+            current = self.read_json(rel)
+            if current is None or current.get("token") != token:
+                return
+        self.remove(rel)
 
     def claims(self, stage: str) -> dict[int, dict[str, Any]]:
         return {int(k): v for k, v in self.list_json(f"{RUNNING_DIR}/{stage}").items() if k.isdigit()}
@@ -296,8 +380,8 @@ class Storage:
 
     # -- transactions ------------------------------------------------------------------------
     def begin(self, stage: str, unit: int | str) -> ShardTransaction:
-        """Start (re)writing a unit: drop its marker first, clear stale staging, open a fresh staging dir."""
-        self.remove(self.marker_rel(stage, unit))
+        """Start (re)writing a unit the caller holds the claim of: clear the staging that dead owners of the
+        same unit left behind, open a fresh staging dir. The unit's marker stays until the commit replaces it."""
         token = uuid.uuid4().hex[:12]
         name = unit_name(unit)
         if self.is_local:
@@ -310,8 +394,41 @@ class Storage:
             staging = os.path.join(base, prefix + token)
             os.makedirs(staging)
         else:
-            staging = tempfile.mkdtemp(prefix=f"pipeline-{stage}-{name}-", dir=self.work_dir)
+            prefix = self.scratch_prefix(stage, name)
+            for entry in self.scratch_leftovers(stage, name, only_dead=False):
+                shutil.rmtree(entry, ignore_errors=True)
+            staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.scratch_dir())
         return ShardTransaction(storage=self, stage=stage, unit=unit, staging=staging)
+
+    # -- local scratch of object-store roots -------------------------------------------------
+    def scratch_dir(self) -> str:
+        return self.work_dir or tempfile.gettempdir()
+
+    def scratch_prefix(self, stage: str, name: str = "") -> str:
+        """Local staging folders of this ROOT: pipeline-<root hash>-<stage>-<unit>-<pid>-<random>."""
+        tag = hashlib.sha256(self.root_url.encode()).hexdigest()[:8]
+        return f"pipeline-{tag}-{stage}-" + (f"{name}-" if name else "")
+
+    def scratch_leftovers(self, stage: str, name: str = "", only_dead: bool = True) -> list[str]:
+        """Local staging folders of this ROOT's stage (or unit) on this host; with `only_dead`, those whose
+        process is gone (a killed task's: reruns of the unit remove them, status counts them)."""
+        if self.is_local:
+            return []
+        prefix = self.scratch_prefix(stage, name)
+        try:
+            entries = os.listdir(self.scratch_dir())
+        except FileNotFoundError:
+            return []
+        out = []
+        for entry in entries:
+            if not entry.startswith(prefix):
+                continue
+            pid_text = entry[len(prefix):].split("-")[-2]  # <unit>-<pid>-<random>, random has no '-'
+
+            dead = not (pid_text.isdigit() and pid_alive(int(pid_text)))
+            if dead or not only_dead:
+                out.append(os.path.join(self.scratch_dir(), entry))
+        return out
 
 
 _UNIT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -326,6 +443,33 @@ def unit_name(unit: int | str) -> str:
     if not _UNIT.match(unit):
         raise ValueError(f"unit name {unit!r} must start with a lower-case letter and hold only a-z, 0-9, '_', '-'")
     return unit
+
+
+@dataclass
+class Claim:
+    """A held claim: refresh it with `beat()` (False once another owner took it), give it back with `release()`."""
+
+    storage: Storage
+    stage: str
+    unit: int | str
+    record: dict[str, Any]
+
+    @property
+    def token(self) -> str:
+        return self.record["token"]
+
+    def beat(self) -> bool:
+        """Refresh the heartbeat if the claim is still ours; False if it is not."""
+        rel = self.storage.claim_rel(self.stage, self.unit)
+        current = self.storage.read_json(rel)
+        if current is None or current.get("token") != self.token:
+            return False
+        self.record = {**self.record, "beat": now_epoch(), "time": now_iso()}
+        self.storage.write_json(rel, self.record)
+        return True
+
+    def release(self) -> None:
+        self.storage.release(self.stage, self.unit, self.token)
 
 
 def task_identity() -> dict[str, Any]:
@@ -368,8 +512,10 @@ class ShardTransaction:
         return list(self._outputs)
 
     def commit(self, marker_fields: dict[str, Any]) -> dict[str, Any]:
-        """Finalize every staged output, then write the marker (last). Returns the marker."""
+        """Drop the unit's old marker, finalize every staged output, then write the new marker (last).
+        Returns the marker. Until this point a --force rerun leaves the old outputs committed."""
         st = self.storage
+        st.remove(st.marker_rel(self.stage, self.unit))
         outputs: dict[str, dict[str, Any]] = {}
         for rel in self._outputs:
             local = os.path.join(self.staging, rel.replace("/", "__"))

@@ -25,7 +25,7 @@ from pipeline import shardio
 from pipeline.config import AnnotateConfig, EngineConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
 from pipeline.errors import ConfigError
-from pipeline.inputs import InputShard, resolve_input
+from pipeline.inputs import InputShard, pattern_shard_count, resolve_input
 from pipeline.resources import resolve_model, stage_reference
 from pipeline.shardio import Sample, read_samples
 from pipeline.shards import shard_name
@@ -318,6 +318,7 @@ STAGE = Stage(
     run_shard=run_shard,
     retry_shard=retry_shard,
     prepare=prepare,
+    shard_count=lambda config, storage: pattern_shard_count(config.annotate.input_pattern, storage),
     resources=Resources(gpus=1),
     description="the captioner over image shards -> caption WebDataset shards + parquet manifests",
 )

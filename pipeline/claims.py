@@ -1,0 +1,113 @@
+"""Who works on a unit: exclusive claims with an owner token and a heartbeat, and whether an owner still lives.
+
+A claim is ROOT/_running/<stage>/<unit>.json: the owner's host, pid, SLURM ids, a random token and the time of
+its last heartbeat. It is created exclusively, so two runs on one shard never both work on it:
+- local and shared POSIX file systems: `open(O_CREAT | O_EXCL)`, atomic on one host and on NFSv3+ / Lustre /
+  GPFS; a stale claim is taken over by renaming exactly that file away (one racer wins the rename);
+- object stores: a conditional PUT (`If-None-Match: *`, honoured by S3, MinIO and moto) followed by a read
+  back of the token. A store that ignores the condition degrades to a lease: the last writer's token wins the
+  read back and the other run skips the unit, so two owners overlap only if both write within one round
+  trip and both read back their own token, which a consistent store rules out.
+A claim is stale, and may be taken over, when its owner is gone: its SLURM job is no longer in squeue, its
+process on this host is dead, or (when neither can be checked) its heartbeat is older than `stale_after`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_STALE_AFTER = 600.0
+"""A claim whose heartbeat (refreshed every PIPELINE_HEARTBEAT_S=60 s) is older than this is stale."""
+
+
+@dataclass
+class Owner:
+    """A verdict on a claim: is its owner alive, and why we think so."""
+
+    live: bool
+    reason: str
+
+
+class ClaimHeld(Exception):  # noqa: N818 - a state, raised to skip a unit
+    """The unit is claimed by a live owner."""
+
+    def __init__(self, claim: dict[str, Any], reason: str):
+        super().__init__(reason)
+        self.claim = claim
+        self.reason = reason
+
+    @property
+    def who(self) -> str:
+        job = self.claim.get("slurm_job_id")
+        return f"{self.claim.get('host', '?')}:{self.claim.get('pid', '?')}" + (f" (SLURM job {job})" if job else "")
+
+
+def now_epoch() -> float:
+    return _dt.datetime.now(_dt.timezone.utc).timestamp()
+
+
+def _epoch(iso: Any) -> float | None:
+    if isinstance(iso, int | float):
+        return float(iso)
+    if not isinstance(iso, str):
+        return None
+    try:
+        return _dt.datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def judge(claim: dict[str, Any], jobs: set[str] | None, stale_after: float, now: float | None = None) -> Owner:
+    """Whether the task holding a claim is still alive (see the module docstring)."""
+    now = now if now is not None else now_epoch()
+    job = claim.get("slurm_job_id")
+    if job and jobs is not None:
+        if str(job) in jobs:
+            return Owner(True, f"SLURM job {job}")
+        return Owner(False, f"SLURM job {job} is no longer in squeue")
+    host, pid = claim.get("host"), claim.get("pid")
+    if host == socket.gethostname() and isinstance(pid, int):
+        if pid_alive(pid):
+            return Owner(True, f"pid {pid} on {host}")
+        return Owner(False, f"process {pid} on {host} is gone")
+    beat = _epoch(claim.get("beat", claim.get("time")))
+    age = now - beat if beat is not None else float("inf")
+    where = f"SLURM job {job}" if job else f"pid {pid} on {host}"
+    if age <= stale_after:
+        return Owner(True, f"{where}, heartbeat {age:.0f}s ago")
+    return Owner(False, f"{where}: no heartbeat for {age:.0f}s")
+
+
+def squeue_job_ids() -> set[str] | None:
+    """Ids of the jobs SLURM still knows as pending/running (unique ids of array tasks too), or None if unknown."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return None
+    try:
+        proc = subprocess.run([squeue, "-h", "-o", "%A %i"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return {line.strip() for line in proc.stdout.split()}
+
+
+def jobs_for(claim: dict[str, Any]) -> set[str] | None:
+    """squeue's job ids when the claim names a SLURM job (else None: no need to ask)."""
+    return squeue_job_ids() if claim.get("slurm_job_id") else None
