@@ -1,4 +1,4 @@
-"""The command line: run | submit | retry | status | demo."""
+"""The command line: run | submit | retry | status | verify | demo."""
 
 from __future__ import annotations
 
@@ -111,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
                         help="a claim without heartbeat for this long belongs to a dead task (default 600)")
 
+    verify = sub.add_parser(
+        "verify", help="check every committed output against its marker's sha256 (reads every byte)",
+        description="Read every committed output (in parallel, on any root) and compare it with the size and "
+                    "sha256 its marker recorded. Exit 1 if any is corrupt. With --repair, corrupt units lose "
+                    "their marker (a failure record names the bad file), so the next `run` redoes them.")
+    _add_config_args(verify)
+    verify.add_argument("--stage", help="only this stage (default: every registered stage)")
+    verify.add_argument("--shards", help="only these shards (whole-run units are checked unless --shards is given)")
+    verify.add_argument("--repair", action="store_true", help="make corrupt units pending again")
+    verify.add_argument("--workers", type=int, default=8, help="files read in parallel")
+
     demo = sub.add_parser("demo", help="render the demo world, serve it on 127.0.0.1 and run every stage on CPU")
     demo.add_argument("--root", default=None, help="where the demo run goes (default: the demo manifest's ./demo_run)")
     demo.add_argument("--data-dir", default="demo_data", help="where the demo images and URL list go")
@@ -145,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
             compare = args.manifest is not None or bool(args.overrides)
             return print_status(_config(args), args.stage, stale_after=args.stale_after, compare=compare)
+        if args.command == "verify":
+            from pipeline.shards import shard_name
+            from pipeline.verify import print_report, verify
+
+            units = {shard_name(s) for s in parse_shard_spec(args.shards)} if args.shards else None
+            report = verify(_config(args), [args.stage] if args.stage else None, units, args.repair, args.workers)
+            return print_report(report, args.repair)
         if args.command == "demo":
             from pipeline.demo import run_demo
 

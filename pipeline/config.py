@@ -51,6 +51,8 @@ class EngineConfig(Section):
 
     backend: Literal["hf", "vllm", "openai", "noop"] = "hf"
     model: str = ""
+    label: str | None = runtime(None, description="the model's name in provenance (default: `model` as configured; "
+                                "set by the pipeline when it resolves a path, so ids do not depend on the working directory)")
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = runtime("auto")

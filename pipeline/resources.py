@@ -36,4 +36,4 @@ def stage_reference(model: str) -> tuple[str, str] | None:
 def resolve_model(cfg: EngineConfig) -> EngineConfig:
     """The engine config with its model path resolved by `resolve_resource`."""
     model = resolve_resource(cfg.model)
-    return cfg if model == cfg.model else cfg.model_copy(update={"model": model})
+    return cfg if model == cfg.model else cfg.model_copy(update={"model": model, "label": cfg.label or cfg.model})

@@ -278,6 +278,7 @@ class _Work:
     out: Any
     force: bool = False
     fingerprint: str = ""
+    started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         self.fingerprint = self.config.fingerprint(self.declared.name)
@@ -318,11 +319,12 @@ class _Work:
                 log.warning("could not release the claim of %s/%s", stage, name, exc_info=True)
 
     def _now_current(self, unit: int | str, shards: list[int]) -> bool:
-        """Whether another run committed this unit (current) between our plan and our claim."""
-        if self.force:
-            return False
+        """Whether another run committed this unit (current) between our plan and our claim; with --force,
+        whether another run committed it after this run started (it did this run's work already)."""
         marker = self.storage.marker(self.declared.name, unit)
         if marker is None or marker.get("config_fingerprint") != self.fingerprint:
+            return False
+        if self.force and not float(marker.get("started_at") or 0) >= self.started:
             return False
         self.cache.forget(self.declared.name)
         return self.storage.outputs_intact(marker) and is_current(marker, self.cache, shards, self.declared)

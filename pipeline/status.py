@@ -68,6 +68,8 @@ class StageStatus:
     kind: str = PER_SHARD
     fingerprints: Counter = field(default_factory=Counter)
     """settings fingerprint -> committed units made with it (as recorded in the markers)."""
+    orphaned_scratch: int = 0
+    """Object-store roots: local staging folders of dead tasks on this host."""
 
     @property
     def pending(self) -> list[int | str] | None:
@@ -132,6 +134,7 @@ class StageStatus:
             "row_errors": dict(self.row_errors),
             "fingerprints": dict(self.fingerprints),
             "live_owners": [c.reason for c in self.running],
+            "orphaned_scratch": self.orphaned_scratch,
         }
 
 
@@ -244,6 +247,7 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
         row_errors=row_errors,
         kind=kind,
         fingerprints=Counter(m.get("config_fingerprint", "?")[:8] for m in committed.values()),
+        orphaned_scratch=len(storage.scratch_leftovers(stage)),
     )
 
 
@@ -317,6 +321,11 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
     if not rows:
         print(f"no stage has run under {config.root}", file=out)
         return 0
+    meta = Storage(config.root, config.storage_options, config.work_dir).run_meta() or {}
+    if compare and isinstance(meta.get("shard_size"), int) and meta["shard_size"] != config.shard_size:
+        print(f"note: the configuration says shard_size={config.shard_size} but {config.root}/run.json records "
+              f"shard_size={meta['shard_size']}: with it every shard would be numbered differently, so every "
+              "shard shows as outdated (settings changed: shard_size). Use the run's manifest.", file=out)
     cols = ["stage", "committed", "failed", "running", "stale", "pending", "outdated",
             "rows_ok", "rows_failed", "rows/s/task", "rows/s"]
     table = []
@@ -362,6 +371,9 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
         if st.row_errors:
             top = ", ".join(f"{k}: {v}" for k, v in st.row_errors.most_common(5))
             print(f"{st.stage}: failed rows in {format_shard_spec(st.shards_with_failed_rows)}: {top}", file=out)
+        if st.orphaned_scratch:
+            print(f"{st.stage}: {st.orphaned_scratch} local staging folder(s) of killed tasks on this host "
+                  "(removed when those units rerun)", file=out)
         leftovers = st.staging_dirs - len(st.running)
         if leftovers > 0:
             print(f"{st.stage}: {leftovers} staging folder(s) of aborted units under {TMP_DIR}/{st.stage} "

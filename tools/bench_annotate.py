@@ -29,13 +29,14 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
-from pipeline.wds import TarSink, read_samples  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.engines.base import Sampling, create_engine  # noqa: E402
 from pipeline.engines.preprocess import map_ahead  # noqa: E402
 from pipeline.nano import world  # noqa: E402
 from pipeline.runner import run_stage  # noqa: E402
+from pipeline.shardio import TarWriter as TarSink  # noqa: E402
+from pipeline.shardio import read_samples  # noqa: E402
 from pipeline.shards import sample_key, shard_name  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
 from stages.annotate import stage as annotate  # noqa: E402

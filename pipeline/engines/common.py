@@ -27,13 +27,16 @@ def weights_hash(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_identity(path: str, revision: str | None) -> str:
-    """Provenance string: path@revision, or path#sha256:<hash of the weights> for a local directory."""
+def model_identity(path: str, revision: str | None, label: str | None = None) -> str:
+    """Provenance string: name@revision, or name#sha256:<hash of the weights> for a local directory, where
+    name is the model as configured (`label`), not the path it resolved to: the same model gives the same
+    id from any working directory."""
+    name = label or path
     if revision:
-        return f"{path}@{revision}"
+        return f"{name}@{revision}"
     if Path(path).is_dir():
-        return f"{path}#sha256:{weights_hash(path)}"
-    return path
+        return f"{name}#sha256:{weights_hash(path)}"
+    return name
 
 
 def text_only(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -76,7 +76,7 @@ class HFEngine:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.append(self.tokenizer.eos_token_id)
         self.eos_ids = sorted({int(e) for e in eos_ids if e is not None})
-        self.model_id = model_identity(path, config.revision)
+        self.model_id = model_identity(path, config.revision, config.label)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 

@@ -68,7 +68,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gb))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.model_id = model_identity(config.model, config.revision)
+        self.model_id = model_identity(config.model, config.revision, config.label)
 
     # -- prompts ------------------------------------------------------------------------------------
     def prompt_text(self, request: ChatRequest) -> str:

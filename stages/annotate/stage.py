@@ -98,7 +98,7 @@ def captioner_config(ctx: ShardContext) -> EngineConfig:
         raise ConfigError("annotate.captioner.model is not set: give a checkpoint path or model name")
     ref = stage_reference(cfg.model)
     if ref is not None:
-        return cfg.model_copy(update={"model": ctx.input_folder(*ref)})
+        return cfg.model_copy(update={"model": ctx.input_folder(*ref), "label": cfg.label or cfg.model})
     return resolve_model(cfg)
 
 
