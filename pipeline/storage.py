@@ -54,6 +54,13 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def output_timestamp() -> str:
+    """The time stamped into output rows: SOURCE_DATE_EPOCH's when set (reproducible outputs), else now."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    t = float(epoch) if epoch.isdigit() else _dt.datetime.now(_dt.timezone.utc).timestamp()
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @cache
 def code_version() -> str:
     """pipeline version plus the git commit of the checkout it runs from, when there is one."""
@@ -336,7 +343,8 @@ class Storage:
         except FileExistsError:
             return False
         except OSError as exc:
-            if "precondition" in str(exc).lower() or "412" in str(exc):
+            text = str(exc).lower().replace("-", "")
+            if "precondition" in text or "412" in text:
                 return False
             raise
         return True

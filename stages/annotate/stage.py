@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ from pipeline.resources import resolve_model, stage_reference
 from pipeline.shardio import Sample, read_samples
 from pipeline.shards import shard_name
 from pipeline.stage import PER_SHARD, Input, Resources, RunContext, ShardContext, ShardStats, Stage
-from pipeline.storage import code_version
+from pipeline.storage import code_version, output_timestamp
 from stages.annotate import quality as quality_monitor
 from stages.annotate.captioning import CaptionJob, CaptionResult, FeedConfig, caption_images, summarize
 from stages.annotate.imageprep import encode_image
@@ -76,13 +75,6 @@ def prompt_hash(prompt: str) -> str:
 
 def sampling_json(cfg: AnnotateConfig) -> str:
     return json.dumps(cfg.sampling.model_dump(), sort_keys=True)
-
-
-def run_timestamp() -> str:
-    """ISO time of this run, or SOURCE_DATE_EPOCH's time when set (reproducible outputs)."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    t = float(epoch) if epoch and epoch.strip().isdigit() else time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def captioner_key(cfg: EngineConfig) -> str:
@@ -168,7 +160,7 @@ def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) ->
         ctx.require_input(src.upstream_stage)
     local_tar = _local_copy(src, ctx.txn.staging)
     extras = src.sidecar_rows()
-    stamp = run_timestamp()
+    stamp = output_timestamp()
 
     plan = _caption_pass(ctx, cfg, local_tar, src, extras, keep)
     quality = quality_monitor.score_shard(ctx, cfg.quality, cfg.reward, shard, _ok_captions(plan),

@@ -27,7 +27,7 @@ from pipeline.config import DownloadConfig, RunConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.shards import MAX_SHARD, format_shard_spec, shard_name
 from pipeline.stage import PER_SHARD, Resources, RunContext, ShardContext, ShardStats, Stage
-from pipeline.storage import Storage, code_version, now_iso
+from pipeline.storage import Storage, code_version, now_iso, output_timestamp
 from stages.download import imageshards, urllist
 from stages.download.fetch import TRANSIENT, FetchOptions, fetch, shared_pool
 
@@ -171,7 +171,7 @@ def _fetch(ctx: ShardContext, rows: list[int], urls: list[str | None]) -> tuple[
 
 
 def _provenance() -> dict[str, str]:
-    return {"pipeline_version": code_version(), "downloaded_at": now_iso()}
+    return {"pipeline_version": code_version(), "downloaded_at": output_timestamp()}
 
 
 def _stats(manifest: pa.Table, fetched: int, seconds: float, **extra: Any) -> ShardStats:
