@@ -130,10 +130,10 @@ def run_stage(
         raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
     report = RunReport(stage=stage)
 
-    if declared.prepare is not None:
-        declared.prepare(RunContext(config, storage, stage, shards, resources, log))
     if not declared.whole_run:
         check_shard_range(declared, config, storage, shards)
+    if declared.prepare is not None:
+        declared.prepare(RunContext(config, storage, stage, shards, resources, log))
 
     work = _Work(declared, config, storage, resources, cache, report, out, force=force)
     if declared.whole_run:

@@ -254,3 +254,13 @@ def test_status_with_another_shard_size_says_why(tmp_path, capsys):
     assert main(["status", "--manifest", str(manifest), "--set", "shard_size=20"]) == 0
     out = capsys.readouterr().out
     assert "run.json records shard_size=10" in out and "settings changed: shard_size" in out
+
+
+def test_missing_input_shards_are_one_error_line(tmp_path, capsys):
+    root, sets = _three_shard_root(tmp_path)
+    Storage(str(root)).remove("_done/download/00002.json")
+    code = main(["run", "--stage", "annotate", "--shards", "0-2", "--root", str(root), *sets])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "image shard(s) 2 of stage 'download' are not committed" in err and "--shards 2" in err
+    assert not (root / "_done" / "annotate").exists()

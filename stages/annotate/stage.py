@@ -23,11 +23,11 @@ import pyarrow as pa
 from pipeline import shardio
 from pipeline.config import AnnotateConfig, EngineConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, MissingInputError
 from pipeline.inputs import InputShard, pattern_shard_count, resolve_input
 from pipeline.resources import resolve_model, stage_reference
 from pipeline.shardio import Sample, read_samples
-from pipeline.shards import shard_name
+from pipeline.shards import format_shard_spec, shard_name
 from pipeline.stage import PER_SHARD, Input, Resources, RunContext, ShardContext, ShardStats, Stage
 from pipeline.storage import code_version, output_timestamp
 from stages.annotate import quality as quality_monitor
@@ -108,6 +108,13 @@ def prepare(run: RunContext) -> None:
     if cfg.input_pattern:
         for shard in run.shards[:1] + run.shards[-1:]:
             resolve_input(run.config, run.storage, shard)
+    else:
+        have = run.storage.committed("download")
+        missing = [s for s in run.shards if s not in have]
+        if missing:
+            raise MissingInputError(
+                f"image shard(s) {format_shard_spec(missing)} of stage 'download' are not committed under "
+                f"{run.storage.root_url}; run: python -m pipeline run --stage download --shards {format_shard_spec(missing)}")
     quality_monitor.validate(cfg.quality, cfg.reward)
 
 
