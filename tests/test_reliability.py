@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,44 @@ def test_missing_input_shards_are_one_error_line(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "image shard(s) 2 of stage 'download' are not committed" in err and "--shards 2" in err
     assert not (root / "_done" / "annotate").exists()
+
+
+def test_s3_server_killed_mid_run_stops_with_one_error_line(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing",
+                   "client_kwargs": {"region_name": "us-east-1"},
+                   "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 2}}
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.create_bucket(Bucket="killed-mid-run")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        manifest = _manifest(tmp_path, "s3://killed-mid-run/run", options, delay=0.2)
+        proc = _cli(manifest)
+        time.sleep(4)
+        server.kill()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert proc.returncode == 2, out + err
+    assert "Traceback" not in out + err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: storage root s3://killed-mid-run/run")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -47,9 +47,13 @@ SHARD_SIZE = 20
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below 55000 (SeaweedFS derives gRPC ports as port + 10000)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55000:
+            return port
 
 
 class S3Server:
@@ -61,15 +65,16 @@ class S3Server:
         self.proc: subprocess.Popen | None = None
         self.options = {"endpoint_url": f"http://127.0.0.1:{self.port}", "key": "chaos", "secret": "chaos",
                         "client_kwargs": {"region_name": "us-east-1"}}
-        self._ports = [free_port() for _ in range(6)]
+        self._ports = [free_port() for _ in range(9)]
 
     def start(self) -> None:
         if self.kind == "seaweedfs":
-            m, mg, v, vg, f, fg = self._ports
+            m, mg, v, vg, f, fg, sg, ice, lance = self._ports
             self.data_dir.mkdir(parents=True, exist_ok=True)
             cmd = ["weed", "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                    f"-master.port={m}", f"-master.port.grpc={mg}", f"-volume.port={v}", f"-volume.port.grpc={vg}",
-                   f"-filer.port={f}", f"-filer.port.grpc={fg}", "-s3", f"-s3.port={self.port}", "-volume.max=50"]
+                   f"-filer.port={f}", f"-filer.port.grpc={fg}", "-s3", f"-s3.port={self.port}",
+                   f"-s3.port.grpc={sg}", f"-s3.port.iceberg={ice}", f"-s3.port.lance={lance}", "-volume.max=50"]
         else:
             cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
         log = open(self.data_dir.parent / f"{self.kind}.log", "ab")
