@@ -14,7 +14,6 @@ from functools import lru_cache
 from typing import IO, Any
 
 from braceexpand import braceexpand
-from fsspec.core import url_to_fs
 
 from pipeline import shardio
 from pipeline.config import RunConfig
@@ -36,8 +35,7 @@ class InputShard:
 
     @property
     def is_local(self) -> bool:
-        fs, _ = url_to_fs(self.tar_url, **self.storage_options)
-        return "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol))
+        return shardio.is_local_url(self.tar_url)
 
     def open(self) -> IO[bytes]:
         try:

@@ -127,9 +127,9 @@ class RewardCache:
         self._new[key] = value
 
     def _fs(self) -> tuple[Any, str]:
-        import fsspec
+        from pipeline.shardio import url_fs
 
-        return fsspec.core.url_to_fs(self.path, **self.storage_options)
+        return url_fs(self.path, self.storage_options)
 
     def _load(self) -> None:
         import pyarrow.parquet as pq

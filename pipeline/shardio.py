@@ -56,11 +56,16 @@ def is_local_url(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def url_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of a local path or URL: the one way the pipeline reaches a filesystem."""
+    return url_to_fs(url, **(storage_options or {}))
+
+
 def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> IO:
     """Open a local path or fsspec URL (buffered for streaming reads)."""
     if is_local_url(url):
         return open(url.removeprefix("file://"), mode, buffering=READ_BUFFER if "b" in mode else -1)
-    fs, path = url_to_fs(url, **(storage_options or {}))
+    fs, path = url_fs(url, storage_options)
     return fs.open(path, mode, block_size=READ_BUFFER)
 
 

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from fsspec.core import url_to_fs
 
 import pipeline
 from pipeline.claims import DEFAULT_STALE_AFTER, ClaimHeld, jobs_for, judge, now_epoch, pid_alive
 from pipeline.errors import MissingInputError, RunDriftError, StorageError
+from pipeline.shardio import url_fs
 from pipeline.shards import shard_name
 
 DONE_DIR = "_done"
@@ -92,7 +92,7 @@ class Storage:
             raise StorageError(f"storage root {root!r} names no bucket or path: expected e.g. {proto}://bucket/prefix")
         self.root_url = root.rstrip("/") or "/"
         try:
-            self.fs, path = url_to_fs(self.root_url, **(storage_options or {}))
+            self.fs, path = url_fs(self.root_url, storage_options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open storage root {root!r}: {exc}") from None
         self.root = path.rstrip("/") or "/"

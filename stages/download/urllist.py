@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from pipeline.errors import PipelineError
+from pipeline.shardio import url_fs
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 _SUFFIXES = {
@@ -66,7 +66,7 @@ def detect_format(path: str, fmt: str = "auto") -> str:
 def list_files(url: str, fmt: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, list[str], str]:
     """(filesystem, sorted file paths, format) of a URL list given as one file or a folder of files."""
     try:
-        fs, path = url_to_fs(url, **(storage_options or {}))
+        fs, path = url_fs(url, storage_options)
     except (ImportError, ValueError) as exc:
         raise InputError(f"cannot open URL list {url!r}: {exc}") from None
     try:
