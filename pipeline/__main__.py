@@ -2,4 +2,5 @@
 
 from pipeline.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # guarded: spawned workers (vLLM, process pools) re-import this module
+    raise SystemExit(main())

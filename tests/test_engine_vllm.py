@@ -9,15 +9,11 @@ Engine start-up is 20-80 s on 2 cores; the whole module takes a few minutes.
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from pipeline.config import EngineConfig, RewardConfig
@@ -27,10 +23,7 @@ from pipeline.mcq import READER_PREFILL
 from pipeline.nano import world
 from pipeline.nano.random_checkpoints import build_random_text_model
 from pipeline.reward import CapRLReward
-
-REPO = Path(__file__).resolve().parents[1]
-VENV = Path(os.environ.get("VLLM_VENV", REPO / ".venv-vllm"))
-VENV_PY = VENV / "bin" / "python"
+from tests.vllm_support import REPO, VENV, VENV_PY, free_port, serve, stop, vllm_env, wait_up
 
 pytestmark = [
     pytest.mark.vllm,
@@ -40,13 +33,6 @@ pytestmark = [
 ]
 
 ENGINE = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "kv_cache_gb": 1, "chunk_size": 3}
-
-
-def vllm_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHONHOME"))}
-    env.update(PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1")
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -98,42 +84,17 @@ def test_vllm_offline_matches_hf(model_dir, hf_engine, tmp_path):
         assert v == pytest.approx(h, abs=1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(model_dir, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    # `vllm serve` looks up a distribution named "vllm" (this one is "vllm-cpu"): use the module entry point
-    cmd = [str(VENV_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0"]
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, env=vllm_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = serve(model_dir, port, log)
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 420
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vllm serve did not come up in 420 s:\n{log.read_text()[-3000:]}")
-            time.sleep(2)
+        wait_up(proc, url, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def test_openai_engine_against_vllm_serve(vllm_server, hf_engine):
@@ -162,7 +123,7 @@ def test_reward_with_a_served_reader(vllm_server):
 
 
 def test_venv_python_is_separate():
-    out = subprocess.run([str(VENV_PY), "-c", "import torch, vllm; print(torch.__version__)"], env=vllm_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "+cpu" in out.stdout
+    out = subprocess.run([str(VENV_PY), "-c", "import torch, torchvision, vllm; print(torch.__version__)"],
+                         env=vllm_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().startswith("2.13.0"), out.stderr[-2000:]
     assert sys.executable != str(VENV_PY)
