@@ -221,12 +221,12 @@ def test_retry_shard_redoes_failed_rows_and_keeps_ok_rows_byte_identical(tmp_pat
     assert len(after) == 18
 
 
-def _quality_run(tmp_path, rows_in, captions_template: int | None, fraction: float):
+def _quality_run(tmp_path, rows_in, captions_template: int | None, fraction: float, *extra: str):
     storage = Storage(str(tmp_path))
     commit_image_shard(storage, 0, rows_in)
     config = _config(tmp_path, "annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
                      f"annotate.quality.fraction={fraction}", "annotate.reward.reader.backend=hf",
-                     "annotate.reward.reader.model=rule", "annotate.reward.mode=sample")
+                     "annotate.reward.reader.model=rule", "annotate.reward.mode=sample", *extra)
     policy = oracle_policy(rows_in) if captions_template is not None else (lambda img: world.UNINFORMATIVE_CAPTION)
     reader = RuleReader()
     resources = {annotate.captioner_key(config.annotate.captioner): ScriptedCaptioner(policy),
@@ -252,6 +252,16 @@ def test_quality_monitor_scores_captions_with_the_reward(tmp_path):
 
     _, _, bad_rows, _ = _quality_run(tmp_path / "bad", rows_in, None, 1.0)
     assert [r["quality"] for r in bad_rows] == [0.0] * 12  # "An image." answers nothing
+
+
+def test_quality_monitor_uses_the_reward_cache(tmp_path):
+    rows_in = scene_rows(6)
+    cache = tmp_path / "reward-cache"
+    _, _, first, reader = _quality_run(tmp_path / "a", rows_in, 0, 1.0, f"annotate.reward.cache={cache}")
+    assert reader.calls == [6 * 8] and list(cache.glob("part-*.parquet"))
+    # Another root, same captions and questions: every reader answer is replayed from the cache.
+    _, _, again, reader2 = _quality_run(tmp_path / "b", rows_in, 0, 1.0, f"annotate.reward.cache={cache}")
+    assert reader2.calls == [] and [r["quality"] for r in again] == [r["quality"] for r in first]
 
 
 def test_quality_monitor_scores_a_deterministic_fraction(tmp_path):
