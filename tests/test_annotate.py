@@ -93,9 +93,11 @@ def test_noop_run_writes_tar_and_manifest_with_bad_rows_recorded(tmp_path, shard
     assert "download/00000" in marker["inputs"]
 
 
-def test_missing_upstream_shard_is_a_clear_failure(tmp_path):
-    report, out = _run(_config(tmp_path))
-    assert report.failed and "run: python -m pipeline run --stage download --shards 0" in out
+def test_missing_upstream_shard_is_a_clear_error(tmp_path):
+    from pipeline.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match="run: python -m pipeline run --stage download --shards 0"):
+        _run(_config(tmp_path))  # refused before any work (the CLI prints it as one error line)
 
 
 def test_engine_failure_on_a_chunk_is_retried_in_smaller_batches(tmp_path):
