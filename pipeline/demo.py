@@ -195,7 +195,7 @@ def show_results(config, stages: list[str], out) -> None:
             with storage.open(rel, "rb") as f:
                 print("\n" + f.read().decode(), file=out)
     if "annotate" in stages and storage.is_local:
-        from pipeline.browse import write_gallery
+        from pipeline.gallery import write_gallery
 
-        folder = write_gallery(config, storage, "captions", Path(storage.path("gallery")))
+        folder = write_gallery(storage, "captions", Path(storage.path("gallery")))
         print(f"demo: gallery of the captions: {folder / 'index.html'}", file=out)
