@@ -247,7 +247,9 @@ class EvaluateConfig(Section):
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
     seed: int = 0
     cache: str | None = runtime(None, description="fsspec folder of the caption cache (default ROOT/eval/_cache)")
-    cache_flush_images: int = runtime(256, ge=1, description="write a cache part every this many captioned images")
+    caption_chunk: int = Field(64, ge=1, description="images per captioning engine call; a benchmark's images are "
+                               "cut into chunks in sha256 order and each chunk is seeded by its make-up, so this "
+                               "shapes the samples (not a runtime setting)")
 
     @model_validator(mode="after")
     def _check_names(self) -> EvaluateConfig:

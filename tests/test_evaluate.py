@@ -32,7 +32,7 @@ def _vl(name: str) -> dict:
 
 def _manifest(tmp: Path, root: Path, bench: Path, captioners: list[str], **evaluate) -> Path:
     demo = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
-    section = {**demo["evaluate"], "name": "t", "k": K, "captioners": {c: _vl(c) for c in captioners},
+    section = {**demo["evaluate"], "name": "t", "k": K, "caption_chunk": 4, "captioners": {c: _vl(c) for c in captioners},
                "benchmarks": [{"name": "heldout", "kind": "jsonl", "path": str(bench)}], **evaluate}
     path = tmp / f"m{len(list(tmp.glob('m*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump({"root": str(root), "shard_size": 20, "evaluate": section}))
@@ -113,7 +113,7 @@ def test_one_more_captioner_reuses_cached_captions(first_run, bench, monkeypatch
 def test_killed_evaluate_reruns_to_the_same_report(first_run, bench, tmp_path):
     _, first_root, _ = first_run
     root = tmp_path / "root"
-    m = _manifest(tmp_path, root, bench, ["nano-vl", "nano-vl-step300"], cache_flush_images=1)
+    m = _manifest(tmp_path, root, bench, ["nano-vl", "nano-vl-step300"])
     cmd = [sys.executable, "-m", "pipeline", "run", "--stage", "evaluate", "-m", str(m), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -1,11 +1,12 @@
 """k captions per image per captioner, through a cache keyed by what a caption depends on.
 
-A caption set is a pure function of (captioner model id, image sha256, prompt, k, sampling, pixel budget,
-seed): the engine is called once per image with n = k and a seed derived from the run's seed and the
-image's sha256, so an image's captions do not depend on which other images are evaluated with it or on
-what the cache already held. The cache is a folder of parquet parts (local or any fsspec URL), each
-written under a temporary name and then moved into place, so a killed run leaves only whole parts and a
-rerun, or a report with one more captioner or another reader, reuses every caption already made.
+The engine gets chunks of `chunk` images (n = k captions each): a benchmark's images sorted by sha256 and cut
+in order, so a chunk's make-up depends only on the benchmark, and its sampling seed is the run's seed mixed
+with the chunk's image hashes. A caption set is therefore a pure function of (captioner model id, prompt, k,
+sampling, pixel budget, seed, chunk, image): the same whether or not the cache held part of it, and the same
+after a kill and rerun. The cache is a folder of parquet parts (local or any fsspec URL), one per finished
+chunk, each written under a temporary name and then moved into place: a killed run leaves only whole parts,
+and a rerun, a report with one more captioner or another reader, reuses every caption already made.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _PART = pa.schema([pa.field("key", pa.string()), pa.field("captions", pa.list_(p
 
 @dataclass(frozen=True)
 class CaptionSpec:
-    """Everything a cached caption set depends on, besides the image."""
+    """Everything a cached caption set depends on, besides its chunk and image."""
 
     model_id: str
     prompt: str
@@ -44,16 +45,25 @@ class CaptionSpec:
     max_pixels: int
     seed: int
 
-    def key(self, image_sha256: str) -> str:
+    def key(self, chunk: str, image_sha256: str) -> str:
         blob = json.dumps({"model": self.model_id, "prompt": self.prompt, "k": self.k,
                            "sampling": self.sampling.model_dump(), "pixels": [self.min_pixels, self.max_pixels],
-                           "seed": self.seed, "image": image_sha256}, sort_keys=True)
+                           "seed": self.seed, "chunk": chunk, "image": image_sha256}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def image_seed(self, image_sha256: str) -> int:
-        """The sampling seed of one image: the run's seed mixed with the image's hash."""
-        blob = f"{self.seed}|{image_sha256}".encode()
-        return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big")
+    def chunk_seed(self, chunk: str) -> int:
+        """The sampling seed of one chunk: the run's seed mixed with the chunk's digest."""
+        return int.from_bytes(hashlib.sha256(f"{self.seed}|{chunk}".encode()).digest()[:4], "big")
+
+
+def chunks(images: Sequence[tuple[str, bytes]], size: int) -> list[list[tuple[str, bytes]]]:
+    """Distinct images sorted by sha256, cut in order into chunks of `size`."""
+    unique = sorted(dict(images).items())
+    return [unique[i:i + size] for i in range(0, len(unique), size)]
+
+
+def chunk_digest(chunk: Sequence[tuple[str, bytes]]) -> str:
+    return hashlib.sha256("|".join(sha for sha, _ in chunk).encode()).hexdigest()[:16]
 
 
 class CaptionCache:
@@ -64,7 +74,9 @@ class CaptionCache:
         self._data: dict[str, list[str]] = {}
         self._new: list[dict[str, Any]] = []
         self.hits = 0
+        """caption sets read back (counted per image)"""
         self.misses = 0
+        """caption sets not found (counted per image: a chunk with one miss is generated whole)"""
         if self.fs.exists(self.root):
             for part in sorted(self.fs.glob(f"{self.root}/part-*.parquet")):
                 with self.fs.open(part, "rb") as f:
@@ -114,32 +126,30 @@ def spec_for(engine: Engine, cfg: EngineConfig, prompt: str, k: int, sampling: S
 
 
 def caption_all(engine: Callable[[], Engine], spec: CaptionSpec, images: Sequence[tuple[str, bytes]],
-                cache: CaptionCache, flush_every: int = 256) -> dict[str, list[str]]:
-    """k captions for every (sha256, bytes) image: from the cache, else from the engine (one request per
-    image, n = k, the image's own seed). Returns sha256 -> captions. Raises if the engine fails on an image
-    (an evaluation with missing captions would be wrong, not partial)."""
+                cache: CaptionCache, chunk: int = 64) -> dict[str, list[str]]:
+    """k captions for every (sha256, bytes) image of one benchmark: a chunk whose captions are all cached is
+    read back, any other chunk is generated whole (one engine call) and cached. Returns sha256 -> captions.
+    Raises if the engine fails on an image: an evaluation with missing captions would be wrong, not partial."""
     out: dict[str, list[str]] = {}
-    made = 0
     params = replace(Sampling.from_config(spec.sampling), n=spec.k)
-    for sha, data in images:
-        if sha in out:
+    for part in chunks(images, chunk):
+        digest = chunk_digest(part)
+        keys = [spec.key(digest, sha) for sha, _ in part]
+        found = [cache.get(key) for key in keys]
+        if all(f is not None for f in found):
+            out.update({sha: f for (sha, _), f in zip(part, found, strict=True)})  # type: ignore[misc]
             continue
-        key = spec.key(sha)
-        cached = cache.get(key)
-        if cached is not None:
-            out[sha] = cached
-            continue
-        image = prepare_image(data, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
-        gens = engine().generate([caption_request(spec.prompt, image)],
-                                 replace(params, seed=spec.image_seed(sha)))[0]
-        bad = [g for g in gens if g.finish_reason == "error"]
-        if bad or len(gens) != spec.k:
-            raise RuntimeError(f"captioner {spec.model_id} failed on image {sha[:12]}: "
-                               f"{bad[0].error if bad else f'{len(gens)} of {spec.k} captions'}")
-        out[sha] = [g.text.strip() for g in gens]
-        cache.put(key, out[sha], spec.model_id, sha)
-        made += 1
-        if made % flush_every == 0:
-            cache.flush()
-    cache.flush()
+        requests = [caption_request(spec.prompt, prepare_image(data, min_pixels=spec.min_pixels,
+                                                               max_pixels=spec.max_pixels)) for _, data in part]
+        results = engine().generate(requests, replace(params, seed=spec.chunk_seed(digest)))
+        if len(results) != len(part):
+            raise RuntimeError(f"captioner {spec.model_id} returned {len(results)} results for {len(part)} images")
+        for (sha, _), key, gens in zip(part, keys, results, strict=True):
+            bad = [g for g in gens if g.finish_reason == "error"]
+            if bad or len(gens) != spec.k:
+                raise RuntimeError(f"captioner {spec.model_id} failed on image {sha[:12]}: "
+                                   f"{bad[0].error if bad else f'{len(gens)} of {spec.k} captions'}")
+            out[sha] = [g.text.strip() for g in gens]
+            cache.put(key, out[sha], spec.model_id, sha)
+        cache.flush()
     return out

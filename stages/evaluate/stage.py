@@ -107,10 +107,9 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
     for name, found in images.items():
         if not found:
             raise ConfigError(f"evaluate: benchmark {name!r} has no image with a question")
-    unique = list({im.sha256: im.data for ims in images.values() for im in ims}.items())
     cache = CaptionCache(cfg.cache or storage.url(CACHE_DIR), {} if cfg.cache else storage.storage_options)
 
-    captions: dict[str, dict[str, list[str]]] = {}
+    captions: dict[str, dict[str, dict[str, list[str]]]] = {}
     models: dict[str, str] = {}
     cache_stats: dict[str, dict[str, int]] = {}
     for name, raw in cfg.captioners.items():
@@ -125,9 +124,15 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
 
         models[name] = cache_model_id(ecfg, load)
         spec = CaptionSpec(models[name], cfg.prompt, cfg.k, cfg.sampling, ecfg.min_pixels, ecfg.max_pixels, cfg.seed)
-        hits, misses = cache.hits, cache.misses
-        captions[name] = caption_all(load, spec, unique, cache, cfg.cache_flush_images)
-        cache_stats[name] = {"cached": cache.hits - hits, "generated": cache.misses - misses}
+        made = 0
+        captions[name] = {}
+        for bench, ims in images.items():
+            hits = cache.hits
+            captions[name][bench] = caption_all(load, spec, [(im.sha256, im.data) for im in ims], cache,
+                                                cfg.caption_chunk)
+            made += len(captions[name][bench]) - (cache.hits - hits)
+        total = sum(len(c) for c in captions[name].values())
+        cache_stats[name] = {"cached": total - made, "generated": made}
         if engine:
             engine[0].close()
         ctx.log.info("evaluate: captioner %s: %s", name, cache_stats[name])
@@ -158,17 +163,17 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
     reporting.bar_chart(report, ctx.output_file("chart.png"))
     shardio.write_manifest(rows, ANSWER_SCHEMA, ctx.output_file("answers.parquet"))
     stats = ShardStats(rows=len(rows), ok=len(rows))
-    stats.extra = {"captions": cache_stats, "images": len(unique),
+    stats.extra = {"captions": cache_stats, "images": sum(len(ims) for ims in images.values()),
                    "questions": sum(len(im.questions) for ims in images.values() for im in ims),
                    "overall_mean": {n: report["captioners"][n]["mean"] for n in names}}
     return stats
 
 
-def _caption_sets(cfg: EvaluateConfig, im: BenchImage, captions: dict[str, dict[str, list[str]]],
+def _caption_sets(cfg: EvaluateConfig, im: BenchImage, captions: dict[str, dict[str, dict[str, list[str]]]],
                   models: dict[str, str]) -> Iterator[tuple[str, str, list[str]]]:
     """(captioner, model id, captions) for one image: every captioner's k, then the baselines' one."""
     for name in cfg.captioners:
-        yield name, models[name], captions[name][im.sha256]
+        yield name, models[name], captions[name][im.benchmark][im.sha256]
     for base in cfg.baselines:
         if base == "empty":
             yield base, "baseline:empty", [""]
@@ -177,7 +182,7 @@ def _caption_sets(cfg: EvaluateConfig, im: BenchImage, captions: dict[str, dict[
 
 
 def _answer(cfg: EvaluateConfig, reader: Engine, images: dict[str, list[BenchImage]],
-            captions: dict[str, dict[str, list[str]]], models: dict[str, str]) -> list[dict[str, Any]]:
+            captions: dict[str, dict[str, dict[str, list[str]]]], models: dict[str, str]) -> list[dict[str, Any]]:
     """Every reader answer as an answers.parquet row. Identical (caption, question) pairs are asked once."""
     plan: list[tuple[dict[str, Any], Item]] = []
     for bench, ims in images.items():
