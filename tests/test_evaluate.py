@@ -128,7 +128,7 @@ def test_killed_evaluate_reruns_to_the_same_report(first_run, bench, tmp_path):
     assert storage.unit_marker("evaluate", "t") is None
     assert not (root / "eval" / "t").exists()
     parts = list(cache.glob("part-*.parquet"))
-    assert parts and not list(cache.glob("_tmp-*"))
+    assert parts and all(pl.read_parquet(p).height > 0 for p in parts)  # only whole parts carry the name
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     caps = storage.unit_marker("evaluate", "t")["stats"]["extra"]["captions"]
@@ -146,3 +146,67 @@ def test_benchmark_rows_take_letters_or_texts():
     assert make_mcq("q?", ["red", "blue", "green", "pink"], "(D)").answer == "D"
     with pytest.raises(ValueError):
         make_mcq("q?", ["red", "blue", "green", "pink"], "violet")
+
+
+def _commit(storage: Storage, stage: str, shard: int, files: dict[str, bytes]) -> None:
+    txn = storage.begin(stage, shard)
+    for rel, blob in files.items():
+        Path(txn.path(rel)).write_bytes(blob)
+    txn.commit({"config_fingerprint": "test"})
+
+
+def test_qa_shards_and_caprl_parquet_benchmarks(tmp_path, bench):
+    """Held-out qa shards (kept questions only, images from ROOT/images, recorded as inputs: a recommitted qa
+    shard makes the report outdated) and a CapRL-QA-75K-layout parquet, with the baselines alone."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import shardio
+    from pipeline.nano import world
+
+    root = tmp_path / "root"
+    storage = Storage(str(root))
+    storage.check_reachable()
+    rng = random.Random(5)
+    scenes = [world.sample_scene(rng) for _ in range(3)]
+    keys = [f"0000{i:05d}"[-9:] for i in range(3)]
+    tar = tmp_path / "img.tar"
+    shardio.write_tar(str(tar), [(k, [("png", world.encode(world.render(s))), ("txt", world.caption(s).encode())])
+                                 for k, s in zip(keys, scenes, strict=True)])
+
+    def qa_rows(keep_all: bool) -> bytes:
+        rows = []
+        for k, s in zip(keys, scenes, strict=True):
+            for j, q in enumerate(world.pick_mcqs(s, random.Random(k), k=2)):
+                rows.append({"key": k, "question_id": f"{k}-{j}", "question": q.question, "options": list(q.options),
+                             "answer": q.answer, "kept": keep_all or j == 0, "status": "ok"})
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        return buf.getvalue().to_pybytes()
+
+    _commit(storage, "download", 0, {"images/00000.tar": tar.read_bytes()})
+    _commit(storage, "qa", 0, {"qa/00000.parquet": qa_rows(False)})
+    published = tmp_path / "caprl.parquet"
+    pq.write_table(pa.Table.from_pylist([{
+        "id": f"p{i}", "image": {"bytes": world.encode(world.render(s)), "path": None},
+        "reward_model": {"ground_truth": [q.to_ground_truth() for q in world.pick_mcqs(s, random.Random(i), k=2)],
+                         "style": "rule"}} for i, s in enumerate(scenes)]), published)
+    m = _manifest(tmp_path, root, bench, [], benchmarks=[
+        {"name": "held", "kind": "qa", "shards": "0"}, {"name": "pub", "kind": "caprl_parquet", "path": str(published)}])
+    report = run_stage(load_config(m), "evaluate", None, progress=False, out=io.StringIO())
+    assert report.committed == [0]
+    rep = json.loads((root / "eval" / "t" / "report.json").read_text())
+    held = rep["captioners"]["reference"]["per_benchmark"]["held"]
+    assert held["questions"] == 3 and held["images"] == 3  # kept questions only
+    assert rep["captioners"]["reference"]["per_benchmark"]["pub"] is None  # no reference caption there
+    assert rep["captioners"]["empty"]["per_benchmark"]["pub"]["questions"] == 6
+    assert rep["captioners"]["reference"]["mean"] > rep["captioners"]["empty"]["mean"]
+    marker = storage.unit_marker("evaluate", "t")
+    assert set(marker["inputs"]) == {"qa/00000", "download/00000"} and marker["shards"] == [0]
+    _commit(storage, "qa", 0, {"qa/00000.parquet": qa_rows(True)})  # a recommitted qa shard: outdated
+    again = run_stage(load_config(m), "evaluate", None, progress=False, out=io.StringIO())
+    assert again.committed == [0]
+    rep = json.loads((root / "eval" / "t" / "report.json").read_text())
+    assert rep["captioners"]["reference"]["per_benchmark"]["held"]["questions"] == 6
