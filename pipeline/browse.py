@@ -10,6 +10,7 @@ the summary collects aggregates only, `--sample N` picks N row numbers first and
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,14 +136,24 @@ def histogram(lf: pl.LazyFrame, column: str, bins: int = 10) -> dict[str, Any] |
     if not stats["rows"]:
         return None
     lo, hi = float(stats["lo"]), float(stats["hi"])
-    width = (hi - lo) / bins if hi > lo else 1.0
-    idx = ((x - lo) / width).floor().clip(0, bins - 1).cast(pl.Int32).alias("bin")
+    integer = lf.collect_schema()[column].is_integer()
+    if integer:  # whole-number bins [lo, lo + width - 1]
+        width = float(max(1, math.ceil((hi - lo + 1) / bins)))
+        n_bins = int((hi - lo) // width) + 1
+    else:
+        width = (hi - lo) / bins if hi > lo else 1.0
+        n_bins = bins if hi > lo else 1
+    idx = ((x - lo) / width).floor().clip(0, n_bins - 1).cast(pl.Int32).alias("bin")
     df = lf.select(idx).drop_nulls().group_by("bin").agg(pl.len().alias("n")).collect()
     counts = dict(zip(df["bin"].to_list(), df["n"].to_list(), strict=True))
-    n_bins = bins if hi > lo else 1
+
+    def upper(i: int) -> float:
+        if integer:
+            return min(hi, lo + (i + 1) * width - 1)
+        return lo + (i + 1) * width if hi > lo else hi
+
     return {"min": lo, "max": hi, "mean": float(stats["mean"]), "rows": int(stats["rows"]),
-            "bins": [(lo + i * width, lo + (i + 1) * width if hi > lo else hi, int(counts.get(i, 0)))
-                     for i in range(n_bins)]}
+            "bins": [(lo + i * width, upper(i), int(counts.get(i, 0))) for i in range(n_bins)]}
 
 
 def summarize(lf: pl.LazyFrame, view: View) -> dict[str, Any]:
