@@ -210,3 +210,70 @@ def test_qa_shards_and_caprl_parquet_benchmarks(tmp_path, bench):
     assert again.committed == [0]
     rep = json.loads((root / "eval" / "t" / "report.json").read_text())
     assert rep["captioners"]["reference"]["per_benchmark"]["held"]["questions"] == 6
+
+
+class _Reader:
+    """A reader that believes the description: it picks the option whose text the description contains."""
+
+    model_id = "fake-reader"
+
+    def __init__(self, fail_first: bool = False):
+        self.calls = 0
+        self.fail_first = fail_first
+
+    def _pick(self, request) -> int:
+        user = request.messages[-1]["content"]
+        desc = user.split("Description:\n", 1)[1].split("\n\nQuestion:", 1)[0]
+        options = [line[3:] for line in user.split("\n") if line[:1] in "ABCDE" and line[1:3] == ") "]
+        hits = [i for i, o in enumerate(options) if o in desc]
+        return hits[0] if hits else len(options) - 1
+
+    def generate(self, requests, params):
+        from pipeline.engines.base import Generation
+
+        self.calls += 1
+        if self.fail_first and self.calls == 1:
+            raise RuntimeError("reader server restarting")
+        assert params.temperature == 0.0
+        return [[Generation(" " + "ABCDE"[self._pick(r)] + ".")] for r in requests]
+
+    def score_choices(self, requests, choices):
+        self.calls += 1
+        return [[0.0 if i == self._pick(r) else -5.0 for i in range(len(c))] for r, c in zip(requests, choices, strict=True)]
+
+    def close(self):
+        pass
+
+
+def test_reader_modes_and_abstain_option():
+    from pipeline.mcq import MCQ
+    from stages.evaluate.reader import Item, answer_all, reader_request
+
+    q = MCQ("What color is the square?", ("red", "blue", "green", "pink"), "C")
+    items = [Item("A green square.", q), Item("A red square.", q), Item("", q)]
+    for mode in ("generate", "score"):
+        got = answer_all(_Reader(), items, mode, abstain=True)
+        assert [a.letter for a in got] == ["C", "A", "E"] and [a.correct for a in got] == [True, False, False]
+    assert reader_request(items[0], abstain=False).messages[-1]["content"].endswith("D) pink")
+    flaky = _Reader(fail_first=True)
+    assert [a.correct for a in answer_all(flaky, items[:1], "generate", abstain=False)] == [True]
+    assert flaky.calls == 2  # one retry
+    with pytest.raises(RuntimeError):
+        answer_all(_Reader(fail_first=True), items[:1], "generate", abstain=False, retries=0)
+
+
+def test_mean_and_best_of_k_definitions():
+    from stages.evaluate.report import Scored, scores
+
+    rows = []
+    # image a: 2 questions; caption 0 gets 2/2, caption 1 gets 0/2. image b: 1 question; 0/1 and 1/1.
+    for ci, marks in enumerate([(True, True), (False, False)]):
+        rows += [Scored("c", "b1", "a", ci, m) for m in marks]
+    rows += [Scored("c", "b1", "b", 0, False), Scored("c", "b1", "b", 1, True)]
+    rows += [Scored("c", "b2", "x", 0, True), Scored("c", "b2", "x", 1, True)]
+    s = scores(rows, ["c", "reference"], ["b1", "b2"])["c"]
+    assert s["per_benchmark"]["b1"]["mean"] == pytest.approx(3 / 6)
+    assert s["per_benchmark"]["b1"]["best_of_k"] == pytest.approx(3 / 3)
+    assert s["mean"] == pytest.approx((0.5 + 1.0) / 2) and s["best_of_k"] == pytest.approx(1.0)
+    missing = scores(rows, ["reference"], ["b1"])["reference"]
+    assert missing["mean"] is None and missing["per_benchmark"]["b1"] is None
