@@ -277,3 +277,42 @@ def test_mean_and_best_of_k_definitions():
     assert s["mean"] == pytest.approx((0.5 + 1.0) / 2) and s["best_of_k"] == pytest.approx(1.0)
     missing = scores(rows, ["reference"], ["b1"])["reference"]
     assert missing["mean"] is None and missing["per_benchmark"]["b1"] is None
+
+
+def test_train_latest_captioner_is_an_input(tmp_path, bench):
+    """'train:latest' resolves to the committed train unit's artifact and is recorded as an input: a retrained
+    checkpoint makes the report outdated, and its captions are new ones (the cache is keyed by weights)."""
+    root = tmp_path / "root"
+    storage = Storage(str(root))
+    storage.check_reachable()
+
+    def train(name: str) -> None:
+        src = REPO / "models" / "nano" / name
+        _commit_unit(storage, "train", "all", "checkpoints/all",
+                     {f"checkpoints/all/{p.name}": p.read_bytes() for p in src.iterdir() if p.is_file()})
+
+    train("nano-vl-step300")
+    m = _manifest(tmp_path, root, bench, [], baselines=["empty"])
+    doc = yaml.safe_load(m.read_text())
+    doc["evaluate"]["captioners"] = {"trained": {**_vl("x"), "model": "train:latest"}}
+    m.write_text(yaml.safe_dump(doc))
+    run_stage(load_config(m), "evaluate", None, progress=False, out=io.StringIO())
+    marker = storage.unit_marker("evaluate", "t")
+    assert "train/all" in marker["inputs"]
+    assert marker["stats"]["extra"]["captions"]["trained"] == {"cached": 0, "generated": SCENES}
+    first = json.loads((root / "eval" / "t" / "report.json").read_text())["captioners"]["trained"]["mean"]
+    assert run_stage(load_config(m), "evaluate", None, progress=False, out=io.StringIO()).skipped == [0]
+    train("nano-vl")  # retrained
+    again = run_stage(load_config(m), "evaluate", None, progress=False, out=io.StringIO())
+    assert again.committed == [0]
+    marker = storage.unit_marker("evaluate", "t")
+    assert marker["stats"]["extra"]["captions"]["trained"] == {"cached": 0, "generated": SCENES}
+    after = json.loads((root / "eval" / "t" / "report.json").read_text())["captioners"]["trained"]["mean"]
+    assert after > first + 0.1
+
+
+def _commit_unit(storage: Storage, stage: str, unit: str, artifact: str, files: dict[str, bytes]) -> None:
+    txn = storage.begin(stage, unit)
+    for rel, blob in files.items():
+        Path(txn.path(rel)).write_bytes(blob)
+    txn.commit({"config_fingerprint": "test", "artifact": artifact, "shards": []})
