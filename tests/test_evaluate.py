@@ -129,8 +129,8 @@ def test_killed_evaluate_reruns_to_the_same_report(first_run, bench, tmp_path):
     assert not (root / "eval" / "t").exists()
     parts = list(cache.glob("part-*.parquet"))
     assert parts and all(pl.read_parquet(p).height > 0 for p in parts)  # only whole parts carry the name
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
+    out = io.StringIO()
+    assert run_stage(load_config(m), "evaluate", None, progress=False, out=out).committed == [0], out.getvalue()
     caps = storage.unit_marker("evaluate", "t")["stats"]["extra"]["captions"]
     assert caps["nano-vl"]["cached"] >= 1
     first = (first_root / "eval" / "t")

@@ -86,13 +86,16 @@ def captioner_config(ctx: ShardContext, cfg: EngineConfig) -> EngineConfig:
     return resolve_model(cfg)
 
 
-def cache_model_id(cfg: EngineConfig, load: Any) -> str:
-    """The id the caption cache files a model under, without loading it where the config tells: a local
-    folder is its weights' hash (the same weights at another path share captions)."""
+def model_ident(cfg: EngineConfig, load: Any) -> str:
+    """A captioner's provenance id (as its engine reports it), without loading it where the config tells."""
     if cfg.backend in ("hf", "vllm"):
-        ident = model_identity(cfg.model, cfg.revision)
-    else:
-        ident = load().model_id
+        return model_identity(cfg.model, cfg.revision)
+    return load().model_id
+
+
+def cache_id(ident: str) -> str:
+    """The id the caption cache files a model under: a local folder is its weights' hash (the same weights at
+    another path share captions)."""
     return ident.split("#", 1)[1] if "#sha256:" in ident else ident
 
 
@@ -122,8 +125,8 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
                 engine.append(create_engine(ecfg))
             return engine[0]
 
-        models[name] = cache_model_id(ecfg, load)
-        spec = CaptionSpec(models[name], cfg.prompt, cfg.k, cfg.sampling, ecfg.min_pixels, ecfg.max_pixels, cfg.seed)
+        models[name] = model_ident(ecfg, load)
+        spec = CaptionSpec(cache_id(models[name]), cfg.prompt, cfg.k, cfg.sampling, ecfg.min_pixels, ecfg.max_pixels, cfg.seed)
         made = 0
         captions[name] = {}
         for bench, ims in images.items():
