@@ -316,3 +316,29 @@ def _commit_unit(storage: Storage, stage: str, unit: str, artifact: str, files: 
     for rel, blob in files.items():
         Path(txn.path(rel)).write_bytes(blob)
     txn.commit({"config_fingerprint": "test", "artifact": artifact, "shards": []})
+
+
+def test_jsonl_benchmark_on_s3_with_the_runs_storage_options(s3_server, bench):
+    from pipeline.config import BenchmarkConfig
+    from stages.evaluate.benchmarks import load_benchmark
+
+    bucket = s3_server.make_bucket("evalbench")
+    fs = Storage(bucket, s3_server.storage_options).fs
+    folder = bench.parent
+    for p in [bench, *sorted((folder / "images").iterdir())]:
+        fs.put_file(str(p), f"{bucket}/held/{p.relative_to(folder)}")
+    storage = Storage(f"{bucket}/run", s3_server.storage_options)
+    remote = load_benchmark(BenchmarkConfig(name="held", path=f"{bucket}/held/{bench.name}"), storage,
+                            lambda *_: {})
+    local = load_benchmark(BenchmarkConfig(name="held", path=str(bench)), Storage(str(folder)), lambda *_: {})
+    assert len(remote) == SCENES and [(i.sha256, i.questions, i.reference) for i in remote] == \
+        [(i.sha256, i.questions, i.reference) for i in local]
+
+
+def test_unrunnable_evaluation_is_one_error_line(tmp_path, bench, capsys):
+    from pipeline.cli import main
+
+    m = _manifest(tmp_path, tmp_path / "root", bench, [], baselines=[])
+    assert main(["run", "--stage", "evaluate", "-m", str(m)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: evaluate: no captioner and no baseline to evaluate (evaluate.captioners)"]

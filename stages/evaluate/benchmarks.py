@@ -64,7 +64,10 @@ def make_mcq(question: str, options: list[str], answer: str, qid: str = "") -> M
 def load_benchmark(cfg: BenchmarkConfig, storage: Storage,
                    record_input: Callable[[str, int], dict[str, Any]]) -> list[BenchImage]:
     """The images of one benchmark, in a stable order. `record_input(stage, shard)` records (and checks)
-    a committed input shard of this run (qa benchmarks)."""
+    a committed input shard of this run (qa benchmarks). A file on the root's object store without its own
+    storage_options is read with the run's."""
+    if cfg.path and not cfg.storage_options and _protocol(cfg.path) == _protocol(storage.root_url):
+        cfg = cfg.model_copy(update={"storage_options": dict(storage.storage_options)})
     if cfg.kind == "jsonl":
         images = _from_jsonl(cfg)
     elif cfg.kind == "caprl_parquet":
@@ -73,6 +76,10 @@ def load_benchmark(cfg: BenchmarkConfig, storage: Storage,
         images = _from_qa(cfg, storage, record_input)
     images = [im for im in images if im.questions]
     return images[: cfg.limit] if cfg.limit else images
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
 
 
 def _options(cfg: BenchmarkConfig) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pipeline.engines.base import Engine, create_engine
 from pipeline.engines.common import model_identity
 from pipeline.errors import ConfigError
 from pipeline.resources import resolve_model, stage_reference
-from pipeline.stage import WHOLE_RUN, Input, Resources, ShardContext, ShardStats, Stage
+from pipeline.stage import WHOLE_RUN, Input, Resources, RunContext, ShardContext, ShardStats, Stage
 from pipeline.storage import Storage
 from stages.evaluate import report as reporting
 from stages.evaluate.benchmarks import BenchImage, load_benchmark, qa_shards
@@ -63,6 +63,11 @@ def unit_of(config: RunConfig) -> str:
 def default_shards(config: RunConfig, storage: Storage) -> list[int]:
     """The held-out qa shards its qa benchmarks name (none for file benchmarks)."""
     return sorted({s for b in config.evaluate.benchmarks for s in qa_shards(b)})
+
+
+def prepare(run: RunContext) -> None:
+    """Refuse an evaluation that cannot run before any model is loaded."""
+    check(run.config.evaluate)
 
 
 def check(cfg: EvaluateConfig) -> None:
@@ -218,6 +223,7 @@ STAGE = Stage(
     inputs=(Input("qa", required=False), Input("train", required=False), Input("download", required=False)),
     schema=ANSWER_SCHEMA,
     run_whole=run_whole,
+    prepare=prepare,
     unit=unit_of,
     default_shards=default_shards,
     resources=Resources(gpus=1),
