@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -245,8 +247,6 @@ def format_rows(df: pl.DataFrame, view: View) -> str:
 def browse(storage: Storage, stage: str = "captions", where: str | None = None, sample: int | None = None,
            seed: int = 0, show: str | None = None, html: str | None = None, out=None) -> int:
     """The browse command: prints to `out`; returns the exit code (errors raise BrowseError)."""
-    import sys
-
     out = out or sys.stdout
     view = VIEWS[stage]
     lf = apply_where(scan(storage, view), where)
@@ -268,9 +268,7 @@ def browse(storage: Storage, stage: str = "captions", where: str | None = None, 
         print("\nfirst rows:", file=out)
         print(format_rows(lf.head(10).collect(), view), file=out)
     if html:
-        from pathlib import Path
-
-        from pipeline.gallery import write_gallery
+        from pipeline.gallery import write_gallery  # gallery imports this module
 
         folder = write_gallery(storage, stage, Path(html), where=where, sample=sample, seed=seed)
         print(f"\ngallery: {folder / 'index.html'}", file=out)
