@@ -138,6 +138,9 @@ def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str |
     if not (data / WORLD_TABLE).exists():
         make_demo_data(data, n_images=n_images)
         print(f"demo: rendered {n_images} scenes into {data}/", file=out)
+    elif not (data / HELDOUT_DIR / HELDOUT_JSONL).exists():  # a data dir from before the held-out benchmark
+        seen = {r["scene"] for r in pq.read_table(data / WORLD_TABLE, columns=["scene"]).to_pylist()}
+        make_heldout_benchmark(data, seen=seen)
     manifest_path = manifest or (str(DEMO_MANIFEST) if DEMO_MANIFEST.exists() else None)
     config = load_config(manifest_path, overrides=[f"download.urls={data / URL_LIST}"], root=root)
     relocate_benchmarks(config, data)
