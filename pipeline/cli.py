@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     browse.add_argument("--sample", type=int, metavar="N", help="print N rows chosen with --seed")
     browse.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     browse.add_argument("--show", metavar="KEY", help="print one row whole, with where its image is")
-    browse.add_argument("--html", metavar="DIR", help="write a static gallery (DIR/index.html)")
+    browse.add_argument("--html", metavar="DIR", help="write a static gallery (DIR/index.html) of the matching rows "
+                        "(the first 1000, or the --sample)")
 
     demo = sub.add_parser("demo", help="render the demo world, serve it on 127.0.0.1 and run every stage on CPU")
     demo.add_argument("--root", default=None, help="where the demo run goes (default: the demo manifest's ./demo_run)")
