@@ -116,34 +116,7 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
         if not found:
             raise ConfigError(f"evaluate: benchmark {name!r} has no image with a question")
     cache = CaptionCache(cfg.cache or storage.url(CACHE_DIR), {} if cfg.cache else storage.storage_options)
-
-    captions: dict[str, dict[str, dict[str, list[str]]]] = {}
-    models: dict[str, str] = {}
-    cache_stats: dict[str, dict[str, int]] = {}
-    for name, raw in cfg.captioners.items():
-        ecfg = captioner_config(ctx, raw)
-        engine: list[Engine] = []
-
-        def load(ecfg: EngineConfig = ecfg, engine: list[Engine] = engine) -> Engine:
-            if not engine:
-                log.info("loading captioner %s", ecfg.model)
-                engine.append(create_engine(ecfg))
-            return engine[0]
-
-        models[name] = model_ident(ecfg, load)
-        spec = CaptionSpec(cache_id(models[name]), cfg.prompt, cfg.k, cfg.sampling, ecfg.min_pixels, ecfg.max_pixels, cfg.seed)
-        made = 0
-        captions[name] = {}
-        for bench, ims in images.items():
-            hits = cache.hits
-            captions[name][bench] = caption_all(load, spec, [(im.sha256, im.data) for im in ims], cache,
-                                                cfg.caption_chunk)
-            made += len(captions[name][bench]) - (cache.hits - hits)
-        total = sum(len(c) for c in captions[name].values())
-        cache_stats[name] = {"cached": total - made, "generated": made}
-        if engine:
-            engine[0].close()
-        ctx.log.info("evaluate: captioner %s: %s", name, cache_stats[name])
+    captions, models, cache_stats = _caption(ctx, cfg, images, cache)
 
     reader_cfg = resolve_model(cfg.reader)
     reader = create_engine(reader_cfg)
@@ -177,7 +150,44 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
     return stats
 
 
-def _caption_sets(cfg: EvaluateConfig, im: BenchImage, captions: dict[str, dict[str, dict[str, list[str]]]],
+Captions = dict[str, dict[str, dict[str, list[str]]]]
+"""captioner -> benchmark -> image sha256 -> its k captions"""
+
+
+def _caption(ctx: ShardContext, cfg: EvaluateConfig, images: dict[str, list[BenchImage]], cache: CaptionCache
+             ) -> tuple[Captions, dict[str, str], dict[str, dict[str, int]]]:
+    """Every captioner's captions of every benchmark (one engine at a time, loaded only if something is not
+    cached), each captioner's model id, and per captioner how many images were cached / generated."""
+    captions: Captions = {}
+    models: dict[str, str] = {}
+    stats: dict[str, dict[str, int]] = {}
+    for name, raw in cfg.captioners.items():
+        ecfg = captioner_config(ctx, raw)
+        engine: list[Engine] = []
+
+        def load(ecfg: EngineConfig = ecfg, engine: list[Engine] = engine) -> Engine:
+            if not engine:
+                log.info("loading captioner %s", ecfg.model)
+                engine.append(create_engine(ecfg))
+            return engine[0]
+
+        models[name] = model_ident(ecfg, load)
+        spec = CaptionSpec(cache_id(models[name]), cfg.prompt, cfg.k, cfg.sampling, ecfg.min_pixels,
+                           ecfg.max_pixels, cfg.seed)
+        captions[name], made = {}, 0
+        for bench, ims in images.items():
+            hits = cache.hits
+            captions[name][bench] = caption_all(load, spec, [(im.sha256, im.data) for im in ims], cache,
+                                                cfg.caption_chunk)
+            made += len(captions[name][bench]) - (cache.hits - hits)
+        stats[name] = {"cached": sum(len(c) for c in captions[name].values()) - made, "generated": made}
+        if engine:
+            engine[0].close()
+        ctx.log.info("evaluate: captioner %s: %s", name, stats[name])
+    return captions, models, stats
+
+
+def _caption_sets(cfg: EvaluateConfig, im: BenchImage, captions: Captions,
                   models: dict[str, str]) -> Iterator[tuple[str, str, list[str]]]:
     """(captioner, model id, captions) for one image: every captioner's k, then the baselines' one."""
     for name in cfg.captioners:
@@ -190,7 +200,7 @@ def _caption_sets(cfg: EvaluateConfig, im: BenchImage, captions: dict[str, dict[
 
 
 def _answer(cfg: EvaluateConfig, reader: Engine, images: dict[str, list[BenchImage]],
-            captions: dict[str, dict[str, dict[str, list[str]]]], models: dict[str, str]) -> list[dict[str, Any]]:
+            captions: Captions, models: dict[str, str]) -> list[dict[str, Any]]:
     """Every reader answer as an answers.parquet row. Identical (caption, question) pairs are asked once."""
     plan: list[tuple[dict[str, Any], Item]] = []
     for bench, ims in images.items():
