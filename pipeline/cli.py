@@ -122,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--repair", action="store_true", help="make corrupt units pending again")
     verify.add_argument("--workers", type=int, default=8, help="files read in parallel")
 
+    browse = sub.add_parser(
+        "browse", help="summarize, query and sample a run's committed manifests (polars, lazily); HTML gallery",
+        description="Read the parquet manifests of every committed unit of a stage lazily with polars (local or "
+                    "s3 through the manifest's storage_options): a summary (rows by status and failure reason, "
+                    "length and quality histograms, models, pipeline versions); --where filters with a polars SQL "
+                    "expression; --sample N prints a seeded sample; --show KEY one row whole with its image's place "
+                    "in its tar; --html DIR writes a static gallery.")
+    browse.add_argument("root", nargs="?", help="the run's storage root (default: the manifest's root)")
+    browse.add_argument("--manifest", "-m", help="run manifest (for storage_options)")
+    browse.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a manifest field, e.g. --set storage_options.endpoint_url=http://...")
+    browse.add_argument("--stage", choices=("captions", "images", "qa", "eval"), default="captions",
+                        help="which manifests (default captions)")
+    browse.add_argument("--where", metavar="EXPR", help="polars SQL filter, e.g. \"quality < 0.5 and caption_tokens > 200\"")
+    browse.add_argument("--sample", type=int, metavar="N", help="print N rows chosen with --seed")
+    browse.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    browse.add_argument("--show", metavar="KEY", help="print one row whole, with where its image is")
+    browse.add_argument("--html", metavar="DIR", help="write a static gallery (DIR/index.html) of the matching rows "
+                        "(the first 1000, or the --sample)")
+
     demo = sub.add_parser("demo", help="render the demo world, serve it on 127.0.0.1 and run every stage on CPU")
     demo.add_argument("--root", default=None, help="where the demo run goes (default: the demo manifest's ./demo_run)")
     demo.add_argument("--data-dir", default="demo_data", help="where the demo images and URL list go")
@@ -163,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
             units = {shard_name(s) for s in parse_shard_spec(args.shards)} if args.shards else None
             report = verify(_config(args), [args.stage] if args.stage else None, units, args.repair, args.workers)
             return print_report(report, args.repair)
+        if args.command == "browse":
+            from pipeline.browse import browse
+            from pipeline.storage import Storage
+
+            config = load_config(args.manifest, args.overrides, root=args.root)
+            storage = Storage(config.root, config.storage_options, config.work_dir)
+            return browse(storage, args.stage, where=args.where, sample=args.sample, seed=args.seed,
+                          show=args.show, html=args.html)
         if args.command == "demo":
             from pipeline.demo import run_demo
 

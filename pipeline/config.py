@@ -203,11 +203,65 @@ class AnnotateConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="reward (reader, mode, draws) of the quality monitor")
 
 
-class EvaluateConfig(Section):
-    """Prism-style caption quality."""
+class BenchmarkConfig(Section):
+    """One evaluation benchmark: MCQs about images that the captioners caption and the reader answers."""
 
-    captioner: EngineConfig = Field(default_factory=EngineConfig)
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")
+    kind: Literal["jsonl", "caprl_parquet", "qa"] = Field(
+        "jsonl", description="jsonl: rows {image, question, options, answer[, reference]}; caprl_parquet: the "
+        "CapRL-QA-75K layout; qa: kept questions of this run's committed qa shards (images from ROOT/images)")
+    path: str | None = Field(None, description="jsonl / caprl_parquet: the file (local or any fsspec URL)")
+    shards: str | None = Field(None, description="qa: the held-out shards, a shard spec such as '40-49'")
+    limit: int | None = Field(None, ge=1, description="use only the first `limit` images")
+    storage_options: dict[str, Any] = runtime(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> BenchmarkConfig:
+        if self.kind == "qa" and not self.shards:
+            raise ValueError(f"benchmark {self.name!r}: kind qa needs shards (the held-out qa shards)")
+        if self.kind != "qa" and not self.path:
+            raise ValueError(f"benchmark {self.name!r}: kind {self.kind} needs a path")
+        return self
+
+
+class EvaluateConfig(Section):
+    """Prism-style caption quality: k captions per image per captioner, a text-only reader answers each
+    benchmark question from each caption alone; mean accuracy over the k captions and best-of-k."""
+
+    name: str = Field("default", pattern=r"^[a-z][a-z0-9_-]{0,63}$", description="the report: ROOT/eval/<name>/")
+    captioners: dict[str, EngineConfig] = Field(
+        default_factory=dict, description="name -> engine; model may be a checkpoint folder, a hub name, "
+        "'train:latest', or a model behind the openai backend")
+    baselines: list[Literal["empty", "reference"]] = Field(
+        default_factory=lambda: ["empty", "reference"],
+        description="built-in captioners: the empty caption, and the benchmark's own reference caption")
+    prompt: str = "Please describe this image in detail."
+    k: int = Field(4, ge=1, description="captions per image per captioner")
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=2048))
     reader: EngineConfig = Field(default_factory=EngineConfig)
+    answer_mode: Literal["generate", "score"] = Field(
+        "generate", description="generate: the reader writes a letter (temperature 0); score: the option whose "
+        "text is most likely after the prompt")
+    abstain_option: bool = Field(
+        False, description="append a 'cannot be answered from the description' option (always counted wrong)")
+    reader_max_new_tokens: int = Field(10, ge=1)
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
+    seed: int = 0
+    cache: str | None = runtime(None, description="fsspec folder of the caption cache (default ROOT/eval/_cache)")
+    caption_chunk: int = Field(64, ge=1, description="images per captioning engine call; a benchmark's images are "
+                               "cut into chunks in sha256 order and each chunk is seeded by its make-up, so this "
+                               "shapes the samples (not a runtime setting)")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> EvaluateConfig:
+        clash = set(self.captioners) & set(self.baselines)
+        if clash:
+            raise ValueError(f"captioner names {sorted(clash)} clash with the built-in baselines")
+        names = [b.name for b in self.benchmarks]
+        if len(set(names)) != len(names):
+            raise ValueError("benchmark names must be unique")
+        return self
 
 
 class SlurmConfig(Section):

@@ -22,6 +22,10 @@ from pipeline.resources import repo_path
 DEMO_MANIFEST = repo_path("manifests", "demo.yaml")
 WORLD_TABLE = "world.parquet"
 URL_LIST = "urls.parquet"
+HELDOUT_DIR = "heldout"
+HELDOUT_JSONL = "benchmark.jsonl"
+HELDOUT_SEED = 7_000_000
+"""The held-out benchmark's scenes come from their own RNG stream (the demo world uses seed 0)."""
 
 
 def make_demo_data(out_dir: str | Path, n_images: int = 60, seed: int = 0, size: int = world.IMAGE_SIZE) -> Path:
@@ -43,7 +47,34 @@ def make_demo_data(out_dir: str | Path, n_images: int = 60, seed: int = 0, size:
             "mcqs": json.dumps([q.to_dict() for q in mcqs]),
         })
     pq.write_table(pa.Table.from_pylist(rows), out / WORLD_TABLE)
+    make_heldout_benchmark(out, seen={r["scene"] for r in rows}, size=size)
     return out
+
+
+def make_heldout_benchmark(out_dir: str | Path, n_scenes: int = 40, questions: int = 3,
+                           seen: set[str] | None = None, size: int = world.IMAGE_SIZE) -> Path:
+    """out_dir/heldout/benchmark.jsonl (+ images/): scenes never shown to download/qa/train (their own seed,
+    and any scene equal to one in `seen` is skipped), `questions` MCQs each, one JSONL row per question
+    {image, question, options, answer, reference, id}. Deterministic."""
+    out = Path(out_dir) / HELDOUT_DIR
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(HELDOUT_SEED)
+    lines: list[str] = []
+    i = 0
+    while i < n_scenes:
+        scene = world.sample_scene(rng)
+        if seen is not None and scene.to_json() in seen:
+            continue
+        name = f"images/heldout_{i:05d}.png"
+        (out / name).write_bytes(world.encode(world.render(scene, size)))
+        for j, q in enumerate(world.pick_mcqs(scene, rng, k=questions)):
+            lines.append(json.dumps({"image": name, "question": q.question, "options": list(q.options),
+                                     "answer": q.answer, "reference": world.caption(scene, i % 3),
+                                     "id": f"heldout-{i:05d}-{j}"}))
+        i += 1
+    path = out / HELDOUT_JSONL
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def write_url_list(data_dir: str | Path, base_url: str) -> Path:
@@ -107,8 +138,12 @@ def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str |
     if not (data / WORLD_TABLE).exists():
         make_demo_data(data, n_images=n_images)
         print(f"demo: rendered {n_images} scenes into {data}/", file=out)
+    elif not (data / HELDOUT_DIR / HELDOUT_JSONL).exists():  # a data dir from before the held-out benchmark
+        seen = {r["scene"] for r in pq.read_table(data / WORLD_TABLE, columns=["scene"]).to_pylist()}
+        make_heldout_benchmark(data, seen=seen)
     manifest_path = manifest or (str(DEMO_MANIFEST) if DEMO_MANIFEST.exists() else None)
     config = load_config(manifest_path, overrides=[f"download.urls={data / URL_LIST}"], root=root)
+    relocate_benchmarks(config, data)
     num_shards = -(-n_images // config.shard_size)
     shards = list(range(num_shards))
     with serve_directory(data, port) as base_url:
@@ -121,9 +156,49 @@ def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str |
             return 0
         code = 0
         for stage in stages:
+            if stage == "evaluate" and "train" in stages:
+                add_trained_captioner(config)
             report = run_stage(config, stage, None if declared[stage].whole_run else shards, out=out)
             code = max(code, report.exit_code)
             if report.exit_code:
                 break
     print(f"demo: finished ({', '.join(stages)}); outputs under {config.root}", file=out)
+    if code == 0:
+        show_results(config, stages, out)
     return code
+
+
+def relocate_benchmarks(config, data: Path) -> None:
+    """The demo manifest names its held-out benchmark under ./demo_data; follow --data-dir."""
+    moved = []
+    for bench in config.evaluate.benchmarks:
+        if bench.path and bench.path.startswith("./demo_data/"):
+            bench = bench.model_copy(update={"path": str(data / bench.path.removeprefix("./demo_data/"))})
+        moved.append(bench)
+    config.evaluate.benchmarks = moved
+
+
+def add_trained_captioner(config) -> None:
+    """When the demo trained a captioner, evaluate it beside the nano ones (same engine settings)."""
+    caps = dict(config.evaluate.captioners)
+    if caps and "trained" not in caps:
+        first = next(iter(caps.values()))
+        caps["trained"] = first.model_copy(update={"model": "train:latest"})
+        config.evaluate.captioners = caps
+
+
+def show_results(config, stages: list[str], out) -> None:
+    """The evaluate table and the browse gallery of the captions, when those stages ran."""
+    from pipeline.storage import Storage
+
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    if "evaluate" in stages:
+        rel = f"eval/{config.evaluate.name}/report.md"
+        if storage.exists(rel):
+            with storage.open(rel, "rb") as f:
+                print("\n" + f.read().decode(), file=out)
+    if "annotate" in stages and storage.is_local:
+        from pipeline.gallery import write_gallery
+
+        folder = write_gallery(storage, "captions", Path(storage.path("gallery")))
+        print(f"demo: gallery of the captions: {folder / 'index.html'}", file=out)
