@@ -231,8 +231,10 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
             staging = len(os.listdir(storage.path(TMP_DIR, stage)))
         except FileNotFoundError:
             staging = 0
-    if kind == WHOLE_RUN:
-        universe: list[int | str] | None = [declared.unit_of(config)] if declared is not None else None
+    if kind == WHOLE_RUN:  # the configured unit when comparing with a configuration, else the units on record
+        seen = sorted({*committed, *(o.unit for o in outdated), *failed}, key=str)
+        universe: list[int | str] | None = ([declared.unit_of(config)] if compare and declared is not None
+                                            else seen)
     else:
         universe = run_universe(storage, stage)  # type: ignore[assignment]
     return StageStatus(
