@@ -88,6 +88,7 @@ def generated(tmp_path_factory) -> tuple[Path, dict[str, world.Scene]]:
 def test_demo_world_generate_and_gate(generated):
     root, truth = generated
     rows = qa_rows(root)
+    assert pq.read_schema(root / "qa" / "00000.parquet").names == QA_SCHEMA.names
     assert {r["key"] for r in rows} == set(truth)
     questions = [r for r in rows if r["question"] is not None]
     assert len(questions) >= 5 * N_IMAGES - 2  # nano-VL writes 5 parseable MCQs for nearly every scene
@@ -222,6 +223,38 @@ def test_malformed_generator_output_and_broken_image(tmp_path):
     extra = stats["extra"]
     assert (extra["images"], extra["images_ok"], extra["parsed"], extra["kept"]) == (4, 3, 6, 6)
     assert extra["rejected"] == {"parse_error": 3} and stats["errors"] == {"decode_error": 1, "parse_error": 3}
+
+
+class FailingOnce(ScriptedFilter):
+    """A filter whose first call dies (a CUDA error, a killed server)."""
+
+    def generate(self, requests, params):
+        if not self.calls:
+            self.calls.append(-1)
+            raise RuntimeError("CUDA error: device-side assert (scripted)")
+        return super().generate(requests, params)
+
+
+def test_failed_shard_leaves_nothing_and_rerun_commits_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    text = format_generator_output(GOOD)
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        qa_eval.write_image_shard(Storage(str(root)), 0, scenes(3, seed=4))
+    config, resources, _ = scripted_config(roots[0], text)
+    key = next(iter(resources))
+    resources[key] = FailingOnce(resources[key].answers)
+    out = io.StringIO()
+    report = run_stage(config, "qa", [0], progress=False, out=out, resources=resources)
+    assert report.failed and "CUDA error" in out.getvalue()
+    assert not (roots[0] / "qa" / "00000.parquet").exists()
+    assert not (roots[0] / "_done" / "qa" / "00000.json").exists()
+    assert (roots[0] / "_failed" / "qa" / "00000.json").exists()
+    run_qa(config, resources=resources)  # the rerun (same process, same engines)
+    clean_config, clean_resources, _ = scripted_config(roots[1], text)
+    run_qa(clean_config, resources=clean_resources)
+    assert (roots[0] / "qa" / "00000.parquet").read_bytes() == (roots[1] / "qa" / "00000.parquet").read_bytes()
+    assert not (roots[0] / "_failed" / "qa" / "00000.json").exists()
 
 
 @pytest.mark.parametrize("text, reason", [("I cannot write questions about this image.", "no_questions"),
