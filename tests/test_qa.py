@@ -333,9 +333,12 @@ def test_export_import_round_trip(generated, tmp_path):
     kept = [r for r in qa_rows(root) if r["kept"]]
     assert n == len({r["key"] for r in kept}) == table.num_rows
 
+    remote = f"memory://qa-round-trip-{tmp_path.name}/qa75k.parquet"  # any fsspec URL, as s3:// would be
+    with shardio.open_url(remote, "wb") as f:
+        f.write(out.read_bytes())
     new_root = tmp_path / "imported"
     shards = published.import_qa(load_config(DEMO_MANIFEST, ["shard_size=3"], root=str(new_root)),
-                                 Storage(str(new_root)), str(out))
+                                 Storage(str(new_root)), remote)
     assert shards == list(range(-(-n // 3)))
     imported = [r for s in shards for r in qa_rows(new_root, s)]
     assert all(r["kept"] and r["status"] == "ok" for r in imported)
@@ -350,7 +353,11 @@ def test_export_import_round_trip(generated, tmp_path):
             assert hashlib.sha256(sample.image).hexdigest() == sample.meta["sha256"]
             assert json.loads(sample.meta["mcqs"])
     assert json.loads((new_root / "run.json").read_text())["shard_size"] == 3
-    # the imported shards are committed: the qa stage's gate-only mode reads them back
+    # the imported shards are committed: export reads them back, and gate-only mode re-gates them
     again = tmp_path / "again.parquet"
     assert published.export_qa(config, Storage(str(new_root)), str(again)) == n
     assert pq.read_table(again).column("reward_model").to_pylist() == table.column("reward_model").to_pylist()
+    run_qa(load_config(DEMO_MANIFEST, ["shard_size=3", "qa.generate=false"], root=str(new_root)), shards)
+    regated = [r for s in shards for r in qa_rows(new_root, s)]
+    assert content(regated, lambda r: r["sha256"]) == content(imported, lambda r: r["sha256"])
+    assert all(r["visual_acc"] is not None for r in regated) and any(r["kept"] for r in regated)
