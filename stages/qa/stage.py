@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from PIL import Image
 
 from pipeline import shardio
 from pipeline.config import EngineConfig, QAConfig
@@ -193,10 +194,20 @@ def _blocks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 
 def _process(ctx: ShardContext, cfg: QAConfig, settings: GateSettings, block: list[Sample],
              extras: dict[str, dict[str, Any]], prov: _Provenance) -> list[_Image]:
-    """Generate (or read) and gate the questions of one block of samples."""
+    """Decode, generate (or read) and gate the questions of one block of samples."""
+    out, prepared = _load(cfg, block, extras)
+    if cfg.generate and prepared:
+        _generate(ctx, cfg, out, prepared, prov)
+    _gate(ctx, cfg, settings, out, prepared, prov)
+    return out
+
+
+def _load(cfg: QAConfig, block: list[Sample], extras: dict[str, dict[str, Any]]
+          ) -> tuple[list[_Image], dict[str, Image.Image]]:
+    """The block's images decoded and resized (errors recorded); gate-only: their stored questions."""
     pixels = cfg.generator if cfg.generate else cfg.filter
     out: list[_Image] = []
-    prepared = {}
+    prepared: dict[str, Image.Image] = {}
     for sample in block:
         extra = extras.get(sample.key, {})
         img = _Image(key=sample.key, url=sample.meta.get("url") or extra.get("url"))
@@ -213,23 +224,30 @@ def _process(ctx: ShardContext, cfg: QAConfig, settings: GateSettings, block: li
         prepared[img.key] = loaded.image
         img.decoded = True
         if not cfg.generate:
-            stored = sample.meta.get(cfg.questions_field, extra.get(cfg.questions_field))
-            img.candidates = from_stored(stored)
-    if cfg.generate and prepared:
-        gen = engine(ctx, cfg.generator)
-        prov.generator_model_id = gen.model_id
-        sampling = Sampling.from_config(cfg.generation)
-        made = generate_questions(gen, list(prepared.items()), generation_prompt(cfg), sampling,
-                                  cfg.generator.chunk_size)
-        by_key = {g.key: g for g in made}
-        for img in out:
-            g = by_key.get(img.key)
-            if g is None:
-                continue
-            img.raw = g.raw
-            if g.error:
-                img.error_reason, img.error = "generation_error", g.error
-            img.candidates = g.candidates
+            img.candidates = from_stored(sample.meta.get(cfg.questions_field, extra.get(cfg.questions_field)))
+    return out, prepared
+
+
+def _generate(ctx: ShardContext, cfg: QAConfig, out: list[_Image], prepared: dict[str, Image.Image],
+              prov: _Provenance) -> None:
+    """One generator request per decoded image; its parsed candidates (or error) onto each image."""
+    gen = engine(ctx, cfg.generator)
+    prov.generator_model_id = gen.model_id
+    made = generate_questions(gen, list(prepared.items()), generation_prompt(cfg), Sampling.from_config(cfg.generation),
+                              cfg.generator.chunk_size)
+    by_key = {g.key: g for g in made}
+    for img in out:
+        g = by_key.get(img.key)
+        if g is None:
+            continue
+        img.raw, img.candidates = g.raw, g.candidates
+        if g.error:
+            img.error_reason, img.error = "generation_error", g.error
+
+
+def _gate(ctx: ShardContext, cfg: QAConfig, settings: GateSettings, out: list[_Image],
+          prepared: dict[str, Image.Image], prov: _Provenance) -> None:
+    """Gate every parsed, non-duplicate question of the block in one run of the gate."""
     items, owners = [], []
     for img in out:
         seen: set[str] = set()
@@ -242,12 +260,12 @@ def _process(ctx: ShardContext, cfg: QAConfig, settings: GateSettings, block: li
             seen.add(c.mcq.id)
             items.append(GateItem(img.key, c.mcq, prepared[img.key]))
             owners.append((img, c.index))
-    if items:
-        filt = engine(ctx, cfg.filter)
-        prov.filter_model_id = filt.model_id
-        for (img, index), verdict in zip(owners, run_gate(filt, items, settings), strict=True):
-            img.verdicts[index] = verdict
-    return out
+    if not items:
+        return
+    filt = engine(ctx, cfg.filter)
+    prov.filter_model_id = filt.model_id
+    for (img, index), verdict in zip(owners, run_gate(filt, items, settings), strict=True):
+        img.verdicts[index] = verdict
 
 
 def _rows(img: _Image, prov: _Provenance, stamp: str) -> list[dict[str, Any]]:
