@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -20,6 +21,7 @@ from pipeline import shardio
 from pipeline.config import RunConfig, load_config
 from pipeline.demo import DEMO_MANIFEST
 from pipeline.engines.base import ChatRequest, Generation, Sampling
+from pipeline.errors import PipelineError
 from pipeline.mcq import MCQ, NONE_OF_THE_ABOVE, format_generator_output
 from pipeline.nano import qa_eval, world
 from pipeline.resources import resolve_model
@@ -361,3 +363,23 @@ def test_export_import_round_trip(generated, tmp_path):
     regated = [r for s in shards for r in qa_rows(new_root, s)]
     assert content(regated, lambda r: r["sha256"]) == content(imported, lambda r: r["sha256"])
     assert all(r["visual_acc"] is not None for r in regated) and any(r["kept"] for r in regated)
+
+
+def test_import_refuses_missing_files_and_committed_shards(tmp_path):
+    data = world.encode(world.render(scenes(1, seed=9)[0]))
+    row = {"id": "7", "image": {"bytes": data, "path": "7.png"}, "prompt": published.published_prompt(),
+           "data_source": "x", "reward_model": {"ground_truth": [published.ground_truth(
+               {"question": GOOD[0].question, "options": list(GOOD[0].options), "answer": "C"})], "style": "rule"}}
+    src = tmp_path / "one.parquet"
+    pq.write_table(pa.Table.from_pylist([row, {**row, "id": "8", "reward_model": {"ground_truth": [], "style": "rule"}}],
+                                        schema=published.PUBLISHED_SCHEMA), src)
+    config = load_config(DEMO_MANIFEST, ["shard_size=5"], root=str(tmp_path / "root"))
+    with pytest.raises(PipelineError, match="does not exist"):
+        published.import_qa(config, Storage(config.root), str(tmp_path / "missing.parquet"))
+    assert published.import_qa(config, Storage(config.root), str(src)) == [0]
+    rows = qa_rows(tmp_path / "root")
+    assert [(r["key"], r["kept"], r["reject_reason"]) for r in rows] == [
+        ("000000000", True, None), ("000000001", False, "no_questions")]
+    assert rows[0]["options"] == list(GOOD[0].options) and rows[0]["answer"] == "C"
+    with pytest.raises(PipelineError, match="already has committed shards"):
+        published.import_qa(config, Storage(config.root), str(src))

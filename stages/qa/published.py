@@ -130,11 +130,21 @@ def _image_ext(data: bytes, path: str | None) -> str:
 def import_qa(config: RunConfig, storage: Storage, source: str, storage_options: dict[str, Any] | None = None,
               out=None) -> list[int]:
     """Cut a published file into committed image + qa shards of `config.shard_size` rows; returns the shards."""
-    with shardio.open_url(source, "rb", storage_options) as f:
-        table = pq.read_table(f)
+    try:
+        with shardio.open_url(source, "rb", storage_options) as f:
+            table = pq.read_table(f)
+    except FileNotFoundError:
+        raise PipelineError(f"{source} does not exist") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise PipelineError(f"cannot read {source} as parquet: {exc}") from None
     check_published(table.schema)
     storage.check_reachable()
     storage.ensure_run_meta({"shard_size": config.shard_size})
+    count = -(-table.num_rows // config.shard_size)
+    taken = sorted(s for stage in ("download", OUTPUT_DIR) for s in storage.committed(stage) if s < count)
+    if taken:
+        raise PipelineError(f"{storage.root_url} already has committed shards among 0-{count - 1} "
+                            f"(e.g. {shard_name(taken[0])}); import into a fresh --root")
     fingerprint = "imported:" + hashlib.sha256(f"{source}|{table.num_rows}".encode()).hexdigest()[:16]
     size = config.shard_size
     shards = []
