@@ -321,6 +321,25 @@ def test_pooled_text_arm_picks_once():
     assert v.visual_acc == 1.0 and v.text_acc == 0.0 and v.kept and len(set(v.text_picks)) == 1
 
 
+class NanScores(ScriptedFilter):
+    """A filter engine that fails (NaN scores) on every query without an image."""
+
+    def score_choices(self, requests, choices):
+        good = super().score_choices(requests, choices)
+        return [row if r.images else [float("nan")] * len(row) for r, row in zip(requests, good, strict=True)]
+
+
+def test_a_failed_filter_query_is_an_error_not_a_wrong_answer(tmp_path):
+    qa_eval.write_image_shard(Storage(str(tmp_path)), 0, scenes(2, seed=6))
+    config, resources, _ = scripted_config(tmp_path, format_generator_output(GOOD), "qa.filter_mode=score")
+    key = next(iter(resources))
+    resources[key] = NanScores(resources[key].answers)
+    run_qa(config, resources=resources)
+    rows = qa_rows(tmp_path)
+    assert len(rows) == 4 and not any(r["kept"] for r in rows)
+    assert {(r["status"], r["error_reason"], r["reject_reason"]) for r in rows} == {("error", "filter_error", "filter_error")}
+
+
 # -- the published layout ---------------------------------------------------------------------------
 @needs_nano
 def test_export_import_round_trip(generated, tmp_path):

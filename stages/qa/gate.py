@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -132,29 +133,46 @@ def run_gate(engine: Engine, items: Sequence[GateItem], settings: GateSettings) 
     for i, item in enumerate(items):
         v_shown, v_ans = arms[VISUAL][0][i], arms[VISUAL][1][i]
         t_shown, t_ans = arms[TEXT][0][i], arms[TEXT][1][i]
-        t_picks = [p for _, p, _ in t_ans]
-        if settings.mode == "score" and settings.text_pooling:
-            t_picks = _pooled(t_shown, [sc for _, _, sc in t_ans])
-        verdicts.append(_verdict(item.mcq, v_shown, v_ans, t_shown, t_ans, t_picks, settings))
+        t_picks = [a.pick for a in t_ans]
+        failed = any(a.failed for a in v_ans + t_ans)
+        if settings.mode == "score" and settings.text_pooling and not failed:
+            t_picks = _pooled(t_shown, [a.scores for a in t_ans])
+        verdicts.append(_verdict(item.mcq, v_shown, v_ans, t_shown, t_ans, t_picks, failed, settings))
     return verdicts
 
 
-def _ask(engine: Engine, requests: list[ChatRequest], shown: list[ShuffledMCQ],
-         settings: GateSettings) -> list[tuple[str, int | None, list[float] | None]]:
-    """(raw answer, picked shown position or None, choice scores or None) per query."""
-    out: list[tuple[str, int | None, list[float] | None]] = []
+@dataclass
+class Answer:
+    """One gate query's outcome: raw answer, picked shown position (None: unparseable), choice scores (score
+    mode), and whether the engine failed on it (a failure is never counted as a wrong answer)."""
+
+    raw: str
+    pick: int | None
+    scores: list[float] | None = None
+    failed: bool = False
+
+
+def _ask(engine: Engine, requests: list[ChatRequest], shown: list[ShuffledMCQ], settings: GateSettings) -> list[Answer]:
+    """The filter's answer to every query, `chunk_size` queries per engine call."""
+    out: list[Answer] = []
     for start in range(0, len(requests), settings.chunk_size):
         reqs, part = requests[start: start + settings.chunk_size], shown[start: start + settings.chunk_size]
         if settings.mode == "score":
             choices = [[" " + (LETTERS[k] if settings.choices == "letter" else o) for k, o in enumerate(s.options)]
                        for s in part]
             for scores in engine.score_choices(reqs, choices):
+                if not scores or any(math.isnan(x) for x in scores):
+                    out.append(Answer("", None, None, failed=True))
+                    continue
                 pick = max(range(len(scores)), key=scores.__getitem__)
-                out.append((LETTERS[pick], pick, list(scores)))
+                out.append(Answer(LETTERS[pick], pick, list(scores)))
         else:
             for s, gens in zip(part, engine.generate(reqs, settings.sampling), strict=True):
-                text = gens[0].text if gens else ""
-                out.append((text, pick_from_text(text, s), None))
+                gen = gens[0] if gens else None
+                if gen is None or gen.finish_reason == "error" or gen.error:
+                    out.append(Answer((gen.error or "") if gen else "", None, failed=True))
+                    continue
+                out.append(Answer(gen.text, pick_from_text(gen.text, s)))
     return out
 
 
@@ -196,15 +214,18 @@ def _arm(shown: list[ShuffledMCQ], picks: list[int | None]) -> tuple[float, list
     return sum(right) / len(right), texts
 
 
-def _verdict(mcq: MCQ, v_shown, v_ans, t_shown, t_ans, t_picks, settings: GateSettings) -> Verdict:
-    v_acc, v_texts = _arm(v_shown, [p for _, p, _ in v_ans])
+def _verdict(mcq: MCQ, v_shown: list[ShuffledMCQ], v_ans: list[Answer], t_shown: list[ShuffledMCQ],
+             t_ans: list[Answer], t_picks: list[int | None], failed: bool, settings: GateSettings) -> Verdict:
+    v_acc, v_texts = _arm(v_shown, [a.pick for a in v_ans])
     t_acc, t_texts = _arm(t_shown, t_picks)
     reason = None
-    if settings.answer_in_question and answer_in_question(mcq):
+    if failed:
+        reason = "filter_error"
+    elif settings.answer_in_question and answer_in_question(mcq):
         reason = "answer_in_question"
     elif not v_acc > settings.visual_threshold:
         reason = "not_visual"
     elif not t_acc < settings.text_threshold:
         reason = "leaky"
-    return Verdict(visual_acc=v_acc, text_acc=t_acc, visual_answers=[a for a, _, _ in v_ans], visual_picks=v_texts,
-                   text_answers=[a for a, _, _ in t_ans], text_picks=t_texts, kept=reason is None, reason=reason)
+    return Verdict(visual_acc=v_acc, text_acc=t_acc, visual_answers=[a.raw for a in v_ans], visual_picks=v_texts,
+                   text_answers=[a.raw for a in t_ans], text_picks=t_texts, kept=reason is None, reason=reason)

@@ -296,7 +296,10 @@ def _rows(img: _Image, prov: _Provenance, stamp: str) -> list[dict[str, Any]]:
                      "filter_prompt_hash": prov.filter_prompt_hash, "filter_settings": prov.filter_settings,
                      "visual_acc": v.visual_acc, "text_acc": v.text_acc, "visual_answers": v.visual_answers,
                      "visual_picks": v.visual_picks, "text_answers": v.text_answers, "text_picks": v.text_picks,
-                     "kept": v.kept, "reject_reason": v.reason})
+                     "kept": v.kept, "reject_reason": v.reason,
+                     **({"status": "error", "error_reason": "filter_error",
+                         "error": "the filter engine failed on some of this question's queries"}
+                        if v.reason == "filter_error" else {})})
     return rows
 
 
