@@ -68,8 +68,9 @@ def published_prompt() -> list[dict[str, str]]:
     return [{"content": IMAGE_PLACEHOLDER + CAPTION_PROMPT, "role": "user"}]
 
 
-def export_rows(config: RunConfig, storage: Storage, data_source: str = DATA_SOURCE) -> Iterator[dict[str, Any]]:
-    """Published rows for every image with kept questions in the committed qa shards, in shard and key order."""
+def export_batches(config: RunConfig, storage: Storage, data_source: str = DATA_SOURCE
+                   ) -> Iterator[list[dict[str, Any]]]:
+    """Published rows, one list per committed qa shard with kept questions (shard, then key order)."""
     for shard in sorted(storage.committed(OUTPUT_DIR)):
         rows = shardio.read_manifest(storage.url(OUTPUT_DIR, f"{shard_name(shard)}.parquet"), storage.storage_options)
         kept: dict[str, list[dict[str, Any]]] = {}
@@ -80,30 +81,35 @@ def export_rows(config: RunConfig, storage: Storage, data_source: str = DATA_SOU
             continue
         src = resolve_input(config, storage, shard, pattern=config.qa.input_pattern,
                             pattern_options=config.qa.input_storage_options, setting="qa.input_pattern")
+        batch = []
         for sample in shardio.read_samples(src.tar_url, src.storage_options):
             if sample.key not in kept or sample.image is None:
                 continue
             questions = sorted(kept.pop(sample.key), key=lambda r: r["question_index"])
-            yield {
+            batch.append({
                 "id": sample.key,
                 "image": {"bytes": sample.image, "path": f"{sample.key}.{sample.image_ext}"},
                 "prompt": published_prompt(),
                 "data_source": data_source,
                 "reward_model": {"ground_truth": [ground_truth(q) for q in questions], "style": REWARD_STYLE},
-            }
+            })
         if kept:
             raise PipelineError(f"qa shard {shard_name(shard)} keeps questions for {len(kept)} image(s) missing "
                                 f"from {src.tar_url}, e.g. {next(iter(kept))}")
+        yield batch
 
 
 def export_qa(config: RunConfig, storage: Storage, out: str, data_source: str = DATA_SOURCE,
               storage_options: dict[str, Any] | None = None) -> int:
-    """Write the published layout to `out` (local path or fsspec URL); returns the number of rows."""
-    rows = list(export_rows(config, storage, data_source))
-    table = pa.Table.from_pylist(rows, schema=PUBLISHED_SCHEMA)
-    with shardio.open_url(out, "wb", storage_options) as f:
-        pq.write_table(table, f, compression="zstd")
-    return len(rows)
+    """Write the published layout to `out` (local path or fsspec URL), one row group per qa shard (only one
+    shard's images in memory at a time); returns the number of rows."""
+    n = 0
+    with shardio.open_url(out, "wb", storage_options) as f, \
+            pq.ParquetWriter(f, PUBLISHED_SCHEMA, compression="zstd") as writer:
+        for batch in export_batches(config, storage, data_source):
+            writer.write_table(pa.Table.from_pylist(batch, schema=PUBLISHED_SCHEMA))
+            n += len(batch)
+    return n
 
 
 # -- import -----------------------------------------------------------------------------------
