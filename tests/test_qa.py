@@ -402,3 +402,19 @@ def test_import_refuses_missing_files_and_committed_shards(tmp_path):
     assert rows[0]["options"] == list(GOOD[0].options) and rows[0]["answer"] == "C"
     with pytest.raises(PipelineError, match="already has committed shards"):
         published.import_qa(config, Storage(config.root), str(src))
+
+
+def test_foreign_webdataset_shards_through_input_pattern(tmp_path):
+    """qa.input_pattern: any WebDataset shards (here a '{shard:05d}' template outside ROOT); no download input."""
+    foreign = tmp_path / "foreign"
+    qa_eval.write_image_shard(Storage(str(foreign)), 3, scenes(2, seed=8))
+    root = tmp_path / "root"
+    config, resources, _ = scripted_config(root, format_generator_output(GOOD),
+                                           f"qa.input_pattern={foreign}/images/{{shard:05d}}.tar")
+    run_qa(config, shards=[3], resources=resources)
+    rows = qa_rows(root, 3)
+    assert [r["kept"] for r in rows] == [True, True, True, True]
+    assert {r["url"] for r in rows} == {"demo://000030000.png", "demo://000030001.png"}
+    marker = json.loads((root / "_done" / "qa" / "00003.json").read_text())
+    assert marker["inputs"] == {}
+    assert qa_stats(root, 3)["extra"]["input"].endswith("foreign/images/00003.tar")
