@@ -26,7 +26,7 @@ from pipeline.mcq import MCQ, NONE_OF_THE_ABOVE, format_generator_output
 from pipeline.nano import qa_eval, world
 from pipeline.resources import resolve_model
 from pipeline.runner import run_stage
-from pipeline.status import print_status
+from pipeline.status import gate_summary
 from pipeline.storage import Storage
 from stages.qa import gate, published
 from stages.qa.gate import GateItem, GateSettings, pick_from_text, run_gate, shown_options
@@ -115,9 +115,7 @@ def test_demo_world_generate_and_gate(generated):
     assert 0.0 <= extra["leak_rate"] <= 1.0
     marker = json.loads((root / "_done" / "qa" / "00000.json").read_text())
     assert "download/00000" in marker["inputs"]
-    buf = io.StringIO()
-    print_status(config_for(root), "qa", out=buf, compare=False)
-    assert f"qa: {len(kept)} of {len(questions)} parsed questions kept" in buf.getvalue()
+    assert gate_summary([marker]).startswith(f"{len(kept)} of {len(questions)} parsed questions kept")
 
 
 @needs_nano
