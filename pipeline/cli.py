@@ -1,4 +1,4 @@
-"""The command line: run | submit | retry | status | verify | demo."""
+"""The command line: run | submit | retry | status | verify | browse | demo | export-qa | import-qa."""
 
 from __future__ import annotations
 
@@ -148,7 +148,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8765, help="HTTP port on 127.0.0.1 for the demo images")
     demo.add_argument("--images", type=int, default=60, help="number of demo scenes")
     demo.add_argument("--manifest", "-m", default=None, help="manifest (default: manifests/demo.yaml)")
+
+    export = sub.add_parser(
+        "export-qa", help="write the kept questions in the published CapRL-QA layout (one parquet)",
+        description="Write every committed qa shard's kept questions, with their images, as one parquet in the "
+                    "CapRL-QA-75K layout: id, image {bytes, path}, prompt, data_source, "
+                    "reward_model {ground_truth: [{question, choices, answer}], style}.")
+    _add_config_args(export)
+    export.add_argument("--out", required=True, help="output parquet: a local path or fsspec URL")
+    export.add_argument("--data-source", default=None, help="the rows' data_source (default: caprl-pipeline)")
+
+    imp = sub.add_parser(
+        "import-qa", help="cut a published CapRL-QA parquet into committed image and qa shards",
+        description="Read a parquet in the CapRL-QA layout (local or fsspec URL) and commit ROOT/images/<shard> "
+                    "(download layout, questions in each sample's json) and ROOT/qa/<shard> (the questions, kept) "
+                    "in shards of shard_size rows. `run --stage qa --set qa.generate=false` then re-gates them.")
+    imp.add_argument("source", help="the published parquet: a local path or fsspec URL")
+    _add_config_args(imp)
     return parser
+
+
+def _qa_exchange(args: argparse.Namespace) -> int:
+    """export-qa / import-qa (the logic lives in the qa stage's published module)."""
+    import importlib
+
+    from pipeline.storage import Storage
+
+    published = importlib.import_module("stages.qa.published")
+    config = _config(args)
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    if args.command == "export-qa":
+        storage.check_reachable(create=False)
+        n = published.export_qa(config, storage, args.out, args.data_source or published.DATA_SOURCE,
+                                config.storage_options if "://" in args.out else None)
+        print(f"export-qa: {n} images with kept questions -> {args.out}")
+        return 0
+    shards = published.import_qa(config, storage, args.source,
+                                 config.storage_options if "://" in args.source else None, out=sys.stdout)
+    print(f"import-qa: {len(shards)} shard(s) [{format_shard_spec(shards) if shards else ''}] under {config.root}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             storage = Storage(config.root, config.storage_options, config.work_dir)
             return browse(storage, args.stage, where=args.where, sample=args.sample, seed=args.seed,
                           show=args.show, html=args.html)
+        if args.command in ("export-qa", "import-qa"):
+            return _qa_exchange(args)
         if args.command == "demo":
             from pipeline.demo import run_demo
 

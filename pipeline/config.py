@@ -153,10 +153,36 @@ class DownloadConfig(Section):
 
 
 class QAConfig(Section):
-    """MCQ generation and the quality gate."""
+    """MCQ generation and the quality gate (the method's "QA curation"; see docs/qa.md)."""
 
     generator: EngineConfig = Field(default_factory=EngineConfig)
     filter: EngineConfig = Field(default_factory=EngineConfig)
+    generate: bool = Field(True, description="False: gate only the questions the image shards already carry "
+                           "(the `questions_field` of each sample's json / sidecar row, e.g. an imported set)")
+    questions_field: str = Field("mcqs", description="gate-only mode: the metadata field holding the questions")
+    prompt: str | None = Field(None, description="the generator's prompt (default: pipeline.mcq.QA_GENERATION_PROMPT)")
+    generation: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.1, repetition_penalty=1.05, max_new_tokens=2048))
+    rotations: int = Field(4, ge=1, description="times each question is asked per arm, options freshly shuffled")
+    visual_threshold: float = Field(0.75, ge=0.0, le=1.0, description="keep if accuracy with the image > this")
+    text_threshold: float = Field(0.25, ge=0.0, le=1.0, description="keep if accuracy without the image < this")
+    none_option: bool = Field(True, description="offer 'None of the above.' with the image")
+    filter_mode: Literal["generate", "score"] = Field(
+        "generate", description="generate: the filter writes a letter; score: score_choices over the options")
+    filter_choices: Literal["letter", "option_text"] = Field(
+        "letter", description="score mode: score ' A'.. letters, or ' ' + each option's text")
+    text_pooling: bool = Field(
+        False, description="score mode: the text-only arm picks once, by each option text's log-likelihood summed "
+        "over its R shuffles (position effects cancel; its accuracy is then 0 or 1)")
+    filter_sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.1, max_new_tokens=4))
+    answer_in_question: bool = Field(
+        True, description="reject a question whose keyed answer is written in the question and no distractor is")
+    seed: int = 0
+    input_pattern: str | None = Field(
+        None, description="WebDataset shards to use instead of ROOT/images (as annotate.input_pattern)")
+    input_storage_options: dict[str, Any] = runtime(default_factory=dict)
+    images_per_pass: int = runtime(1024, ge=1, description="images generated and gated together (bounds memory)")
 
 
 class TrainConfig(Section):

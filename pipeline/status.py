@@ -167,6 +167,25 @@ def mean_quality(markers: Iterable[Mapping[str, Any]]) -> float | None:
     return total / n if n else None
 
 
+def gate_summary(markers: Iterable[Mapping[str, Any]]) -> str | None:
+    """The qa gate over committed units' markers (stats.extra parsed / kept / gated / leak_rate / images_ok):
+    'K of P parsed questions kept (r), leak rate l, k per image', or None when no unit reports a gate."""
+    parsed = kept = gated = leaky = images = 0.0
+    for m in markers:
+        extra = m.get("stats", {}).get("extra", {})
+        if extra.get("parsed") is None or extra.get("kept") is None:
+            continue
+        parsed += extra["parsed"]
+        kept += extra["kept"]
+        gated += extra.get("gated") or 0
+        leaky += (extra.get("leak_rate") or 0.0) * (extra.get("gated") or 0)
+        images += extra.get("images_ok") or 0
+    if not parsed:
+        return None
+    return (f"{kept:.0f} of {parsed:.0f} parsed questions kept ({kept / parsed:.3f}), leak rate "
+            f"{(leaky / gated if gated else 0.0):.3f}, {(kept / images if images else 0.0):.2f} kept per image")
+
+
 def classify_claim(shard: int | str, claim: dict[str, Any], jobs: set[str] | None, stale_after: float,
                    now: float | None = None) -> ClaimState:
     """Decide whether the task holding a claim is still alive (pipeline.claims.judge)."""
@@ -356,6 +375,9 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
             made = ", ".join(f"{fp} ({n})" for fp, n in st.fingerprints.most_common())
             print(f"{st.stage}: committed with settings {made} as recorded in the markers; "
                   "pass --manifest to compare with a configuration", file=out)
+        gate = gate_summary(st.committed.values())
+        if gate:
+            print(f"{st.stage}: {gate}", file=out)
         by_reason: dict[str, list[int | str]] = {}
         for unit, rec in st.failed.items():
             by_reason.setdefault(rec.get("error", "?").splitlines()[0][:200], []).append(unit)

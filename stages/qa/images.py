@@ -1,0 +1,30 @@
+"""Image bytes -> an engine-ready PIL image, or the reason it cannot be one."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from PIL import Image
+
+from pipeline.engines.preprocess import prepare_image
+
+
+@dataclass
+class LoadedImage:
+    """A prepared image (None on failure), the sha256 of its bytes, and the error text."""
+
+    image: Image.Image | None
+    sha256: str | None = None
+    error: str | None = None
+
+
+def load_image(data: bytes | None, min_pixels: int, max_pixels: int) -> LoadedImage:
+    """Decode (EXIF-upright, RGB) and resize to the engine's pixel budget with the engines' `prepare_image`."""
+    if data is None:
+        return LoadedImage(None, error="sample has no image file")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return LoadedImage(prepare_image(data, min_pixels=min_pixels, max_pixels=max_pixels), digest)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
+        return LoadedImage(None, digest, f"cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}")
