@@ -78,14 +78,12 @@ def pattern_url(pattern: str, shard: int, setting: str = "annotate.input_pattern
 
 
 def pattern_shard_count(pattern: str | None, storage: Storage) -> int | None:
-    """How many shards an input pattern has (a brace range), None for a '{shard}' template (unbounded);
-    without a pattern, the run's num_shards from run.json."""
-    if not pattern:
-        count = (storage.run_meta() or {}).get("num_shards")
-        return count if isinstance(count, int) else None
-    if "{shard" in pattern:
+    """How many shards a stage reading images has: the run's num_shards from run.json without a pattern;
+    None with one (the stage's prepare checks the pattern's range itself, naming the pattern)."""
+    if pattern:
         return None
-    return len(expand_pattern(pattern))
+    count = (storage.run_meta() or {}).get("num_shards")
+    return count if isinstance(count, int) else None
 
 
 def _sidecar(url: str) -> str | None:

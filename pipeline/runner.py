@@ -315,8 +315,8 @@ class _Work:
                 txn.cleanup()
             try:
                 claim.release()
-            except Exception:  # noqa: BLE001 - a claim left behind is judged stale later
-                log.warning("could not release the claim of %s/%s", stage, name, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a claim left behind is judged stale later
+                log.debug("could not release the claim of %s/%s: %s: %s", stage, name, type(exc).__name__, exc)
 
     def _now_current(self, unit: int | str, shards: list[int]) -> bool:
         """Whether another run committed this unit (current) between our plan and our claim; with --force,
@@ -344,7 +344,7 @@ class _Work:
         self.report.failed[unit if isinstance(unit, int) else 0] = message
         print(f"{stage} {name}: FAILED: {message}", file=self.out, flush=True)
         log.debug("unit %s failed", name, exc_info=exc)
-        if isinstance(exc, OSError | StorageError):
+        if not isinstance(exc, PipelineError) or isinstance(exc, StorageError):  # any backend error: is ROOT gone?
             try:
                 self.storage.check_reachable(create=False)
             except StorageError as unreachable:
@@ -386,8 +386,8 @@ class _Work:
         })
         try:
             self.storage.clear_failure(stage, unit)
-        except Exception:  # noqa: BLE001 - the unit is committed; an old failure record is only noise
-            log.warning("could not clear the failure record of %s/%s", stage, name, exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - the unit is committed; an old failure record is only noise
+            log.warning("could not clear the failure record of %s/%s: %s", stage, name, exc)
         key = unit if isinstance(unit, int) else 0
         self.report.committed.append(key)
         if previous is not None:

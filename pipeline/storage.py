@@ -123,6 +123,7 @@ class Storage:
             else:
                 # Object stores have no directories: an empty prefix is fine if its bucket exists.
                 bucket = self.root.split("/", 1)[0]
+                self.fs.invalidate_cache(bucket)  # a cached listing would hide an unreachable store
                 self.fs.ls(bucket, detail=False)
         except FileNotFoundError:
             raise StorageError(f"storage root {self.root_url} does not exist") from None

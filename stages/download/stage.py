@@ -234,6 +234,7 @@ STAGE = Stage(
     run_shard=run_shard,
     retry_shard=retry_shard,
     prepare=prepare,
+    shard_count=lambda config, storage: None,  # prepare checks the shards against the URL list itself
     resources=Resources(),
     description="URL lists -> image WebDataset shards (img2dataset)",
 )
