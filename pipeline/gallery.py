@@ -120,7 +120,7 @@ h1{font-size:1.2em} #bar{display:flex;gap:1em;align-items:center;margin:.5em 0}
 #search{width:22em;padding:.3em} .charts img{height:160px;margin-right:.5em;border:1px solid #ddd}
 #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:.8em}
 .item{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.5em}
-.item img{display:block;max-width:160px;max-height:160px;margin:auto}
+.item img{display:block;max-width:160px;max-height:160px;margin:auto;outline:1px solid #ccc}
 .item .text{font-size:.85em;margin:.4em 0} .item .meta{font-size:.75em;color:#555}
 .item.error{border-color:#c33} details{font-size:.7em;color:#555;word-break:break-all}
 """
