@@ -146,6 +146,48 @@ def test_filter_examples(tok):
     assert {("filter", False), ("filter", True), ("filter_noimg", False)} <= seen
 
 
+def _kind_of(value):
+    return next(k for k, vs in data._KINDS.items() if value in vs)
+
+
+def test_leaky_filter_examples_give_their_answer_away():
+    """Leaky gate queries (no image): `stated` names the answer in the question and in exactly one option;
+    `options_only` has exactly one option of the asked kind, and no distractor is written in the question.
+    The target is that answer."""
+    rng = data.stream(0, "test-leaky")
+    for kind in data.LEAK_KINDS:
+        for _ in range(300):
+            ex = data.leaky_filter_example(rng, kind)
+            assert ex.image is None and ex.task == "filter_leak" and ex.prefill == READER_PREFILL
+            text = ex.messages[-1]["content"]
+            question = re.search(r"Question: (.*)", text).group(1).lower()
+            options = re.findall(r"^[A-D]\) (.*)$", text, re.M)
+            answer = ex.target.strip().rstrip(".")
+            assert len(options) == 4 and options.count(answer) == 1
+            in_question = [o for o in options if re.search(rf"\b{o}\b", question)]
+            if kind == "stated":
+                assert in_question == [answer]
+                assert len({_kind_of(o) for o in options}) == 1
+            else:
+                assert in_question == []
+                assert [_kind_of(o) for o in options].count(_kind_of(answer)) == 1
+
+
+def test_leak_queries_share_and_default_stream():
+    """filter_example(leak=p) makes about p of the queries leaky; leak=0 is the default stream, example for
+    example; VLRecipe (nano-VL) leaves it off."""
+    def draw(**kw):
+        rng = data.stream(0, "test-leak-share")
+        return [data.filter_example(rng, **kw) for _ in range(400)]
+
+    plain, off = draw(), draw(leak=0.0)
+    assert [(e.target, e.messages) for e in plain] == [(e.target, e.messages) for e in off]
+    share = sum(e.task == "filter_leak" for e in draw(leak=0.25)) / 400
+    assert 0.18 < share < 0.32
+    assert not any(e.task == "filter_leak" for e in plain)
+    assert VLRecipe().leak_queries == 0
+
+
 def test_filter_type_weights_oversample_a_question_type():
     def questions(weights):
         rng = data.stream(0, "test-filter-weights")
