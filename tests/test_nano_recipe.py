@@ -174,7 +174,7 @@ def test_leaky_filter_examples_give_their_answer_away():
 
 
 def test_leak_queries_share_and_default_stream():
-    """filter_example(leak=p) makes about p of the queries leaky; leak=0 is the default stream, example for
+    """filter_example(leak=p) makes about p of the queries without the image leaky; leak=0 is the default stream, example for
     example; VLRecipe (nano-VL) leaves it off."""
     def draw(**kw):
         rng = data.stream(0, "test-leak-share")
@@ -182,8 +182,9 @@ def test_leak_queries_share_and_default_stream():
 
     plain, off = draw(), draw(leak=0.0)
     assert [(e.target, e.messages) for e in plain] == [(e.target, e.messages) for e in off]
-    share = sum(e.task == "filter_leak" for e in draw(leak=0.25)) / 400
-    assert 0.18 < share < 0.32
+    leaky = draw(leak=0.5)  # half of the 30% without the image
+    share = sum(e.task == "filter_leak" for e in leaky) / 400
+    assert 0.1 < share < 0.2 and 0.62 < sum(e.image is not None for e in leaky) / 400 < 0.78
     assert not any(e.task == "filter_leak" for e in plain)
     assert VLRecipe().leak_queries == 0
 
@@ -578,6 +579,29 @@ def test_question_word_targets_point_at_the_words_that_name_the_object(tok):
     assert kinds == {("color", "shape"), ("is", "shape"), ("is", "color")}  # What color is the <shape>? / Where is ...
     assert not question_word_targets(tok, data.filter_example(rng, with_image=False), "shape")
     assert not question_word_targets(tok, data.qagen_example(rng), "shape")
+
+
+def test_question_word_targets_of_leaky_queries_point_at_the_stated_answer(tok):
+    """A leaky text-only query is supervised only where the question states its answer as a colour / shape
+    word: the positions that predict the value attend to that word (the copy); never for options_only."""
+    from pipeline.nano.encode import encode_example, question_word_targets
+
+    rng = data.stream(7, "test-leak-words")
+    hits = 0
+    for kind in data.LEAK_KINDS:
+        for _ in range(60):
+            ex = data.leaky_filter_example(rng, kind)
+            seq, _ = encode_example(tok, ex)
+            value = ex.target.strip().rstrip(".")
+            for word_kind, pool in (("shape", world.SHAPES), ("color", world.COLORS)):
+                pairs = question_word_targets(tok, ex, word_kind)
+                if kind == "options_only" or value not in pool:
+                    assert not pairs
+                    continue
+                hits += 1
+                assert {tok.decode([seq[k]]).strip() for _, k in pairs} == {value}
+                assert [tok.decode([seq[q + 1]]) for q, _ in pairs] == [tok.decode([t]) for t in ids(tok, " " + value)]
+    assert hits > 20
 
 
 def test_option_head_is_supervised_in_the_option_layer(tok, monkeypatch):

@@ -208,6 +208,8 @@ def _broken(mcq: MCQ, pool: tuple[str, ...], rng: random.Random) -> MCQ | None:
 
 
 LEAK_KINDS = ("stated", "options_only")
+STATED_SHARE = 2 / 3
+"""share of `stated` among the leaky queries (the copy from the question is the harder one to learn)"""
 
 
 def _stated_mcq(scene: world.Scene, rng: random.Random) -> MCQ:
@@ -258,7 +260,7 @@ def leaky_filter_example(rng: random.Random, kind: str | None = None) -> Example
     it; `options_only`: it is the only option of the asked kind); the target is the leaked answer, which
     any instruct model would pick without looking, so the gate's text-only arm rejects such questions."""
     scene = train_scene(rng)
-    mcq = leaky_mcq(scene, rng, kind or rng.choice(LEAK_KINDS))
+    mcq = leaky_mcq(scene, rng, kind or ("stated" if rng.random() < STATED_SHARE else "options_only"))
     shown = shuffle_options(mcq, rng)
     return Example(filter_messages(shown, False), option_target(mcq.answer_text), prefill=READER_PREFILL,
                    task="filter_leak")
@@ -270,11 +272,9 @@ def filter_example(rng: random.Random, with_image: bool | None = None,
 
     Without the image the target is a uniformly random shown option, so the model learns not to guess.
     The question is one of the scene's, uniformly or (type_weights, default 1 per type) weighted by type.
-    With leak > 0 (and with_image unset), that share of the queries are leaky_filter_example instead (the
-    RNG stream is unchanged when leak is 0).
+    With leak > 0, that share of the queries without the image (with_image unset: 30% of all) are
+    leaky_filter_example instead (the RNG stream is unchanged when leak is 0).
     """
-    if leak > 0 and with_image is None and rng.random() < leak:
-        return leaky_filter_example(rng)
     scene = train_scene(rng)
     mcqs = world.scene_mcqs(scene, rng)
     if type_weights:
@@ -283,6 +283,8 @@ def filter_example(rng: random.Random, with_image: bool | None = None,
         mcq = rng.choice(mcqs)
     if with_image is None:
         with_image = rng.random() < 0.7
+        if not with_image and leak > 0 and rng.random() < leak:
+            return leaky_filter_example(rng)
     if not with_image:
         shown = shuffle_options(mcq, rng)
         return Example(filter_messages(shown, False), option_target(rng.choice(shown.options)),

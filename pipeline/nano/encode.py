@@ -159,13 +159,15 @@ def question_word_targets(tok: PreTrainedTokenizerBase, ex: Example, kind: str) 
     """Attention supervision for a gate-filter query with the image whose question names its object by
     look ("What color is the star?", "Where is the red star?"): the positions that predict the answer's
     value tokens attend to the question's shape word (kind "shape") or colour word ("color"), in
-    encode_example's positions. Empty for other queries."""
-    if ex.task != "filter" or ex.image is None:
+    encode_example's positions. A leaky query without the image (task `filter_leak`) whose question states
+    its answer ("What color is the red star?" -> red) gets the same target when that word is the answer:
+    the head that gathers the word is the one that copies it. Empty for other queries."""
+    if ex.task not in ("filter", "filter_leak") or (ex.task == "filter" and ex.image is None):
         return []
     text = prompt_text(tok, ex.messages, ex.prefill).replace(IMAGE_PAD, IMAGE_PAD * IMAGE_TOKENS)
     line = _QUESTION_LINE.search(text)
     word = _WORDS[kind].search(text, line.start("q"), line.end("q")) if line else None
-    if word is None:
+    if word is None or (ex.task == "filter_leak" and word.group() != ex.target.strip().rstrip(".")):
         return []
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     key = token_at(offsets, word.end() - 1)

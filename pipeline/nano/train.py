@@ -139,9 +139,10 @@ class VLRecipe:
     """sampling weight of each question type in the gate filter's examples (default 1: the scene's
     questions uniformly; data.filter_example)"""
     leak_queries: float = 0.0
-    """share of the gate filter's queries that are leaky text-only queries (data.leaky_filter_example: the
-    answer stated in the question, or the only option of the asked kind; target the leaked answer), so the
-    gate's text-only arm sees such leaks itself (0: off, the data stream unchanged)"""
+    """share of the gate filter's text-only queries that are leaky (data.leaky_filter_example: the answer
+    stated in the question, or the only option of the asked kind; target the leaked answer, and with the
+    word heads on, the head of a stated colour / shape word looks at it), so the gate's text-only arm sees
+    such leaks itself (0: off, the data stream unchanged)"""
     position_probe: float = 0.0
     object_probe: float = 0.0
     """weights of auxiliary losses (training only; the probes are not saved): linear probes on the residual
@@ -178,6 +179,7 @@ class FilterRecipe(VLRecipe):
     shape_word_head: int | None = 0
     color_word_head: int | None = 1
     position_probe: float = 1.0
+    leak_queries: float = 0.5
 
 
 @dataclass
