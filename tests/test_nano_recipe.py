@@ -593,7 +593,7 @@ def test_question_word_targets_of_leaky_queries_point_at_the_stated_answer(tok):
             ex = data.leaky_filter_example(rng, kind)
             seq, _ = encode_example(tok, ex)
             value = ex.target.strip().rstrip(".")
-            for word_kind, pool in (("shape", world.SHAPES), ("color", world.COLORS)):
+            for word_kind, pool in (("shape", world.SHAPES), ("color", world.COLORS + world.BACKGROUNDS)):
                 pairs = question_word_targets(tok, ex, word_kind)
                 if kind == "options_only" or value not in pool:
                     assert not pairs

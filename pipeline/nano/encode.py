@@ -153,6 +153,7 @@ def quadrant_tokens(position: str) -> list[int]:
 _QUESTION_LINE = re.compile(r"Question: (?P<q>[^\n]+)")
 _WORDS = {"shape": re.compile(r"\b(?:" + "|".join(world.SHAPES) + r")\b"),
           "color": re.compile(r"\b(?:" + "|".join(world.COLORS) + r")\b")}
+_LEAK_WORDS = {"shape": _WORDS["shape"], "color": re.compile("|".join(world.COLORS + world.BACKGROUNDS))}
 
 
 def question_word_targets(tok: PreTrainedTokenizerBase, ex: Example, kind: str) -> list[tuple[int, int]]:
@@ -166,8 +167,13 @@ def question_word_targets(tok: PreTrainedTokenizerBase, ex: Example, kind: str) 
         return []
     text = prompt_text(tok, ex.messages, ex.prefill).replace(IMAGE_PAD, IMAGE_PAD * IMAGE_TOKENS)
     line = _QUESTION_LINE.search(text)
-    word = _WORDS[kind].search(text, line.start("q"), line.end("q")) if line else None
-    if word is None or (ex.task == "filter_leak" and word.group() != ex.target.strip().rstrip(".")):
+    if ex.task == "filter_leak":  # the stated answer, when it is a word of this head's kind
+        value = ex.target.strip().rstrip(".")
+        pattern = _LEAK_WORDS[kind].fullmatch(value) and re.compile(rf"\b{value}\b")
+    else:
+        pattern = _WORDS[kind]
+    word = pattern.search(text, line.start("q"), line.end("q")) if line and pattern else None
+    if word is None:
         return []
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     key = token_at(offsets, word.end() - 1)
