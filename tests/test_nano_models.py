@@ -95,10 +95,13 @@ def test_mcq_generation_format_and_answers(vl, scenes):
 
 
 def test_filter_needs_the_image(gate_filter, scenes, mcqs):
-    res = nano_eval.eval_filter(gate_filter, scenes[:10], mcqs[:10])
-    assert res["filter_with_image"] >= 0.9  # 10 scenes: 0.92; 200-scene eval: 0.933
-    assert res["filter_with_image_position_of"] >= 0.9  # nano-VL's own answers: 0.58 on 200 scenes
-    assert res["filter_with_image"] - res["filter_without_image"] >= 0.5  # without: 0.32 here, chance 0.25
+    res = nano_eval.eval_filter(gate_filter, scenes, mcqs)
+    assert res["filter_with_image"] >= 0.88  # 20 scenes: 0.90; 200-scene eval: 0.910
+    assert res["filter_with_image_position_of"] >= 0.9  # 20 scenes: 0.93; nano-VL's own answers: 0.58 on 200 scenes
+    assert res["filter_with_image"] - res["filter_without_image"] >= 0.5  # without: 0.18 here, chance 0.25
+    # it sees leaks without the image (leak_queries): 20 scenes 0.75 / 0.95, 200: 0.875 / 0.985; the
+    # nano-filter trained without them: 0.30 / 0.45 here
+    assert res["filter_without_image_stated"] >= 0.65 and res["filter_without_image_options_only"] >= 0.9
 
 
 def test_reader(reader, scenes):

@@ -146,6 +146,49 @@ def test_filter_examples(tok):
     assert {("filter", False), ("filter", True), ("filter_noimg", False)} <= seen
 
 
+def _kind_of(value):
+    return next(k for k, vs in data._KINDS.items() if value in vs)
+
+
+def test_leaky_filter_examples_give_their_answer_away():
+    """Leaky gate queries (no image): `stated` names the answer in the question and in exactly one option;
+    `options_only` has exactly one option of the asked kind, and no distractor is written in the question.
+    The target is that answer."""
+    rng = data.stream(0, "test-leaky")
+    for kind in data.LEAK_KINDS:
+        for _ in range(300):
+            ex = data.leaky_filter_example(rng, kind)
+            assert ex.image is None and ex.task == "filter_leak" and ex.prefill == READER_PREFILL
+            text = ex.messages[-1]["content"]
+            question = re.search(r"Question: (.*)", text).group(1).lower()
+            options = re.findall(r"^[A-D]\) (.*)$", text, re.M)
+            answer = ex.target.strip().rstrip(".")
+            assert len(options) == 4 and options.count(answer) == 1
+            in_question = [o for o in options if re.search(rf"\b{o}\b", question)]
+            if kind == "stated":
+                assert in_question == [answer]
+                assert len({_kind_of(o) for o in options}) == 1
+            else:
+                assert in_question == []
+                assert [_kind_of(o) for o in options].count(_kind_of(answer)) == 1
+
+
+def test_leak_queries_share_and_default_stream():
+    """filter_example(leak=p) makes about p of the queries without the image leaky; leak=0 is the default stream, example for
+    example; VLRecipe (nano-VL) leaves it off."""
+    def draw(**kw):
+        rng = data.stream(0, "test-leak-share")
+        return [data.filter_example(rng, **kw) for _ in range(400)]
+
+    plain, off = draw(), draw(leak=0.0)
+    assert [(e.target, e.messages) for e in plain] == [(e.target, e.messages) for e in off]
+    leaky = draw(leak=0.5)  # half of the 30% without the image
+    share = sum(e.task == "filter_leak" for e in leaky) / 400
+    assert 0.1 < share < 0.2 and 0.62 < sum(e.image is not None for e in leaky) / 400 < 0.78
+    assert not any(e.task == "filter_leak" for e in plain)
+    assert VLRecipe().leak_queries == 0
+
+
 def test_filter_type_weights_oversample_a_question_type():
     def questions(weights):
         rng = data.stream(0, "test-filter-weights")
@@ -536,6 +579,29 @@ def test_question_word_targets_point_at_the_words_that_name_the_object(tok):
     assert kinds == {("color", "shape"), ("is", "shape"), ("is", "color")}  # What color is the <shape>? / Where is ...
     assert not question_word_targets(tok, data.filter_example(rng, with_image=False), "shape")
     assert not question_word_targets(tok, data.qagen_example(rng), "shape")
+
+
+def test_question_word_targets_of_leaky_queries_point_at_the_stated_answer(tok):
+    """A leaky text-only query is supervised only where the question states its answer as a colour / shape
+    word: the positions that predict the value attend to that word (the copy); never for options_only."""
+    from pipeline.nano.encode import encode_example, question_word_targets
+
+    rng = data.stream(7, "test-leak-words")
+    hits = 0
+    for kind in data.LEAK_KINDS:
+        for _ in range(60):
+            ex = data.leaky_filter_example(rng, kind)
+            seq, _ = encode_example(tok, ex)
+            value = ex.target.strip().rstrip(".")
+            for word_kind, pool in (("shape", world.SHAPES), ("color", world.COLORS + world.BACKGROUNDS)):
+                pairs = question_word_targets(tok, ex, word_kind)
+                if kind == "options_only" or value not in pool:
+                    assert not pairs
+                    continue
+                hits += 1
+                assert {tok.decode([seq[k]]).strip() for _, k in pairs} == {value}
+                assert [tok.decode([seq[q + 1]]) for q, _ in pairs] == [tok.decode([t]) for t in ids(tok, " " + value)]
+    assert hits > 20
 
 
 def test_option_head_is_supervised_in_the_option_layer(tok, monkeypatch):

@@ -207,12 +207,73 @@ def _broken(mcq: MCQ, pool: tuple[str, ...], rng: random.Random) -> MCQ | None:
     return MCQ(question=mcq.question, options=tuple(opts), answer=mcq.answer, qtype=mcq.qtype)
 
 
+LEAK_KINDS = ("stated", "options_only")
+STATED_SHARE = 2 / 3
+"""share of `stated` among the leaky queries (the copy from the question is the harder one to learn)"""
+
+
+def _stated_mcq(scene: world.Scene, rng: random.Random) -> MCQ:
+    """A question that states its own answer ("What color is the red circle?"): the answer's word is in the
+    question and in exactly one option (the other options from the same pool)."""
+    o = rng.choice(scene.objects)
+    templates = [
+        (f"What color is the {o.color} {o.shape}?", o.color, world.COLORS),
+        (f"What color is the {o.color} shape in the {o.position}?", o.color, world.COLORS),
+        (f"What shape is the {o.color} {o.shape}?", o.shape, world.SHAPES),
+        (f"Where is the {o.color} {o.shape} in the {o.position}?", o.position, world.POSITIONS),
+        (f"What color is the {scene.background} background?", scene.background, _POOLS["background"]),
+    ]
+    question, answer, pool = rng.choice(templates)
+    distractors = [p for p in pool if p != answer]
+    rng.shuffle(distractors)
+    options = [answer, *distractors[:3]]
+    return MCQ(question=question, options=tuple(options), answer=LETTERS[0], qtype="stated")
+
+
+_KINDS = {"color": world.COLORS + ("white", "black", "gray"), "shape": world.SHAPES,
+          "position": world.POSITIONS, "count": world.COUNT_WORDS[1:]}
+_ASKED_KIND = {"background": "color", "color_of_shape": "color", "color_at": "color", "shape_at": "shape",
+               "position_of": "position", "count": "count"}
+
+
+def _options_only_mcq(scene: world.Scene, rng: random.Random) -> MCQ:
+    """One of the scene's questions whose three distractors are of other kinds than the answer (a colour
+    question with one colour and three shapes): the options alone give the answer away."""
+    mcq = rng.choice(world.scene_mcqs(scene, rng))
+    others = [k for k in _KINDS if k != _ASKED_KIND[mcq.qtype]]
+    words = set(re.findall(r"[a-z]+", mcq.question.lower()))
+    pools = {k: [v for v in _KINDS[k] if not words & set(v.split())] for k in others}  # none stated in the question
+    single = rng.choice(others) if rng.random() < 0.5 else None  # all three from one other kind, else mixed
+    pool = pools[single] if single and len(pools[single]) >= 3 else [v for k in others for v in pools[k]]
+    distractors = rng.sample(pool, 3)
+    return MCQ(question=mcq.question, options=(mcq.answer_text, *distractors), answer=LETTERS[0],
+               qtype="options_only")
+
+
+def leaky_mcq(scene: world.Scene, rng: random.Random, kind: str) -> MCQ:
+    """A question about the scene whose answer leaks from its text (LEAK_KINDS; qtype = the kind)."""
+    return _stated_mcq(scene, rng) if kind == "stated" else _options_only_mcq(scene, rng)
+
+
+def leaky_filter_example(rng: random.Random, kind: str | None = None) -> Example:
+    """A gate query without the image whose answer leaks from the text (kind `stated`: the question states
+    it; `options_only`: it is the only option of the asked kind); the target is the leaked answer, which
+    any instruct model would pick without looking, so the gate's text-only arm rejects such questions."""
+    scene = train_scene(rng)
+    mcq = leaky_mcq(scene, rng, kind or ("stated" if rng.random() < STATED_SHARE else "options_only"))
+    shown = shuffle_options(mcq, rng)
+    return Example(filter_messages(shown, False), option_target(mcq.answer_text), prefill=READER_PREFILL,
+                   task="filter_leak")
+
+
 def filter_example(rng: random.Random, with_image: bool | None = None,
-                   type_weights: Mapping[str, float] | None = None) -> Example:
+                   type_weights: Mapping[str, float] | None = None, leak: float = 0.0) -> Example:
     """The gate's query. With the image: the right option (or NONE_OF_THE_ABOVE when no option is right).
 
     Without the image the target is a uniformly random shown option, so the model learns not to guess.
     The question is one of the scene's, uniformly or (type_weights, default 1 per type) weighted by type.
+    With leak > 0, that share of the queries without the image (with_image unset: 30% of all) are
+    leaky_filter_example instead (the RNG stream is unchanged when leak is 0).
     """
     scene = train_scene(rng)
     mcqs = world.scene_mcqs(scene, rng)
@@ -222,6 +283,8 @@ def filter_example(rng: random.Random, with_image: bool | None = None,
         mcq = rng.choice(mcqs)
     if with_image is None:
         with_image = rng.random() < 0.7
+        if not with_image and leak > 0 and rng.random() < leak:
+            return leaky_filter_example(rng)
     if not with_image:
         shown = shuffle_options(mcq, rng)
         return Example(filter_messages(shown, False), option_target(rng.choice(shown.options)),

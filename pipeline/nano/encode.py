@@ -153,18 +153,26 @@ def quadrant_tokens(position: str) -> list[int]:
 _QUESTION_LINE = re.compile(r"Question: (?P<q>[^\n]+)")
 _WORDS = {"shape": re.compile(r"\b(?:" + "|".join(world.SHAPES) + r")\b"),
           "color": re.compile(r"\b(?:" + "|".join(world.COLORS) + r")\b")}
+_LEAK_WORDS = {"shape": _WORDS["shape"], "color": re.compile("|".join(world.COLORS + world.BACKGROUNDS))}
 
 
 def question_word_targets(tok: PreTrainedTokenizerBase, ex: Example, kind: str) -> list[tuple[int, int]]:
     """Attention supervision for a gate-filter query with the image whose question names its object by
     look ("What color is the star?", "Where is the red star?"): the positions that predict the answer's
     value tokens attend to the question's shape word (kind "shape") or colour word ("color"), in
-    encode_example's positions. Empty for other queries."""
-    if ex.task != "filter" or ex.image is None:
+    encode_example's positions. A leaky query without the image (task `filter_leak`) whose question states
+    its answer ("What color is the red star?" -> red) gets the same target when that word is the answer:
+    the head that gathers the word is the one that copies it. Empty for other queries."""
+    if ex.task not in ("filter", "filter_leak") or (ex.task == "filter" and ex.image is None):
         return []
     text = prompt_text(tok, ex.messages, ex.prefill).replace(IMAGE_PAD, IMAGE_PAD * IMAGE_TOKENS)
     line = _QUESTION_LINE.search(text)
-    word = _WORDS[kind].search(text, line.start("q"), line.end("q")) if line else None
+    if ex.task == "filter_leak":  # the stated answer, when it is a word of this head's kind
+        value = ex.target.strip().rstrip(".")
+        pattern = _LEAK_WORDS[kind].fullmatch(value) and re.compile(rf"\b{value}\b")
+    else:
+        pattern = _WORDS[kind]
+    word = pattern.search(text, line.start("q"), line.end("q")) if line and pattern else None
     if word is None:
         return []
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]

@@ -152,6 +152,20 @@ def eval_filter(vl: NanoVL, scenes: Sequence[world.Scene], mcqs: Sequence[Sequen
         out[name] = overall
         if with_image:
             out.update({f"{name}_{t}": a for t, a in per_type.items()})
+    out.update(eval_filter_leaks(vl, scenes))
+    return out
+
+
+def eval_filter_leaks(vl: NanoVL, scenes: Sequence[world.Scene]) -> dict[str, float]:
+    """Without the image, how often the filter picks the leaked answer of a question that gives it away
+    (data.leaky_mcq: stated in the question, or the only option of the asked kind); one per scene and kind.
+    Chance is 0.25; a filter that sees the leak answers 1.0 and the gate rejects the question as leaky."""
+    rng = random.Random(data.EVAL_MCQ_SEED + 3)
+    out = {}
+    for kind in data.LEAK_KINDS:
+        leaky = [[data.leaky_mcq(s, rng, kind)] for s in scenes]
+        reqs, shown_all, _ = filter_requests(scenes, leaky, rng, False)
+        out[f"filter_without_image_{kind}"] = accuracy_by_type(filter_picks(vl, reqs, shown_all), shown_all)[0]
     return out
 
 

@@ -138,6 +138,11 @@ class VLRecipe:
     filter_type_weights: dict[str, float] = field(default_factory=dict)
     """sampling weight of each question type in the gate filter's examples (default 1: the scene's
     questions uniformly; data.filter_example)"""
+    leak_queries: float = 0.0
+    """share of the gate filter's text-only queries that are leaky (data.leaky_filter_example: the answer
+    stated in the question, or the only option of the asked kind; target the leaked answer, and with the
+    word heads on, the head of a stated colour / shape word looks at it), so the gate's text-only arm sees
+    such leaks itself (0: off, the data stream unchanged)"""
     position_probe: float = 0.0
     object_probe: float = 0.0
     """weights of auxiliary losses (training only; the probes are not saved): linear probes on the residual
@@ -174,6 +179,7 @@ class FilterRecipe(VLRecipe):
     shape_word_head: int | None = 0
     color_word_head: int | None = 1
     position_probe: float = 1.0
+    leak_queries: float = 0.5
 
 
 @dataclass
@@ -340,6 +346,7 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
     region_filter = bool(recipe and recipe.region_filter)
     option_layer = layer if recipe is None or recipe.option_layer is None else recipe.option_layer
     weights = recipe.filter_type_weights if recipe else {}
+    leak = recipe.leak_queries if recipe else 0.0
     probe_weights = {"position": recipe.position_probe, "shape": recipe.object_probe,
                      "color": recipe.object_probe} if recipe else {}
     probe = ImageProbe(model.config.text_config.hidden_size).to(device) \
@@ -354,7 +361,7 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
         kinds = ["caption"] * phase.captions + ["filter"] * phase.filters
         total = torch.zeros((), device=device)
         if kinds:
-            short = [data.caption_example(rng) if k == "caption" else data.filter_example(rng, type_weights=weights)
+            short = [data.caption_example(rng) if k == "caption" else data.filter_example(rng, type_weights=weights, leak=leak)
                      for k in kinds]
             words = [(h, kind) for h, kind in ((recipe.shape_word_head, "shape"), (recipe.color_word_head, "color"))
                      if h is not None] if recipe and weight > 0 else []
