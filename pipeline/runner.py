@@ -209,10 +209,8 @@ def is_current(marker: dict[str, Any], cache: InputCache, shards: list[int] | No
                declared: Stage | None = None) -> bool:
     """Whether a committed unit still matches every input it recorded (and, for a whole-run unit, was made
     from the same input shards)."""
-    recorded = marker.get("inputs", {}) or {}
-    for key, digest in recorded.items():
-        if cache.digest(key) != digest:
-            return False
+    if stale_inputs(marker, cache):
+        return False
     if shards is not None and declared is not None and declared.whole_run:
         if sorted(marker.get("shards", [])) != sorted(shards):
             return False
@@ -283,8 +281,7 @@ class _Work:
     def __post_init__(self) -> None:
         self.fingerprint = self.config.fingerprint(self.declared.name)
 
-    def run(self, unit: int | str, shards: list[int], previous: dict[str, Any] | None = None,
-            recheck: bool = True) -> None:
+    def run(self, unit: int | str, shards: list[int], previous: dict[str, Any] | None = None) -> None:
         """Run (or, given the previous marker, retry the failed rows of) one unit under an exclusive claim.
         A unit claimed by a live owner is skipped; any error, storage faults included, becomes this unit's
         failure (recorded if the storage allows) and the run goes on."""
@@ -300,7 +297,7 @@ class _Work:
             return
         txn = None
         try:
-            if recheck and previous is None and self._now_current(unit, shards):
+            if previous is None and self._now_current(unit, shards):
                 self.report.skipped_late.append(unit)
                 print(f"{stage} {name}: committed meanwhile by another run; skipping", file=self.out, flush=True)
                 return

@@ -38,7 +38,6 @@ import pyarrow as pa
 
 from pipeline.config import RunConfig
 from pipeline.errors import MissingInputError, UnknownStageError
-from pipeline.shards import shard_name
 from pipeline.storage import ShardTransaction, Storage, unit_name
 
 PER_SHARD = "per_shard"
@@ -158,9 +157,6 @@ class Stage:
         unit_name(name)  # validates
         return name
 
-    def input(self, stage: str) -> Input | None:
-        return next((i for i in self.inputs if i.stage == stage), None)
-
 
 @dataclass
 class RunContext:
@@ -194,8 +190,6 @@ class InputCache:
         key = (stage, name)
         if key not in self._checked:
             marker = self.markers(stage).get(name)
-            if marker is None and stage not in self._listed:
-                marker = self.storage.unit_marker(stage, name)
             self._checked[key] = marker if marker is not None and self.storage.outputs_intact(marker) else None
         return self._checked[key]
 
@@ -260,11 +254,7 @@ class ShardContext:
         u = self.txn.unit if unit is None else unit
         marker = self._cache().committed(stage, u)
         if marker is None:
-            raise MissingInputError(
-                f"input {unit_name(u)} of stage '{stage}' is not committed under {self.storage.root_url}; "
-                f"run: python -m pipeline run --stage {stage}"
-                + (f" --shards {u}" if isinstance(u, int) else "")
-            )
+            raise self.storage.missing_input(stage, u)
         self.inputs[f"{stage}/{unit_name(u)}"] = marker_digest(marker)
         return marker
 
@@ -351,11 +341,6 @@ def available_stages(config: RunConfig) -> dict[str, Stage]:
     return out
 
 
-def consumers(config: RunConfig, stage: str) -> list[Stage]:
-    """Available stages that declare `stage` as an input."""
-    return [s for s in available_stages(config).values() if s.input(stage)]
-
-
 def timed(fn: Callable[[], ShardStats]) -> ShardStats:
     t0 = time.perf_counter()
     stats = fn()
@@ -365,5 +350,5 @@ def timed(fn: Callable[[], ShardStats]) -> ShardStats:
 
 __all__ = [
     "PER_SHARD", "WHOLE_RUN", "Input", "InputCache", "Resources", "RunContext", "ShardContext", "ShardStats",
-    "Stage", "available_stages", "load_stage", "marker_digest", "shard_name", "stage_modules", "timed",
+    "Stage", "available_stages", "load_stage", "marker_digest", "stage_modules", "timed",
 ]

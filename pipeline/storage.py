@@ -221,8 +221,6 @@ class Storage:
     def marker(self, stage: str, unit: int | str) -> dict[str, Any] | None:
         return self.read_json(self.marker_rel(stage, unit))
 
-    unit_marker = marker
-
     def markers(self, stage: str) -> dict[int, dict[str, Any]]:
         """shard -> marker for every committed-looking shard of a per-shard stage (one listing)."""
         return {int(k): v for k, v in self.list_json(f"{DONE_DIR}/{stage}").items() if k.isdigit()}
@@ -281,12 +279,14 @@ class Storage:
         """The marker of an upstream unit, or a clear error telling the user what to run first."""
         m = self.marker(stage, unit)
         if m is None or not self.outputs_intact(m):
-            shards = f" --shards {unit}" if isinstance(unit, int) else ""
-            raise MissingInputError(
-                f"input {unit_name(unit)} of stage '{stage}' is not committed under {self.root_url}; "
-                f"run: python -m pipeline run --stage {stage}{shards}"
-            )
+            raise self.missing_input(stage, unit)
         return m
+
+    def missing_input(self, stage: str, unit: int | str) -> MissingInputError:
+        """The error for an upstream unit that is not committed, telling the user what to run first."""
+        shards = f" --shards {unit}" if isinstance(unit, int) else ""
+        return MissingInputError(f"input {unit_name(unit)} of stage '{stage}' is not committed under "
+                                 f"{self.root_url}; run: python -m pipeline run --stage {stage}{shards}")
 
     # -- failure and claim records -----------------------------------------------------------
     def record_failure(self, stage: str, unit: int | str, record: dict[str, Any]) -> None:
@@ -433,7 +433,6 @@ class Storage:
             if not entry.startswith(prefix):
                 continue
             pid_text = entry[len(prefix):].split("-")[-2]  # <unit>-<pid>-<random>, random has no '-'
-
             dead = not (pid_text.isdigit() and pid_alive(int(pid_text)))
             if dead or not only_dead:
                 out.append(os.path.join(self.scratch_dir(), entry))

@@ -77,7 +77,7 @@ def test_nano_vl_beats_baselines_and_snapshot_in_one_table(first_run):
     direct = answers.filter(pl.col("captioner") == "nano-vl")["correct"].mean()
     assert direct == pytest.approx(s["nano-vl"]["mean"])
     assert answers.filter(pl.col("captioner") == "empty")["caption"].unique().to_list() == [""]
-    marker = Storage(str(root)).unit_marker("evaluate", "t")
+    marker = Storage(str(root)).marker("evaluate", "t")
     assert marker["stats"]["extra"]["captions"] == {
         "nano-vl": {"cached": 0, "generated": SCENES}, "nano-vl-step300": {"cached": 0, "generated": SCENES}}
 
@@ -98,7 +98,7 @@ def test_one_more_captioner_reuses_cached_captions(first_run, bench, monkeypatch
     report = run_stage(load_config(m2), "evaluate", None, progress=False, out=out)
     assert report.committed == [0], out.getvalue()
     assert created == ["nano-vl-step600", "nano-reader"]  # cached captioners are not even loaded
-    caps = Storage(str(root)).unit_marker("evaluate", "t")["stats"]["extra"]["captions"]
+    caps = Storage(str(root)).marker("evaluate", "t")["stats"]["extra"]["captions"]
     assert caps["nano-vl"] == {"cached": SCENES, "generated": 0}
     assert caps["nano-vl-step300"] == {"cached": SCENES, "generated": 0}
     assert caps["nano-vl-step600"] == {"cached": 0, "generated": SCENES}
@@ -125,13 +125,13 @@ def test_killed_evaluate_reruns_to_the_same_report(first_run, bench, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     storage = Storage(str(root))
-    assert storage.unit_marker("evaluate", "t") is None
+    assert storage.marker("evaluate", "t") is None
     assert not (root / "eval" / "t").exists()
     parts = list(cache.glob("part-*.parquet"))
     assert parts and all(pl.read_parquet(p).height > 0 for p in parts)  # only whole parts carry the name
     out = io.StringIO()
     assert run_stage(load_config(m), "evaluate", None, progress=False, out=out).committed == [0], out.getvalue()
-    caps = storage.unit_marker("evaluate", "t")["stats"]["extra"]["captions"]
+    caps = storage.marker("evaluate", "t")["stats"]["extra"]["captions"]
     assert caps["nano-vl"]["cached"] >= 1
     first = (first_root / "eval" / "t")
     # first_run's report may have been replaced by the 3-captioner test: compare its answers of these two
@@ -203,7 +203,7 @@ def test_qa_shards_and_caprl_parquet_benchmarks(tmp_path, bench):
     assert rep["captioners"]["reference"]["per_benchmark"]["pub"] is None  # no reference caption there
     assert rep["captioners"]["empty"]["per_benchmark"]["pub"]["questions"] == 6
     assert rep["captioners"]["reference"]["mean"] > rep["captioners"]["empty"]["mean"]
-    marker = storage.unit_marker("evaluate", "t")
+    marker = storage.marker("evaluate", "t")
     assert set(marker["inputs"]) == {"qa/00000", "download/00000"} and marker["shards"] == [0]
     _commit(storage, "qa", 0, {"qa/00000.parquet": qa_rows(True)})  # a recommitted qa shard: outdated
     again = run_stage(load_config(m), "evaluate", None, progress=False, out=io.StringIO())
@@ -297,7 +297,7 @@ def test_train_latest_captioner_is_an_input(tmp_path, bench):
     doc["evaluate"]["captioners"] = {"trained": {**_vl("x"), "model": "train:latest"}}
     m.write_text(yaml.safe_dump(doc))
     run_stage(load_config(m), "evaluate", None, progress=False, out=io.StringIO())
-    marker = storage.unit_marker("evaluate", "t")
+    marker = storage.marker("evaluate", "t")
     assert "train/all" in marker["inputs"]
     assert marker["stats"]["extra"]["captions"]["trained"] == {"cached": 0, "generated": SCENES}
     first = json.loads((root / "eval" / "t" / "report.json").read_text())["captioners"]["trained"]["mean"]
@@ -305,7 +305,7 @@ def test_train_latest_captioner_is_an_input(tmp_path, bench):
     train("nano-vl")  # retrained
     again = run_stage(load_config(m), "evaluate", None, progress=False, out=io.StringIO())
     assert again.committed == [0]
-    marker = storage.unit_marker("evaluate", "t")
+    marker = storage.marker("evaluate", "t")
     assert marker["stats"]["extra"]["captions"]["trained"] == {"cached": 0, "generated": SCENES}
     after = json.loads((root / "eval" / "t" / "report.json").read_text())["captioners"]["trained"]["mean"]
     assert after > first + 0.1

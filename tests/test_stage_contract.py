@@ -77,7 +77,7 @@ def test_whole_run_commits_one_marker_with_input_digests_and_goes_stale(tmp_path
     report, out = _run(m, "summary", None)  # default: every committed synth shard
     assert report.exit_code == 0, out
     storage = Storage(str(root))
-    marker = storage.unit_marker("summary", "all")
+    marker = storage.marker("summary", "all")
     assert marker["unit"] == "all" and marker["shards"] == [0, 1, 2]
     assert sorted(marker["inputs"]) == ["synth/00000", "synth/00001", "synth/00002"]
     assert set(marker["outputs"]) == {"summaries/all/summary.json", "summaries/all/keys.parquet", "summaries/all_stats.json"}
@@ -160,7 +160,7 @@ def test_whole_run_sigkill_leaves_no_marker_or_a_complete_output(tmp_path):
             killed_mid_run += 1
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
-        marker = storage.unit_marker("summary", "all")
+        marker = storage.marker("summary", "all")
         if marker is not None:  # a marker is only ever next to its complete outputs
             for rel, info in marker["outputs"].items():
                 assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == info["sha256"], rel
@@ -169,7 +169,7 @@ def test_whole_run_sigkill_leaves_no_marker_or_a_complete_output(tmp_path):
         assert rerun.returncode == 0, err
         if marker is not None:
             assert "current; skipping" in out
-        final = storage.unit_marker("summary", "all")
+        final = storage.marker("summary", "all")
         digest = {rel: info["sha256"] for rel, info in final["outputs"].items() if not rel.endswith("_stats.json")}
         reference = reference or digest
         assert digest == reference

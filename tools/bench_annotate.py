@@ -31,7 +31,11 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.engines.base import Sampling, create_engine  # noqa: E402
+from pipeline.engines.base import (  # noqa: E402
+    Sampling,
+    create_engine,
+    image_request,  # noqa: E402
+)
 from pipeline.engines.preprocess import map_ahead  # noqa: E402
 from pipeline.nano import world  # noqa: E402
 from pipeline.runner import run_stage  # noqa: E402
@@ -40,7 +44,6 @@ from pipeline.shardio import read_samples  # noqa: E402
 from pipeline.shards import sample_key, shard_name  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
 from stages.annotate import stage as annotate  # noqa: E402
-from stages.annotate.captioning import caption_request  # noqa: E402
 from stages.annotate.imageprep import decode_image  # noqa: E402
 
 MAX_PIXELS = 448 * 448
@@ -143,7 +146,7 @@ def bench_engine(tmp: Path, n: int, repeats: int, model: Path, batch: int, token
     out_tokens = 0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        gens = engine.generate([caption_request(config.annotate.prompt, im) for im in images], sampling)
+        gens = engine.generate([image_request(config.annotate.prompt, im) for im in images], sampling)
         direct.append(time.perf_counter() - t0)
         out_tokens = sum(g[0].num_tokens for g in gens)
         stage.append(stage_run(root, overrides, resources))

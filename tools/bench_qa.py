@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from pipeline.config import RunConfig, load_config  # noqa: E402
 from pipeline.demo import DEMO_MANIFEST  # noqa: E402
-from pipeline.engines.base import ChatRequest, Sampling, create_engine  # noqa: E402
+from pipeline.engines.base import ChatRequest, Sampling, create_engine, image_messages  # noqa: E402
 from pipeline.engines.preprocess import prepare_image  # noqa: E402
 from pipeline.mcq import LETTERS, READER_PREFILL, filter_messages, parse_generator_output  # noqa: E402
 from pipeline.nano import qa_eval, world  # noqa: E402
@@ -37,7 +37,6 @@ from pipeline.runner import run_stage  # noqa: E402
 from pipeline.shardio import read_samples  # noqa: E402
 from pipeline.storage import Storage  # noqa: E402
 from stages.qa import gate  # noqa: E402
-from stages.qa.generate import generator_messages  # noqa: E402
 from stages.qa.stage import engine_key, generation_prompt  # noqa: E402
 
 
@@ -71,7 +70,7 @@ def direct(config: RunConfig, resources: dict, tar: str) -> int:
     filt = resources[engine_key("model", resolve_model(cfg.filter))]
     samples = [s for s in read_samples(tar)]
     images = {s.key: prepare_image(s.image, cfg.generator.min_pixels, cfg.generator.max_pixels) for s in samples}
-    messages = generator_messages(generation_prompt(cfg))
+    messages = image_messages(generation_prompt(cfg))
     outs = gen.generate([ChatRequest(messages, [im]) for im in images.values()], Sampling.from_config(cfg.generation))
     settings = gate.GateSettings.from_config(cfg)
     items = [gate.GateItem(key, q, images[key]) for key, o in zip(images, outs, strict=True)

@@ -199,23 +199,22 @@ def report(name: str, n: int, seconds: float, tokens: int) -> None:
 def bench_engine(model_dir: Path, images: list):
     import torch
 
-    from pipeline.engines.base import Sampling
+    from pipeline.engines.base import Sampling, image_request
     from pipeline.engines.hf import HFEngine
     from pipeline.engines.preprocess import prepare_image
-    from stages.annotate.captioning import caption_request
 
     engine = HFEngine(engine_config(model_dir))
     print(f"  engine {engine.model_id} on {engine.device}")
     prepared = [prepare_image(im, SIDE * SIDE, SIDE * SIDE) for im in images]
     sampling = Sampling(temperature=0.0, max_new_tokens=TOKENS)
-    warm = engine.generate([caption_request("Please describe this image in detail.", im) for im in prepared[:2]],
+    warm = engine.generate([image_request("Please describe this image in detail.", im) for im in prepared[:2]],
                            Sampling(max_new_tokens=4))  # warm-up: kernels, allocator
     print(f"  warm-up caption: {warm[0][0].text!r}")
     fix_length(engine.model)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = engine.generate([caption_request("Please describe this image in detail.", im) for im in prepared], sampling)
+    out = engine.generate([image_request("Please describe this image in detail.", im) for im in prepared], sampling)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -224,7 +223,7 @@ def bench_engine(model_dir: Path, images: list):
     # the same images and batches as the stage phase below, for a like-for-like stage / engine ratio
     same = prepared[:STAGE_IMAGES]
     t0 = time.perf_counter()
-    out = engine.generate([caption_request("Please describe this image in detail.", im) for im in same], sampling)
+    out = engine.generate([image_request("Please describe this image in detail.", im) for im in same], sampling)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     report("engine_stage_images", len(same), time.perf_counter() - t0, sum(g[0].num_tokens for g in out))

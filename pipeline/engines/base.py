@@ -25,6 +25,16 @@ class ChatRequest:
     prefill: str = ""
 
 
+def image_messages(prompt: str) -> list[dict[str, Any]]:
+    """One user turn: an image, then the prompt (captioning, MCQ generation)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
+def image_request(prompt: str, image: Image.Image) -> ChatRequest:
+    """The request for one image under `prompt` (see image_messages)."""
+    return ChatRequest(messages=image_messages(prompt), images=[image])
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0

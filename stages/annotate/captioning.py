@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.engines.base import ChatRequest, Engine, Generation, Sampling
+from pipeline.engines.base import Engine, Generation, Sampling, image_request
 from pipeline.engines.preprocess import map_ahead
 from pipeline.errors import PipelineError
 from stages.annotate.imageprep import DecodedImage, decode_image
@@ -88,12 +88,6 @@ class FeedConfig:
     retry_batch_size: int = 4
 
 
-def caption_request(prompt: str, image: Image.Image) -> ChatRequest:
-    """The chat request for one image: a user turn with the image then the prompt."""
-    return ChatRequest(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-                       images=[image])
-
-
 def _judge(gens: list[Generation], truncated_is_error: bool) -> tuple[str | None, str | None]:
     """(reason, error text) for a row's generations, or (None, None) if they are acceptable."""
     for i, g in enumerate(gens):
@@ -109,7 +103,7 @@ def _judge(gens: list[Generation], truncated_is_error: bool) -> tuple[str | None
 
 def _run_engine(engine: Engine, images: Sequence[Image.Image], cfg: FeedConfig) -> list[list[Generation]] | str:
     """engine.generate over a batch, or the error text if it raised or returned the wrong shape."""
-    requests = [caption_request(cfg.prompt, im) for im in images]
+    requests = [image_request(cfg.prompt, im) for im in images]
     try:
         out = engine.generate(requests, cfg.sampling)
     except Exception as exc:  # noqa: BLE001 - an engine failure becomes per-row errors, retried later

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines.base import ChatRequest, Engine, Sampling
+from pipeline.engines.base import Engine, Sampling, image_request
 from pipeline.engines.preprocess import prepare_image
 
 log = logging.getLogger("stages.evaluate.captions")
@@ -113,12 +113,6 @@ class CaptionCache:
         self._new = []
 
 
-def caption_request(prompt: str, image: Any) -> ChatRequest:
-    """One user turn: the image, then the captioning prompt."""
-    return ChatRequest(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-                       images=[image])
-
-
 def spec_for(engine: Engine, cfg: EngineConfig, prompt: str, k: int, sampling: SamplingConfig,
              seed: int) -> CaptionSpec:
     return CaptionSpec(model_id=engine.model_id, prompt=prompt, k=k, sampling=sampling,
@@ -139,7 +133,7 @@ def caption_all(engine: Callable[[], Engine], spec: CaptionSpec, images: Sequenc
         if all(f is not None for f in found):
             out.update({sha: f for (sha, _), f in zip(part, found, strict=True)})  # type: ignore[misc]
             continue
-        requests = [caption_request(spec.prompt, prepare_image(data, min_pixels=spec.min_pixels,
+        requests = [image_request(spec.prompt, prepare_image(data, min_pixels=spec.min_pixels,
                                                                max_pixels=spec.max_pixels)) for _, data in part]
         results = engine().generate(requests, replace(params, seed=spec.chunk_seed(digest)))
         if len(results) != len(part):

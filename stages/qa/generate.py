@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from pipeline.engines.base import ChatRequest, Engine, Generation, Sampling
+from pipeline.engines.base import ChatRequest, Engine, Generation, Sampling, image_messages
 from stages.qa.questions import Candidate, from_generator_text
 
 
@@ -22,15 +22,10 @@ class Generated:
     error: str | None = None
 
 
-def generator_messages(prompt: str) -> list[dict]:
-    """One user turn: the image, then the generation prompt."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-
-
 def generate_questions(engine: Engine, images: Sequence[tuple[str, Image.Image]], prompt: str, sampling: Sampling,
                        chunk_size: int) -> list[Generated]:
     """Generate and parse MCQs for every (key, image), in order; `chunk_size` requests per engine call."""
-    messages = generator_messages(prompt)
+    messages = image_messages(prompt)
     out: list[Generated] = []
     for start in range(0, len(images), chunk_size):
         chunk = images[start: start + chunk_size]

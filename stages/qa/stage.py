@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from pipeline.mcq import LETTERS, QA_GENERATION_PROMPT
 from pipeline.resources import resolve_model
 from pipeline.shardio import Sample, read_samples
 from pipeline.stage import PER_SHARD, Input, Resources, RunContext, ShardContext, ShardStats, Stage
-from pipeline.storage import code_version
+from pipeline.storage import code_version, output_timestamp
 from stages.qa.gate import GateItem, GateSettings, Verdict, filter_prompt_hash, run_gate
 from stages.qa.generate import generate_questions
 from stages.qa.images import load_image
@@ -86,13 +85,6 @@ def short_hash(text: str) -> str:
 
 def generation_prompt(cfg: QAConfig) -> str:
     return cfg.prompt or QA_GENERATION_PROMPT
-
-
-def run_timestamp() -> str:
-    """ISO time of this run, or SOURCE_DATE_EPOCH's time when set (reproducible outputs)."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    t = float(epoch) if epoch and epoch.strip().isdigit() else time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def engine_key(role: str, cfg: EngineConfig) -> str:
@@ -173,7 +165,7 @@ def run_shard(ctx: ShardContext, shard: int) -> ShardStats:
     images: list[_Image] = []
     for block in _blocks(read_samples(src.tar_url, src.storage_options), cfg.images_per_pass):
         images += _process(ctx, cfg, settings, block, extras, prov)
-    stamp = run_timestamp()
+    stamp = output_timestamp()
     rows = [{n: row.get(n) for n in QA_SCHEMA.names} for img in images for row in _rows(img, prov, stamp)]
     shardio.write_manifest(rows, QA_SCHEMA, ctx.output(".parquet"))
     stats = _stats(rows, images, src, prov, settings)
