@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for committed shards with failed rows, redo only those rows (stages with retry_shard, "
                           "e.g. download); uncommitted shards run as usual")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--load", metavar="PATH", help="train: register this trained checkpoint (e.g. CapRL-3B) "
+                     "instead of training (the same as --set train.load=PATH)")
 
     submit = sub.add_parser(
         "submit", help="run a stage over shards as a SLURM job array (sbatch script saved under ROOT/logs)",
@@ -148,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8765, help="HTTP port on 127.0.0.1 for the demo images")
     demo.add_argument("--images", type=int, default=60, help="number of demo scenes")
     demo.add_argument("--manifest", "-m", default=None, help="manifest (default: manifests/demo.yaml)")
+    demo.add_argument("--train", action="store_true", help="run RL from an under-trained nano-VL snapshot "
+                      "instead of registering the trained nano-VL, and caption with the result")
 
     export = sub.add_parser(
         "export-qa", help="write the kept questions in the published CapRL-QA layout (one parquet)",
@@ -202,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.runner import run_stage
 
             shards = parse_shard_spec(args.shards) if args.shards else None
+            if args.load is not None:
+                if args.stage != "train":
+                    raise PipelineError("--load belongs to the train stage (it registers a trained checkpoint)")
+                args.overrides = [*args.overrides, f"train.load={args.load}"]
             report = run_stage(_config(args), args.stage, shards, force=args.force,
                                failed_only=args.failed_only, progress=not args.no_progress)
             return report.exit_code
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from pipeline.demo import run_demo
 
-            return run_demo(args.root, args.data_dir, args.port, args.images, args.manifest)
+            return run_demo(args.root, args.data_dir, args.port, args.images, args.manifest, train=args.train)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -305,8 +313,10 @@ def _submit(args: argparse.Namespace) -> int:
             raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
         defaults = {"gpus": declared.resources.gpus or None,
                     "cpus": declared.resources.cpus if declared.resources.cpus > 1 else None}
-        specs.append(_submit_spec(args, stage, shards, 1 if declared.whole_run else args.tasks, defaults,
-                                  whole_run=declared.whole_run))
+        spec = _submit_spec(args, stage, shards, 1 if declared.whole_run else args.tasks, defaults,
+                            whole_run=declared.whole_run)
+        spec.launcher = declared.launcher
+        specs.append(spec)
     return _do_submit(args, specs)
 
 

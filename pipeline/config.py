@@ -49,7 +49,8 @@ class SamplingConfig(Section):
 class EngineConfig(Section):
     """Which engine backend runs a model, and how. Chosen per stage in the manifest."""
 
-    backend: Literal["hf", "vllm", "openai", "noop"] = "hf"
+    backend: Literal["hf", "vllm", "openai", "noop", "nano-rule"] = Field(
+        "hf", description="nano-rule: the demo world's rule reader (a text-only audit reader, no model)")
     model: str = ""
     label: str | None = runtime(None, description="the model's name in provenance (default: `model` as configured; "
                                 "set by the pipeline when it resolves a path, so ids do not depend on the working directory)")
@@ -95,6 +96,9 @@ class RewardConfig(Section):
     seed: int = 0
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.6, top_p=1.0, max_new_tokens=10))
+    draws_per: Literal["caption", "image"] = Field(
+        "caption", description="caption: each caption gets its own draws; image: every caption of one image (and "
+        "key) is asked the same draws, so a group's rewards differ only by their captions (lower-variance advantages)")
     retries: int = runtime(1, ge=0, description="re-asks of failed reader calls before a reward is missing")
     cache: str | None = runtime(None, description="fsspec directory of the reward cache (replayable runs)")
 
@@ -185,12 +189,82 @@ class QAConfig(Section):
     images_per_pass: int = runtime(1024, ge=1, description="images generated and gated together (bounds memory)")
 
 
-class TrainConfig(Section):
-    """RL training of the captioner (or registering a trained checkpoint)."""
+class LengthTermConfig(Section):
+    """CapRL++'s length term: full reward up to `full_tokens` caption tokens, falling linearly to 0 at
+    `zero_tokens`; the reward becomes (1 - weight) * utility + weight * length_factor. Off at weight 0."""
 
-    policy: EngineConfig = Field(default_factory=EngineConfig)
-    reader: EngineConfig = Field(default_factory=EngineConfig)
+    weight: float = Field(0.0, ge=0.0, le=1.0)
+    full_tokens: int = Field(2048, ge=1)
+    zero_tokens: int = Field(3072, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> LengthTermConfig:
+        if self.zero_tokens <= self.full_tokens:
+            raise ValueError("zero_tokens must be larger than full_tokens")
+        return self
+
+
+class AuditConfig(Section):
+    """The reward-hacking alarm: every `every` steps the policy captions held-out images greedily; the
+    captions are scored by the training reward, by an audit reader that is not the training reader, and by
+    the images' ground truth where the image metadata carries it (the demo world's `scene`)."""
+
+    every: int = Field(50, ge=0, description="steps between audits (0: no audit)")
+    images: int = Field(32, ge=0, description="images held out of training (by key hash) and captioned each audit")
+    reward: RewardConfig | None = Field(
+        None, description="the audit reader and its reward settings (must differ from train.reward.reader); "
+        "None: truth and training reward only")
+    truth: Literal["auto", "scene", "none"] = Field(
+        "auto", description="scene: score captions against the `scene` metadata of the demo world; auto: where present")
+    tolerance: float = Field(0.02, ge=0.0, description="alarm when the training reward rose and the audit fell by "
+                             "more than this since the first audit")
+    max_new_tokens: int | None = Field(None, ge=1, description="audit caption length (default train.max_new_tokens)")
+
+
+class TrainConfig(Section):
+    """RL of the captioner with the CapRL reward on the kept questions of the qa shards (TRL), or register a
+    trained checkpoint (`load`). See docs/train.md."""
+
+    name: str = Field("all", pattern=r"^[a-z][a-z0-9_-]{0,63}$",
+                      description="the unit: ROOT/checkpoints/<name>/ ('train:latest' names 'all')")
+    load: str | None = Field(None, description="register this trained checkpoint instead of training (e.g. CapRL-3B)")
+    policy: EngineConfig = Field(default_factory=EngineConfig, description="the starting checkpoint (model, dtype, "
+                                 "device, min/max_pixels)")
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    algorithm: Literal["grpo", "rloo"] = Field(
+        "grpo", description="grpo: group-normalised advantages (the paper, with KL); rloo: leave-one-out baseline "
+        "(the released recipe, no KL)")
+    beta: float = Field(0.04, ge=0.0, description="KL coefficient (0: no reference model)")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field("dapo", description="TRL's loss aggregation "
+                                                                  "(grpo only)")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage scaling (grpo only)")
+    num_generations: int = Field(8, ge=2, description="captions per image (the group)")
+    images_per_step: int = Field(128, ge=1, description="distinct images per generation batch")
+    num_iterations: int = Field(1, ge=1, description="optimizer steps per generation batch (GRPO's mu: the "
+                                "rollouts and rewards are reused, with the clipped ratio, this many times)")
+    epsilon: float = Field(0.2, gt=0.0, description="clipping range of the policy ratio")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-6, gt=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    lr_scheduler: Literal["constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_new_tokens: int = Field(4096, ge=1, description="caption tokens per rollout")
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: `epochs` passes)")
+    epochs: float = Field(3.0, gt=0.0)
+    save_steps: int = Field(50, ge=1, description="checkpoint every K steps (a killed run resumes from the last)")
+    keep_checkpoints: int = runtime(2, ge=1)
+    seed: int = 0
+    prompt: str = "Please describe this image in detail."
+    length: LengthTermConfig = Field(default_factory=LengthTermConfig)
+    max_missing_share: float = Field(0.2, ge=0.0, le=1.0, description="a step with more missing rewards fails")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="training precision on GPU "
+                                                             "(CPU trains in float32)")
+    gradient_checkpointing: bool = runtime(False)
+
 
 
 class QualityConfig(Section):

@@ -127,8 +127,10 @@ def port_free(port: int) -> bool:
     return True
 
 
-def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str | None, out=sys.stdout) -> int:
-    """Generate the demo world, serve it, and run every available stage over all its shards."""
+def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str | None, out=sys.stdout,
+             train: bool = False) -> int:
+    """Generate the demo world, serve it, and run every available stage over all its shards. `train`: RL of the
+    captioner (the manifest's train settings) instead of registering the trained one."""
     from pipeline.config import load_config
     from pipeline.runner import run_stage
     from pipeline.shards import format_shard_spec
@@ -142,7 +144,8 @@ def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str |
         seen = {r["scene"] for r in pq.read_table(data / WORLD_TABLE, columns=["scene"]).to_pylist()}
         make_heldout_benchmark(data, seen=seen)
     manifest_path = manifest or (str(DEMO_MANIFEST) if DEMO_MANIFEST.exists() else None)
-    config = load_config(manifest_path, overrides=[f"download.urls={data / URL_LIST}"], root=root)
+    config = load_config(manifest_path, overrides=[f"download.urls={data / URL_LIST}",
+                                                   *(["train.load=null"] if train else [])], root=root)
     relocate_benchmarks(config, data)
     num_shards = -(-n_images // config.shard_size)
     shards = list(range(num_shards))

@@ -8,6 +8,7 @@ quality gate and the reward shuffle options with `shuffle_options`, and the read
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from collections.abc import Sequence
@@ -354,3 +355,42 @@ def parse_answer_letter(text: str, n_options: int) -> str | None:
         if letter in LETTERS:
             return letter if LETTERS.index(letter) < n_options else None
     return None
+
+
+def parse_mcqs(value: Any) -> list[MCQ]:
+    """MCQs from a JSON string / list of MCQ dicts (the image shards' `mcqs` column); [] if none or invalid."""
+    if value is None:
+        return []
+    if isinstance(value, str | bytes):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return []
+    if isinstance(value, dict):
+        value = [value]
+    out = []
+    for item in value if isinstance(value, list) else []:
+        try:
+            out.append(MCQ.from_dict(item))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def qa_mcqs(rows: list[dict[str, Any]]) -> dict[str, list[MCQ]]:
+    """key -> kept MCQs from a qa-stage parquet (columns: key, plus `mcqs` or `mcq` JSON, or
+    question/options/answer; rows whose `kept` is false are skipped)."""
+    out: dict[str, list[MCQ]] = {}
+    for r in rows:
+        if r.get("key") is None or r.get("kept", True) is False or r.get("status", "ok") != "ok":
+            continue
+        if "mcqs" in r:
+            found = parse_mcqs(r["mcqs"])
+        elif "mcq" in r:
+            found = parse_mcqs(r["mcq"])
+        elif {"question", "options", "answer"} <= r.keys():
+            found = parse_mcqs([{k: r[k] for k in ("question", "options", "answer", "id", "qtype") if k in r}])
+        else:
+            found = []
+        out.setdefault(str(r["key"]), []).extend(found)
+    return out

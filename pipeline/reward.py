@@ -202,8 +202,9 @@ class CapRLReward:
     # -- planning -----------------------------------------------------------------------------------
     def plan(self, caption: str, mcqs: Sequence[MCQ], key: str, seed: int) -> list[ShuffledMCQ]:
         """The N draws (with replacement, fresh shuffle each) for one caption: a function of the seed,
-        the caption's key and text, and the MCQ ids."""
-        blob = f"{seed}|{key}|{caption_hash(caption)}|{','.join(q.id for q in mcqs)}"
+        the caption's key and text, and the MCQ ids (not of the text under `draws_per: image`)."""
+        text = caption_hash(caption) if self.config.draws_per == "caption" else "*"
+        blob = f"{seed}|{key}|{text}|{','.join(q.id for q in mcqs)}"
         rng = random.Random(int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big"))
         draws = []
         for _ in range(self.config.n_draws):

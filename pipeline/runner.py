@@ -251,6 +251,14 @@ class Heartbeat:
         self._thread.join()
 
 
+def secondary_rank() -> bool:
+    """Whether this process is a non-zero rank of a distributed launch (RANK set by accelerate / torchrun)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0) > 0
+    except ValueError:
+        return False
+
+
 def heartbeat_interval() -> float:
     """Seconds between claim refreshes (PIPELINE_HEARTBEAT_S)."""
     try:
@@ -286,6 +294,9 @@ class _Work:
         A unit claimed by a live owner is skipped; any error, storage faults included, becomes this unit's
         failure (recorded if the storage allows) and the run goes on."""
         stage, name = self.declared.name, unit_name(unit)
+        if self.declared.whole_run and secondary_rank():
+            self._secondary(unit, shards)
+            return
         try:
             claim = self.storage.acquire(stage, unit, self.config.claim_stale_s)
         except ClaimHeld as held:
@@ -347,15 +358,28 @@ class _Work:
             except StorageError as unreachable:
                 raise StorageError(f"{unreachable}; stopping the run ({stage} {name} was the last unit tried)") from None
 
+    def _secondary(self, unit: int | str, shards: list[int]) -> None:
+        """A non-zero rank of a multi-process unit (`accelerate launch`): compute beside rank 0, which holds
+        the claim and commits; this rank's own outputs are staged privately and dropped."""
+        txn = self.storage.begin(self.declared.name, unit)
+        try:
+            self.declared.run_whole(self._context(unit, shards, txn), list(shards))  # type: ignore[misc]
+        finally:
+            txn.cleanup()
+
+    def _context(self, unit: int | str, shards: list[int], txn) -> ShardContext:
+        stage = self.declared.name
+        return ShardContext(
+            config=self.config, storage=self.storage, stage=stage, output_dir=self.declared.output_dir,
+            txn=txn, resources=self.resources, log=logging.getLogger(f"pipeline.{stage}"),
+            cache=self.cache, shards=list(shards),
+        )
+
     def _claimed(self, unit: int | str, shards: list[int], txn, previous: dict[str, Any] | None,
                  beat: Heartbeat) -> None:
         declared, stage = self.declared, self.declared.name
         name = unit_name(unit)
-        ctx = ShardContext(
-            config=self.config, storage=self.storage, stage=stage, output_dir=declared.output_dir,
-            txn=txn, resources=self.resources, log=logging.getLogger(f"pipeline.{stage}"),
-            cache=self.cache, shards=list(shards),
-        )
+        ctx = self._context(unit, shards, txn)
         started = time.time()
         if declared.whole_run:
             stats = timed(lambda: declared.run_whole(ctx, list(shards)))  # type: ignore[misc]

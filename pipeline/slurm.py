@@ -68,6 +68,8 @@ class SubmitSpec:
     """One job (not an array) running the stage once over `shards` (its input shards; [] = the stage's default)."""
     dependency: str | None = None
     """sbatch --dependency, e.g. 'afterok:1234' (chains: qa array -> train job -> annotate array)."""
+    launcher: str | None = None
+    """The stage's declared launcher: 'accelerate' starts a whole-run unit on all `gpus` with accelerate launch."""
 
     def validate(self) -> None:
         """Raise SlurmError with one line for a value sbatch would refuse later (or silently misread)."""
@@ -119,6 +121,15 @@ def log_dir_for(config: RunConfig, storage: Storage) -> str:
     if storage.is_local:
         return storage.path(LOGS_DIR)
     return os.path.abspath("slurm_logs")
+
+
+def launch_args(spec: SubmitSpec) -> list[str]:
+    """What goes between the interpreter and `-m pipeline`: accelerate's launcher for a whole-run unit of a stage
+    that declares it, given more than one GPU (one process per GPU; rank 0 claims and commits)."""
+    if not (spec.whole_run and spec.launcher == "accelerate" and spec.gpus > 1):
+        return []
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={spec.gpus}", "--num_machines=1",
+            "--mixed_precision=no", "--dynamo_backend=no"]
 
 
 def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir: str) -> str:
@@ -213,7 +224,7 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
     lines += [
         "",
         f'if [ "$GOT_SIGNAL" -eq 1 ]; then echo "stopped before starting"; RC={EXIT_PREEMPTED}; else',
-        '"$PYTHON" ' + " ".join(run_args) + " &",
+        '"$PYTHON" ' + " ".join(launch_args(spec) + run_args) + " &",
         "CHILD=$!",
         'while true; do wait "$CHILD"; RC=$?; kill -0 "$CHILD" 2>/dev/null || break; done',
         "fi",

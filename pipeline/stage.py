@@ -132,6 +132,11 @@ class Stage:
     """per-shard: how many shards its input has (shards beyond are refused up front); default: run.json's
     num_shards when recorded. None from the callable means unknown (no check)."""
     resources: Resources = Resources()
+    progress: Callable[[RunConfig, Storage, str], str | None] | None = None
+    """whole-run: one line on how far a unit has got (e.g. train's last step), shown by `status`."""
+    launcher: str | None = None
+    """whole-run: 'accelerate' when one unit may span several GPUs: `submit --gpus N` (N > 1) starts it with
+    `accelerate launch` on N processes; rank 0 claims and commits, the other ranks only compute."""
     description: str = ""
 
     def __post_init__(self) -> None:

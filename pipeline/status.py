@@ -17,11 +17,19 @@ from typing import Any
 
 from pipeline.claims import DEFAULT_STALE_AFTER, judge, squeue_job_ids
 from pipeline.config import RunConfig, setting_changes
-from pipeline.errors import SlurmError
+from pipeline.errors import PipelineError, SlurmError
 from pipeline.runner import stale_inputs
 from pipeline.shards import format_shard_spec, parse_shard_spec
 from pipeline.slurm import submissions
-from pipeline.stage import PER_SHARD, WHOLE_RUN, InputCache, Stage, available_stages, stage_modules
+from pipeline.stage import (
+    PER_SHARD,
+    WHOLE_RUN,
+    InputCache,
+    Stage,
+    available_stages,
+    load_stage,
+    stage_modules,
+)
 from pipeline.storage import TMP_DIR, Storage, unit_name
 
 
@@ -330,6 +338,28 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def unit_progress(config: RunConfig, st: StageStatus) -> dict[str, str]:
+    """unit -> the stage's progress line (e.g. train's last step) for the whole-run units on record."""
+    try:
+        declared = load_stage(st.stage, config)
+    except PipelineError:
+        return {}
+    if declared.progress is None:
+        return {}
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    units = {*map(str, st.committed), *(str(c.shard) for c in st.running), *map(str, st.failed),
+             *(str(o.unit) for o in st.outdated), *(map(str, st.pending or []))}
+    out = {}
+    for unit in sorted(units):
+        try:
+            line = declared.progress(config, storage, unit)
+        except Exception as exc:  # noqa: BLE001 - a progress line is informative only
+            line = f"progress unreadable: {type(exc).__name__}: {exc}"
+        if line:
+            out[unit] = line
+    return out
+
+
 def print_status(config: RunConfig, only: str | None = None, out=None,
                  stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True) -> int:
     """Print the table and, under it, failure reasons, outdated units, claims and row-level error counts.
@@ -371,6 +401,8 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
                 shards = m.get("shards", [])
                 print(f"{st.stage}: {unit} committed {m.get('committed_at', '?')} from {len(shards)} input shard(s)"
                       + (f" [{format_shard_spec(shards)}]" if shards else ""), file=out)
+            for unit, line in unit_progress(config, st).items():
+                print(f"{st.stage}: {unit} {line}", file=out)
         if not compare and st.fingerprints:
             made = ", ".join(f"{fp} ({n})" for fp, n in st.fingerprints.most_common())
             print(f"{st.stage}: committed with settings {made} as recorded in the markers; "

@@ -82,6 +82,7 @@ BACKENDS: dict[str, str] = {
     "vllm": "pipeline.engines.vllm:VLLMEngine",
     "openai": "pipeline.engines.openai:OpenAIEngine",
     "noop": "pipeline.engines.noop:NoopEngine",
+    "nano-rule": "pipeline.nano.rule_reader:RuleReaderEngine",
 }
 
 

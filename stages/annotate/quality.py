@@ -9,7 +9,6 @@ and its mean in the shard's stats, where `python -m pipeline status` shows the r
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pipeline import shardio
 from pipeline.config import QualityConfig, RewardConfig
 from pipeline.engines.base import Engine, create_engine
 from pipeline.errors import ConfigError
-from pipeline.mcq import MCQ
+from pipeline.mcq import MCQ, parse_mcqs, qa_mcqs
 from pipeline.resources import resolve_model
 from pipeline.shards import shard_name
 from pipeline.stage import ShardContext
@@ -47,45 +46,6 @@ def selected(key: str, fraction: float, seed: int = 0) -> bool:
         return True
     h = int.from_bytes(hashlib.sha256(f"quality|{seed}|{key}".encode()).digest()[:8], "big")
     return h / 2**64 < fraction
-
-
-def parse_mcqs(value: Any) -> list[MCQ]:
-    """MCQs from a JSON string / list of MCQ dicts (the image shards' `mcqs` column); [] if none or invalid."""
-    if value is None:
-        return []
-    if isinstance(value, str | bytes):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return []
-    if isinstance(value, dict):
-        value = [value]
-    out = []
-    for item in value if isinstance(value, list) else []:
-        try:
-            out.append(MCQ.from_dict(item))
-        except (KeyError, TypeError, ValueError):
-            continue
-    return out
-
-
-def qa_mcqs(rows: list[dict[str, Any]]) -> dict[str, list[MCQ]]:
-    """key -> kept MCQs from a qa-stage parquet (columns: key, plus `mcqs` or `mcq` JSON, or
-    question/options/answer; rows whose `kept` is false are skipped)."""
-    out: dict[str, list[MCQ]] = {}
-    for r in rows:
-        if r.get("key") is None or r.get("kept", True) is False or r.get("status", "ok") != "ok":
-            continue
-        if "mcqs" in r:
-            found = parse_mcqs(r["mcqs"])
-        elif "mcq" in r:
-            found = parse_mcqs(r["mcq"])
-        elif {"question", "options", "answer"} <= r.keys():
-            found = parse_mcqs([{k: r[k] for k in ("question", "options", "answer", "id", "qtype") if k in r}])
-        else:
-            found = []
-        out.setdefault(str(r["key"]), []).extend(found)
-    return out
 
 
 def validate(cfg: QualityConfig, reward: RewardConfig) -> None:

@@ -1,0 +1,101 @@
+"""The CapRL reward as a TRL reward function: captions of a step in, one reward (or None) per caption out.
+
+A caption whose reward is missing (the reader failed after its retries, or its image has no question) is
+returned as None: TRL leaves it out of its group's baseline and gives it no advantage. It is counted, never
+scored 0. When more than `max_missing_share` of a step's captions are missing, the step fails loudly.
+The optional CapRL++ length term mixes in a factor that is 1 up to `full_tokens` caption tokens and falls
+linearly to 0 at `zero_tokens`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.config import LengthTermConfig
+from pipeline.errors import PipelineError
+from pipeline.reward import CapRLReward
+from stages.train.data import read_mcqs
+
+log = logging.getLogger("stages.train")
+
+
+class RewardUnavailable(PipelineError):
+    """Too many captions of one step have no reward: the reader is down or the questions are broken."""
+
+
+def length_factor(tokens: int, cfg: LengthTermConfig) -> float:
+    """1 up to full_tokens, linearly down to 0 at zero_tokens, 0 beyond."""
+    if tokens <= cfg.full_tokens:
+        return 1.0
+    if tokens >= cfg.zero_tokens:
+        return 0.0
+    return (cfg.zero_tokens - tokens) / (cfg.zero_tokens - cfg.full_tokens)
+
+
+def completion_text(completion: Any) -> str:
+    """A completion's text: TRL passes conversational completions as [{'role': 'assistant', 'content': ...}]."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion:
+        content = completion[-1].get("content", "")
+        if isinstance(content, list):
+            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return str(content)
+    return ""
+
+
+class CaptionReward:
+    """Callable that TRL's GRPO / RLOO trainers call once per generation batch (see the module docstring)."""
+
+    __name__ = "caprl"
+
+    def __init__(self, reward: CapRLReward, length: LengthTermConfig | None = None, max_missing_share: float = 0.2):
+        self.reward = reward
+        self.length = length or LengthTermConfig()
+        self.max_missing_share = max_missing_share
+        self.totals = {"captions": 0, "missing": 0, "reader_calls": 0, "draws": 0, "seconds": 0.0}
+        self.step_images: dict[int, list[str]] = {}
+        """optimizer step -> the image keys its captions came from (logged: the data order is checkable)"""
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], key: Sequence[str],
+                 mcqs: Sequence[str], completion_ids: Sequence[Sequence[int]] | None = None,
+                 trainer_state: Any = None, log_metric: Any = None, **_: Any) -> list[float | None]:
+        step = int(getattr(trainer_state, "global_step", 0) or 0)
+        captions = [completion_text(c) for c in completions]
+        self.step_images.setdefault(step + 1, []).extend(dict.fromkeys(key))
+        questions = [read_mcqs(m) for m in mcqs]
+        start = time.perf_counter()
+        results = self.reward(captions, questions, keys=[f"{k}|step{step}" for k in key])
+        seconds = time.perf_counter() - start
+        stats = self.reward.last_stats
+        missing = [r for r in results if r.missing]
+        self.totals["captions"] += len(results)
+        self.totals["missing"] += len(missing)
+        self.totals["reader_calls"] += stats.get("draws", 0) - stats.get("cached", 0)
+        self.totals["draws"] += stats.get("draws", 0)
+        self.totals["seconds"] += seconds
+        if log_metric is not None:
+            log_metric("missing_rewards", float(len(missing)))
+            log_metric("reader_calls_per_s", (stats.get("draws", 0) - stats.get("cached", 0)) / max(seconds, 1e-9))
+            log_metric("reward_seconds", seconds)
+        if results and len(missing) / len(results) > self.max_missing_share:
+            raise RewardUnavailable(
+                f"train step {step}: {len(missing)}/{len(results)} captions have no reward (more than "
+                f"train.max_missing_share={self.max_missing_share}); first reason: {missing[0].reason}")
+        if missing:
+            log.warning("train step %d: %d/%d captions without a reward (masked): %s", step, len(missing),
+                        len(results), missing[0].reason)
+        out: list[float | None] = []
+        for i, r in enumerate(results):
+            if r.reward is None:
+                out.append(None)
+                continue
+            value = r.reward
+            if self.length.weight > 0:
+                tokens = len(completion_ids[i]) if completion_ids is not None else len(captions[i].split())
+                value = (1 - self.length.weight) * value + self.length.weight * length_factor(tokens, self.length)
+            out.append(value)
+        return out
