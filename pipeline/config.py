@@ -266,7 +266,6 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = runtime(False)
 
 
-
 class QualityConfig(Section):
     """The annotate stage's quality monitor: score a fraction of captions with the CapRL reward.
 

@@ -363,11 +363,11 @@ class _Work:
         the claim and commits; this rank's own outputs are staged privately and dropped."""
         txn = self.storage.begin(self.declared.name, unit)
         try:
-            self.declared.run_whole(self._context(unit, shards, txn), list(shards))  # type: ignore[misc]
+            self.declared.run_whole(self._context(shards, txn), list(shards))  # type: ignore[misc]
         finally:
             txn.cleanup()
 
-    def _context(self, unit: int | str, shards: list[int], txn) -> ShardContext:
+    def _context(self, shards: list[int], txn) -> ShardContext:
         stage = self.declared.name
         return ShardContext(
             config=self.config, storage=self.storage, stage=stage, output_dir=self.declared.output_dir,
@@ -379,7 +379,7 @@ class _Work:
                  beat: Heartbeat) -> None:
         declared, stage = self.declared, self.declared.name
         name = unit_name(unit)
-        ctx = self._context(unit, shards, txn)
+        ctx = self._context(shards, txn)
         started = time.time()
         if declared.whole_run:
             stats = timed(lambda: declared.run_whole(ctx, list(shards)))  # type: ignore[misc]

@@ -338,7 +338,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def unit_progress(config: RunConfig, st: StageStatus) -> dict[str, str]:
+def unit_progress(config: RunConfig, storage: Storage, st: StageStatus) -> dict[str, str]:
     """unit -> the stage's progress line (e.g. train's last step) for the whole-run units on record."""
     try:
         declared = load_stage(st.stage, config)
@@ -346,7 +346,6 @@ def unit_progress(config: RunConfig, st: StageStatus) -> dict[str, str]:
         return {}
     if declared.progress is None:
         return {}
-    storage = Storage(config.root, config.storage_options, config.work_dir)
     units = {*map(str, st.committed), *(str(c.shard) for c in st.running), *map(str, st.failed),
              *(str(o.unit) for o in st.outdated), *(map(str, st.pending or []))}
     out = {}
@@ -372,7 +371,8 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
     if not rows:
         print(f"no stage has run under {config.root}", file=out)
         return 0
-    meta = Storage(config.root, config.storage_options, config.work_dir).run_meta() or {}
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    meta = storage.run_meta() or {}
     if compare and isinstance(meta.get("shard_size"), int) and meta["shard_size"] != config.shard_size:
         print(f"note: the configuration says shard_size={config.shard_size} but {config.root}/run.json records "
               f"shard_size={meta['shard_size']}: with it every shard would be numbered differently, so every "
@@ -401,7 +401,7 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
                 shards = m.get("shards", [])
                 print(f"{st.stage}: {unit} committed {m.get('committed_at', '?')} from {len(shards)} input shard(s)"
                       + (f" [{format_shard_spec(shards)}]" if shards else ""), file=out)
-            for unit, line in unit_progress(config, st).items():
+            for unit, line in unit_progress(config, storage, st).items():
                 print(f"{st.stage}: {unit} {line}", file=out)
         if not compare and st.fingerprints:
             made = ", ".join(f"{fp} ({n})" for fp, n in st.fingerprints.most_common())

@@ -35,7 +35,7 @@ from stages.qa import published
 from stages.train.audit import Audit, AuditResult, truth_accuracy
 from stages.train.data import TrainImage, split
 from stages.train.reward_fn import CaptionReward, RewardUnavailable, length_factor
-from stages.train.trainer import per_device_batch, read_log, summarize_log
+from stages.train.trainer import parse_log, per_device_batch, read_log, summarize_log
 
 REPO = Path(__file__).resolve().parent.parent
 NANO = REPO / "models" / "nano"
@@ -235,8 +235,8 @@ def test_alarm_when_training_reward_rises_while_audit_falls():
     msg = audit.alarm(AuditResult(50, 0.60, 0.45, 0.62, 20))
     assert msg and "audit_reward 0.500 -> 0.450" in msg
     assert "truth 0.600 -> 0.500" in (audit.alarm(AuditResult(60, 0.60, None, 0.50, 20)) or "")
-    line = summarize_log(json.dumps({"step": 50, "max_steps": 100, "reward_mean": 0.6, "reward_std": 0.1,
-                                     "audit": {**AuditResult(50, 0.6, 0.45, 0.62, 20).record(), "alarm": msg}}))
+    line = summarize_log(parse_log(json.dumps({"step": 50, "max_steps": 100, "reward_mean": 0.6, "reward_std": 0.1,
+                                     "audit": {**AuditResult(50, 0.6, 0.45, 0.62, 20).record(), "alarm": msg}})))
     assert line and line.startswith("step 50/100, reward 0.600") and "ALARM" in line
 
 

@@ -23,7 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.engines.base import image_messages
 from pipeline.engines.preprocess import prepare_image
 from pipeline.inputs import resolve_input
-from pipeline.mcq import MCQ, parse_mcqs, qa_mcqs
+from pipeline.mcq import MCQ, qa_mcqs
 from pipeline.shards import shard_name
 from pipeline.storage import Storage
 
@@ -49,10 +49,6 @@ class TrainImage:
 
 def mcqs_json(mcqs: Sequence[MCQ]) -> str:
     return json.dumps([q.to_dict() for q in mcqs], sort_keys=True)
-
-
-def read_mcqs(blob: str | None) -> list[MCQ]:
-    return parse_mcqs(blob)
 
 
 def collect(config: RunConfig, storage: Storage, shards: Sequence[int], folder: str,
@@ -121,13 +117,9 @@ def prompt_dataset(images: Sequence[TrainImage], prompt: str, min_pixels: int, m
         "truth": [im.truth for im in images]})
 
     def load(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return {**batch, "image": [load_image(p, min_pixels, max_pixels) for p in batch["image"]]}
+        return {**batch, "image": [prepare_image(p, min_pixels, max_pixels) for p in batch["image"]]}
 
     return table.with_transform(load)
-
-
-def load_image(path: str, min_pixels: int, max_pixels: int) -> Image.Image:
-    return prepare_image(path, min_pixels, max_pixels)
 
 
 def dataset_digest(images: Sequence[TrainImage]) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 
 from pipeline.config import LengthTermConfig
 from pipeline.errors import PipelineError
+from pipeline.mcq import parse_mcqs
 from pipeline.reward import CapRLReward
-from stages.train.data import read_mcqs
 
 log = logging.getLogger("stages.train")
 
@@ -66,20 +66,21 @@ class CaptionReward:
         step = int(getattr(trainer_state, "global_step", 0) or 0)
         captions = [completion_text(c) for c in completions]
         self.step_images.setdefault(step + 1, []).extend(dict.fromkeys(key))
-        questions = [read_mcqs(m) for m in mcqs]
+        questions = [parse_mcqs(m) for m in mcqs]
         start = time.perf_counter()
         results = self.reward(captions, questions, keys=[f"{k}|step{step}" for k in key])
         seconds = time.perf_counter() - start
-        stats = self.reward.last_stats
+        draws = self.reward.last_stats.get("draws", 0)
+        asked = draws - self.reward.last_stats.get("cached", 0)
         missing = [r for r in results if r.missing]
         self.totals["captions"] += len(results)
         self.totals["missing"] += len(missing)
-        self.totals["reader_calls"] += stats.get("draws", 0) - stats.get("cached", 0)
-        self.totals["draws"] += stats.get("draws", 0)
+        self.totals["reader_calls"] += asked
+        self.totals["draws"] += draws
         self.totals["seconds"] += seconds
         if log_metric is not None:
             log_metric("missing_rewards", float(len(missing)))
-            log_metric("reader_calls_per_s", (stats.get("draws", 0) - stats.get("cached", 0)) / max(seconds, 1e-9))
+            log_metric("reader_calls_per_s", asked / max(seconds, 1e-9))
             log_metric("reward_seconds", seconds)
         if results and len(missing) / len(results) > self.max_missing_share:
             raise RewardUnavailable(

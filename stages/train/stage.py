@@ -121,8 +121,8 @@ def sample_image() -> Any:
 
 
 def run_load(ctx: ShardContext, cfg: TrainConfig) -> ShardStats:
+    """Caption one image with the checkpoint (`prepare` checked the folder) and register a copy of it."""
     source = resolve_resource(cfg.load or "")
-    check_checkpoint(source, "train.load")
     engine_cfg = cfg.policy.model_copy(update={"backend": "hf", "model": source, "label": cfg.load})
     engine = create_engine(engine_cfg)
     try:
@@ -165,7 +165,6 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
     cfg = ctx.config.train
     if cfg.load:
         return run_load(ctx, cfg)
-    check(cfg)
     from stages.train.trainer import run_rl
 
     images = data.collect(ctx.config, ctx.storage, shards, image_folder(ctx),
@@ -185,11 +184,12 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
         summary = run_rl(cfg, policy.model, train_images, held_out,
                          CaptionReward(reward, cfg.length, cfg.max_missing_share), audit, progress_dir(ctx),
                          identity, final_dir)
+        publish(ctx, final_dir)
     finally:
+        shutil.rmtree(final_dir, ignore_errors=True)
         for r in (reward, audit_reward):
             if r is not None:
                 r.reader.close()
-    publish(ctx, final_dir)
     summary = {"mode": "rl", "algorithm": cfg.algorithm, "policy": cfg.policy.model, **summary}
     _write_json(ctx.output_file(SUMMARY_FILE), summary)
     last = summary.get("last_step") or {}
@@ -201,14 +201,14 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
 def progress(config: RunConfig, storage: Storage, unit: str) -> str | None:
     """`status`'s line for a train unit: the last logged step (of the committed checkpoint, else of the run in
     progress) with its reward, and the last audit."""
-    from stages.train.trainer import LOG_FILE, summarize_log
+    from stages.train.trainer import LOG_FILE, parse_log, summarize_log
 
     if config.train.load and unit == config.train.name:
         return None
     for rel, what in ((f"{OUTPUT_DIR}/{unit}/{LOG_FILE}", "trained"), (f"{PROGRESS_DIR}/{unit}/{LOG_FILE}", "in progress")):
         if storage.exists(rel):
             with storage.open(rel, "rb") as f:
-                line = summarize_log(f.read().decode())
+                line = summarize_log(parse_log(f.read().decode()))
             return f"{what}: {line}" if line else None
     return None
 
@@ -219,7 +219,6 @@ def publish(ctx: ShardContext, folder: str) -> None:
         for name in sorted(files):
             path = os.path.join(base, name)
             os.replace(path, ctx.output_file(os.path.relpath(path, folder).replace(os.sep, "/")))
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:

@@ -21,9 +21,11 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline.config import TrainConfig
+from pipeline.engines.preprocess import prepare_image
 from pipeline.errors import ConfigError
+from pipeline.runner import secondary_rank
 from stages.train.audit import Audit
-from stages.train.data import TrainImage, load_image, prompt_dataset
+from stages.train.data import TrainImage, prompt_dataset
 from stages.train.reward_fn import CaptionReward
 
 log = logging.getLogger("stages.train")
@@ -40,10 +42,6 @@ STEP_FIELDS = {
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def per_device_batch(cfg: TrainConfig, processes: int) -> int:
@@ -142,34 +140,30 @@ def wait_progress(output_dir: str, identity: dict[str, Any], timeout_s: float = 
     raise TimeoutError(f"rank 0 did not prepare {output_dir} within {timeout_s:.0f}s")
 
 
+def parse_log(text: str) -> list[dict[str, Any]]:
+    """The records of a train_log.jsonl (a torn last line is skipped)."""
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def read_log(path: str, upto: int | None = None) -> list[dict[str, Any]]:
     """The log's records (those of steps <= upto, when given)."""
     if not os.path.isfile(path):
         return []
-    out = []
     with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if upto is None or int(rec.get("step", 0)) <= upto:
-                out.append(rec)
-    return out
+        records = parse_log(f.read())
+    return [r for r in records if upto is None or int(r.get("step", 0)) <= upto]
 
 
-def summarize_log(text: str) -> str | None:
-    """One line from a train_log.jsonl: the last step with its reward, and the last audit."""
-    steps, audits = [], []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if "reward_mean" in rec:
-            steps.append(rec)
-        if "audit" in rec:
-            audits.append(rec["audit"])
+def summarize_log(records: list[dict[str, Any]]) -> str | None:
+    """One line from a train log's records: the last step with its reward, and the last audit."""
+    steps = [r for r in records if "reward_mean" in r]
+    audits = [r["audit"] for r in records if "audit" in r]
     if not steps and not audits:
         return None
     parts = []
@@ -205,7 +199,7 @@ class StepLog(TrainerCallback):
     pending_audit: dict[str, Any] | None = None
 
     def _audit(self, step: int, model: Any) -> None:
-        if self.audit is None or not self.audit.due(step) or not is_main_process():
+        if self.audit is None or not self.audit.due(step) or secondary_rank():
             return
         processor = self.trainer.processing_class
         unwrapped = self.trainer.accelerator.unwrap_model(model)
@@ -215,7 +209,7 @@ class StepLog(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         self._audit(state.global_step, model)
         if self.pending_audit is not None and state.global_step == 0:
-            self._write({"step": 0, "audit": self.pending_audit})
+            self.write({"step": 0, "audit": self.pending_audit})
             self.pending_audit = None
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
@@ -225,7 +219,7 @@ class StepLog(TrainerCallback):
             time.sleep(float(delay))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-        if not is_main_process() or not logs or "train_runtime" in logs:
+        if secondary_rank() or not logs or "train_runtime" in logs:
             return
         rec: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
                                "seconds": round(time.time() - self.started, 2)}
@@ -237,9 +231,9 @@ class StepLog(TrainerCallback):
         if self.pending_audit is not None:
             rec["audit"] = self.pending_audit
             self.pending_audit = None
-        self._write(rec)
+        self.write(rec)
 
-    def _write(self, rec: dict[str, Any]) -> None:
+    def write(self, rec: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
@@ -280,7 +274,7 @@ def run_rl(cfg: TrainConfig, policy_path: str, train_images: list[TrainImage], h
 
     use_cpu = not torch.cuda.is_available() or cfg.policy.device == "cpu"
     log_path = os.path.join(progress_dir, LOG_FILE)
-    if is_main_process():
+    if not secondary_rank():
         resume = prepare_progress(progress_dir, identity)
         rewrite_log(log_path, read_log(log_path, upto=checkpoint_step(resume)))
     else:
@@ -292,7 +286,7 @@ def run_rl(cfg: TrainConfig, policy_path: str, train_images: list[TrainImage], h
     dataset = prompt_dataset(train_images, cfg.prompt, cfg.policy.min_pixels, cfg.policy.max_pixels)
     args = trainer_args(cfg, progress_dir, use_cpu, steps)
     step_log = StepLog(log_path, audit, reward,
-                       load_image=lambda im: load_image(im.path, cfg.policy.min_pixels, cfg.policy.max_pixels))
+                       load_image=lambda im: prepare_image(im.path, cfg.policy.min_pixels, cfg.policy.max_pixels))
     cls = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
     trainer = cls(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
                   processing_class=processor, callbacks=[step_log])
@@ -303,11 +297,11 @@ def run_rl(cfg: TrainConfig, policy_path: str, train_images: list[TrainImage], h
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     final_step = trainer.state.global_step
-    if audit is not None and audit.images and cfg.audit.every > 0 and is_main_process() and (
+    if audit is not None and audit.images and cfg.audit.every > 0 and not secondary_rank() and (
             not audit.history or audit.history[-1]["step"] != final_step):
         result = audit.run(final_step, trainer.accelerator.unwrap_model(trainer.model), processor, step_log.load_image)
-        step_log._write({"step": final_step, "audit": result.record(), "final": True})
-    if is_main_process():
+        step_log.write({"step": final_step, "audit": result.record(), "final": True})
+    if not secondary_rank():
         os.makedirs(final_dir, exist_ok=True)
         trainer.save_model(final_dir)
         processor.save_pretrained(final_dir)
