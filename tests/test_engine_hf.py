@@ -192,6 +192,8 @@ def test_shared_prefix_reuse_matches_plain_batching(text_model_dir, text_engine)
     assert shared == plain.generate(reqs, params)
     assert shared == [text_engine.generate([r], params)[0] for r in reqs]
     choices = [[" A", " B", " C", " D", " E"], [" red", " two shapes"]] * (len(reqs) // 2)
+    # repeated prompts (a draw asked twice) and choices of 1-5 tokens, all on the prompt-cache path
+    reqs, choices = reqs + reqs[:3], choices + [[" blue star", " CANNOT"], [" x"], [" the top left corner", " A"]]
     a, b = text_engine.score_choices(reqs, choices), plain.score_choices(reqs, choices)
     for x, y in zip(a, b, strict=True):
         assert x == pytest.approx(y, abs=1e-4)

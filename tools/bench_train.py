@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     before = score(captions(start, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens), scenes, reward, audit)
 
     t1 = time.time()
-    if run_stage(config, "train", None).exit_code:
+    shutil.rmtree(work / "root" / "checkpoints" / "_progress" / cfg.name, ignore_errors=True)  # never resume
+    if run_stage(config, "train", None, force=True).exit_code:  # a benchmark always trains afresh
         return 1
     t_train = time.time() - t1
     trained = storage.path("checkpoints", cfg.name)

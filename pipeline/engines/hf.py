@@ -297,51 +297,99 @@ class HFEngine:
     def score_choices(self, requests: Sequence[ChatRequest], choices: Sequence[Sequence[str]]) -> list[list[float]]:
         """Summed log-likelihood of each choice's tokens after the prompt (+prefill), batched.
 
-        A request whose choices are all single tokens costs one row (the next-token distribution);
-        otherwise each (request, choice) pair is a row. Rows are left-padded, so every choice ends
-        at the right edge and only the last positions' logits are computed.
+        Text-only models with `share_prefix` run each prompt once (its shared prefix and caption
+        span once per batch, see `_run_plan`) and then only the choices' tokens, on the prompt's
+        KV cache. Otherwise a request whose choices are all single tokens costs one row (the
+        next-token distribution) and each other (request, choice) pair is a left-padded row.
         """
         if len(requests) != len(choices):
             raise ValueError(f"{len(requests)} requests but {len(choices)} choice lists")
         encs = self.encode_many(requests)
-        rows: list[tuple[int, list[int] | None, list[list[int]]]] = []  # (request, appended ids, targets)
-        for i, cands in enumerate(choices):
-            ids = [self.choice_ids(c) for c in cands]
+        targets = [[self.choice_ids(c) for c in cands] for cands in choices]
+        for i, ids in enumerate(targets):
             if any(not t for t in ids):
-                raise ValueError(f"request {i}: a choice tokenizes to nothing: {list(cands)!r}")
+                raise ValueError(f"request {i}: a choice tokenizes to nothing: {list(choices[i])!r}")
+        if self.config.share_prefix and not self.is_vl:
+            return self._score_on_prompt_cache(encs, targets)
+        return self._score_rows(encs, targets)
+
+    def _score_rows(self, encs: Sequence[dict[str, torch.Tensor]], targets: Sequence[Sequence[list[int]]]
+                    ) -> list[list[float]]:
+        """One row per request (single-token choices) or per (request, choice) pair."""
+        rows: list[tuple[int, list[int] | None, list[list[int]]]] = []  # (request, appended ids, targets)
+        for i, ids in enumerate(targets):
             if all(len(t) == 1 for t in ids):
-                rows.append((i, None, ids))
+                rows.append((i, None, list(ids)))
             else:
                 rows.extend((i, t, [t]) for t in ids)
         lengths = [int(encs[i]["input_ids"].shape[1]) + (len(add) if add else 0) for i, add, _ in rows]
         row_scores: list[list[float]] = [[] for _ in rows]
-        for idx in self._batches(lengths, 0, 1, [encs[i] for i, _, _ in rows]):
+        for idx in self._batches(lengths, 0, 1):
             picked = [rows[r] for r in idx]
-            picked_encs = [encs[i] for i, _, _ in picked]
-            extra = [add or [] for _, add, _ in picked]
+            batch = self._collate([encs[i] for i, _, _ in picked], [add or [] for _, add, _ in picked])
             keep = max(len(add) if add else 0 for _, add, _ in picked) + 1
-            plan = self._plan(picked_encs)
-            if plan is not None:
-                batch, cache, cached = self._run_plan(picked_encs, plan, 1, extra)
-                mask = batch["attention_mask"]
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
-                logits = self.model(input_ids=batch["input_ids"][:, cached:], attention_mask=mask,
-                                    position_ids=positions, logits_to_keep=keep, use_cache=True,
-                                    **{self._cache_kw: cache}).logits[:, -keep:].float()
-            else:
-                batch = self._collate(picked_encs, extra)
-                logits = self.model(**batch, logits_to_keep=keep).logits[:, -keep:].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            for k, (r, (_, add, targets)) in enumerate(zip(idx, picked, strict=True)):
+            logp = torch.log_softmax(self.model(**batch, logits_to_keep=keep).logits[:, -keep:].float(), dim=-1)
+            for k, (r, (_, add, cands)) in enumerate(zip(idx, picked, strict=True)):
                 if add is None:  # single-token choices: the distribution after the prompt
-                    row_scores[r] = [float(logp[k, -1, t[0]]) for t in targets]
+                    row_scores[r] = [float(logp[k, -1, t[0]]) for t in cands]
                 else:
                     n = len(add)
                     positions = range(keep - 1 - n, keep - 1)
                     row_scores[r] = [float(sum(logp[k, p, tok] for p, tok in zip(positions, add, strict=True)))]
-        out: list[list[float]] = [[] for _ in requests]
+        out: list[list[float]] = [[] for _ in encs]
         for (i, _, _), scores in zip(rows, row_scores, strict=True):
             out[i].extend(scores)
+        return out
+
+    def _score_on_prompt_cache(self, encs: Sequence[dict[str, torch.Tensor]],
+                               targets: Sequence[Sequence[list[int]]]) -> list[list[float]]:
+        """Each prompt computed once (shared spans once per batch), then all its choices on its KV cache.
+
+        A choice's first token is scored from the prompt's last logits; the rest of a multi-token
+        choice runs as a right-padded row on a copy of its prompt's cache (positions continue the
+        prompt's, so every score equals that of the full row on its own).
+        """
+        lengths = [int(e["input_ids"].shape[1]) for e in encs]
+        extra = max(len(t) for ids in targets for t in ids)
+        per_prompt = max(len(ids) for ids in targets)
+        out: list[list[float]] = [[] for _ in encs]
+        for idx in self._batches(lengths, extra, per_prompt, encs):
+            picked = [encs[i] for i in idx]
+            plan = self._plan(picked)
+            if plan is not None:
+                batch, cache, cached = self._run_plan(picked, plan, 1)
+                mask = batch["attention_mask"]
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
+                output = self.model(input_ids=batch["input_ids"][:, cached:], attention_mask=mask,
+                                    position_ids=positions, logits_to_keep=1, use_cache=True,
+                                    **{self._cache_kw: cache})
+            else:
+                batch = self._collate(picked)
+                mask = batch["attention_mask"]
+                output = self.model(**batch, logits_to_keep=1, use_cache=True)
+            first = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
+            scores = [[float(first[b, t[0]]) for t in targets[i]] for b, i in enumerate(idx)]
+            longer = [(b, c, t) for b, i in enumerate(idx) for c, t in enumerate(targets[i]) if len(t) > 1]
+            if longer:
+                cache = _out_cache(output)
+                cache.reorder_cache(torch.tensor([b for b, _, _ in longer], device=self.device))
+                width = max(len(t) for _, _, t in longer) - 1
+                ids = torch.full((len(longer), width), self.pad_id, dtype=torch.long)
+                tail = torch.zeros((len(longer), width), dtype=torch.long)
+                for r, (_, _, t) in enumerate(longer):
+                    ids[r, :len(t) - 1] = torch.tensor(t[:-1])
+                    tail[r, :len(t) - 1] = 1
+                ids, tail = ids.to(self.device), tail.to(self.device)
+                rows = torch.tensor([b for b, _, _ in longer], device=self.device)
+                start = mask.sum(-1)[rows]
+                positions = start[:, None] + torch.arange(width, device=self.device)[None, :]
+                logits = self.model(input_ids=ids, attention_mask=torch.cat([mask[rows], tail], dim=1),
+                                    position_ids=positions, use_cache=True, **{self._cache_kw: cache}).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                for r, (b, c, t) in enumerate(longer):
+                    scores[b][c] += float(sum(logp[r, j - 1, tok] for j, tok in enumerate(t) if j))
+            for b, i in enumerate(idx):
+                out[i] = scores[b]
         return out
 
     def close(self) -> None:
