@@ -1,6 +1,6 @@
 """Does RL visibly learn? The train stage on the demo world, held-out captions before and after.
 
-    python tools/bench_train.py [--scenes 400] [--heldout 200] [--steps 450] [--work /tmp/bench_train]
+    python tools/bench_train.py [--scenes 400] [--heldout 200] [--steps 800] [--work /tmp/bench_train]
                                 [--set train.learning_rate=5e-5 ...]
 
 1. Renders `--scenes` demo-world scenes, serves them on 127.0.0.1 and runs `download` and `qa` (nano-VL writes
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=400)
     ap.add_argument("--heldout", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=450)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--work", default="/tmp/bench_train")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     args = ap.parse_args(argv)
