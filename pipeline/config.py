@@ -64,6 +64,12 @@ class EngineConfig(Section):
     preprocess_workers: int = runtime(2, ge=0)
     share_prefix: bool = runtime(True, description="hf: compute a prompt prefix shared by a batch once")
     static_cache: bool = runtime(True, description="hf: preallocated KV cache when decoding after a shared prefix")
+    compile: bool = runtime(False, description="hf: decode every batch into a static KV cache with transformers' "
+                            "compiled decode step (torch.compile + CUDA graphs on a GPU; widths bucketed to limit "
+                            "recompiles). Off: eager decoding")
+    batch_memory: float = runtime(0.0, ge=0.0, lt=1.0, description="hf on a GPU: when > 0, rows per batch are what "
+                                  "fits in this share of free GPU memory (KV cache, activations, logits), at most "
+                                  "batch_size; 0: batch_size rows")
     chunk_size: int = runtime(4096, ge=1, description="requests per vllm submission")
     limit_images: int = Field(1, ge=0, description="images per prompt (vllm limit_mm_per_prompt)")
     max_model_len: int | None = runtime(None, ge=16, description="vllm context length (default: the model's)")

@@ -211,3 +211,65 @@ def test_end_of_sequence_gives_stop_and_token_count(text_model_dir):
     assert ended[0][0].finish_reason == "stop" and ended[0][0].num_tokens == 1
     for g in ended[1:]:
         assert g[0].finish_reason in ("stop", "length") and 1 <= g[0].num_tokens <= 6
+
+
+@pytest.mark.parametrize("kind", ["text", "vl"])
+def test_compiled_decoding_settings_give_the_eager_results(kind, request):
+    """`compile: true` decodes into a static KV cache with bucketed widths (on a GPU transformers then
+    compiles the decode step; on CPU it stays eager): greedy results equal the default path's."""
+    model_dir = request.getfixturevalue(f"{kind}_model_dir")
+    reqs = text_requests() if kind == "text" else vl_requests()
+    default = HFEngine(EngineConfig(model=str(model_dir), batch_size=3))
+    compiled = HFEngine(EngineConfig(model=str(model_dir), batch_size=3, compile=True))
+    params = Sampling(max_new_tokens=10)
+    assert compiled.generate(reqs, params) == default.generate(reqs, params)
+    batch = compiled._collate([compiled.encode(r) for r in reqs[:2]], multiple=64)
+    assert batch["input_ids"].shape[1] % 64 == 0
+
+
+def test_images_are_encoded_one_batch_ahead_with_the_same_results(vl_model_dir, monkeypatch):
+    import threading
+
+    reqs = vl_requests()
+    first = HFEngine(EngineConfig(model=str(vl_model_dir), batch_size=2, preprocess_workers=0))
+    ahead = HFEngine(EngineConfig(model=str(vl_model_dir), batch_size=2, preprocess_workers=1))
+    threads: list[str] = []
+    encode = ahead.encode
+
+    def spy(req):
+        threads.append(threading.current_thread().name)
+        return encode(req)
+
+    monkeypatch.setattr(ahead, "encode", spy)
+    params = Sampling(max_new_tokens=8)
+    assert ahead.generate(reqs, params) == first.generate(reqs, params)
+    assert len(threads) == len(reqs) and all(t.startswith("hf-encode") for t in threads)
+    # the estimate (no processor run) matches the processor's token count for prepared images
+    for r in reqs:
+        tokens, patches = ahead._estimate(r)
+        enc = encode(r)
+        assert tokens == enc["input_ids"].shape[1]
+        assert patches == int(enc["image_grid_thw"].prod(-1).sum())
+
+
+def test_batches_sized_from_a_memory_budget(vl_engine):
+    from pipeline.engines.memory import row_cost, rows_that_fit
+
+    class Cfg:  # Qwen2.5-VL-3B's text and vision sizes
+        text_config = type("T", (), dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=2,
+                                          num_hidden_layers=36, intermediate_size=11008, vocab_size=151936))()
+        vision_config = type("V", (), dict(hidden_size=1280, intermediate_size=3420))()
+
+    cost = row_cost(Cfg(), 2)
+    assert cost.kv_per_token == 2 * 36 * 2 * 128 * 2  # 36 KiB of bf16 K and V per token
+    row = cost.row_bytes(300, 256, 1024)
+    assert rows_that_fit(100 * 2**30, cost, 300, 256, 1024) == 100 * 2**30 // row
+    assert rows_that_fit(2 * 2**30, cost, 300, 256) > rows_that_fit(2 * 2**30, cost, 3000, 256)
+    lengths = [50] * 10
+    vl_engine._budget = None
+    assert [len(b) for b in vl_engine._batches(lengths, 10)] == [3, 3, 3, 1]  # batch_size 3
+    vl_engine._budget = 2 * vl_engine._row_cost.row_bytes(50, 10)
+    try:
+        assert [len(b) for b in vl_engine._batches(lengths, 10)] == [2] * 5
+    finally:
+        vl_engine._budget = None

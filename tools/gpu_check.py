@@ -5,15 +5,26 @@ Run through tools/gpu_check.sh. Phases (each reports and goes on if it fails):
 2. model: Qwen2.5-VL-3B config written out explicitly, random bf16 weights created on the GPU, saved
    as a checkpoint directory with a tokenizer/processor from pipeline/models/builders.py;
 3. engine: the hf engine (pipeline/engines/hf.py) over N images with exactly T new tokens each
-   (min_new_tokens = max_new_tokens): images/s and output tokens/s; then over the stage phase's
-   images alone (same batches as the stage). Without the pipeline's dependencies, the same
+   (min_new_tokens = max_new_tokens), twice in the same call: `engine_baseline` with the settings of
+   the first H200 record (eager decoding, batch GPU_CHECK_BATCH, every image encoded first) and
+   `engine` with the engine's own choice (`compile: true`: static KV cache + compiled decode step;
+   `batch_memory`: rows per batch from free GPU memory, at most GPU_CHECK_MAX_BATCH; images encoded
+   one batch ahead). Images/s, output tokens/s, the speedup, the share of a roofline estimate
+   (prefill FLOPs at the card's bf16 peak + decode reading weights and KV cache at its bandwidth),
+   peak memory, and a profile of a few decode steps (GPU kernel time against wall time). Then the
+   new engine over the stage phase's images alone. Without the pipeline's dependencies, the same
    measurement with transformers' generate directly;
 4. stage: the annotate stage over one image shard with the same loaded engine: images/s, and the
-   stage / engine ratio on the same images.
+   stage / engine ratio on the same images;
+5. grpo: TRL's GRPOTrainer on the same model as the train stage builds it (stages/train: trainer
+   settings, policy loading, dataset), 4 images x 8 generations x GPU_CHECK_GRPO_TOKENS (256) caption
+   tokens per step, a random reward (no reader: the policy's side), GPU_CHECK_GRPO_STEPS (3) steps:
+   seconds per step after the first. Skipped with GPU_CHECK_GRPO=0 or when trl is missing.
 
 GPU_CHECK_TINY=1 runs a tiny config on CPU (checks the script's logic in a minute).
 Env: GPU_CHECK_IMAGES (512), GPU_CHECK_TOKENS (256), GPU_CHECK_BATCH (256), GPU_CHECK_SIDE (448),
-GPU_CHECK_STAGE_IMAGES (256), GPU_CHECK_DIR (scratch dir), GPU_CHECK_FALLBACK=1 (force phase 3's fallback).
+GPU_CHECK_STAGE_IMAGES (256), GPU_CHECK_DIR (scratch dir), GPU_CHECK_FALLBACK=1 (force phase 3's fallback),
+GPU_CHECK_MAX_BATCH (1024), GPU_CHECK_MEMORY (0.85: the engine's batch_memory), GPU_CHECK_BASELINE=0 (skip it).
 """
 
 from __future__ import annotations
@@ -40,6 +51,15 @@ BATCH = int(os.environ.get("GPU_CHECK_BATCH", "8" if TINY else "256"))
 SIDE = int(os.environ.get("GPU_CHECK_SIDE", "112" if TINY else "448"))
 STAGE_IMAGES = int(os.environ.get("GPU_CHECK_STAGE_IMAGES", "12" if TINY else "256"))
 FORCE_FALLBACK = os.environ.get("GPU_CHECK_FALLBACK") == "1"
+MAX_BATCH = int(os.environ.get("GPU_CHECK_MAX_BATCH", "16" if TINY else "1024"))
+MEMORY = float(os.environ.get("GPU_CHECK_MEMORY", "0.85"))
+BASELINE = os.environ.get("GPU_CHECK_BASELINE", "1") != "0"
+GRPO = os.environ.get("GPU_CHECK_GRPO", "1") != "0"
+GRPO_STEPS = int(os.environ.get("GPU_CHECK_GRPO_STEPS", "3"))
+GRPO_TOKENS = int(os.environ.get("GPU_CHECK_GRPO_TOKENS", "8" if TINY else "256"))
+PROMPT = "Please describe this image in detail."
+# dense bf16 peak FLOP/s and memory bandwidth (bytes/s) by card name, for the roofline estimate
+CARDS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
 RESULTS: dict[str, object] = {}
 
 # Qwen2.5-VL-3B-Instruct's architecture (its config.json), written out.
@@ -82,7 +102,7 @@ def phase(name: str):
 
 
 MODULES = ["torch", "transformers", "tokenizers", "safetensors", "accelerate", "PIL", "numpy", "pydantic", "yaml",
-           "pyarrow", "fsspec", "webdataset", "braceexpand", "tqdm"]
+           "pyarrow", "fsspec", "webdataset", "braceexpand", "tqdm", "trl", "datasets"]
 
 
 @phase("imports")
@@ -175,12 +195,17 @@ def build_model(out: Path) -> Path:
     return path
 
 
-def engine_config(model: Path):
+def engine_config(model: Path, **settings):
     from pipeline.config import EngineConfig
 
-    return EngineConfig(backend="hf", model=str(model), dtype="bfloat16" if not TINY else "float32",
-                        device="auto", batch_size=BATCH, max_batch_tokens=10_000_000, min_pixels=SIDE * SIDE,
-                        max_pixels=SIDE * SIDE, chunk_size=4096, preprocess_workers=8)
+    base = dict(backend="hf", model=str(model), dtype="bfloat16" if not TINY else "float32", device="auto",
+                batch_size=MAX_BATCH, max_batch_tokens=10_000_000, min_pixels=SIDE * SIDE, max_pixels=SIDE * SIDE,
+                chunk_size=4096, preprocess_workers=1, compile=True, batch_memory=MEMORY)
+    return EngineConfig(**{**base, **settings})
+
+
+# the first H200 record's settings: eager decoding, a fixed batch, every image encoded before the first batch
+BASELINE_SETTINGS = dict(batch_size=BATCH, preprocess_workers=0, compile=False, batch_memory=0.0)
 
 
 def fix_length(model) -> None:
@@ -195,40 +220,139 @@ def report(name: str, n: int, seconds: float, tokens: int) -> None:
                      "output_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
 
 
-@phase("engine")
-def bench_engine(model_dir: Path, images: list):
+def timed_generate(engine, prepared: list, sampling) -> tuple[float, int]:
+    import torch
+
+    from pipeline.engines.base import image_request
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = engine.generate([image_request(PROMPT, im) for im in prepared], sampling)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, sum(g[0].num_tokens for g in out)
+
+
+def roofline_seconds(engine, n_images: int, batch_rows: int) -> float | None:
+    """Prefill FLOPs at the card's bf16 peak plus decode reading the weights and the batch's KV cache
+    once per step at its bandwidth (the issue's estimate); None for an unknown card."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    card = next((v for k, v in CARDS.items() if k in name), None)
+    if card is None:
+        return None
+    peak, bandwidth = card
+    params = sum(p.numel() for p in engine.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    prompt = (SIDE // 28) ** 2 + 30
+    prefill = 2 * params * prompt * n_images / peak
+    batches = -(-n_images // max(1, batch_rows))
+    kv = engine._row_cost.kv_per_token
+    decode = sum(TOKENS * (weight_bytes + batch_rows * (prompt + TOKENS / 2) * kv) / bandwidth for _ in range(batches))
+    return prefill + decode
+
+
+def profile_decode(engine, prepared: list) -> None:
+    """GPU kernel time against wall time over one short generate call (a few decode steps)."""
+    import torch
+
+    from pipeline.engines.base import Sampling
+
+    if not torch.cuda.is_available():
+        print("  profile: no GPU")
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.engines.base import image_request
+
+    reqs = [image_request(PROMPT, im) for im in prepared]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.generate(reqs, Sampling(max_new_tokens=16))
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    share = kernel_us / 1e6 / wall
+    print(f"  profile: {len(reqs)} images x 16 tokens: wall {wall:.2f}s, GPU kernels {kernel_us / 1e6:.2f}s "
+          f"({share:.0%} of wall)")
+    top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))[:8]
+    for e in top:
+        print(f"    {getattr(e, 'self_device_time_total', getattr(e, 'self_cuda_time_total', 0)) / 1e3:9.1f} ms  "
+              f"{e.count:6d}x  {e.key[:90]}")
+    RESULTS["profile"] = {"images": len(reqs), "wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3),
+                          "kernel_share": round(share, 3)}
+
+
+def run_engine(model_dir: Path, images: list, name: str, **settings):
     import torch
 
     from pipeline.engines.base import Sampling, image_request
     from pipeline.engines.hf import HFEngine
     from pipeline.engines.preprocess import prepare_image
 
-    engine = HFEngine(engine_config(model_dir))
-    print(f"  engine {engine.model_id} on {engine.device}")
+    engine = HFEngine(engine_config(model_dir, **settings))
+    cfg = engine.config
+    print(f"  {name}: {engine.model_id} on {engine.device}; compile={cfg.compile} batch_size={cfg.batch_size} "
+          f"batch_memory={cfg.batch_memory} preprocess_workers={cfg.preprocess_workers} "
+          f"attention={getattr(engine.model.config, '_attn_implementation', '?')}")
     prepared = [prepare_image(im, SIDE * SIDE, SIDE * SIDE) for im in images]
-    sampling = Sampling(temperature=0.0, max_new_tokens=TOKENS)
-    warm = engine.generate([image_request("Please describe this image in detail.", im) for im in prepared[:2]],
-                           Sampling(max_new_tokens=4))  # warm-up: kernels, allocator
+    warm = engine.generate([image_request(PROMPT, im) for im in prepared[:2]], Sampling(max_new_tokens=4))
     print(f"  warm-up caption: {warm[0][0].text!r}")
     fix_length(engine.model)
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = engine.generate([image_request("Please describe this image in detail.", im) for im in prepared], sampling)
+        torch.cuda.reset_peak_memory_stats()
+    sampling = Sampling(temperature=0.0, max_new_tokens=TOKENS)
+    if cfg.compile:  # the compiled shapes of a full run: compile time is not throughput
+        seconds, _ = timed_generate(engine, prepared[:min(len(prepared), 2 * cfg.batch_size)], sampling)
+        print(f"  compile warm-up run: {seconds:.1f}s")
+    seconds, tokens = timed_generate(engine, prepared, sampling)
+    report(name, len(prepared), seconds, tokens)
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    tokens = sum(g[0].num_tokens for g in out)
-    report("engine", len(prepared), seconds, tokens)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"  peak GPU memory {peak:.1f} GiB")
+        RESULTS[name]["peak_gib"] = round(peak, 1)  # type: ignore[index]
+    rows = cfg.batch_size
+    if cfg.batch_memory and torch.cuda.is_available():
+        from pipeline.engines.memory import free_gpu_bytes
+
+        engine._budget = int((free_gpu_bytes(engine.device) or 0) * cfg.batch_memory)
+        rows = len(engine._batches([(SIDE // 28) ** 2 + 30] * len(prepared), TOKENS)[0])
+        engine._budget = None
+        print(f"  rows per batch from free memory: {rows}")
+    estimate = roofline_seconds(engine, len(prepared), min(rows, len(prepared)))
+    if estimate:
+        print(f"  roofline estimate {estimate:.1f}s: this run reaches {estimate / seconds:.0%} of it")
+        RESULTS[name]["roofline_share"] = round(estimate / seconds, 3)  # type: ignore[index]
+    return engine, prepared, sampling
+
+
+@phase("engine")
+def bench_engine(model_dir: Path, images: list):
+    import gc
+
+    import torch
+
+    if BASELINE:
+        old, _, _ = run_engine(model_dir, images, "engine_baseline", **BASELINE_SETTINGS)
+        del old
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    engine, prepared, sampling = run_engine(model_dir, images, "engine")
+    if "engine_baseline" in RESULTS:
+        speedup = RESULTS["engine"]["images_per_s"] / RESULTS["engine_baseline"]["images_per_s"]  # type: ignore[index]
+        print(f"  speedup over the baseline settings: {speedup:.2f}x")
+        RESULTS["engine_speedup"] = round(speedup, 2)
+    profile_decode(engine, prepared[:min(len(prepared), 64)])
     # the same images and batches as the stage phase below, for a like-for-like stage / engine ratio
-    same = prepared[:STAGE_IMAGES]
-    t0 = time.perf_counter()
-    out = engine.generate([image_request("Please describe this image in detail.", im) for im in same], sampling)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    report("engine_stage_images", len(same), time.perf_counter() - t0, sum(g[0].num_tokens for g in out))
-    if torch.cuda.is_available():
-        print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    seconds, tokens = timed_generate(engine, prepared[:STAGE_IMAGES], sampling)
+    report("engine_stage_images", min(STAGE_IMAGES, len(prepared)), seconds, tokens)
     return engine
 
 
@@ -285,7 +409,7 @@ def bench_stage(engine, workdir: Path, images: list) -> None:
     cfg = engine_config(Path(engine.config.model))
     overrides = [f"annotate.captioner.{k}={v}" for k, v in cfg.model_dump().items()
                  if k in ("backend", "model", "dtype", "batch_size", "max_batch_tokens", "min_pixels", "max_pixels",
-                          "chunk_size", "preprocess_workers")]
+                          "chunk_size", "preprocess_workers", "compile", "batch_memory")]
     overrides += ["annotate.sampling.temperature=0", f"annotate.sampling.max_new_tokens={TOKENS}"]
     config = load_config(None, overrides, root=str(root))
     resources = {annotate.captioner_key(config.annotate.captioner): engine}
@@ -300,6 +424,65 @@ def bench_stage(engine, workdir: Path, images: list) -> None:
     if result.committed != [0] or ok != len(images):
         raise RuntimeError(f"stage committed {result.committed}, {ok}/{len(images)} rows ok")
     report("stage", len(images), seconds, tokens)
+
+
+@phase("grpo")
+def bench_grpo(model_dir: Path, images: list, workdir: Path) -> None:
+    import random as rnd
+
+    import torch
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from pipeline.config import TrainConfig
+    from pipeline.mcq import MCQ
+    from stages.train.data import TrainImage, prompt_dataset
+    from stages.train.trainer import load_policy, trainer_args
+
+    use_cpu = not torch.cuda.is_available()
+    cfg = TrainConfig(max_steps=GRPO_STEPS, num_generations=8, images_per_step=4, max_new_tokens=GRPO_TOKENS,
+                      temperature=1.0, beta=0.04, learning_rate=1e-6, save_steps=10_000, dtype="bfloat16",
+                      gradient_checkpointing=True,
+                      policy={"model": str(model_dir), "min_pixels": SIDE * SIDE, "max_pixels": SIDE * SIDE})
+    folder = workdir / "grpo_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    train = []
+    for i, im in enumerate(images[:4 * GRPO_STEPS]):
+        path = folder / f"{i}.jpg"
+        path.write_bytes(jpeg(im))
+        train.append(TrainImage(key=str(i), path=str(path), mcqs=(MCQ("q", ("a", "b", "c", "d"), "A"),)))
+    model, processor = load_policy(str(model_dir), cfg, use_cpu)
+    fix_length(model)
+    rng = rnd.Random(0)
+
+    def reward(completions, **kwargs):  # the policy's side only: no reader
+        return [rng.random() for _ in completions]
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], processing_class=processor, callbacks=[Clock()],
+                          args=trainer_args(cfg, str(workdir / "grpo_out"), use_cpu, GRPO_STEPS),
+                          train_dataset=prompt_dataset(train, cfg.prompt, SIDE * SIDE, SIDE * SIDE))
+    trainer.train()
+    steady = times[1:] or times
+    per_step = sum(steady) / len(steady)
+    print(f"  GRPO steps (4 images x 8 generations x {GRPO_TOKENS} tokens): "
+          + ", ".join(f"{t:.1f}s" for t in times) + f"; {per_step:.1f} s/step after the first")
+    RESULTS["grpo"] = {"steps": len(times), "seconds": [round(t, 2) for t in times], "s_per_step": round(per_step, 2),
+                       "tokens": GRPO_TOKENS}
+    if torch.cuda.is_available():
+        print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 def main() -> int:
@@ -332,6 +515,20 @@ def main() -> int:
             RESULTS["stage_engine_ratio"] = round(ratio, 3)
     elif engine is not None:
         print("\n== stage: skipped (missing packages for the stage)")
+    if GRPO and found.get("trl") and pipeline_ok:
+        engine = None
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        except ImportError:
+            pass
+        bench_grpo(model_dir, images, workdir)
     if not os.environ.get("GPU_CHECK_DIR"):
         shutil.rmtree(workdir, ignore_errors=True)
     RESULTS["total_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU throughput check for the annotate stage (see tools/gpu_check.py): a random-weight model with the real
-# Qwen2.5-VL-3B architecture on the hf engine, 512 images x 256 new tokens, then the stage over one shard.
+# GPU throughput check (see tools/gpu_check.py): a random-weight model with the real Qwen2.5-VL-3B architecture
+# on the hf engine, 512 images x 256 new tokens at the old settings (eager, batch 256) and at the engine's own
+# (compiled decode, batches from free memory, encoding ahead), a decode profile, the annotate stage over one
+# shard, then seconds per TRL GRPO step (GPU_CHECK_GRPO=0 skips it).
 # Installs nothing (the GPU machine may be offline); prints what is missing and runs what it can.
 #   tools/gpu_check.sh                 # on the GPU machine, from anywhere
 #   GPU_CHECK_TINY=1 tools/gpu_check.sh   # a tiny config on CPU: checks the script's logic

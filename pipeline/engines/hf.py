@@ -9,8 +9,10 @@ request order. Works with any AutoModelForImageTextToText or AutoModelForCausalL
 from __future__ import annotations
 
 import inspect
+import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,13 @@ import torch
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
 from pipeline.engines.common import ModelLoadError, model_identity, text_only
+from pipeline.engines.memory import free_gpu_bytes, row_cost
 from pipeline.engines.prefix import PrefixPlan, plan_prefixes
-from pipeline.engines.preprocess import prepare_image
+from pipeline.engines.preprocess import QWEN_FACTOR, fit_pixels, prepare_image
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPILE_WIDTH_BUCKET = 64
+"""With `compile`, batch widths are padded up to a multiple of this (fewer distinct shapes to compile)."""
 
 
 def _out_cache(output: Any) -> Any:
@@ -79,6 +84,8 @@ class HFEngine:
         self.model_id = model_identity(path, config.revision, config.label)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._row_cost = row_cost(self.model.config, next(self.model.parameters()).element_size())
+        self._budget: int | None = None  # bytes for one batch (batch_memory x free GPU memory), per call
 
     # -- encoding -----------------------------------------------------------------------------------
     def prompt_text(self, request: ChatRequest) -> str:
@@ -110,15 +117,16 @@ class HFEngine:
         return [{"input_ids": torch.tensor([row]), "attention_mask": torch.ones((1, len(row)), dtype=torch.long)}
                 for row in ids]
 
-    def _collate(self, encs: Sequence[dict[str, torch.Tensor]], extra: Sequence[list[int]] | None = None
-                 ) -> dict[str, torch.Tensor]:
-        """Left-pad per-request encodings (plus optional extra token ids per row) into one batch."""
+    def _collate(self, encs: Sequence[dict[str, torch.Tensor]], extra: Sequence[list[int]] | None = None,
+                 multiple: int = 1) -> dict[str, torch.Tensor]:
+        """Left-pad per-request encodings (plus optional extra token ids per row) into one batch,
+        its width rounded up to `multiple`."""
         rows = []
         for i, enc in enumerate(encs):
             ids = enc["input_ids"][0]
             add = torch.tensor(extra[i], dtype=ids.dtype) if extra else ids.new_zeros(0)
             rows.append((enc, torch.cat([ids, add]), len(add)))
-        width = max(len(ids) for _, ids, _ in rows)
+        width = -(-max(len(ids) for _, ids, _ in rows) // multiple) * multiple
         batch: dict[str, torch.Tensor] = {}
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -145,8 +153,11 @@ class HFEngine:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _batches(self, lengths: Sequence[int], per_row_extra: int = 0, rows_per_item: int = 1,
-                 encs: Sequence[dict[str, torch.Tensor]] | None = None) -> list[list[int]]:
-        """Indices sorted by length, cut by batch_size and max_batch_tokens (padded tokens incl. new ones).
+                 encs: Sequence[dict[str, torch.Tensor]] | None = None, patches: Sequence[int] | None = None
+                 ) -> list[list[int]]:
+        """Indices sorted by length, cut by batch_size and max_batch_tokens (padded tokens incl. new ones)
+        and, with `batch_memory` on a GPU, by the rows that fit in the memory budget (`patches`: image
+        patches per index, for the vision tower's share).
 
         With prefix sharing on and text-only `encs` (one per index), indices are sorted by their
         tokens instead, so rows that share a prefix (the draws of one caption) land in one batch.
@@ -161,7 +172,11 @@ class HFEngine:
         for i in order:
             width = max([lengths[j] for j in current] + [lengths[i]]) + per_row_extra
             rows = (len(current) + 1) * rows_per_item
-            if current and (len(current) + 1 > self.config.batch_size or rows * width > self.config.max_batch_tokens):
+            full = len(current) + 1 > self.config.batch_size or rows * width > self.config.max_batch_tokens
+            if not full and self._budget is not None:
+                most = max([patches[j] for j in current] + [patches[i]]) if patches else 0
+                full = rows * self._row_cost.row_bytes(width - per_row_extra, per_row_extra, most) > self._budget
+            if current and full:
                 batches.append(current)
                 current = []
             current.append(i)
@@ -173,36 +188,100 @@ class HFEngine:
     @torch.inference_mode()
     def generate(self, requests: Sequence[ChatRequest], params: Sampling) -> list[list[Generation]]:
         """params.n generations per request, in request order (text after the prefill)."""
+        out: list[list[Generation]] = [[] for _ in requests]
+        free = free_gpu_bytes(self.device) if self.config.batch_memory > 0 else None
+        self._budget = int(free * self.config.batch_memory) if free is not None else None
+        try:
+            for b, (idx, picked) in enumerate(self._encoded_batches(requests, params)):
+                new = self._generate_batch(picked, params, b)
+                for k, i in enumerate(idx):
+                    for s in range(params.n):
+                        out[i].append(self._decode(new[k * params.n + s].tolist(), params))
+        finally:
+            self._budget = None
+        return out
+
+    def _encoded_batches(self, requests: Sequence[ChatRequest], params: Sampling
+                         ) -> Iterator[tuple[list[int], list[dict[str, torch.Tensor]]]]:
+        """(request indices, their encodings) per batch.
+
+        Requests with images (and `preprocess_workers` > 0) are batched by an estimate of their length
+        and encoded one batch ahead in a worker thread, so the processor's CPU work overlaps the
+        decoding of the batch before. Otherwise every request is encoded first and batched by its
+        exact length (text: by its tokens, for prefix sharing).
+        """
+        if not requests:
+            return
+        if self.is_vl and self.config.preprocess_workers > 0 and any(r.images for r in requests):
+            sizes = [self._estimate(r) for r in requests]
+            batches = self._batches([n for n, _ in sizes], params.max_new_tokens, params.n,
+                                    patches=[p for _, p in sizes])
+            with ThreadPoolExecutor(1, thread_name_prefix="hf-encode") as pool:
+                ahead = pool.submit(self.encode_many, [requests[i] for i in batches[0]])
+                for b, idx in enumerate(batches):
+                    picked = ahead.result()
+                    if b + 1 < len(batches):
+                        ahead = pool.submit(self.encode_many, [requests[i] for i in batches[b + 1]])
+                    yield idx, picked
+            return
         encs = self.encode_many(requests)
         lengths = [int(e["input_ids"].shape[1]) for e in encs]
-        out: list[list[Generation]] = [[] for _ in requests]
-        for b, idx in enumerate(self._batches(lengths, params.max_new_tokens, params.n, encs)):
-            picked = [encs[i] for i in idx]
-            plan = self._plan(picked)
-            kwargs: dict[str, Any] = {
-                "max_new_tokens": params.max_new_tokens, "repetition_penalty": params.repetition_penalty,
-                "pad_token_id": self.pad_id, "eos_token_id": self.eos_ids, "do_sample": params.temperature > 0,
-            }
-            if params.temperature > 0:
-                kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-            if params.stop:
-                kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-            if plan is not None:
-                batch, cache, _ = self._run_plan(picked, plan, params.n)
-                kwargs[self._cache_kw] = self._static(cache, batch["input_ids"].shape[1] + params.max_new_tokens)
-            else:
-                batch = self._collate(picked)
-                batch.pop("position_ids", None)  # generate derives positions from the attention mask
-                kwargs["num_return_sequences"] = params.n
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(params.seed * 1_000_003 + b)
-                seqs = self.model.generate(**batch, **kwargs)
-            new = seqs[:, batch["input_ids"].shape[1]:].cpu()
-            for k, i in enumerate(idx):
-                for s in range(params.n):
-                    out[i].append(self._decode(new[k * params.n + s].tolist(), params))
-        return out
+        patches = [int(e["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in e else 0 for e in encs]
+        for idx in self._batches(lengths, params.max_new_tokens, params.n, encs, patches):
+            yield idx, [encs[i] for i in idx]
+
+    def _estimate(self, request: ChatRequest) -> tuple[int, int]:
+        """(prompt tokens, image patches) of a request without running the processor: the template's
+        text tokens plus each image's patches after the pixel budget (a header read for bytes or paths)."""
+        from PIL import Image
+
+        image_processor = getattr(self.processor, "image_processor", None)
+        patch = int(getattr(image_processor, "patch_size", 14) or 14)
+        merge = int(getattr(image_processor, "merge_size", QWEN_FACTOR // patch) or 1)
+        size_dict = getattr(image_processor, "size", None)
+        own = (getattr(image_processor, "min_pixels", None) or getattr(size_dict, "shortest_edge", None),
+               getattr(image_processor, "max_pixels", None) or getattr(size_dict, "longest_edge", None))
+        patches = 0
+        for image in request.images:
+            try:
+                w, h = image.size if isinstance(image, Image.Image) else Image.open(
+                    image if isinstance(image, str) else io.BytesIO(bytes(image))).size
+                h, w = fit_pixels(h, w, self.config.min_pixels, self.config.max_pixels, patch * merge)
+                if own[0] and own[1]:  # the processor resizes again to its own pixel budget
+                    h, w = fit_pixels(h, w, int(own[0]), int(own[1]), patch * merge)
+                patches += (h // patch) * (w // patch)
+            except Exception:  # noqa: BLE001 - a bad image fails in encode, with its own error
+                continue
+        text = len(self.tokenizer(self.prompt_text(request), add_special_tokens=False)["input_ids"])
+        return text - len(request.images) + patches // (merge * merge), patches  # one placeholder per image
+
+    def _generate_batch(self, picked: Sequence[dict[str, torch.Tensor]], params: Sampling, b: int) -> torch.Tensor:
+        """The new token ids of one batch: params.n rows per request, in order."""
+        plan = self._plan(picked)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens, "repetition_penalty": params.repetition_penalty,
+            "pad_token_id": self.pad_id, "eos_token_id": self.eos_ids, "do_sample": params.temperature > 0,
+        }
+        if hasattr(self.model.generation_config, "disable_compile"):  # transformers >= 4.50
+            kwargs["disable_compile"] = not self.config.compile
+        if params.temperature > 0:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if plan is not None:
+            batch, cache, _ = self._run_plan(picked, plan, params.n)
+            kwargs[self._cache_kw] = self._static(cache, batch["input_ids"].shape[1] + params.max_new_tokens)
+        else:
+            batch = self._collate(picked, multiple=COMPILE_WIDTH_BUCKET if self.config.compile else 1)
+            batch.pop("position_ids", None)  # generate derives positions from the attention mask
+            kwargs["num_return_sequences"] = params.n
+            if self.config.compile:
+                kwargs["cache_implementation"] = "static"
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(params.seed * 1_000_003 + b)
+            seqs = self.model.generate(**batch, **kwargs)
+        return seqs[:, batch["input_ids"].shape[1]:].cpu()
 
     # -- shared-prefix KV reuse ---------------------------------------------------------------------
     def _plan(self, encs: Sequence[dict[str, torch.Tensor]]) -> PrefixPlan | None:
