@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -67,6 +67,10 @@ class EngineConfig(Section):
     compile: bool = runtime(False, description="hf: decode every batch into a static KV cache with transformers' "
                             "compiled decode step (torch.compile + CUDA graphs on a GPU; widths bucketed to limit "
                             "recompiles). Off: eager decoding")
+    encode_ahead: Literal["auto", "on", "off"] = runtime("auto", description="hf: batch image requests by a length "
+                                                        "estimate and encode the next batch in a worker thread while "
+                                                        "one decodes; auto: on a GPU only (on CPU both compete for "
+                                                        "the same cores)")
     batch_memory: float = runtime(0.0, ge=0.0, lt=1.0, description="hf on a GPU: when > 0, rows per batch are what "
                                   "fits in this share of free GPU memory (KV cache, activations, logits), at most "
                                   "batch_size; 0: batch_size rows")
@@ -88,6 +92,12 @@ class EngineConfig(Section):
         "continue", description="continue: assistant prefill + continue_final_message (vLLM, SGLang); "
         "instruct: ask for the prefix in the user turn (other servers)")
     noop_text: str = "A placeholder caption."
+
+    @field_validator("encode_ahead", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: object) -> object:
+        """YAML reads a bare on / off as a boolean."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class RewardConfig(Section):

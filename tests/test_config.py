@@ -48,3 +48,11 @@ def test_real_model_manifest_validates():
     cfg = load_config("manifests/caprl.yaml")
     assert cfg.annotate.captioner.backend == "vllm" and cfg.annotate.reward.reader.backend == "openai"
     assert cfg.annotate.sampling.max_new_tokens == 2048 and cfg.annotate.reward.n_draws == 8
+
+
+def test_engine_encode_ahead_reads_a_bare_yaml_on_off():
+    for text, expected in (("on", "on"), ("off", "off"), ("auto", "auto")):
+        config = load_config(None, [f"annotate.captioner.encode_ahead={text}"])
+        assert config.annotate.captioner.encode_ahead == expected
+    with pytest.raises(ConfigError):
+        load_config(None, ["annotate.captioner.encode_ahead=sometimes"])

@@ -231,8 +231,8 @@ def test_images_are_encoded_one_batch_ahead_with_the_same_results(vl_model_dir, 
     import threading
 
     reqs = vl_requests()
-    first = HFEngine(EngineConfig(model=str(vl_model_dir), batch_size=2, preprocess_workers=0))
-    ahead = HFEngine(EngineConfig(model=str(vl_model_dir), batch_size=2, preprocess_workers=1))
+    first = HFEngine(EngineConfig(model=str(vl_model_dir), batch_size=2))  # auto: off on CPU
+    ahead = HFEngine(EngineConfig(model=str(vl_model_dir), batch_size=2, encode_ahead="on"))
     threads: list[str] = []
     encode = ahead.encode
 

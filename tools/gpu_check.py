@@ -200,12 +200,12 @@ def engine_config(model: Path, **settings):
 
     base = dict(backend="hf", model=str(model), dtype="bfloat16" if not TINY else "float32", device="auto",
                 batch_size=MAX_BATCH, max_batch_tokens=10_000_000, min_pixels=SIDE * SIDE, max_pixels=SIDE * SIDE,
-                chunk_size=4096, preprocess_workers=1, compile=True, batch_memory=MEMORY)
+                chunk_size=4096, preprocess_workers=8, encode_ahead="on", compile=True, batch_memory=MEMORY)
     return EngineConfig(**{**base, **settings})
 
 
 # the first H200 record's settings: eager decoding, a fixed batch, every image encoded before the first batch
-BASELINE_SETTINGS = dict(batch_size=BATCH, preprocess_workers=0, compile=False, batch_memory=0.0)
+BASELINE_SETTINGS = dict(batch_size=BATCH, encode_ahead="off", compile=False, batch_memory=0.0)
 
 
 def fix_length(model) -> None:
@@ -299,7 +299,7 @@ def run_engine(model_dir: Path, images: list, name: str, **settings):
     engine = HFEngine(engine_config(model_dir, **settings))
     cfg = engine.config
     print(f"  {name}: {engine.model_id} on {engine.device}; compile={cfg.compile} batch_size={cfg.batch_size} "
-          f"batch_memory={cfg.batch_memory} preprocess_workers={cfg.preprocess_workers} "
+          f"batch_memory={cfg.batch_memory} encode_ahead={cfg.encode_ahead} "
           f"attention={getattr(engine.model.config, '_attn_implementation', '?')}")
     prepared = [prepare_image(im, SIDE * SIDE, SIDE * SIDE) for im in images]
     warm = engine.generate([image_request(PROMPT, im) for im in prepared[:2]], Sampling(max_new_tokens=4))
@@ -409,7 +409,7 @@ def bench_stage(engine, workdir: Path, images: list) -> None:
     cfg = engine_config(Path(engine.config.model))
     overrides = [f"annotate.captioner.{k}={v}" for k, v in cfg.model_dump().items()
                  if k in ("backend", "model", "dtype", "batch_size", "max_batch_tokens", "min_pixels", "max_pixels",
-                          "chunk_size", "preprocess_workers", "compile", "batch_memory")]
+                          "chunk_size", "preprocess_workers", "compile", "batch_memory", "encode_ahead")]
     overrides += ["annotate.sampling.temperature=0", f"annotate.sampling.max_new_tokens={TOKENS}"]
     config = load_config(None, overrides, root=str(root))
     resources = {annotate.captioner_key(config.annotate.captioner): engine}

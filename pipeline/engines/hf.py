@@ -205,15 +205,17 @@ class HFEngine:
                          ) -> Iterator[tuple[list[int], list[dict[str, torch.Tensor]]]]:
         """(request indices, their encodings) per batch.
 
-        Requests with images (and `preprocess_workers` > 0) are batched by an estimate of their length
-        and encoded one batch ahead in a worker thread, so the processor's CPU work overlaps the
+        With `encode_ahead` (auto: on a GPU), requests with images are batched by an estimate of their
+        length and encoded one batch ahead in a worker thread, so the processor's CPU work overlaps the
         decoding of the batch before. Otherwise every request is encoded first and batched by its
         exact length (text: by its tokens, for prefix sharing).
         """
         if not requests:
             return
-        if self.is_vl and self.config.preprocess_workers > 0 and any(r.images for r in requests):
-            sizes = [self._estimate(r) for r in requests]
+        ahead = self.config.encode_ahead == "on" or (self.config.encode_ahead == "auto" and self.device.type == "cuda")
+        if self.is_vl and ahead and any(r.images for r in requests):
+            text_tokens: dict[str, int] = {}  # one template + tokenizer run per distinct prompt
+            sizes = [self._estimate(r, text_tokens) for r in requests]
             batches = self._batches([n for n, _ in sizes], params.max_new_tokens, params.n,
                                     patches=[p for _, p in sizes])
             with ThreadPoolExecutor(1, thread_name_prefix="hf-encode") as pool:
@@ -230,7 +232,7 @@ class HFEngine:
         for idx in self._batches(lengths, params.max_new_tokens, params.n, encs, patches):
             yield idx, [encs[i] for i in idx]
 
-    def _estimate(self, request: ChatRequest) -> tuple[int, int]:
+    def _estimate(self, request: ChatRequest, text_tokens: dict[str, int] | None = None) -> tuple[int, int]:
         """(prompt tokens, image patches) of a request without running the processor: the template's
         text tokens plus each image's patches after the pixel budget (a header read for bytes or paths)."""
         from PIL import Image
@@ -252,7 +254,11 @@ class HFEngine:
                 patches += (h // patch) * (w // patch)
             except Exception:  # noqa: BLE001 - a bad image fails in encode, with its own error
                 continue
-        text = len(self.tokenizer(self.prompt_text(request), add_special_tokens=False)["input_ids"])
+        memo = {} if text_tokens is None else text_tokens
+        key = json.dumps([request.messages, request.prefill], sort_keys=True, default=str)
+        if key not in memo:
+            memo[key] = len(self.tokenizer(self.prompt_text(request), add_special_tokens=False)["input_ids"])
+        text = memo[key]
         return text - len(request.images) + patches // (merge * merge), patches  # one placeholder per image
 
     def _generate_batch(self, picked: Sequence[dict[str, torch.Tensor]], params: Sampling, b: int) -> torch.Tensor:
@@ -434,21 +440,21 @@ class HFEngine:
         out: list[list[float]] = [[] for _ in encs]
         for idx in self._batches(lengths, extra, per_prompt, encs):
             picked = [encs[i] for i in idx]
+            longer = [(b, c, t) for b, i in enumerate(idx) for c, t in enumerate(targets[i]) if len(t) > 1]
             plan = self._plan(picked)
             if plan is not None:
                 batch, cache, cached = self._run_plan(picked, plan, 1)
                 mask = batch["attention_mask"]
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, cached:]
                 output = self.model(input_ids=batch["input_ids"][:, cached:], attention_mask=mask,
-                                    position_ids=positions, logits_to_keep=1, use_cache=True,
+                                    position_ids=positions, logits_to_keep=1, use_cache=bool(longer),
                                     **{self._cache_kw: cache})
             else:
                 batch = self._collate(picked)
                 mask = batch["attention_mask"]
-                output = self.model(**batch, logits_to_keep=1, use_cache=True)
+                output = self.model(**batch, logits_to_keep=1, use_cache=bool(longer))
             first = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
             scores = [[float(first[b, t[0]]) for t in targets[i]] for b, i in enumerate(idx)]
-            longer = [(b, c, t) for b, i in enumerate(idx) for c, t in enumerate(targets[i]) if len(t) > 1]
             if longer:
                 cache = _out_cache(output)
                 cache.reorder_cache(torch.tensor([b for b, _, _ in longer], device=self.device))
