@@ -250,6 +250,10 @@ def test_images_are_encoded_one_batch_ahead_with_the_same_results(vl_model_dir, 
         enc = encode(r)
         assert tokens == enc["input_ids"].shape[1]
         assert patches == int(enc["image_grid_thw"].prod(-1).sum())
+        buf = io.BytesIO()
+        r.images[0].save(buf, format="PNG")
+        as_bytes = ChatRequest(messages=r.messages, images=[buf.getvalue()])
+        assert ahead._estimate(as_bytes) == (tokens, patches)  # from the header alone
 
 
 def test_batches_sized_from_a_memory_budget(vl_engine):

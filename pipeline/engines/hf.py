@@ -212,8 +212,8 @@ class HFEngine:
         """
         if not requests:
             return
-        ahead = self.config.encode_ahead == "on" or (self.config.encode_ahead == "auto" and self.device.type == "cuda")
-        if self.is_vl and ahead and any(r.images for r in requests):
+        on = self.config.encode_ahead == "on" or (self.config.encode_ahead == "auto" and self.device.type == "cuda")
+        if self.is_vl and on and any(r.images for r in requests):
             text_tokens: dict[str, int] = {}  # one template + tokenizer run per distinct prompt
             sizes = [self._estimate(r, text_tokens) for r in requests]
             batches = self._batches([n for n, _ in sizes], params.max_new_tokens, params.n,
@@ -246,8 +246,11 @@ class HFEngine:
         patches = 0
         for image in request.images:
             try:
-                w, h = image.size if isinstance(image, Image.Image) else Image.open(
-                    image if isinstance(image, str) else io.BytesIO(bytes(image))).size
+                if isinstance(image, Image.Image):
+                    w, h = image.size
+                else:  # reads the header only
+                    with Image.open(image if isinstance(image, str) else io.BytesIO(bytes(image))) as opened:
+                        w, h = opened.size
                 h, w = fit_pixels(h, w, self.config.min_pixels, self.config.max_pixels, patch * merge)
                 if own[0] and own[1]:  # the processor resizes again to its own pixel budget
                     h, w = fit_pixels(h, w, int(own[0]), int(own[1]), patch * merge)
