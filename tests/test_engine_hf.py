@@ -270,10 +270,7 @@ def test_batches_sized_from_a_memory_budget(vl_engine):
     assert rows_that_fit(100 * 2**30, cost, 300, 256, 1024) == 100 * 2**30 // row
     assert rows_that_fit(2 * 2**30, cost, 300, 256) > rows_that_fit(2 * 2**30, cost, 3000, 256)
     lengths = [50] * 10
-    vl_engine._budget = None
+    assert vl_engine.memory_budget() is None  # batch_memory 0 (and no GPU here)
     assert [len(b) for b in vl_engine._batches(lengths, 10)] == [3, 3, 3, 1]  # batch_size 3
-    vl_engine._budget = 2 * vl_engine._row_cost.row_bytes(50, 10)
-    try:
-        assert [len(b) for b in vl_engine._batches(lengths, 10)] == [2] * 5
-    finally:
-        vl_engine._budget = None
+    budget = 2 * vl_engine._row_cost.row_bytes(50, 10)
+    assert [len(b) for b in vl_engine._batches(lengths, 10, budget=budget)] == [2] * 5

@@ -277,13 +277,16 @@ def profile_decode(engine, prepared: list) -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     events = prof.key_averages()
-    kernel_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+
+    def device_us(event) -> float:  # the attribute's name differs across torch versions
+        return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0))
+
+    kernel_us = sum(device_us(e) for e in events)
     share = kernel_us / 1e6 / wall
     print(f"  profile: {len(reqs)} images x 16 tokens: wall {wall:.2f}s, GPU kernels {kernel_us / 1e6:.2f}s "
           f"({share:.0%} of wall)")
-    top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)))[:8]
-    for e in top:
-        print(f"    {getattr(e, 'self_device_time_total', getattr(e, 'self_cuda_time_total', 0)) / 1e3:9.1f} ms  "
+    for e in sorted(events, key=lambda e: -device_us(e))[:8]:
+        print(f"    {device_us(e) / 1e3:9.1f} ms  "
               f"{e.count:6d}x  {e.key[:90]}")
     RESULTS["profile"] = {"images": len(reqs), "wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3),
                           "kernel_share": round(share, 3)}
@@ -318,12 +321,9 @@ def run_engine(model_dir: Path, images: list, name: str, **settings):
         print(f"  peak GPU memory {peak:.1f} GiB")
         RESULTS[name]["peak_gib"] = round(peak, 1)  # type: ignore[index]
     rows = cfg.batch_size
-    if cfg.batch_memory and torch.cuda.is_available():
-        from pipeline.engines.memory import free_gpu_bytes
-
-        engine._budget = int((free_gpu_bytes(engine.device) or 0) * cfg.batch_memory)
-        rows = len(engine._batches([(SIDE // 28) ** 2 + 30] * len(prepared), TOKENS)[0])
-        engine._budget = None
+    budget = engine.memory_budget()
+    if budget is not None:
+        rows = len(engine._batches([(SIDE // 28) ** 2 + 30] * len(prepared), TOKENS, budget=budget)[0])
         print(f"  rows per batch from free memory: {rows}")
     estimate = roofline_seconds(engine, len(prepared), min(rows, len(prepared)))
     if estimate:

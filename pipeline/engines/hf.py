@@ -21,7 +21,7 @@ import torch
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
 from pipeline.engines.common import ModelLoadError, model_identity, text_only
-from pipeline.engines.memory import free_gpu_bytes, row_cost
+from pipeline.engines.memory import free_gpu_bytes, row_cost, rows_that_fit
 from pipeline.engines.prefix import PrefixPlan, plan_prefixes
 from pipeline.engines.preprocess import QWEN_FACTOR, fit_pixels, prepare_image
 
@@ -85,7 +85,6 @@ class HFEngine:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._row_cost = row_cost(self.model.config, next(self.model.parameters()).element_size())
-        self._budget: int | None = None  # bytes for one batch (batch_memory x free GPU memory), per call
 
     # -- encoding -----------------------------------------------------------------------------------
     def prompt_text(self, request: ChatRequest) -> str:
@@ -153,10 +152,10 @@ class HFEngine:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _batches(self, lengths: Sequence[int], per_row_extra: int = 0, rows_per_item: int = 1,
-                 encs: Sequence[dict[str, torch.Tensor]] | None = None, patches: Sequence[int] | None = None
-                 ) -> list[list[int]]:
+                 encs: Sequence[dict[str, torch.Tensor]] | None = None, patches: Sequence[int] | None = None,
+                 budget: int | None = None) -> list[list[int]]:
         """Indices sorted by length, cut by batch_size and max_batch_tokens (padded tokens incl. new ones)
-        and, with `batch_memory` on a GPU, by the rows that fit in the memory budget (`patches`: image
+        and by the rows that fit in a memory `budget` in bytes (see `memory_budget`; `patches`: image
         patches per index, for the vision tower's share).
 
         With prefix sharing on and text-only `encs` (one per index), indices are sorted by their
@@ -173,9 +172,9 @@ class HFEngine:
             width = max([lengths[j] for j in current] + [lengths[i]]) + per_row_extra
             rows = (len(current) + 1) * rows_per_item
             full = len(current) + 1 > self.config.batch_size or rows * width > self.config.max_batch_tokens
-            if not full and self._budget is not None:
+            if not full and budget is not None:
                 most = max([patches[j] for j in current] + [patches[i]]) if patches else 0
-                full = rows * self._row_cost.row_bytes(width - per_row_extra, per_row_extra, most) > self._budget
+                full = rows > rows_that_fit(budget, self._row_cost, width - per_row_extra, per_row_extra, most)
             if current and full:
                 batches.append(current)
                 current = []
@@ -189,19 +188,19 @@ class HFEngine:
     def generate(self, requests: Sequence[ChatRequest], params: Sampling) -> list[list[Generation]]:
         """params.n generations per request, in request order (text after the prefill)."""
         out: list[list[Generation]] = [[] for _ in requests]
-        free = free_gpu_bytes(self.device) if self.config.batch_memory > 0 else None
-        self._budget = int(free * self.config.batch_memory) if free is not None else None
-        try:
-            for b, (idx, picked) in enumerate(self._encoded_batches(requests, params)):
-                new = self._generate_batch(picked, params, b)
-                for k, i in enumerate(idx):
-                    for s in range(params.n):
-                        out[i].append(self._decode(new[k * params.n + s].tolist(), params))
-        finally:
-            self._budget = None
+        for b, (idx, picked) in enumerate(self._encoded_batches(requests, params, self.memory_budget())):
+            new = self._generate_batch(picked, params, b)
+            for k, i in enumerate(idx):
+                for s in range(params.n):
+                    out[i].append(self._decode(new[k * params.n + s].tolist(), params))
         return out
 
-    def _encoded_batches(self, requests: Sequence[ChatRequest], params: Sampling
+    def memory_budget(self) -> int | None:
+        """Bytes one generation batch may use: `batch_memory` x free GPU memory now; None off-GPU or at 0."""
+        free = free_gpu_bytes(self.device) if self.config.batch_memory > 0 else None
+        return int(free * self.config.batch_memory) if free is not None else None
+
+    def _encoded_batches(self, requests: Sequence[ChatRequest], params: Sampling, budget: int | None
                          ) -> Iterator[tuple[list[int], list[dict[str, torch.Tensor]]]]:
         """(request indices, their encodings) per batch.
 
@@ -217,7 +216,7 @@ class HFEngine:
             text_tokens: dict[str, int] = {}  # one template + tokenizer run per distinct prompt
             sizes = [self._estimate(r, text_tokens) for r in requests]
             batches = self._batches([n for n, _ in sizes], params.max_new_tokens, params.n,
-                                    patches=[p for _, p in sizes])
+                                    patches=[p for _, p in sizes], budget=budget)
             with ThreadPoolExecutor(1, thread_name_prefix="hf-encode") as pool:
                 ahead = pool.submit(self.encode_many, [requests[i] for i in batches[0]])
                 for b, idx in enumerate(batches):
@@ -229,7 +228,7 @@ class HFEngine:
         encs = self.encode_many(requests)
         lengths = [int(e["input_ids"].shape[1]) for e in encs]
         patches = [int(e["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in e else 0 for e in encs]
-        for idx in self._batches(lengths, params.max_new_tokens, params.n, encs, patches):
+        for idx in self._batches(lengths, params.max_new_tokens, params.n, encs, patches, budget):
             yield idx, [encs[i] for i in idx]
 
     def _estimate(self, request: ChatRequest, text_tokens: dict[str, int] | None = None) -> tuple[int, int]:
