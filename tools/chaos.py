@@ -190,6 +190,8 @@ def check(storage: Storage, reference: dict[str, str], keys: list[str], work_dir
         except FileNotFoundError:
             pass
     counts["orphans"] = len(orphans)
+    for path in orphans[:5]:
+        print(f"  orphan: {path}", flush=True)
     return counts
 
 
