@@ -141,6 +141,7 @@ def run_stage(
         marker = storage.committed_units(stage, work.fingerprint).get(unit)
         if not force and marker is not None and is_current(marker, cache, shards, declared):
             report.skipped = [0]
+            storage.drop_dead_scratch(stage, [unit])
             print(f"{stage}: {unit} is committed and current; skipping (--force redoes it)", file=out)
         else:
             with preemption_signals():
@@ -156,6 +157,7 @@ def run_stage(
     redo_rows = {s: done[s] for s in shards if failed_only and s not in todo and _failed_rows(done[s]) > 0}
     todo = sorted([*todo, *redo_rows])
     report.skipped = [s for s in shards if s not in todo]
+    storage.drop_dead_scratch(stage, report.skipped)
     if report.skipped:
         print(f"{stage}: skipping {len(report.skipped)} committed shard(s) [{format_shard_spec(report.skipped)}]", file=out)
 

@@ -418,6 +418,13 @@ class Storage:
         tag = hashlib.sha256(self.root_url.encode()).hexdigest()[:8]
         return f"pipeline-{tag}-{stage}-" + (f"{name}-" if name else "")
 
+    def drop_dead_scratch(self, stage: str, units: list[int | str]) -> None:
+        """Remove the local staging that killed tasks left for these units (a task killed between its commit
+        and its cleanup leaves it for a unit that reruns then skip as committed)."""
+        for unit in units:
+            for entry in self.scratch_leftovers(stage, unit_name(unit)):
+                shutil.rmtree(entry, ignore_errors=True)
+
     def scratch_leftovers(self, stage: str, name: str = "", only_dead: bool = True) -> list[str]:
         """Local staging folders of this ROOT's stage (or unit) on this host; with `only_dead`, those whose
         process is gone (a killed task's: reruns of the unit remove them, status counts them)."""

@@ -185,6 +185,24 @@ def test_killed_s3_task_leaves_scratch_that_status_shows_and_a_rerun_removes(tmp
     assert not orphan.exists() and list(work.iterdir()) == []
 
 
+def test_rerun_skipping_a_committed_shard_removes_its_dead_scratch(tmp_path, s3_server):
+    """A task killed after its commit but before its cleanup leaves local staging of a committed unit."""
+    root = s3_server.make_bucket("scratch-after-commit") + f"/{tmp_path.name}"
+    work = tmp_path / "scratch"
+    work.mkdir()
+    cfg = load_config(_manifest(tmp_path, root, s3_server.storage_options), [f"work_dir={work}"])
+    storage = Storage(root, s3_server.storage_options, str(work))
+    assert run_stage(cfg, "synth", [0], progress=False, out=io.StringIO()).exit_code == 0
+    dead = work / f"{storage.scratch_prefix('synth', '00000')}{2**22 + 999}-abc_12"
+    live = work / f"{storage.scratch_prefix('synth', '00000')}{os.getpid()}-def_34"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "_input.tar").write_bytes(b"x" * 100)
+    report = run_stage(cfg, "synth", [0], progress=False, out=io.StringIO())
+    assert report.exit_code == 0 and report.skipped == [0]
+    assert not dead.exists() and live.exists()  # a live owner's staging is left alone
+
+
 def _three_shard_root(tmp_path: Path) -> tuple[Path, list[str]]:
     root = tmp_path / "root"
     storage = Storage(str(root))
