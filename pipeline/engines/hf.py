@@ -458,8 +458,9 @@ class HFEngine:
             first = torch.log_softmax(output.logits[:, -1].float(), dim=-1)
             scores = [[float(first[b, t[0]]) for t in targets[i]] for b, i in enumerate(idx)]
             if longer:
+                rows = torch.tensor([b for b, _, _ in longer], device=self.device)
                 cache = _out_cache(output)
-                cache.reorder_cache(torch.tensor([b for b, _, _ in longer], device=self.device))
+                cache.reorder_cache(rows)
                 width = max(len(t) for _, _, t in longer) - 1
                 ids = torch.full((len(longer), width), self.pad_id, dtype=torch.long)
                 tail = torch.zeros((len(longer), width), dtype=torch.long)
@@ -467,7 +468,6 @@ class HFEngine:
                     ids[r, :len(t) - 1] = torch.tensor(t[:-1])
                     tail[r, :len(t) - 1] = 1
                 ids, tail = ids.to(self.device), tail.to(self.device)
-                rows = torch.tensor([b for b, _, _ in longer], device=self.device)
                 start = mask.sum(-1)[rows]
                 positions = start[:, None] + torch.arange(width, device=self.device)[None, :]
                 logits = self.model(input_ids=ids, attention_mask=torch.cat([mask[rows], tail], dim=1),
