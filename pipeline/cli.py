@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(verify)
     verify.add_argument("--stage", help="only this stage (default: every registered stage)")
     verify.add_argument("--shards", help="only these shards (whole-run units are checked unless --shards is given)")
-    verify.add_argument("--repair", action="store_true", help="make corrupt units pending again")
+    verify.add_argument("--repair", action="store_true", help="mark corrupt units FAILED (marker removed, failure recorded) so the next run redoes them")
     verify.add_argument("--workers", type=int, default=8, help="files read in parallel")
 
     browse = sub.add_parser(

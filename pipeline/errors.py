@@ -25,6 +25,10 @@ class RunDriftError(PipelineError):
     """Settings that would renumber the shards of an existing run."""
 
 
+class SettingsChangedError(PipelineError):
+    """A run that would replace committed units made with other settings (without --force)."""
+
+
 class UnknownStageError(PipelineError):
     """A stage name that is not registered."""
 

@@ -18,8 +18,8 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.claims import ClaimHeld
-from pipeline.config import RunConfig
-from pipeline.errors import PipelineError, Preempted, StorageError
+from pipeline.config import RunConfig, setting_changes
+from pipeline.errors import PipelineError, Preempted, SettingsChangedError, StorageError
 from pipeline.shards import format_shard_spec
 from pipeline.stage import InputCache, RunContext, ShardContext, ShardStats, Stage, load_stage, timed
 from pipeline.storage import Claim, Storage, now_iso, task_identity, unit_name
@@ -119,26 +119,33 @@ def run_stage(
         raise PipelineError("--force and --failed-only exclude each other: --force redoes whole shards")
     if failed_only and declared.retry_shard is None:
         raise PipelineError(f"stage {stage!r} cannot redo single rows (it has no retry_shard); use --force")
+    if not declared.whole_run and shards is None:
+        raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
     storage = storage or Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable()
-    storage.ensure_run_meta({"shard_size": config.shard_size})
+    storage.check_run_meta({"shard_size": config.shard_size})  # refuse a renumbering before any work
     resources = {} if resources is None else resources
     cache = InputCache(storage)
     if declared.whole_run:
         shards = whole_run_shards(declared, config, storage, shards)
-    elif shards is None:
-        raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
     report = RunReport(stage=stage)
 
     if not declared.whole_run:
         check_shard_range(declared, config, storage, shards)
+    work = _Work(declared, config, storage, resources, cache, report, out, force=force)
+    units = [declared.unit_of(config)] if declared.whole_run else list(shards)
+    if not force:
+        refuse_changed_settings(storage, declared, units, work.fingerprint, config)
     if declared.prepare is not None:
         declared.prepare(RunContext(config, storage, stage, shards, resources, log))
+    # Written only once the arguments and inputs are known good: a usage error leaves no run.json behind.
+    storage.ensure_run_meta({"shard_size": config.shard_size})
 
-    work = _Work(declared, config, storage, resources, cache, report, out, force=force)
     if declared.whole_run:
-        unit = declared.unit_of(config)
-        marker = storage.committed_units(stage, work.fingerprint).get(unit)
+        unit = units[0]
+        marker = storage.committed_many(stage, [unit], work.fingerprint).get(unit)
+        if marker is not None:
+            cache.prefetch_keys(list(marker.get("inputs", {}) or {}))
         if not force and marker is not None and is_current(marker, cache, shards, declared):
             report.skipped = [0]
             storage.drop_dead_scratch(stage, [unit])
@@ -152,7 +159,8 @@ def run_stage(
         print(report.summary(), file=out)
         return report
 
-    done = storage.committed(stage, work.fingerprint)
+    done = storage.committed_many(stage, shards, work.fingerprint)  # this task's own markers, by name
+    cache.prefetch_keys([key for m in done.values() for key in (m.get("inputs", {}) or {})])
     todo = [s for s in shards if force or s not in done or not is_current(done[s], cache)]
     redo_rows = {s: done[s] for s in shards if failed_only and s not in todo and _failed_rows(done[s]) > 0}
     todo = sorted([*todo, *redo_rows])
@@ -171,6 +179,27 @@ def run_stage(
     bar.close()
     print(report.summary(), file=out)
     return report
+
+
+def refuse_changed_settings(storage: Storage, declared: Stage, units: list[int] | list[str], fingerprint: str,
+                            config: RunConfig) -> None:
+    """Refuse, with one line, to replace committed units that were made with other settings (their outputs
+    would be lost): name the changed settings and the two ways on (--force, or a new --root)."""
+    found = storage.committed_many(declared.name, units)
+    other = {u: m for u, m in found.items() if m.get("config_fingerprint") != fingerprint}
+    if not other:
+        return
+    current = config.semantic(declared.name)
+    changed: set[str] = set()
+    for m in other.values():
+        recorded = m.get("config")
+        changed.update(setting_changes(recorded, current) if isinstance(recorded, dict) else ["(not recorded)"])
+    names = ", ".join(f"{declared.name}.{k}" if k != "shard_size" else k for k in sorted(changed)[:6])
+    more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+    label = "shard(s) " + format_shard_spec(sorted(other)) if not declared.whole_run else ", ".join(map(str, other))
+    raise SettingsChangedError(
+        f"refusing to replace {declared.name} {label}, committed with other settings (changed: {names}{more}); "
+        f"--force replaces them (their outputs are lost), or use a new --root to keep both")
 
 
 def check_shard_range(declared: Stage, config: RunConfig, storage: Storage, shards: list[int]) -> None:

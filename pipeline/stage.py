@@ -176,27 +176,57 @@ class RunContext:
 
 
 class InputCache:
-    """Upstream markers read once per run and shared by the runner's staleness check and the stages."""
+    """Upstream markers read once per run and shared by the runner's staleness check and the stages.
+
+    A task asks for its own inputs by name (`committed`, `prefetch`): its reads do not grow with the root.
+    Whole-root views (status) hand it the stages they have read whole (`seed`) or let it read a stage whole
+    when asked about many of its units at once."""
 
     def __init__(self, storage: Storage):
         self.storage = storage
-        self._listed: dict[str, dict[str, dict[str, Any]]] = {}
         self._checked: dict[tuple[str, str], dict[str, Any] | None] = {}
-
-    def markers(self, stage: str) -> dict[str, dict[str, Any]]:
-        """unit name -> marker for every marker of `stage` (one listing)."""
-        if stage not in self._listed:
-            self._listed[stage] = self.storage.unit_markers(stage)
-        return self._listed[stage]
+        self._whole: set[str] = set()
 
     def committed(self, stage: str, unit: int | str) -> dict[str, Any] | None:
         """The upstream marker if that unit is committed (outputs present with their sizes), else None."""
-        name = unit_name(unit)
-        key = (stage, name)
+        key = (stage, unit_name(unit))
         if key not in self._checked:
-            marker = self.markers(stage).get(name)
-            self._checked[key] = marker if marker is not None and self.storage.outputs_intact(marker) else None
+            if stage in self._whole:
+                return None
+            self.prefetch(stage, [unit])
         return self._checked[key]
+
+    def prefetch(self, stage: str, units: list[int | str] | list[str]) -> None:
+        """Read the markers of these units of `stage` that are not cached yet, concurrently, by name."""
+        names = [n for n in dict.fromkeys(unit_name(u) for u in units)
+                 if (stage, n) not in self._checked and stage not in self._whole]
+        if not names:
+            return
+        found = self.storage.done.get_many(stage, names)
+        good = self.storage.done.intact(found)
+        for n in names:
+            self._checked[(stage, n)] = found[n] if n in good else None
+
+    def prefetch_keys(self, keys: list[str], whole_above: int = 256) -> None:
+        """Prefetch input keys 'stage/unit'; a stage asked about more than `whole_above` units is read whole
+        (one listing and the marker index) instead of by name."""
+        by_stage: dict[str, list[str]] = {}
+        for key in keys:
+            stage, _, unit = key.partition("/")
+            by_stage.setdefault(stage, []).append(unit)
+        for stage, units in by_stage.items():
+            if len(units) > whole_above and stage not in self._whole:
+                markers = self.storage.done.all(stage)
+                self.seed(stage, markers, self.storage.done.intact(markers))
+            else:
+                self.prefetch(stage, units)
+
+    def seed(self, stage: str, markers: dict[str, dict[str, Any]], intact: set[str]) -> None:
+        """Take a whole stage read elsewhere (status): `markers` are all of them, `intact` the committed ones."""
+        self._whole.add(stage)
+        self._checked = {k: v for k, v in self._checked.items() if k[0] != stage}
+        for name, marker in markers.items():
+            self._checked[(stage, name)] = marker if name in intact else None
 
     def digest(self, key: str) -> str | None:
         """The current digest of an input key 'stage/unit' (None when not committed)."""
@@ -205,7 +235,7 @@ class InputCache:
         return None if marker is None else marker_digest(marker)
 
     def forget(self, stage: str) -> None:
-        self._listed.pop(stage, None)
+        self._whole.discard(stage)
         self._checked = {k: v for k, v in self._checked.items() if k[0] != stage}
 
 

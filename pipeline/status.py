@@ -219,7 +219,8 @@ def _unit(name: str) -> int | str:
 
 def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str] | None,
                  stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True,
-                 cache: InputCache | None = None, declared: Stage | None = None) -> StageStatus:
+                 cache: InputCache | None = None, declared: Stage | None = None,
+                 claims: dict[str, dict[str, Any]] | None = None) -> StageStatus:
     """Everything `status` and `retry` need to know about one stage, from ROOT (plus squeue when present).
 
     A unit is committed when its marker and outputs are intact and every input it recorded is unchanged;
@@ -228,7 +229,11 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
     """
     cache = cache or InputCache(storage)
     kind = declared.kind if declared is not None else PER_SHARD
-    intact = {_unit(k): m for k, m in storage.committed_units(stage).items()}
+    markers = storage.done.all(stage)  # one listing, concurrent reads of what the marker index lacks
+    intact_names = storage.done.intact(markers)
+    cache.seed(stage, markers, intact_names)
+    intact = {_unit(k): m for k, m in markers.items() if k in intact_names}
+    cache.prefetch_keys([key for m in intact.values() for key in (m.get("inputs", {}) or {})])
     fingerprint = config.fingerprint(stage) if compare else None
     current = config.semantic(stage) if compare else None
     committed: dict[int | str, dict[str, Any]] = {}
@@ -244,11 +249,13 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
             outdated.append(Outdated(unit, settings, changed))
         else:
             committed[unit] = m
-    all_markers = {_unit(k) for k in storage.unit_markers(stage)}
-    outdated += [Outdated(u, ["outputs missing or changed"]) for u in sorted(all_markers - set(intact), key=str)]
+    outdated += [Outdated(u, ["outputs missing or changed"])
+                 for u in sorted({_unit(k) for k in markers} - set(intact), key=str)]
     failed = {_unit(k): f for k, f in storage.unit_failures(stage).items() if _unit(k) not in committed}
-    claims = [classify_claim(_unit(k), c, jobs, stale_after) for k, c in sorted(storage.unit_claims(stage).items())
-              if _unit(k) not in committed]
+    if claims is None:
+        claims = storage.unit_claims(stage)
+    claim_states = [classify_claim(_unit(k), c, jobs, stale_after) for k, c in sorted(claims.items())
+                    if _unit(k) not in committed]
     row_errors: Counter = Counter()
     for m in committed.values():
         row_errors.update(m.get("stats", {}).get("errors", {}))
@@ -270,8 +277,8 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
         committed=committed,
         outdated=outdated,
         failed=failed,
-        running=[c for c in claims if c.live],
-        stale=[c for c in claims if not c.live],
+        running=[c for c in claim_states if c.live],
+        stale=[c for c in claim_states if not c.live],
         staging_dirs=staging,
         row_errors=row_errors,
         kind=kind,
@@ -298,9 +305,10 @@ def collect_stage_status(config: RunConfig, only: str | None = None,
     for stage in stage_modules(config):
         if only and stage != only:
             continue
-        if not jobs_checked and any(c.get("slurm_job_id") for c in storage.unit_claims(stage).values()):
+        claims = storage.unit_claims(stage)
+        if not jobs_checked and any(c.get("slurm_job_id") for c in claims.values()):
             jobs, jobs_checked = squeue_job_ids(), True
-        st = stage_status(config, storage, stage, jobs, stale_after, compare, cache, declared.get(stage))
+        st = stage_status(config, storage, stage, jobs, stale_after, compare, cache, declared.get(stage), claims)
         if not (st.committed or st.outdated or st.failed or st.running or st.stale) and only is None:
             continue
         out.append(st)
@@ -314,9 +322,9 @@ def retry_shards(config: RunConfig, stage: str, *, failed_only: bool = False, sh
     unless asked."""
     storage = Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable(create=False)
-    claims = storage.claims(stage)
+    claims = storage.unit_claims(stage)
     jobs = squeue_job_ids() if any(c.get("slurm_job_id") for c in claims.values()) else None
-    st = stage_status(config, storage, stage, jobs, stale_after or DEFAULT_STALE_AFTER)
+    st = stage_status(config, storage, stage, jobs, stale_after or DEFAULT_STALE_AFTER, claims=claims)
     universe = shards if shards is not None else st.universe
     if failed_only:
         picked = st.shards_with_failed_rows

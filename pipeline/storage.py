@@ -39,6 +39,7 @@ import fsspec
 import pipeline
 from pipeline.claims import DEFAULT_STALE_AFTER, ClaimHeld, jobs_for, judge, now_epoch, pid_alive
 from pipeline.errors import MissingInputError, RunDriftError, StorageError
+from pipeline.markers import MarkerStore, read_blobs
 from pipeline.shardio import url_fs
 from pipeline.shards import shard_name
 
@@ -101,6 +102,9 @@ class Storage:
             self.root = os.path.abspath(self.root)
         self.work_dir = work_dir
         self.storage_options = storage_options or {}
+        self.done = MarkerStore(self, DONE_DIR, use_index=True)
+        self.failure_records = MarkerStore(self, FAILED_DIR)
+        self.claim_records = MarkerStore(self, RUNNING_DIR)
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -135,8 +139,7 @@ class Storage:
 
     def read_json(self, *parts: str) -> Any | None:
         try:
-            with self.fs.open(self.path(*parts), "rb") as f:
-                return json.loads(f.read())
+            return json.loads(self.fs.cat_file(self.path(*parts)))  # one GET (open would HEAD first)
         except FileNotFoundError:
             return None
 
@@ -171,27 +174,34 @@ class Storage:
             pass
 
     def list_json(self, rel_dir: str) -> dict[str, Any]:
-        """name -> parsed JSON for every *.json directly under rel_dir (empty if absent)."""
+        """name -> parsed JSON for every *.json directly under rel_dir (empty if absent): one listing, then
+        the reads concurrently."""
         d = self.path(rel_dir)
+        self.fs.invalidate_cache(d)
         try:
-            names = self.fs.ls(d, detail=False)
+            names = [n for n in self.fs.ls(d, detail=False)]
         except FileNotFoundError:
             return {}
+        paths = {n.rstrip("/"): n.rstrip("/").rsplit("/", 1)[-1] for n in names}
+        paths = {p: b[: -len(".json")] for p, b in paths.items() if b.endswith(".json") and not b.startswith(".")}
         out = {}
-        for name in names:
-            base = name.rstrip("/").rsplit("/", 1)[-1]
-            if base.endswith(".json") and not base.startswith("."):
-                try:
-                    with self.fs.open(name, "rb") as f:
-                        out[base[: -len(".json")]] = json.loads(f.read())
-                except (FileNotFoundError, json.JSONDecodeError):
-                    continue
-        return out
+        for path, blob in read_blobs(self.fs, list(paths)).items():
+            try:
+                out[paths[path]] = json.loads(blob) if blob is not None else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+        return {k: v for k, v in out.items() if v is not None}
 
     def open(self, rel: str, mode: str = "rb"):
         return self.fs.open(self.path(rel), mode)
 
     # -- run.json guard ----------------------------------------------------------------------
+    def check_run_meta(self, meta: dict[str, Any], must_match: tuple[str, ...] = ("shard_size",)) -> None:
+        """Refuse settings that would renumber the shards run.json records (writes nothing)."""
+        existing = self.read_json(RUN_META)
+        if existing is not None:
+            self._refuse_drift(meta, existing, must_match)
+
     def ensure_run_meta(self, meta: dict[str, Any], must_match: tuple[str, ...] = ("shard_size",)) -> dict[str, Any]:
         """Record the run's numbering settings, or refuse settings that would renumber its shards."""
         existing = self.read_json(RUN_META)
@@ -199,40 +209,45 @@ class Storage:
             record = {**meta, "created_at": now_iso(), "code_version": code_version()}
             self.write_json(RUN_META, record)
             return record
-        for key in must_match:
-            if key in meta and key in existing and existing[key] != meta[key]:
-                raise RunDriftError(
-                    f"refusing to run: {key} is {meta[key]!r} but {self.url(RUN_META)} records {existing[key]!r}; "
-                    "this would renumber the existing shards. Use a new --root, or restore the original setting."
-                )
+        self._refuse_drift(meta, existing, must_match)
         missing = {k: v for k, v in meta.items() if k not in existing}
         if missing:
             existing.update(missing)
             self.write_json(RUN_META, existing)
         return existing
 
+    def _refuse_drift(self, meta: dict[str, Any], existing: dict[str, Any], must_match: tuple[str, ...]) -> None:
+        for key in must_match:
+            if key in meta and key in existing and existing[key] != meta[key]:
+                raise RunDriftError(
+                    f"refusing to run: {key} is {meta[key]!r} but {self.url(RUN_META)} records {existing[key]!r}; "
+                    "this would renumber the existing shards. Use a new --root, or restore the original setting."
+                )
+
     def run_meta(self) -> dict[str, Any] | None:
         return self.read_json(RUN_META)
 
-    # -- commit markers ----------------------------------------------------------------------
+    # -- commit markers (read through pipeline.markers) --------------------------------------
     def marker_rel(self, stage: str, unit: int | str) -> str:
-        return f"{DONE_DIR}/{stage}/{unit_name(unit)}.json"
+        return self.done.rel(stage, unit_name(unit))
 
     def marker(self, stage: str, unit: int | str) -> dict[str, Any] | None:
-        return self.read_json(self.marker_rel(stage, unit))
+        """A unit's marker, by name (one read)."""
+        return self.done.get(stage, unit_name(unit))
 
     def markers(self, stage: str) -> dict[int, dict[str, Any]]:
-        """shard -> marker for every committed-looking shard of a per-shard stage (one listing)."""
-        return {int(k): v for k, v in self.list_json(f"{DONE_DIR}/{stage}").items() if k.isdigit()}
+        """shard -> marker for every committed-looking shard of a per-shard stage (whole-stage view)."""
+        return {int(k): v for k, v in self.done.all(stage).items() if k.isdigit()}
 
     def unit_markers(self, stage: str) -> dict[str, dict[str, Any]]:
-        """unit name ('00042' for a shard, 'all' for a whole-run unit) -> marker (one listing)."""
-        return self.list_json(f"{DONE_DIR}/{stage}")
+        """unit name ('00042' for a shard, 'all' for a whole-run unit) -> marker (whole-stage view)."""
+        return self.done.all(stage)
 
     def output_sizes(self, rel_dirs: set[str]) -> dict[str, int]:
         """rel path -> size for every file under the given output dirs (one listing per dir)."""
         sizes: dict[str, int] = {}
         for rel_dir in rel_dirs:
+            self.fs.invalidate_cache(self.path(rel_dir))
             try:
                 entries = self.fs.find(self.path(rel_dir), detail=True)
             except FileNotFoundError:
@@ -243,37 +258,34 @@ class Storage:
         return sizes
 
     def committed(self, stage: str, fingerprint: str | None = None) -> dict[int, dict[str, Any]]:
-        """shard -> marker for shards that are committed: marker present, fingerprint matching, outputs intact."""
+        """shard -> marker for shards that are committed: marker present, fingerprint matching, outputs intact
+        (whole-stage view)."""
         return {int(k): v for k, v in self.committed_units(stage, fingerprint).items() if k.isdigit()}
 
     def committed_units(self, stage: str, fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
-        """unit name -> marker for every committed unit (shards and whole-run units) of a stage."""
-        markers = self.unit_markers(stage)
-        dirs = {rel.rsplit("/", 1)[0] for m in markers.values() for rel in m.get("outputs", {}) if "/" in rel}
-        sizes = self.output_sizes(dirs)
-        good = {}
-        for unit, m in markers.items():
-            if fingerprint is not None and m.get("config_fingerprint") != fingerprint:
-                continue
-            if all(sizes.get(rel) == info["size"] for rel, info in m.get("outputs", {}).items()):
-                good[unit] = m
-        return good
+        """unit name -> marker for every committed unit (shards and whole-run units) of a stage (whole-stage
+        view: one listing, concurrent reads)."""
+        return self._committed_of(self.done.all(stage), fingerprint)
+
+    def committed_many(self, stage: str, units: list[int | str] | list[int] | list[str],
+                       fingerprint: str | None = None) -> dict[int | str, dict[str, Any]]:
+        """unit -> marker for those of `units` that are committed, read by name (what a task reads: its own
+        units, never the whole stage)."""
+        names = {unit_name(u): u for u in units}
+        return {names[n]: m for n, m in self._committed_of(self.done.get_many(stage, names), fingerprint).items()}
+
+    def _committed_of(self, markers: dict[str, dict[str, Any]], fingerprint: str | None) -> dict[str, dict[str, Any]]:
+        if fingerprint is not None:
+            markers = {n: m for n, m in markers.items() if m.get("config_fingerprint") == fingerprint}
+        good = self.done.intact(markers)
+        return {n: m for n, m in markers.items() if n in good}
 
     def outputs_intact(self, marker: dict[str, Any]) -> bool:
-        """Whether every output a marker lists exists with its recorded size."""
-        for rel, info in marker.get("outputs", {}).items():
-            try:
-                if int(self.fs.size(self.path(rel))) != info["size"]:
-                    return False
-            except FileNotFoundError:
-                return False
-        return True
+        """Whether every output a marker lists exists with its recorded size (by name)."""
+        return bool(self.done.intact({"unit": marker}))
 
     def is_committed(self, stage: str, unit: int | str, fingerprint: str | None = None) -> bool:
-        m = self.marker(stage, unit)
-        if m is None or (fingerprint is not None and m.get("config_fingerprint") != fingerprint):
-            return False
-        return self.outputs_intact(m)
+        return bool(self.committed_many(stage, [unit], fingerprint))
 
     def require_committed(self, stage: str, unit: int | str) -> dict[str, Any]:
         """The marker of an upstream unit, or a clear error telling the user what to run first."""
@@ -296,10 +308,10 @@ class Storage:
         self.remove(f"{FAILED_DIR}/{stage}/{unit_name(unit)}.json")
 
     def failures(self, stage: str) -> dict[int, dict[str, Any]]:
-        return {int(k): v for k, v in self.list_json(f"{FAILED_DIR}/{stage}").items() if k.isdigit()}
+        return {int(k): v for k, v in self.failure_records.all(stage).items() if k.isdigit()}
 
     def unit_failures(self, stage: str) -> dict[str, dict[str, Any]]:
-        return self.list_json(f"{FAILED_DIR}/{stage}")
+        return self.failure_records.all(stage)
 
     def claim_rel(self, stage: str, unit: int | str) -> str:
         return f"{RUNNING_DIR}/{stage}/{unit_name(unit)}.json"
@@ -382,10 +394,10 @@ class Storage:
         self.remove(rel)
 
     def claims(self, stage: str) -> dict[int, dict[str, Any]]:
-        return {int(k): v for k, v in self.list_json(f"{RUNNING_DIR}/{stage}").items() if k.isdigit()}
+        return {int(k): v for k, v in self.claim_records.all(stage).items() if k.isdigit()}
 
     def unit_claims(self, stage: str) -> dict[str, dict[str, Any]]:
-        return self.list_json(f"{RUNNING_DIR}/{stage}")
+        return self.claim_records.all(stage)
 
     # -- transactions ------------------------------------------------------------------------
     def begin(self, stage: str, unit: int | str) -> ShardTransaction:

@@ -2,8 +2,8 @@
 
 `status` and `run` trust a marker when its outputs have the recorded sizes (one listing, cheap); a flipped
 byte keeps the size. `verify` reads every output (in parallel, on any fsspec root), reports the units
-whose bytes differ, and with `repair` turns them back into pending units: their marker is removed and a
-failure record says which file was corrupt, so the next `run` redoes them.
+whose bytes differ, and with `repair` marks them FAILED (the word `status` then shows): their marker is removed
+and a failure record says which file was corrupt, so the next `run` redoes them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,17 @@ class VerifyReport:
     repaired: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _digest(storage: Storage, rel: str) -> tuple[int, str] | None:
+WHOLE_READ_LIMIT = 256 << 20
+"""Outputs up to this size are read with one request (`cat_file`); larger ones are streamed."""
+
+
+def _digest(storage: Storage, rel: str, expected_size: int | None = None) -> tuple[int, str] | None:
+    if expected_size is not None and expected_size <= WHOLE_READ_LIMIT:
+        try:
+            blob = storage.fs.cat_file(storage.path(rel))
+        except FileNotFoundError:
+            return None
+        return len(blob), hashlib.sha256(blob).hexdigest()
     h = hashlib.sha256()
     size = 0
     try:
@@ -43,7 +53,7 @@ def _digest(storage: Storage, rel: str) -> tuple[int, str] | None:
 
 def _check(storage: Storage, rel: str, info: dict[str, Any]) -> str | None:
     """Why an output does not match its marker entry, or None."""
-    got = _digest(storage, rel)
+    got = _digest(storage, rel, info.get("size"))
     if got is None:
         return f"{rel}: missing"
     size, sha = got
@@ -55,16 +65,15 @@ def _check(storage: Storage, rel: str, info: dict[str, Any]) -> str | None:
 
 
 def verify(config: RunConfig, stages: list[str] | None = None, units: set[str] | None = None,
-           repair: bool = False, workers: int = 8) -> VerifyReport:
+           repair: bool = False, workers: int = 16) -> VerifyReport:
     """Check the committed outputs of `stages` (default all registered) restricted to `units` (unit names)."""
     storage = Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable(create=False)
     report = VerifyReport()
     jobs: list[tuple[str, str, str, dict[str, Any]]] = []
     for stage in stages or list(stage_modules(config)):
-        for unit, marker in sorted(storage.unit_markers(stage).items()):
-            if units is not None and unit not in units:
-                continue
+        markers = storage.unit_markers(stage) if units is None else storage.done.get_many(stage, sorted(units))
+        for unit, marker in sorted(markers.items()):
             report.checked_units += 1
             jobs += [(stage, unit, rel, info) for rel, info in marker.get("outputs", {}).items()]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -88,8 +97,8 @@ def print_report(report: VerifyReport, repair: bool, out=None) -> int:
     """Print one line per corrupt unit and a summary; exit code 0 if nothing is (left) corrupt, else 1."""
     out = out or sys.stdout
     for (stage, unit), problems in sorted(report.corrupt.items()):
-        state = "REPAIRED (now pending; rerun it)" if repair else "CORRUPT"
+        state = "CORRUPT, now FAILED (the next run redoes it)" if repair else "CORRUPT"
         print(f"{stage} {unit}: {state}: " + "; ".join(problems), file=out)
     print(f"verified {report.checked_files} file(s) of {report.checked_units} committed unit(s): "
-          f"{len(report.corrupt)} corrupt" + (f", {len(report.repaired)} made pending" if repair else ""), file=out)
+          f"{len(report.corrupt)} corrupt" + (f", {len(report.repaired)} marked FAILED" if repair else ""), file=out)
     return 0 if not report.corrupt or repair else 1

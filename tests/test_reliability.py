@@ -247,7 +247,7 @@ def test_model_id_does_not_depend_on_the_working_directory(tmp_path, monkeypatch
     assert ids[0] == ids[1] and ids[0].startswith("models/nano/nano-reader#sha256:")
 
 
-def test_verify_finds_a_flipped_byte_and_repair_makes_it_pending(tmp_path, capsys):
+def test_verify_finds_a_flipped_byte_and_repair_marks_it_failed_as_status_says(tmp_path, capsys):
     root = tmp_path / "root"
     manifest = _manifest(tmp_path, str(root))
     cfg = load_config(manifest)
@@ -260,7 +260,11 @@ def test_verify_finds_a_flipped_byte_and_repair_makes_it_pending(tmp_path, capsy
     out = capsys.readouterr().out
     assert "synth 00001: CORRUPT: synth/00001.parquet: sha256" in out and "1 corrupt" in out
     assert main(["verify", "--manifest", str(manifest), "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert "synth 00001: CORRUPT, now FAILED" in out and "1 marked FAILED" in out and "pending" not in out
     assert sorted(Storage(str(root)).committed("synth")) == [0]
+    assert main(["status", "--manifest", str(manifest)]) == 0
+    assert "synth: shard(s) 1 FAILED: corrupt output" in capsys.readouterr().out  # the same word in both
     report = run_stage(cfg, "synth", [0, 1], progress=False, out=io.StringIO())
     assert report.committed == [1] and (root / "synth" / "00001.parquet").read_bytes() == good
     assert main(["verify", "--manifest", str(manifest)]) == 0

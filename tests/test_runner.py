@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.errors import RunDriftError
+from pipeline.errors import RunDriftError, SettingsChangedError
 from pipeline.runner import run_stage
 from pipeline.status import collect_status
 from pipeline.storage import Storage
@@ -78,12 +78,20 @@ def test_force_redoes_and_skip_is_default(tmp_path):
     assert marker_after["committed_at"] >= marker_before["committed_at"]
 
 
-def test_config_change_invalidates_committed_shards(tmp_path):
+def test_config_change_refuses_to_replace_committed_shards_without_force(tmp_path):
+    """Changed settings never silently replace committed outputs: one line names the changed key and the ways
+    on; --force replaces; shards not yet committed still run with the new settings."""
     _, cfg = _cfg(tmp_path)
     run_stage(cfg, "synth", [0], progress=False)
+    before = Storage(cfg.root).marker("synth", 0)
     cfg2 = load_config(None, root=cfg.root, shard_size=10, stages=cfg.stages,
                        extra={"synth": {"rows": 6}})
-    report = run_stage(cfg2, "synth", [0], progress=False)
+    with pytest.raises(SettingsChangedError, match=r"synth shard\(s\) 0, .*changed: synth.rows.*--force.*--root"):
+        run_stage(cfg2, "synth", [0, 1], progress=False)
+    assert Storage(cfg.root).marker("synth", 0) == before  # untouched, and nothing else ran
+    assert Storage(cfg.root).marker("synth", 1) is None
+    assert run_stage(cfg2, "synth", [1], progress=False).committed == [1]
+    report = run_stage(cfg2, "synth", [0], force=True, progress=False)
     assert report.committed == [0]
 
 

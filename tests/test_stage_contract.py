@@ -93,7 +93,7 @@ def test_whole_run_commits_one_marker_with_input_digests_and_goes_stale(tmp_path
     _run(m, "summary", None)
     # Recommitting one input shard with other content makes the whole-run unit stale.
     m2 = _manifest(tmp_path, root, synth={"rows": 6})
-    _run(m2, "synth", [1])
+    _run(m2, "synth", [1], force=True)  # other settings replace a committed shard only when forced
     row = _status(m, "summary", compare=False)
     assert row["outdated"] == 1 and "synth/00001" in row["outdated_reasons"]["all"]
     report, _ = _run(m, "summary", None)
@@ -115,7 +115,7 @@ def test_optional_input_staleness_like_qa_to_annotate_quality(tmp_path):
     assert report.committed == [3] and report.skipped == [0, 1, 2]
     # Recommitting notes shard 3 (new settings) makes consumer shard 3 stale again, nothing else.
     m2 = _manifest(tmp_path, root, notes={"text": "v2"})
-    report, _ = _run(m2, "notes", [3])
+    report, _ = _run(m2, "notes", [3], force=True)
     assert report.committed == [3]
     report, _ = _run(m, "consumer", [0, 1, 2, 3])
     assert report.committed == [3]

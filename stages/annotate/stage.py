@@ -109,7 +109,7 @@ def prepare(run: RunContext) -> None:
         for shard in run.shards[:1] + run.shards[-1:]:
             resolve_input(run.config, run.storage, shard)
     else:
-        have = run.storage.committed("download")
+        have = run.storage.committed_many("download", run.shards)  # by name: this run's shards only
         missing = [s for s in run.shards if s not in have]
         if missing:
             raise MissingInputError(
