@@ -62,18 +62,29 @@ def concurrently(fn: Callable[[T], R], items: Iterable[T], workers: int = WORKER
         return list(pool.map(fn, items))
 
 
+def one_request(fs: Any) -> dict[str, Any]:
+    """`cat_file` options that make a whole-object read one GET: s3fs otherwise sends a HEAD first (to split
+    large objects into concurrent ranges), two requests plus a listing for a missing key."""
+    return {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
+
+
+def cat_one(fs: Any, path: str) -> bytes:
+    """One whole small object in one request (FileNotFoundError when absent)."""
+    return fs.cat_file(path, **one_request(fs))
+
+
 def read_blobs(fs: Any, paths: list[str], workers: int = WORKERS) -> dict[str, bytes | None]:
     """path -> bytes (None when missing or unreadable) for many paths, concurrently: one batched `cat` on an
     asynchronous file system (s3fs gathers the GETs), a thread pool otherwise."""
     if not paths:
         return {}
     if isinstance(fs, AsyncFileSystem) and len(paths) > 1:
-        got = fs.cat(paths, on_error="return")
+        got = fs.cat(paths, on_error="return", **one_request(fs))
         return {p: (v if isinstance(v, bytes) else None) for p, v in ((p, got.get(p)) for p in paths)}
 
     def one(p: str) -> bytes | None:
         try:
-            return fs.cat_file(p)
+            return cat_one(fs, p)
         except (FileNotFoundError, IsADirectoryError):
             return None
         except OSError as exc:  # a vanished or unreadable record counts as absent, loudly in debug
@@ -143,7 +154,7 @@ class MarkerStore:
     def get(self, stage: str, name: str) -> dict[str, Any] | None:
         """One record by name (one read), None when absent or unreadable."""
         try:
-            return _parse(self.fs.cat_file(self._path(stage, name)))
+            return _parse(cat_one(self.fs, self._path(stage, name)))
         except FileNotFoundError:
             return None
 
@@ -182,7 +193,7 @@ class MarkerStore:
 
     def _read_index(self, stage: str) -> dict[str, dict[str, Any]]:
         try:
-            blob = self.fs.cat_file(self.storage.path(self.index_rel(stage)))
+            blob = cat_one(self.fs, self.storage.path(self.index_rel(stage)))
             data = json.loads(gzip.decompress(blob))
         except FileNotFoundError:
             return {}

@@ -134,8 +134,10 @@ def run_stage(
         check_shard_range(declared, config, storage, shards)
     work = _Work(declared, config, storage, resources, cache, report, out, force=force)
     units = [declared.unit_of(config)] if declared.whole_run else list(shards)
+    found = storage.committed_many(stage, units)  # this task's own markers, by name, whatever their settings
     if not force:
-        refuse_changed_settings(storage, declared, units, work.fingerprint, config)
+        refuse_changed_settings(declared, found, work.fingerprint, config)
+    done = {u: m for u, m in found.items() if m.get("config_fingerprint") == work.fingerprint}
     if declared.prepare is not None:
         declared.prepare(RunContext(config, storage, stage, shards, resources, log))
     # Written only once the arguments and inputs are known good: a usage error leaves no run.json behind.
@@ -143,7 +145,7 @@ def run_stage(
 
     if declared.whole_run:
         unit = units[0]
-        marker = storage.committed_many(stage, [unit], work.fingerprint).get(unit)
+        marker = done.get(unit)
         if marker is not None:
             cache.prefetch_keys(list(marker.get("inputs", {}) or {}))
         if not force and marker is not None and is_current(marker, cache, shards, declared):
@@ -159,7 +161,6 @@ def run_stage(
         print(report.summary(), file=out)
         return report
 
-    done = storage.committed_many(stage, shards, work.fingerprint)  # this task's own markers, by name
     cache.prefetch_keys([key for m in done.values() for key in (m.get("inputs", {}) or {})])
     todo = [s for s in shards if force or s not in done or not is_current(done[s], cache)]
     redo_rows = {s: done[s] for s in shards if failed_only and s not in todo and _failed_rows(done[s]) > 0}
@@ -181,11 +182,10 @@ def run_stage(
     return report
 
 
-def refuse_changed_settings(storage: Storage, declared: Stage, units: list[int] | list[str], fingerprint: str,
+def refuse_changed_settings(declared: Stage, found: dict[int | str, dict[str, Any]], fingerprint: str,
                             config: RunConfig) -> None:
-    """Refuse, with one line, to replace committed units that were made with other settings (their outputs
-    would be lost): name the changed settings and the two ways on (--force, or a new --root)."""
-    found = storage.committed_many(declared.name, units)
+    """Refuse, with one line, to replace committed units (`found`: unit -> marker) that were made with other
+    settings (their outputs would be lost): name the changed settings and the ways on (--force, a new --root)."""
     other = {u: m for u, m in found.items() if m.get("config_fingerprint") != fingerprint}
     if not other:
         return

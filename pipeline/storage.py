@@ -39,7 +39,7 @@ import fsspec
 import pipeline
 from pipeline.claims import DEFAULT_STALE_AFTER, ClaimHeld, jobs_for, judge, now_epoch, pid_alive
 from pipeline.errors import MissingInputError, RunDriftError, StorageError
-from pipeline.markers import MarkerStore, read_blobs
+from pipeline.markers import MarkerStore, cat_one, read_blobs
 from pipeline.shardio import url_fs
 from pipeline.shards import shard_name
 
@@ -139,7 +139,7 @@ class Storage:
 
     def read_json(self, *parts: str) -> Any | None:
         try:
-            return json.loads(self.fs.cat_file(self.path(*parts)))  # one GET (open would HEAD first)
+            return json.loads(cat_one(self.fs, self.path(*parts)))  # one GET (open would HEAD first)
         except FileNotFoundError:
             return None
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.markers import cat_one
 from pipeline.stage import stage_modules
 from pipeline.storage import Storage, now_iso, task_identity
 
@@ -35,7 +36,7 @@ WHOLE_READ_LIMIT = 256 << 20
 def _digest(storage: Storage, rel: str, expected_size: int | None = None) -> tuple[int, str] | None:
     if expected_size is not None and expected_size <= WHOLE_READ_LIMIT:
         try:
-            blob = storage.fs.cat_file(storage.path(rel))
+            blob = cat_one(storage.fs, storage.path(rel))
         except FileNotFoundError:
             return None
         return len(blob), hashlib.sha256(blob).hexdigest()

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,7 +29,9 @@ from pipeline.shards import MAX_SHARD, format_shard_spec, shard_name
 from pipeline.stage import PER_SHARD, Resources, RunContext, ShardContext, ShardStats, Stage
 from pipeline.storage import Storage, code_version, now_iso, output_timestamp
 from stages.download import imageshards, urllist
-from stages.download.fetch import TRANSIENT, FetchOptions, fetch, shared_pool
+
+if TYPE_CHECKING:  # img2dataset (and through it torch) is imported only by the functions that fetch
+    from stages.download.fetch import FetchOptions
 
 OUTPUT_DIR = "images"
 
@@ -138,6 +140,8 @@ def read_input_slice(storage: Storage, shard: int) -> pa.Table:
 # -- fetching -------------------------------------------------------------------------------------
 
 def fetch_options(cfg: DownloadConfig) -> FetchOptions:
+    from stages.download.fetch import FetchOptions
+
     return FetchOptions(
         image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
         encode_format=cfg.encode_format, encode_quality=cfg.quality, min_image_size=cfg.min_image_size,
@@ -150,6 +154,8 @@ def fetch_options(cfg: DownloadConfig) -> FetchOptions:
 
 def _fetch(ctx: ShardContext, rows: list[int], urls: list[str | None]) -> tuple[pa.Table, float, int]:
     """Fetch rows, then up to `retries` more passes over transient failures. (results, seconds, retried)."""
+    from stages.download.fetch import TRANSIENT, fetch, shared_pool
+
     cfg = ctx.config.download
     opts = fetch_options(cfg)
     pool = shared_pool(cfg.processes) if cfg.processes > 1 else None

@@ -27,7 +27,6 @@ from pipeline.shards import parse_shard_spec
 from pipeline.stage import WHOLE_RUN, Input, Resources, RunContext, ShardContext, ShardStats, Stage
 from pipeline.storage import Storage
 from stages.train import data
-from stages.train.audit import Audit
 from stages.train.reward_fn import CaptionReward
 
 OUTPUT_DIR = "checkpoints"
@@ -165,6 +164,7 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
     cfg = ctx.config.train
     if cfg.load:
         return run_load(ctx, cfg)
+    from stages.train.audit import Audit  # torch: imported by the functions that train, never at declaration
     from stages.train.trainer import run_rl
 
     images = data.collect(ctx.config, ctx.storage, shards, image_folder(ctx),
