@@ -326,19 +326,34 @@ def _retry(args: argparse.Namespace) -> int:
 
     config = _config(args)
     _check_stage(config, args.stage)
+    compare = args.manifest is not None or bool(args.overrides)
+    if not compare:
+        print(f"{args.stage}: no --manifest given: judging units by the settings their markers record "
+              f"(under {config.root})", file=sys.stderr)
     universe = parse_shard_spec(args.shards) if args.shards else None
     todo = retry_shards(config, args.stage, failed_only=args.failed_only, shards=universe,
-                        include_running=args.include_running, stale_after=args.stale_after)
-    what = "committed with failed rows" if args.failed_only else "not committed"
+                        include_running=args.include_running, stale_after=args.stale_after, compare=compare)
+    declared = load_stage(args.stage, config)
     if not todo:
-        print(f"{args.stage}: no shard {what}; nothing to retry", file=sys.stderr)
+        what = ("no committed shard has failed rows" if args.failed_only
+                else "every unit is committed (or held by a live task)")
+        print(f"{args.stage}: {what}; nothing to retry", file=sys.stderr)
         return 0
-    spec_text = format_shard_spec(todo)
-    if not args.submit:
-        print(spec_text)
-        print(f"{args.stage}: {len(todo)} shard(s) {what}", file=sys.stderr)
-        return 0
-    if args.failed_only and load_stage(args.stage, config).retry_shard is None:
+    if declared.whole_run:
+        names = ", ".join(map(str, todo))
+        if not args.submit:
+            print(names)
+            print(f"{args.stage}: whole-run unit(s) {names} not committed; `run --stage {args.stage}` redoes it "
+                  "(or retry --submit)", file=sys.stderr)
+            return 0
+    else:
+        spec_text = format_shard_spec(todo)  # type: ignore[arg-type]
+        what = "committed with failed rows" if args.failed_only else "not committed"
+        if not args.submit:
+            print(spec_text)
+            print(f"{args.stage}: {len(todo)} shard(s) {what}", file=sys.stderr)
+            return 0
+    if args.failed_only and declared.retry_shard is None:
         raise PipelineError(f"stage {args.stage!r} cannot redo single rows (it has no retry_shard); "
                             f"resubmit those shards with `run --force` instead")
     active = active_submissions(config, args.stage)
@@ -348,6 +363,17 @@ def _retry(args: argparse.Namespace) -> int:
                             "then retry (or pass --include-running)")
     last = last_submission(config, args.stage) or {}
     defaults = dict(last.get("spec", {}))
+    if args.manifest is None:
+        if not defaults.get("manifest"):
+            raise PipelineError("retry --submit needs the run's settings: give --manifest (no earlier submission "
+                                f"of {args.stage!r} recorded one)")
+        args.manifest = defaults["manifest"]
+        print(f"{args.stage}: resubmitting with the manifest of the last submission: {args.manifest}",
+              file=sys.stderr)
+    if declared.whole_run:
+        spec = _submit_spec(args, args.stage, [], 1, defaults, whole_run=True)
+        spec.launcher = declared.launcher
+        return _do_submit(args, [spec])
     tasks = args.tasks or min(int(defaults.get("tasks") or last.get("tasks") or 1), len(todo))
-    spec = _submit_spec(args, args.stage, todo, tasks, defaults, failed_only=args.failed_only)
+    spec = _submit_spec(args, args.stage, todo, tasks, defaults, failed_only=args.failed_only)  # type: ignore[arg-type]
     return _do_submit(args, [spec])

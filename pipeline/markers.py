@@ -212,11 +212,12 @@ class MarkerStore:
             log.debug("could not write the marker index of %s: %s", stage, exc)
 
     # -- outputs -----------------------------------------------------------------------------
-    def intact(self, markers: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    def intact(self, markers: Mapping[str, Mapping[str, Any]], whole_stage: bool = False) -> set[str]:
         """The names of the markers whose every listed output exists with its recorded size: by name (one
-        `info` per file, concurrently) for a few files, one listing per output folder for many."""
+        `info` per file, concurrently) for a few files, one listing per output folder for many or when the
+        markers are a whole stage (`whole_stage`: a listing is then the cheaper way)."""
         files = [(rel, info.get("size")) for m in markers.values() for rel, info in m.get("outputs", {}).items()]
-        if len(files) <= BY_NAME_LIMIT:
+        if len(files) <= BY_NAME_LIMIT and not (whole_stage and len(markers) > 1):
             sizes = dict(zip([f for f, _ in files], concurrently(self._size, [f for f, _ in files]), strict=True))
         else:
             sizes = self.storage.output_sizes({rel.rsplit("/", 1)[0] for rel, _ in files if "/" in rel})

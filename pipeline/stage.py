@@ -217,7 +217,7 @@ class InputCache:
         for stage, units in by_stage.items():
             if len(units) > whole_above and stage not in self._whole:
                 markers = self.storage.done.all(stage)
-                self.seed(stage, markers, self.storage.done.intact(markers))
+                self.seed(stage, markers, self.storage.done.intact(markers, whole_stage=True))
             else:
                 self.prefetch(stage, units)
 

@@ -230,10 +230,10 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
     cache = cache or InputCache(storage)
     kind = declared.kind if declared is not None else PER_SHARD
     markers = storage.done.all(stage)  # one listing, concurrent reads of what the marker index lacks
-    intact_names = storage.done.intact(markers)
+    intact_names = storage.done.intact(markers, whole_stage=True)
     cache.seed(stage, markers, intact_names)
     intact = {_unit(k): m for k, m in markers.items() if k in intact_names}
-    cache.prefetch_keys([key for m in intact.values() for key in (m.get("inputs", {}) or {})])
+    cache.prefetch_keys([key for m in intact.values() for key in (m.get("inputs", {}) or {})], whole_above=32)
     fingerprint = config.fingerprint(stage) if compare else None
     current = config.semantic(stage) if compare else None
     committed: dict[int | str, dict[str, Any]] = {}
@@ -316,15 +316,25 @@ def collect_stage_status(config: RunConfig, only: str | None = None,
 
 
 def retry_shards(config: RunConfig, stage: str, *, failed_only: bool = False, shards: list[int] | None = None,
-                 include_running: bool = False, stale_after: float | None = None) -> list[int]:
-    """Shards of `stage` to redo: not committed (failed, never run, stale claims, outdated), or with
-    `failed_only` committed shards whose manifests hold failed rows. Shards of live tasks are left out
-    unless asked."""
+                 include_running: bool = False, stale_after: float | None = None,
+                 compare: bool = True) -> list[int | str]:
+    """Units of `stage` to redo: not committed (failed, never run, stale claims, outdated), or with
+    `failed_only` committed shards whose manifests hold failed rows. Units of live tasks are left out unless
+    asked. Without `compare` (no manifest given) units are judged by the settings their markers record. A
+    whole-run stage answers with its unit names (the configured unit, or those on record)."""
     storage = Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable(create=False)
     claims = storage.unit_claims(stage)
     jobs = squeue_job_ids() if any(c.get("slurm_job_id") for c in claims.values()) else None
-    st = stage_status(config, storage, stage, jobs, stale_after or DEFAULT_STALE_AFTER, claims=claims)
+    try:
+        declared: Stage | None = load_stage(stage, config)
+    except PipelineError:
+        declared = None
+    st = stage_status(config, storage, stage, jobs, stale_after or DEFAULT_STALE_AFTER, compare=compare,
+                      declared=declared, claims=claims)
+    busy = set(st.committed) if include_running else set(st.committed) | {c.shard for c in st.running}
+    if st.kind == WHOLE_RUN:
+        return [] if failed_only else [u for u in (st.universe or []) if u not in busy]
     universe = shards if shards is not None else st.universe
     if failed_only:
         picked = st.shards_with_failed_rows
@@ -334,7 +344,6 @@ def retry_shards(config: RunConfig, stage: str, *, failed_only: bool = False, sh
             f"cannot tell which shards stage {stage!r} should have under {storage.url()}: run.json has no "
             "num_shards and no submission is recorded under logs/; pass --shards"
         )
-    busy = set(st.committed) if include_running else set(st.committed) | {c.shard for c in st.running}
     return [s for s in universe if isinstance(s, int) and s not in busy]
 
 

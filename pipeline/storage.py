@@ -265,7 +265,7 @@ class Storage:
     def committed_units(self, stage: str, fingerprint: str | None = None) -> dict[str, dict[str, Any]]:
         """unit name -> marker for every committed unit (shards and whole-run units) of a stage (whole-stage
         view: one listing, concurrent reads)."""
-        return self._committed_of(self.done.all(stage), fingerprint)
+        return self._committed_of(self.done.all(stage), fingerprint, whole_stage=True)
 
     def committed_many(self, stage: str, units: list[int | str] | list[int] | list[str],
                        fingerprint: str | None = None) -> dict[int | str, dict[str, Any]]:
@@ -274,10 +274,11 @@ class Storage:
         names = {unit_name(u): u for u in units}
         return {names[n]: m for n, m in self._committed_of(self.done.get_many(stage, names), fingerprint).items()}
 
-    def _committed_of(self, markers: dict[str, dict[str, Any]], fingerprint: str | None) -> dict[str, dict[str, Any]]:
+    def _committed_of(self, markers: dict[str, dict[str, Any]], fingerprint: str | None,
+                      whole_stage: bool = False) -> dict[str, dict[str, Any]]:
         if fingerprint is not None:
             markers = {n: m for n, m in markers.items() if m.get("config_fingerprint") == fingerprint}
-        good = self.done.intact(markers)
+        good = self.done.intact(markers, whole_stage)
         return {n: m for n, m in markers.items() if n in good}
 
     def outputs_intact(self, marker: dict[str, Any]) -> bool:

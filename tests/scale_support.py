@@ -6,6 +6,7 @@ Used by tests/test_scale.py (20 vs 200 shards) and tools/bench_scale.py (100 to 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -76,24 +77,28 @@ def _rename(rel: str, old: str, new: str) -> str:
     return f"{folder}/{base.replace(old, new, 1)}" if base.startswith(old) else rel
 
 
-def clone_shards(storage: Storage, stages: list[str], count: int, source: int = 0, copy_bytes: bool = True,
+def clone_shards(storage: Storage, stages: list[str], count: int, source: int = 0, real_below: int | None = None,
                  workers: int = 32) -> None:
     """Make shards 0..count-1 of `stages` (in dependency order) committed copies of shard `source`: outputs
     copied under the new shard's names, markers rewritten (shard id, outputs, inputs and their digests) so
-    that every clone is committed and current. Shard ids inside the files are not rewritten."""
+    that every clone is committed and current. Shard ids inside the files are not rewritten. With
+    `real_below`, shards from that id on get small placeholder outputs instead of copies (their markers record
+    the placeholders' sizes and sha256: the control plane sees the same files, at a fraction of the upload)."""
     src = shard_name(source)
     for stage in stages:
         marker = storage.marker(stage, source)
         if marker is None:
             raise ValueError(f"{stage} shard {source} is not committed under {storage.root_url}")
-        blobs = {rel: storage.fs.cat_file(storage.path(rel)) for rel in marker["outputs"]} if copy_bytes else {}
+        blobs = {rel: storage.fs.cat_file(storage.path(rel)) for rel in marker["outputs"]}
 
         def one(k: int, stage: str = stage, marker: dict = marker, blobs: dict = blobs) -> None:
             name = shard_name(k)
-            outputs = {_rename(rel, src, name): info for rel, info in marker["outputs"].items()}
-            for rel, new_rel in zip(marker["outputs"], outputs, strict=True):
-                if k != source and copy_bytes:
-                    storage.write_bytes(new_rel, blobs[rel])
+            outputs = {}
+            for rel, info in marker["outputs"].items():
+                new_rel = _rename(rel, src, name)
+                blob = blobs[rel] if real_below is None or k < real_below else f"placeholder {new_rel}\n".encode()
+                storage.write_bytes(new_rel, blob)
+                outputs[new_rel] = {**info, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
             inputs = {}
             for key in marker.get("inputs", {}) or {}:
                 up_stage, _, up_unit = key.partition("/")

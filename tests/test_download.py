@@ -264,3 +264,37 @@ def test_sigterm_stops_a_shard_with_requests_in_flight(tmp_path, image_server):
     assert proc.returncode == 75, out
     assert "stopped by signal 15" in out
     assert Storage(str(tmp_path / "run")).marker("download", 0) is None
+
+
+def test_many_tasks_starting_together_cut_the_url_list_once(tmp_path, monkeypatch):
+    """A fresh download array: one task cuts ROOT/_inputs under a claim, the others wait for its _meta.json."""
+    import threading
+
+    from stages.download import stage as download
+
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url\n" + "".join(f"http://127.0.0.1:9/{i}.png\n" for i in range(50)))
+    cfg = load_config(None, root=str(tmp_path / "root"), shard_size=10, extra={})
+    cfg = cfg.model_copy(update={"download": cfg.download.model_copy(update={"urls": str(urls)})})
+    cuts = []
+    real_cut = download._cut
+
+    def slow_cut(*a, **kw):
+        cuts.append(threading.get_ident())
+        time.sleep(0.5)
+        return real_cut(*a, **kw)
+
+    monkeypatch.setattr(download, "_cut", slow_cut)
+    monkeypatch.setattr(download, "CUT_POLL_S", 0.05)
+    metas: list = []
+    threads = [threading.Thread(target=lambda: metas.append(download.ensure_inputs(cfg, Storage(cfg.root))))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cuts) == 1 and len(metas) == 4
+    assert {m["num_shards"] for m in metas} == {5}
+    storage = Storage(cfg.root)
+    assert sorted(storage.fs.ls(storage.path("_inputs"), detail=False))[-1].endswith("_meta.json")
+    assert not storage.exists("_running/_inputs/cut.json")  # the claim is given back

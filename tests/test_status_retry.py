@@ -117,3 +117,22 @@ def test_classify_claim_rules():
     assert classify_claim(1, remote, None, 600, now + 60).live
     old = classify_claim(1, remote, None, 600, now + 601)
     assert not old.live and "no heartbeat for 601s" in old.reason
+
+
+def test_retry_without_a_manifest_judges_by_the_recorded_settings(half_run, capsys):
+    """Without -m, retry (like status) uses the settings the markers record, not built-in defaults: committed
+    shards stay committed, --failed-only finds the failed rows, and it says which settings it used."""
+    root, _, _ = half_run
+    assert main(["retry", "--stage", "download", "--root", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "3-5" and "settings their markers record" in captured.err
+    assert main(["retry", "--stage", "download", "--root", str(root), "--failed-only"]) == 0
+    assert capsys.readouterr().out.strip() == "1"
+
+
+def test_retry_says_plainly_when_nothing_is_left(half_run, capsys):
+    _, manifest, config = half_run
+    assert run_stage(config, "download", [3, 4, 5], progress=False, out=io.StringIO()).exit_code == 0
+    assert main(["retry", "--stage", "download", "--manifest", str(manifest)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "every unit is committed (or held by a live task); nothing to retry" in captured.err

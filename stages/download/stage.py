@@ -38,6 +38,8 @@ OUTPUT_DIR = "images"
 INPUTS_DIR = "_inputs"
 INPUTS_META = f"{INPUTS_DIR}/_meta.json"
 _RESOURCE = "download.inputs"
+CUT_POLL_S = 2.0
+"""How often a task waiting for another task's cut of the URL list looks for it."""
 
 
 class ShardRangeError(PipelineError):
@@ -81,9 +83,42 @@ def ensure_inputs(config: RunConfig, storage: Storage) -> dict[str, Any]:
             "identity": ident, "selection": selection}
     # Refuse before touching _inputs: a different list or shard size would renumber the run's shards.
     storage.ensure_run_meta(_run_meta(meta), must_match=("shard_size", "input_fingerprint"))
-    _cut(storage, urls.table, config.shard_size, count)
-    storage.write_json(INPUTS_META, {**meta, "complete": True, "cut_at": now_iso()})
-    return meta
+    return _cut_once(storage, urls.table, config, meta)
+
+
+def _cut_once(storage: Storage, table: pa.Table, config: RunConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """Cut the list under a claim, so that of the many array tasks that start on a fresh root one cuts and the
+    others wait for its `_meta.json` (instead of every task writing every slice at once)."""
+    from pipeline.claims import ClaimHeld
+    from pipeline.runner import Heartbeat
+
+    deadline = time.monotonic() + config.claim_stale_s + 60
+    while True:
+        try:
+            claim = storage.acquire(INPUTS_DIR, "cut", config.claim_stale_s)
+        except ClaimHeld as held:
+            if time.monotonic() > deadline:
+                raise PipelineError(f"the URL list is being cut by {held.who} for too long; rerun when it is done "
+                                    f"(or remove {storage.url(storage.claim_rel(INPUTS_DIR, 'cut'))})") from None
+            time.sleep(CUT_POLL_S)
+            cached = storage.read_json(INPUTS_META)
+            if cached and cached.get("complete") and _same_cut(cached, meta):
+                return cached
+            continue
+        try:
+            cached = storage.read_json(INPUTS_META)
+            if cached and cached.get("complete") and _same_cut(cached, meta):
+                return cached  # another task cut it while we waited for the claim
+            with Heartbeat(claim):
+                _cut(storage, table, config.shard_size, meta["num_shards"])
+                storage.write_json(INPUTS_META, {**meta, "complete": True, "cut_at": now_iso()})
+            return meta
+        finally:
+            claim.release()
+
+
+def _same_cut(cached: dict[str, Any], meta: dict[str, Any]) -> bool:
+    return all(cached.get(k) == meta.get(k) for k in ("identity", "selection", "input_fingerprint", "num_shards"))
 
 
 def _run_meta(meta: dict[str, Any]) -> dict[str, Any]:
