@@ -123,6 +123,27 @@ def run_stage(
         raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
     storage = storage or Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable()
+    with unreachable_as_one_line(storage):
+        return _run_planned(config, declared, storage, shards, force=force, failed_only=failed_only,
+                            resources=resources, progress=progress, out=out)
+
+
+@contextlib.contextmanager
+def unreachable_as_one_line(storage: Storage) -> Iterator[None]:
+    """A backend error while planning (reading run.json or markers) from a root that went away becomes the
+    one-line StorageError; any other error passes through unchanged."""
+    try:
+        yield
+    except (PipelineError, Preempted):
+        raise
+    except Exception:
+        storage.check_reachable(create=False)
+        raise
+
+
+def _run_planned(config: RunConfig, declared: Stage, storage: Storage, shards: list[int] | None, *, force: bool,
+                 failed_only: bool, resources: dict[str, Any] | None, progress: bool, out: Any) -> RunReport:
+    stage = declared.name
     storage.check_run_meta({"shard_size": config.shard_size})  # refuse a renumbering before any work
     resources = {} if resources is None else resources
     cache = InputCache(storage)
@@ -135,7 +156,7 @@ def run_stage(
     work = _Work(declared, config, storage, resources, cache, report, out, force=force)
     units = [declared.unit_of(config)] if declared.whole_run else list(shards)
     found = storage.committed_many(stage, units)  # this task's own markers, by name, whatever their settings
-    if not force:
+    if not force and not declared.redo_on_new_settings:
         refuse_changed_settings(declared, found, work.fingerprint, config)
     done = {u: m for u, m in found.items() if m.get("config_fingerprint") == work.fingerprint}
     if declared.prepare is not None:

@@ -137,6 +137,9 @@ class Stage:
     launcher: str | None = None
     """whole-run: 'accelerate' when one unit may span several GPUs: `submit --gpus N` (N > 1) starts it with
     `accelerate launch` on N processes; rank 0 claims and commits, the other ranks only compute."""
+    redo_on_new_settings: bool = False
+    """Whether a unit committed with other settings is simply redone (evaluate: its report is remade from its
+    caption cache). Otherwise `run` refuses to replace it without --force, naming the changed settings."""
     description: str = ""
 
     def __post_init__(self) -> None:

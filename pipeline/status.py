@@ -48,9 +48,10 @@ class Outdated:
     unit: int | str
     settings: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
+    outputs_changed: bool = False
 
     def reason(self, stage: str) -> str:
-        parts = []
+        parts = ["outputs missing or changed"] if self.outputs_changed else []
         if self.settings:
             parts.append("settings changed: " + ", ".join(f"{stage}.{s}" if s != "shard_size" else s
                                                           for s in self.settings[:6]))
@@ -249,7 +250,7 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
             outdated.append(Outdated(unit, settings, changed))
         else:
             committed[unit] = m
-    outdated += [Outdated(u, ["outputs missing or changed"])
+    outdated += [Outdated(u, outputs_changed=True)
                  for u in sorted({_unit(k) for k in markers} - set(intact), key=str)]
     failed = {_unit(k): f for k, f in storage.unit_failures(stage).items() if _unit(k) not in committed}
     if claims is None:

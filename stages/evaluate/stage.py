@@ -237,5 +237,6 @@ STAGE = Stage(
     unit=unit_of,
     default_shards=default_shards,
     resources=Resources(gpus=1),
+    redo_on_new_settings=True,  # a report is remade from the caption cache: adding a captioner just reruns
     description="Prism-style caption quality: captioners' captions, a text-only reader answers benchmark MCQs",
 )
