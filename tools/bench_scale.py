@@ -250,7 +250,7 @@ def e2e(work: Path, sizes: list[int], per_shard: int = 8, shards_per_task: int =
                 checks = {name: timed_command("s3", argv, env) for name, argv in (
                     ("status", ["status", *common]), ("verify", ["verify", *common]),
                     ("retry", ["retry", "--stage", "annotate", *common]))}
-                overhead[n] = (wall * parallel - work_s) / n
+                overhead[n] = (wall * min(parallel, tasks) - work_s) / n
                 print(f"e2e N={n}: {tasks} tasks x {parallel} at once: wall {wall:.0f}s, shard work {work_s:.0f}s, "
                       f"control overhead {overhead[n]:.2f}s per shard; " + ", ".join(
                           f"{k} {v['wall_s']:.1f}s/{v['requests']}req (exit {v['rc']})" for k, v in checks.items()),
