@@ -145,3 +145,21 @@ def test_help_documents_run_flags():
         assert flag in res.stdout
     for sub in ("status", "demo"):
         assert cli(sub, "--help").returncode == 0
+
+
+def test_a_usage_error_writes_nothing_that_binds_the_next_command(tmp_path, capsys):
+    """`run --stage download` without --shards, or with a URL list that does not exist, leaves no run.json:
+    the user's next, correct command with their own shard size is not refused."""
+    from pipeline.cli import main
+
+    root = tmp_path / "root"
+    assert main(["run", "--stage", "download", "--root", str(root)]) == 2
+    assert main(["run", "--stage", "download", "--shards", "0", "--root", str(root),
+                 "--set", f"download.urls={tmp_path / 'missing.parquet'}"]) == 2
+    capsys.readouterr()
+    assert not (root / "run.json").exists()
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url\nhttp://127.0.0.1:9/a.png\n")
+    assert main(["run", "--stage", "download", "--shards", "0", "--root", str(root), "--no-progress",
+                 "--set", f"download.urls={urls}", "--set", "shard_size=5"]) in (0, 1)
+    assert json.loads((root / "run.json").read_text())["shard_size"] == 5
