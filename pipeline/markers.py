@@ -116,6 +116,21 @@ def validator(info: Mapping[str, Any]) -> str | None:
     return None
 
 
+def local_listing(folder: str) -> dict[str, str | None]:
+    """name (without .json) -> validator for the *.json files of a local folder: one scandir (fsspec's local
+    `ls` costs an `info` per entry, seconds at 10,000 markers)."""
+    out: dict[str, str | None] = {}
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and not entry.name.startswith(".") and entry.is_file():
+                    st = entry.stat()
+                    out[entry.name[: -len(".json")]] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return out
+
+
 class MarkerStore:
     """Unit records of one folder (`_done`, `_failed` or `_running`) of a root, keyed by stage and unit name."""
 
@@ -135,6 +150,8 @@ class MarkerStore:
     def listing(self, stage: str) -> dict[str, str | None]:
         """unit name -> validator for every record of a stage: one listing (no reads), never from a cache."""
         d = self.storage.path(self.folder, stage)
+        if self.storage.is_local:
+            return local_listing(d)
         self.fs.invalidate_cache(d)
         try:
             entries = self.fs.ls(d, detail=True)

@@ -246,6 +246,16 @@ class Storage:
     def output_sizes(self, rel_dirs: set[str]) -> dict[str, int]:
         """rel path -> size for every file under the given output dirs (one listing per dir)."""
         sizes: dict[str, int] = {}
+        if self.is_local:
+            for rel_dir in rel_dirs:
+                for dirpath, _dirs, files in os.walk(self.path(rel_dir)):
+                    rel_base = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+                    for name in files:
+                        try:
+                            sizes[f"{rel_base}/{name}"] = os.stat(os.path.join(dirpath, name)).st_size
+                        except FileNotFoundError:
+                            continue
+            return sizes
         for rel_dir in rel_dirs:
             self.fs.invalidate_cache(self.path(rel_dir))
             try:
