@@ -172,6 +172,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _publish_source(args: argparse.Namespace, view: str = "captions"):
+    """The committed source of a publish command (browse, export, report) from its root / manifest arguments."""
+    from pipeline.publish.source import CommittedSource
+    from pipeline.storage import Storage
+
+    config = load_config(args.manifest, args.overrides, root=args.root)
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    return CommittedSource(storage, view), config
+
+
+def _browse(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.publish.browse import browse
+    from pipeline.publish.gallery import write_gallery
+    from pipeline.publish.report import report_link
+
+    source, _ = _publish_source(args, args.stage)
+    code = browse(source, where=args.where, sample=args.sample, seed=args.seed, show=args.show)
+    if args.html and args.show is None:
+        folder = write_gallery(source, Path(args.html), where=args.where, sample=args.sample, seed=args.seed,
+                               report=report_link(source.storage, Path(args.html)))
+        print(f"\ngallery: {folder / 'index.html'}")
+    return code
+
+
 def _qa_exchange(args: argparse.Namespace) -> int:
     """export-qa / import-qa (the logic lives in the qa stage's published module)."""
     import importlib
@@ -230,13 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             report = verify(_config(args), [args.stage] if args.stage else None, units, args.repair, args.workers)
             return print_report(report, args.repair)
         if args.command == "browse":
-            from pipeline.browse import browse
-            from pipeline.storage import Storage
-
-            config = load_config(args.manifest, args.overrides, root=args.root)
-            storage = Storage(config.root, config.storage_options, config.work_dir)
-            return browse(storage, args.stage, where=args.where, sample=args.sample, seed=args.seed,
-                          show=args.show, html=args.html)
+            return _browse(args)
         if args.command in ("export-qa", "import-qa"):
             return _qa_exchange(args)
         if args.command == "demo":

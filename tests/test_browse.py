@@ -13,17 +13,11 @@ import polars as pl
 import pytest
 
 from pipeline import shardio
-from pipeline.browse import (
-    VIEWS,
-    browse,
-    committed_files,
-    polars_storage_options,
-    sample_rows,
-    scan,
-    summarize,
-)
 from pipeline.cli import main
-from pipeline.gallery import write_gallery
+from pipeline.publish.browse import browse
+from pipeline.publish.gallery import write_gallery
+from pipeline.publish.source import VIEWS, CommittedSource, polars_storage_options
+from pipeline.publish.summary import sample_rows, summarize
 from pipeline.nano import world
 from pipeline.shards import sample_key, shard_name
 from pipeline.storage import Storage
@@ -92,8 +86,9 @@ def _direct(storage: Storage) -> pl.DataFrame:
 
 def _check_summary(storage: Storage) -> None:
     view = VIEWS["captions"]
-    assert len(committed_files(storage, view)) == SHARDS  # the uncommitted shard is not read
-    s = summarize(scan(storage, view), view)
+    source = CommittedSource(storage, "captions")
+    assert len(source.files()) == SHARDS  # the uncommitted shard is not read
+    s = summarize(source.scan(), view)
     d = _direct(storage)
     assert s["rows"] == d.height == SHARDS * ROWS
     assert s["status"] == {"ok": d.filter(pl.col("status") == "ok").height,
@@ -122,8 +117,9 @@ def test_where_sample_show_and_a_bad_expression(local_root, capsys):
     out = capsys.readouterr().out
     expected = d.filter((pl.col("quality") < 0.5) & (pl.col("caption_tokens") > 20)).height
     assert 0 < expected < d.height and f"rows: {expected}\n" in out
+    assert "\nprompt_hash: p (" in out  # the prompt's id beside the model's
 
-    lf = scan(local_root, VIEWS["captions"])
+    lf = CommittedSource(local_root).scan()
     a, b = sample_rows(lf, 5, seed=1), sample_rows(lf, 5, seed=1)
     assert a.height == 5 and a.equals(b) and set(a["key"]) <= set(d["key"])
     assert not sample_rows(lf, 5, seed=2).equals(a)
@@ -156,12 +152,12 @@ def test_browse_on_s3(s3_server, tmp_path, capsys):
     assert polars_storage_options(storage)["aws_endpoint_url"] == s3_server.endpoint_url
     _check_summary(storage)
     out = io.StringIO()
-    assert browse(storage, "captions", where="status = 'error'", out=out) == 0
+    assert browse(CommittedSource(storage, "captions"), where="status = 'error'", out=out) == 0
     assert "rows: 3\n" in out.getvalue()
 
 
 def test_gallery_files(local_root, tmp_path):
-    folder = write_gallery(local_root, "captions", tmp_path / "g", page_size=8)
+    folder = write_gallery(CommittedSource(local_root), tmp_path / "g", page_size=8)
     page = (folder / "index.html").read_text()
     items = json.loads(page.split("const ITEMS = ", 1)[1].split(";\n</script>", 1)[0])
     assert len(items) == SHARDS * ROWS
@@ -186,7 +182,7 @@ def test_gallery_in_headless_chromium(local_root, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser, driver_path = _chromium()  # type: ignore[misc]
-    folder = write_gallery(local_root, "captions", tmp_path / "g", page_size=8)
+    folder = write_gallery(CommittedSource(local_root), tmp_path / "g", page_size=8)
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
