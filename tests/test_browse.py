@@ -14,11 +14,11 @@ import pytest
 
 from pipeline import shardio
 from pipeline.cli import main
+from pipeline.nano import world
 from pipeline.publish.browse import browse
 from pipeline.publish.gallery import write_gallery
 from pipeline.publish.source import VIEWS, CommittedSource, polars_storage_options
 from pipeline.publish.summary import sample_rows, summarize
-from pipeline.nano import world
 from pipeline.shards import sample_key, shard_name
 from pipeline.storage import Storage
 from stages.annotate.stage import CAPTION_SCHEMA
