@@ -1,6 +1,7 @@
 """A small real root for the publish tests: the demo world (26 URLs, two of them the same image) through the
 real download and annotate stages (a scripted captioner with varied caption lengths, the world's rule reader
-scoring quality), a licence column carried from the URL list, plus a committed train log and evaluate report."""
+scoring quality; one URL missing), a licence column carried from the URL list, plus a committed train log and
+an evaluate report."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from tests.annotate_support import RuleReader, ScriptedCaptioner
 N_SCENES = 24
 DUPLICATES = 2
 """URL rows appended that point at scene 0 again: the same image bytes under other keys."""
+URL_ROWS = N_SCENES + DUPLICATES + 1
+"""The URL list: the scenes, the duplicates, one missing file."""
 SHARD_SIZE = 8
 LICENSES = ("cc-by-4.0", "cc0-1.0", None)
 PROMPT = "Describe this picture in detail."
@@ -43,6 +46,7 @@ def varied_caption(img: Image.Image) -> str:
 def _url_list(data: Path, base_url: str) -> Path:
     rows = pq.read_table(write_url_list(data, base_url)).to_pylist()
     rows += [dict(rows[0]) for _ in range(DUPLICATES)]
+    rows.append({**rows[1], "url": f"{base_url}/images/missing.png"})  # a 404: an image dropped by download
     for i, r in enumerate(rows):
         r["license"] = LICENSES[i % len(LICENSES)]
     path = data / "urls-licensed.parquet"
@@ -67,7 +71,7 @@ def build_root(base: Path, root: str | None = None, storage_options: dict | None
         resources = {captioner_key(config.annotate.captioner): ScriptedCaptioner(varied_caption),
                      quality.reader_key(config.annotate.reward): RuleReader()}
         out = io.StringIO()
-        shards = list(range(-(-(N_SCENES + DUPLICATES) // SHARD_SIZE)))
+        shards = list(range(-(-URL_ROWS // SHARD_SIZE)))
         for stage in ("download", "annotate"):
             report = run_stage(config, stage, shards, progress=False, out=out, resources=resources)
             assert report.exit_code == 0, out.getvalue()

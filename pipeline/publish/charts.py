@@ -72,11 +72,18 @@ def lines_png(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
             ax.step(xs, ys, where="post", **kw)
         else:
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, **kw)
+    from matplotlib.ticker import MaxNLocator
+
+    if steps:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if dates:
         import matplotlib.dates as mdates
 
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M"))
-        fig.autofmt_xdate()
+        locator = mdates.AutoDateLocator()
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=11)

@@ -178,6 +178,7 @@ class Staging:
 
     def _prepare(self, force: bool) -> None:
         """Clear a killed export's leftovers; refuse to overwrite a complete export or a foreign folder."""
+        self.fs.invalidate_cache()
         leftover = self.fs.exists(self.partial)
         if self.fs.exists(f"{self.path}/{MARKER}"):
             if not force:
@@ -186,7 +187,14 @@ class Staging:
             raise PublishError(f"{self.out} exists and is not an export of this command; choose another --out "
                                "(or --force to replace it)")
         if leftover:
-            self.fs.rm(self.partial, recursive=True)
+            self._remove(self.partial)
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache()
 
     def _nonempty(self, path: str) -> bool:
         try:
@@ -223,11 +231,11 @@ class Staging:
             return
         try:
             if self.fs.exists(self.path):
-                self.fs.rm(self.path, recursive=True)
+                self._remove(self.path)
             last = [r for r in (CARD, MARKER) if r in self.files]
             for rel in [r for r in sorted(self.files) if r not in last] + last:
                 self.fs.mv(f"{self.partial}/{rel}", f"{self.path}/{rel}")
-            self.fs.rm(self.partial, recursive=True)
+            self._remove(self.partial)
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -235,10 +243,7 @@ class Staging:
         """After an error (not a kill): drop what this attempt wrote."""
         shutil.rmtree(self.work, ignore_errors=True)
         if self.remote:
-            try:
-                self.fs.rm(self.partial, recursive=True)
-            except FileNotFoundError:
-                pass
+            self._remove(self.partial)
 
 
 # -- formats -------------------------------------------------------------------------------------------

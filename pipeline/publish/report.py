@@ -114,7 +114,7 @@ def failures_chart(source: CommittedSource) -> Chart | None:
         return None
     top = reasons.most_common(15)
     return Chart("failures", "failed rows by reason", bar_png(
-        [k for k, _ in top], [v for _, v in top], "failed rows (and failed units) by reason", size=(7, 0.5 + 0.35 * len(top)),
+        [k for k, _ in top], [v for _, v in top], "failed rows (and failed units) by reason", size=(7, max(2.6, 0.8 + 0.35 * len(top))),
         dpi=100, ylabel="rows", horizontal=True), len(top))
 
 
@@ -128,7 +128,7 @@ def caption_charts(source: CommittedSource) -> list[Chart]:
     out = []
     for col, h in summary["histograms"].items():
         title, unit = labels.get(col, (col, col))
-        out.append(Chart(f"hist-{col}", f"{title} ({unit})", histogram_png(h, title, unit),
+        out.append(Chart(f"hist-{col}", f"{title} ({unit})", histogram_png(h, f"{title} ({unit})", unit),
                          sum(n for _, _, n in h["bins"])))
     return out
 
