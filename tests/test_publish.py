@@ -375,3 +375,31 @@ def test_image_digests_are_of_the_exported_bytes(built, tmp_path):
     table = pq.read_table(next((out / "data").glob("*.parquet"))).to_pylist()
     for row in table:
         assert hashlib.sha256(row["image"]["bytes"]).hexdigest() == row["sha256"]
+
+
+def test_card_lineage_of_a_trained_captioner(built):
+    """A captioner named 'train:latest' brings the train unit's lineage into the card's facts."""
+    from pipeline.publish.card import _lineage
+
+    _, storage = built
+    train = CommittedSource(storage).stage_markers("train")
+    assert _lineage(train, [{"model": "scripted-captioner"}]) is None
+    (item,) = _lineage(train, [{"model": "train:latest"}])
+    assert item["unit"] == "all" and item["mode"] == "rl" and item["steps"] == 6
+    assert item["policy"] == "models/nano/nano-vl-step300" and item["algorithm"] == "grpo"
+
+
+def test_report_watch_rewrites_the_page(built, tmp_path, monkeypatch):
+    import pipeline.publish.report as report
+
+    _, storage = built
+    pages = []
+
+    def stop(seconds):
+        pages.append((tmp_path / "w.html").read_text())
+        if len(pages) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.time, "sleep", stop)
+    assert main(["report", storage.root_url, "--out", str(tmp_path / "w.html"), "--watch", "7"]) == 130
+    assert len(pages) == 2 and all('<meta http-equiv="refresh" content="7">' in p for p in pages)
