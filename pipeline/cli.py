@@ -35,6 +35,14 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.manifest, args.overrides, root=args.root)
 
 
+def _add_root_args(p: argparse.ArgumentParser) -> None:
+    """The root of a command that reads a run (browse, export, report): positional, or from a manifest."""
+    p.add_argument("root", nargs="?", help="the run's storage root (default: the manifest's root)")
+    p.add_argument("--manifest", "-m", help="run manifest (for storage_options)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a manifest field, e.g. --set storage_options.endpoint_url=http://...")
+
+
 def _add_resource_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, help="at most this many tasks at once (--array=...%%N)")
     p.add_argument("--gpus", type=int, help="GPUs per task (--gres=gpu:N)")
@@ -131,10 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "length and quality histograms, models, pipeline versions); --where filters with a polars SQL "
                     "expression; --sample N prints a seeded sample; --show KEY one row whole with its image's place "
                     "in its tar; --html DIR writes a static gallery.")
-    browse.add_argument("root", nargs="?", help="the run's storage root (default: the manifest's root)")
-    browse.add_argument("--manifest", "-m", help="run manifest (for storage_options)")
-    browse.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a manifest field, e.g. --set storage_options.endpoint_url=http://...")
+    _add_root_args(browse)
     browse.add_argument("--stage", choices=("captions", "images", "qa", "eval"), default="captions",
                         help="which manifests (default captions)")
     browse.add_argument("--where", metavar="EXPR", help="polars SQL filter, e.g. \"quality < 0.5 and caption_tokens > 200\"")
@@ -151,10 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "language of browse), with its image, into --out (a local folder or fsspec URL) in one format, "
                     "with README.md (the dataset card) and export.json. Identical images (sha256) are exported once. "
                     "Atomic: a killed export leaves no folder that looks complete; rerun it.")
-    export.add_argument("root", nargs="?", help="the run's storage root (default: the manifest's root)")
-    export.add_argument("--manifest", "-m", help="run manifest (for storage_options)")
-    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a manifest field, e.g. --set storage_options.endpoint_url=http://...")
+    _add_root_args(export)
     export.add_argument("--format", "-f", required=True, choices=("hf", "llava", "sharegpt", "webdataset"),
                         help="hf: parquet + card for datasets.load_dataset(DIR); llava / sharegpt: conversation "
                              "JSON + images/; webdataset: re-sharded tars")
@@ -173,10 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "caption lengths and quality, training curves)",
         description="Read the committed markers and manifests and write one HTML page that needs no network "
                     "(charts are inlined PNGs): ROOT/report/index.html for a local root, else --out.")
-    report.add_argument("root", nargs="?", help="the run's storage root (default: the manifest's root)")
-    report.add_argument("--manifest", "-m", help="run manifest (for storage_options)")
-    report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a manifest field")
+    _add_root_args(report)
     report.add_argument("--out", "-o", help="where the page goes (default ROOT/report/index.html)")
     report.add_argument("--watch", type=float, metavar="SECONDS",
                         help="rewrite the page every SECONDS while a run goes on (the page reloads itself)")
@@ -236,7 +235,8 @@ def _browse(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.publish.export import Selection, export
+    from pipeline.publish.export import export
+    from pipeline.publish.rows import Selection
 
     source, _ = _publish_source(args)
     if args.limit is not None and args.limit < 1:

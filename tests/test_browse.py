@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from pipeline.publish.summary import sample_rows, summarize
 from pipeline.shards import sample_key, shard_name
 from pipeline.storage import Storage
 from stages.annotate.stage import CAPTION_SCHEMA
+from tests.browser_support import SKIP_REASON, chromium, headless_driver
 
 SHARDS, ROWS = 3, 7
 MODELS = ("models/a#sha256:1111", "models/b#sha256:2222")
@@ -169,26 +169,12 @@ def test_gallery_files(local_root, tmp_path):
     assert {p.name for p in (folder / "charts").glob("*.png")} >= {"status.png", "quality.png", "caption_tokens.png"}
 
 
-def _chromium() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium and chromium-driver are not installed "
-                    "(apt-get install -y chromium chromium-driver)")
+@pytest.mark.skipif(chromium() is None, reason=SKIP_REASON)
 def test_gallery_in_headless_chromium(local_root, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.common.by import By
+    By = pytest.importorskip("selenium.webdriver.common.by", reason="selenium is not installed").By
 
-    browser, driver_path = _chromium()  # type: ignore[misc]
     folder = write_gallery(CommittedSource(local_root), tmp_path / "g", page_size=8)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1200,900", "--allow-file-access-from-files"):
-        opts.add_argument(arg)
-    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+    drv = headless_driver(1200, 900, "--allow-file-access-from-files")
     try:
         drv.get((folder / "index.html").resolve().as_uri())
         items = lambda: drv.find_elements(By.CSS_SELECTOR, "#grid .item")  # noqa: E731

@@ -23,11 +23,13 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.publish.card import license_header
-from pipeline.publish.export import MARKER, ROW_DELAY_ENV, Selection, export
+from pipeline.publish.export import MARKER, export
 from pipeline.publish.gallery import write_gallery
 from pipeline.publish.report import REPORT_REL, charts, report_link, write_report
+from pipeline.publish.rows import ROW_DELAY_ENV, Selection
 from pipeline.publish.source import CommittedSource
 from pipeline.storage import Storage
+from tests.browser_support import SKIP_REASON, chromium, headless_driver
 from tests.publish_support import DUPLICATES, EVAL_NAME, PROMPT, URL_ROWS, build_root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -312,29 +314,13 @@ def test_report_charts_and_gallery_link(built, tmp_path):
     assert (gallery / href).resolve() == Path(page).resolve()
 
 
-def _chromium() -> tuple[str, str] | None:
-    import shutil
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium and chromium-driver are not installed "
-                    "(bash tools/setup_chromium.sh)")
+@pytest.mark.skipif(chromium() is None, reason=SKIP_REASON)
 def test_report_in_headless_chromium(built, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.common.by import By
+    By = pytest.importorskip("selenium.webdriver.common.by", reason="selenium is not installed").By
 
     _, storage = built
     page = Path(write_report(CommittedSource(storage), str(tmp_path / "report.html")))
-    browser, driver_path = _chromium()  # type: ignore[misc]
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000"):
-        opts.add_argument(arg)
-    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+    drv = headless_driver(1400, 1000)
     try:
         drv.get(page.as_uri())
         figures = drv.find_elements(By.CSS_SELECTOR, "figure.chart")

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
+from pipeline.publish.rows import Selection, Tally
 from pipeline.publish.source import CommittedSource, annotate_settings
 from pipeline.storage import code_version
-
-if TYPE_CHECKING:
-    from pipeline.publish.export import Selection, Tally
 
 HUB_LICENSES = {"apache-2.0", "mit", "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0",
                 "cc-by-nd-4.0", "cc-by-nc-nd-4.0", "cc-by-2.0", "cc-by-sa-3.0", "cc-by-3.0", "odc-by", "odbl",

@@ -28,139 +28,24 @@ killed export's leftovers and starts over; an existing complete export is replac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-import time
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import shardio
-from pipeline.publish.source import CommittedSource, PublishError, annotate_settings
+from pipeline.publish.card import dataset_card
+from pipeline.publish.rows import Record, Selection, Tally, records
+from pipeline.publish.source import CommittedSource, PublishError
 from pipeline.storage import code_version, now_iso
 
 MARKER = "export.json"
 CARD = "README.md"
-ROW_DELAY_ENV = "PIPELINE_TEST_EXPORT_ROW_DELAY_S"
-"""Test hook: seconds to sleep after each exported row (gives a test time to kill an export mid-way)."""
-
-PROVENANCE = ("url", "sha256", "width", "height", "caption_tokens", "finish_reason", "quality", "model_id",
-              "prompt_hash", "sampling", "pipeline_version", "source_license", "source_caption")
-"""Manifest columns carried into every format (the hf columns, the json `meta` of the others)."""
-
-
-@dataclass
-class Selection:
-    """Which committed rows to export."""
-
-    where: str | None = None
-    limit: int | None = None
-    shards: list[int] | None = None
-    dedup: bool = True
-
-    def describe(self) -> dict[str, Any]:
-        return {"where": self.where, "limit": self.limit, "shards": self.shards, "dedup_sha256": self.dedup}
-
-
-@dataclass
-class Record:
-    """One exported row: its manifest row, image bytes and extension, and the prompt that captioned it."""
-
-    key: str
-    row: dict[str, Any]
-    image: bytes
-    ext: str
-    prompt: str | None
-
-    @property
-    def caption(self) -> str:
-        return self.row["caption"]
-
-    def meta(self) -> dict[str, Any]:
-        return {"key": self.key, **{k: self.row.get(k) for k in PROVENANCE}}
-
-
-@dataclass
-class Tally:
-    """What was exported (for the card and export.json): counts and bounded distributions."""
-
-    rows: int = 0
-    matched: int = 0
-    duplicates: int = 0
-    missing_image: int = 0
-    licenses: Counter[str] = field(default_factory=Counter)
-    chars: Counter[int] = field(default_factory=Counter)
-    tokens: Counter[int] = field(default_factory=Counter)
-    quality_sum: float = 0.0
-    quality_n: int = 0
-    models: Counter[str] = field(default_factory=Counter)
-    prompts: dict[str, str] = field(default_factory=dict)
-    shards: set[str] = field(default_factory=set)
-
-    def add(self, rec: Record) -> None:
-        self.rows += 1
-        self.licenses[rec.row.get("source_license") or "unknown"] += 1
-        self.chars[len(rec.caption)] += 1
-        if rec.row.get("caption_tokens") is not None:
-            self.tokens[int(rec.row["caption_tokens"])] += 1
-        if rec.row.get("quality") is not None:
-            self.quality_sum += float(rec.row["quality"])
-            self.quality_n += 1
-        self.models[str(rec.row.get("model_id"))] += 1
-        if rec.prompt is not None:
-            self.prompts[str(rec.row.get("prompt_hash"))] = rec.prompt
-        self.shards.add(rec.key[:5])
-
-
-# -- rows -----------------------------------------------------------------------------------------
-def _prompts(source: CommittedSource) -> dict[str, str | None]:
-    """unit -> the captioning prompt its recorded settings name (rows carry only its hash)."""
-    return {unit: annotate_settings(m).get("prompt") for unit, m in source.markers.items()}
-
-
-def records(source: CommittedSource, sel: Selection, tally: Tally) -> Iterator[Record]:
-    """The selected rows with their images, shard by shard (one shard's rows in memory at a time)."""
-    source.scan(sel.where)  # a bad expression or an empty root fails here, before anything is written
-    prompts = _prompts(source)
-    seen: set[bytes] = set()
-    delay = float(os.environ.get(ROW_DELAY_ENV) or 0)
-    wanted = None if sel.shards is None else {f"{s:05d}" for s in sel.shards}
-    ok = (pl.col("status") == "ok") & pl.col("caption").is_not_null()
-    for unit in source.unit_files():
-        if wanted is not None and unit not in wanted:
-            continue
-        rows = {r["key"]: r for r in source.scan_unit(unit, sel.where).filter(ok).collect().iter_rows(named=True)}
-        tally.matched += len(rows)
-        found = 0
-        for sample in source.unit_samples(unit):
-            row = rows.get(sample.key)
-            if row is None or not sample.image:
-                continue
-            found += 1
-            digest = hashlib.sha256(sample.image).digest()[:16]
-            if sel.dedup and digest in seen:
-                tally.duplicates += 1
-                continue
-            seen.add(digest)
-            rec = Record(sample.key, row, sample.image, sample.image_ext or "jpg", prompts.get(unit))
-            tally.add(rec)
-            yield rec
-            if delay:
-                time.sleep(delay)
-            if sel.limit is not None and tally.rows >= sel.limit:
-                return
-        tally.missing_image += len(rows) - found
-
-
 # -- the output folder --------------------------------------------------------------------------------
 class Staging:
     """The export folder in progress. Writers get a local path per file (`local(rel)`) and call `done(rel)`
@@ -247,7 +132,23 @@ class Staging:
 
 
 # -- formats -------------------------------------------------------------------------------------------
-class HFParquet:
+class _RollingFiles:
+    """A writer of numbered files: the open one (`writer`, at `rel`) is closed and published by `_roll`."""
+
+    staging: Staging
+    writer: Any = None
+    rel = ""
+    index = 0
+
+    def _roll(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            self.staging.done(self.rel)
+            self.index += 1
+
+
+class HFParquet(_RollingFiles):
     """data/train-NNNNN.parquet with embedded images and Hugging Face feature metadata."""
 
     name = "hf"
@@ -271,9 +172,6 @@ class HFParquet:
             self.COLUMNS)}}).encode()})
         self.batch: list[dict[str, Any]] = []
         self.batch_bytes = 0
-        self.writer: pq.ParquetWriter | None = None
-        self.rel = ""
-        self.index = 0
 
     def write(self, rec: Record) -> None:
         row = {**rec.meta(), "image": {"bytes": rec.image, "path": f"{rec.key}.{rec.ext}"}, "caption": rec.caption,
@@ -294,12 +192,6 @@ class HFParquet:
         if os.path.getsize(self.staging.local(self.rel)) >= self.max_bytes:
             self._roll()
 
-    def _roll(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-            self.staging.done(self.rel)
-            self.index += 1
 
     def close(self) -> None:
         self._flush()
@@ -351,7 +243,7 @@ class ShareGPT(ConversationJSON):
                              {"role": "assistant", "content": rec.caption}], "images": [image], "meta": rec.meta()}
 
 
-class WebDatasetTars:
+class WebDatasetTars(_RollingFiles):
     """NNNNN.tar of `samples_per_tar` samples each: <key>.<ext>, <key>.txt, <key>.json."""
 
     name = "webdataset"
@@ -359,9 +251,6 @@ class WebDatasetTars:
 
     def __init__(self, staging: Staging, samples_per_tar: int = 1000, **_: Any):
         self.staging, self.per = staging, samples_per_tar
-        self.writer: shardio.TarWriter | None = None
-        self.index = 0
-        self.rel = ""
 
     def write(self, rec: Record) -> None:
         if self.writer is None:
@@ -373,12 +262,6 @@ class WebDatasetTars:
         if self.writer.count >= self.per:
             self._roll()
 
-    def _roll(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-            self.staging.done(self.rel)
-            self.index += 1
 
     def close(self) -> None:
         self._roll()
@@ -390,8 +273,6 @@ FORMATS: dict[str, type] = {c.name: c for c in (HFParquet, ConversationJSON, Sha
 def export(source: CommittedSource, fmt: str, out: str, sel: Selection, force: bool = False,
            options: dict[str, Any] | None = None, stream: TextIO | None = None) -> dict[str, Any]:
     """Write the selected rows in `fmt` to `out` (local path or URL) atomically; returns the export marker."""
-    from pipeline.publish.card import dataset_card
-
     if fmt not in FORMATS:
         raise PublishError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     stream = stream or sys.stderr
