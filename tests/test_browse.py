@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import shardio
@@ -201,3 +202,21 @@ def test_gallery_in_headless_chromium(local_root, tmp_path):
         assert drv.save_screenshot(str(shot)) and shot.stat().st_size > 1000
     finally:
         drv.quit()
+
+
+def test_manifests_from_before_a_new_column_read_with_it_null(tmp_path):
+    """Shard 0 written before the source columns existed, shard 1 after: one frame, the old rows null there."""
+    storage = Storage(str(tmp_path / "root"), work_dir=str(tmp_path))
+    storage.check_reachable()
+    for shard in (0, 1):
+        rows = _rows(shard)
+        txn = storage.begin("annotate", shard)
+        table = shardio.rows_table([{**r, "source_license": "cc0-1.0"} for r in rows], CAPTION_SCHEMA)
+        if shard == 0:
+            table = table.drop_columns(["source_license", "source_caption"])
+        pq.write_table(table, txn.path(f"captions/{shard_name(shard)}.parquet"))
+        txn.commit({"config_fingerprint": "test"})
+    df = CommittedSource(storage).scan().collect()
+    assert df.height == 2 * ROWS
+    assert df.filter(pl.col("key").str.starts_with("00000"))["source_license"].null_count() == ROWS
+    assert set(df.filter(pl.col("key").str.starts_with("00001"))["source_license"]) == {"cc0-1.0"}

@@ -16,6 +16,8 @@ from functools import cached_property
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import shardio
 from pipeline.errors import PipelineError
@@ -158,8 +160,20 @@ class CommittedSource:
         """URLs of the parquet manifests of every committed unit, in unit order."""
         return list(self.unit_files().values())
 
+    def _schema(self, files: list[str]) -> pl.Schema:
+        """The columns of the first and the last manifest together: manifests written before a column was added
+        (older shards first) read with that column null."""
+        ends = [files[0]] if len(files) == 1 else [files[0], files[-1]]
+        schemas = []
+        for url in ends:
+            with shardio.open_url(url, "rb", self.storage.storage_options) as f:
+                schemas.append(pq.read_schema(f))
+        unified = pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
+        return pl.from_arrow(unified.empty_table()).schema
+
     def _scan(self, files: list[str]) -> pl.LazyFrame:
-        lf = pl.scan_parquet(files, storage_options=polars_storage_options(self.storage), missing_columns="insert")
+        lf = pl.scan_parquet(files, storage_options=polars_storage_options(self.storage), schema=self._schema(files),
+                             missing_columns="insert", extra_columns="ignore")
         names = lf.collect_schema().names()
         v = self.view
         if v.text and "caption_chars" in v.lengths and "caption_chars" not in names and v.text in names:
