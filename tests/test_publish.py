@@ -223,6 +223,12 @@ def test_bad_requests_are_one_line_and_write_nothing(built, tmp_path, capsys):
     assert "complete export already" in capsys.readouterr().err
     assert main(["export", storage.root_url, "--format", "hf", "--out", str(good), "--limit", "2", "--force"]) == 0
     assert json.loads((good / MARKER).read_text())["rows"] == 2
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    Path(f"{foreign}.partial").mkdir()  # even beside a leftover: locally a killed export never leaves DIR
+    assert main(["export", storage.root_url, "--format", "hf", "--out", str(foreign)]) == 2
+    assert "is not an export" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "keep me"
 
 
 def _kill_mid_export(root: str, fmt: str, out: str, partial_has, tmp_path: Path, extra: list[str] = ()) -> None:

@@ -46,6 +46,8 @@ from pipeline.storage import code_version, now_iso
 
 MARKER = "export.json"
 CARD = "README.md"
+
+
 # -- the output folder --------------------------------------------------------------------------------
 class Staging:
     """The export folder in progress. Writers get a local path per file (`local(rel)`) and call `done(rel)`
@@ -68,7 +70,9 @@ class Staging:
         if self.fs.exists(f"{self.path}/{MARKER}"):
             if not force:
                 raise PublishError(f"{self.out} is a complete export already; pass --force to replace it")
-        elif self._nonempty(self.path) and not leftover and not force:
+        elif self._nonempty(self.path) and not force and not (leftover and self.remote):
+            # locally a killed export never leaves DIR (one rename); on an object store, DIR beside a leftover
+            # .partial/ is a move cut short
             raise PublishError(f"{self.out} exists and is not an export of this command; choose another --out "
                                "(or --force to replace it)")
         if leftover:
@@ -110,9 +114,12 @@ class Staging:
         marker = {**marker, "files": dict(sorted(self.files.items()))}
         self.write_bytes(MARKER, json.dumps(marker, indent=2, sort_keys=True, default=str).encode())
         if not self.remote:
+            old = f"{self.path}.replaced"
             if os.path.lexists(self.path):
-                shutil.rmtree(self.path)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.path, old)
             os.replace(self.partial, self.path)
+            shutil.rmtree(old, ignore_errors=True)
             return
         try:
             if self.fs.exists(self.path):
