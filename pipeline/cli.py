@@ -1,4 +1,4 @@
-"""The command line: run | submit | retry | status | verify | browse | demo | export-qa | import-qa."""
+"""The command line: run | submit | retry | status | verify | browse | export | report | demo | export-qa | import-qa."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def _add_stage_and_shards(p: argparse.ArgumentParser, chain: bool = False) -> No
 
 def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.manifest, args.overrides, root=args.root)
+
+
+def _add_root_args(p: argparse.ArgumentParser) -> None:
+    """The root of a command that reads a run (browse, export, report): positional, or from a manifest."""
+    p.add_argument("root", nargs="?", help="the run's storage root (default: the manifest's root)")
+    p.add_argument("--manifest", "-m", help="run manifest (for storage_options)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a manifest field, e.g. --set storage_options.endpoint_url=http://...")
 
 
 def _add_resource_args(p: argparse.ArgumentParser) -> None:
@@ -131,10 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "length and quality histograms, models, pipeline versions); --where filters with a polars SQL "
                     "expression; --sample N prints a seeded sample; --show KEY one row whole with its image's place "
                     "in its tar; --html DIR writes a static gallery.")
-    browse.add_argument("root", nargs="?", help="the run's storage root (default: the manifest's root)")
-    browse.add_argument("--manifest", "-m", help="run manifest (for storage_options)")
-    browse.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a manifest field, e.g. --set storage_options.endpoint_url=http://...")
+    _add_root_args(browse)
     browse.add_argument("--stage", choices=("captions", "images", "qa", "eval"), default="captions",
                         help="which manifests (default captions)")
     browse.add_argument("--where", metavar="EXPR", help="polars SQL filter, e.g. \"quality < 0.5 and caption_tokens > 200\"")
@@ -143,6 +148,37 @@ def build_parser() -> argparse.ArgumentParser:
     browse.add_argument("--show", metavar="KEY", help="print one row whole, with where its image is")
     browse.add_argument("--html", metavar="DIR", help="write a static gallery (DIR/index.html) of the matching rows "
                         "(the first 1000, or the --sample)")
+
+    export = sub.add_parser(
+        "export", help="write the committed captions and images as a loadable dataset (hf, llava, sharegpt, "
+                       "webdataset) with a generated dataset card",
+        description="Stream every ok row of the committed caption shards (filtered by --where, the expression "
+                    "language of browse), with its image, into --out (a local folder or fsspec URL) in one format, "
+                    "with README.md (the dataset card) and export.json. Identical images (sha256) are exported once. "
+                    "Atomic: a killed export leaves no folder that looks complete; rerun it.")
+    _add_root_args(export)
+    export.add_argument("--format", "-f", required=True, choices=("hf", "llava", "sharegpt", "webdataset"),
+                        help="hf: parquet + card for datasets.load_dataset(DIR); llava / sharegpt: conversation "
+                             "JSON + images/; webdataset: re-sharded tars")
+    export.add_argument("--out", "-o", required=True, help="output folder: a local path or fsspec URL (s3://...)")
+    export.add_argument("--where", metavar="EXPR", help="polars SQL filter, e.g. \"quality >= 0.5 and "
+                        "caption_tokens > 20 and source_license = 'cc-by-4.0'\"")
+    export.add_argument("--limit", type=int, help="at most N rows")
+    export.add_argument("--shards", help="only these caption shards, e.g. '0-9'")
+    export.add_argument("--no-dedup", action="store_true", help="keep rows whose image bytes were exported already")
+    export.add_argument("--force", action="store_true", help="replace an existing export at --out")
+    export.add_argument("--max-file-mb", type=float, default=256, help="hf: roll parquet files at this size (MB)")
+    export.add_argument("--samples-per-tar", type=int, default=1000, help="webdataset: samples per tar")
+
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page of the run's charts (progress, throughput, failures, "
+                       "caption lengths and quality, training curves)",
+        description="Read the committed markers and manifests and write one HTML page that needs no network "
+                    "(charts are inlined PNGs): ROOT/report/index.html for a local root, else --out.")
+    _add_root_args(report)
+    report.add_argument("--out", "-o", help="where the page goes (default ROOT/report/index.html)")
+    report.add_argument("--watch", type=float, metavar="SECONDS",
+                        help="rewrite the page every SECONDS while a run goes on (the page reloads itself)")
 
     demo = sub.add_parser("demo", help="render the demo world, serve it on 127.0.0.1 and run every stage on CPU")
     demo.add_argument("--root", default=None, help="where the demo run goes (default: the demo manifest's ./demo_run)")
@@ -170,6 +206,58 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("source", help="the published parquet: a local path or fsspec URL")
     _add_config_args(imp)
     return parser
+
+
+def _publish_source(args: argparse.Namespace, view: str = "captions"):
+    """The committed source of a publish command (browse, export, report) from its root / manifest arguments."""
+    from pipeline.publish.source import CommittedSource
+    from pipeline.storage import Storage
+
+    config = load_config(args.manifest, args.overrides, root=args.root)
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    return CommittedSource(storage, view), config
+
+
+def _browse(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.publish.browse import browse
+    from pipeline.publish.gallery import write_gallery
+    from pipeline.publish.report import report_link
+
+    source, _ = _publish_source(args, args.stage)
+    code = browse(source, where=args.where, sample=args.sample, seed=args.seed, show=args.show)
+    if args.html and args.show is None:
+        folder = write_gallery(source, Path(args.html), where=args.where, sample=args.sample, seed=args.seed,
+                               report=report_link(source.storage, Path(args.html)))
+        print(f"\ngallery: {folder / 'index.html'}")
+    return code
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.publish.export import export
+    from pipeline.publish.rows import Selection
+
+    source, _ = _publish_source(args)
+    if args.limit is not None and args.limit < 1:
+        raise PipelineError("--limit must be at least 1")
+    sel = Selection(where=args.where, limit=args.limit, dedup=not args.no_dedup,
+                    shards=parse_shard_spec(args.shards) if args.shards else None)
+    marker = export(source, args.format, args.out, sel, force=args.force,
+                    options={"max_file_mb": args.max_file_mb, "samples_per_tar": args.samples_per_tar})
+    print(f"export: {marker['rows']} rows ({args.format}) -> {args.out} ({marker['matched']} matched, "
+          f"{marker['duplicates']} duplicate images dropped)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.publish.report import watch, write_report
+
+    source, _ = _publish_source(args)
+    if args.watch:
+        return watch(lambda: _publish_source(args)[0], args.out, args.watch, sys.stdout)
+    print(f"report: {write_report(source, args.out)}")
+    return 0
 
 
 def _qa_exchange(args: argparse.Namespace) -> int:
@@ -230,13 +318,11 @@ def main(argv: list[str] | None = None) -> int:
             report = verify(_config(args), [args.stage] if args.stage else None, units, args.repair, args.workers)
             return print_report(report, args.repair)
         if args.command == "browse":
-            from pipeline.browse import browse
-            from pipeline.storage import Storage
-
-            config = load_config(args.manifest, args.overrides, root=args.root)
-            storage = Storage(config.root, config.storage_options, config.work_dir)
-            return browse(storage, args.stage, where=args.where, sample=args.sample, seed=args.seed,
-                          show=args.show, html=args.html)
+            return _browse(args)
+        if args.command == "export":
+            return _export(args)
+        if args.command == "report":
+            return _report(args)
         if args.command in ("export-qa", "import-qa"):
             return _qa_exchange(args)
         if args.command == "demo":

@@ -280,6 +280,10 @@ class TrainConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="training precision on GPU "
                                                              "(CPU trains in float32)")
     gradient_checkpointing: bool = runtime(False)
+    report_to: Literal["none", "tensorboard", "wandb"] = runtime(
+        "none", description="where TRL also logs the training metrics: tensorboard (event files in the progress "
+        "folder's runs/), wandb (offline mode: WANDB_MODE=offline, `wandb sync` later) or none; "
+        "train_log.jsonl is always written")
 
 
 class QualityConfig(Section):

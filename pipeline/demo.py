@@ -201,7 +201,12 @@ def show_results(config, stages: list[str], out) -> None:
             with storage.open(rel, "rb") as f:
                 print("\n" + f.read().decode(), file=out)
     if "annotate" in stages and storage.is_local:
-        from pipeline.gallery import write_gallery
+        from pipeline.publish.gallery import write_gallery
+        from pipeline.publish.report import report_link, write_report
+        from pipeline.publish.source import CommittedSource
 
-        folder = write_gallery(storage, "captions", Path(storage.path("gallery")))
+        source = CommittedSource(storage, "captions")
+        print(f"demo: the run's report: {write_report(source)}", file=out)
+        gallery = Path(storage.path("gallery"))
+        folder = write_gallery(source, gallery, report=report_link(storage, gallery))
         print(f"demo: gallery of the captions: {folder / 'index.html'}", file=out)

@@ -5,29 +5,24 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import shardio
-from pipeline.browse import (
-    VIEWS,
-    browse,
-    committed_files,
-    polars_storage_options,
-    sample_rows,
-    scan,
-    summarize,
-)
 from pipeline.cli import main
-from pipeline.gallery import write_gallery
 from pipeline.nano import world
+from pipeline.publish.browse import browse
+from pipeline.publish.gallery import write_gallery
+from pipeline.publish.source import VIEWS, CommittedSource, polars_storage_options
+from pipeline.publish.summary import sample_rows, summarize
 from pipeline.shards import sample_key, shard_name
 from pipeline.storage import Storage
 from stages.annotate.stage import CAPTION_SCHEMA
+from tests.browser_support import SKIP_REASON, chromium, headless_driver
 
 SHARDS, ROWS = 3, 7
 MODELS = ("models/a#sha256:1111", "models/b#sha256:2222")
@@ -92,8 +87,9 @@ def _direct(storage: Storage) -> pl.DataFrame:
 
 def _check_summary(storage: Storage) -> None:
     view = VIEWS["captions"]
-    assert len(committed_files(storage, view)) == SHARDS  # the uncommitted shard is not read
-    s = summarize(scan(storage, view), view)
+    source = CommittedSource(storage, "captions")
+    assert len(source.files()) == SHARDS  # the uncommitted shard is not read
+    s = summarize(source.scan(), view)
     d = _direct(storage)
     assert s["rows"] == d.height == SHARDS * ROWS
     assert s["status"] == {"ok": d.filter(pl.col("status") == "ok").height,
@@ -122,8 +118,9 @@ def test_where_sample_show_and_a_bad_expression(local_root, capsys):
     out = capsys.readouterr().out
     expected = d.filter((pl.col("quality") < 0.5) & (pl.col("caption_tokens") > 20)).height
     assert 0 < expected < d.height and f"rows: {expected}\n" in out
+    assert "\nprompt_hash: p (" in out  # the prompt's id beside the model's
 
-    lf = scan(local_root, VIEWS["captions"])
+    lf = CommittedSource(local_root).scan()
     a, b = sample_rows(lf, 5, seed=1), sample_rows(lf, 5, seed=1)
     assert a.height == 5 and a.equals(b) and set(a["key"]) <= set(d["key"])
     assert not sample_rows(lf, 5, seed=2).equals(a)
@@ -156,12 +153,12 @@ def test_browse_on_s3(s3_server, tmp_path, capsys):
     assert polars_storage_options(storage)["aws_endpoint_url"] == s3_server.endpoint_url
     _check_summary(storage)
     out = io.StringIO()
-    assert browse(storage, "captions", where="status = 'error'", out=out) == 0
+    assert browse(CommittedSource(storage, "captions"), where="status = 'error'", out=out) == 0
     assert "rows: 3\n" in out.getvalue()
 
 
 def test_gallery_files(local_root, tmp_path):
-    folder = write_gallery(local_root, "captions", tmp_path / "g", page_size=8)
+    folder = write_gallery(CommittedSource(local_root), tmp_path / "g", page_size=8)
     page = (folder / "index.html").read_text()
     items = json.loads(page.split("const ITEMS = ", 1)[1].split(";\n</script>", 1)[0])
     assert len(items) == SHARDS * ROWS
@@ -173,26 +170,12 @@ def test_gallery_files(local_root, tmp_path):
     assert {p.name for p in (folder / "charts").glob("*.png")} >= {"status.png", "quality.png", "caption_tokens.png"}
 
 
-def _chromium() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium and chromium-driver are not installed "
-                    "(apt-get install -y chromium chromium-driver)")
+@pytest.mark.skipif(chromium() is None, reason=SKIP_REASON)
 def test_gallery_in_headless_chromium(local_root, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.common.by import By
+    By = pytest.importorskip("selenium.webdriver.common.by", reason="selenium is not installed").By
 
-    browser, driver_path = _chromium()  # type: ignore[misc]
-    folder = write_gallery(local_root, "captions", tmp_path / "g", page_size=8)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1200,900", "--allow-file-access-from-files"):
-        opts.add_argument(arg)
-    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+    folder = write_gallery(CommittedSource(local_root), tmp_path / "g", page_size=8)
+    drv = headless_driver(1200, 900, "--allow-file-access-from-files")
     try:
         drv.get((folder / "index.html").resolve().as_uri())
         items = lambda: drv.find_elements(By.CSS_SELECTOR, "#grid .item")  # noqa: E731
@@ -219,3 +202,21 @@ def test_gallery_in_headless_chromium(local_root, tmp_path):
         assert drv.save_screenshot(str(shot)) and shot.stat().st_size > 1000
     finally:
         drv.quit()
+
+
+def test_manifests_from_before_a_new_column_read_with_it_null(tmp_path):
+    """Shard 0 written before the source columns existed, shard 1 after: one frame, the old rows null there."""
+    storage = Storage(str(tmp_path / "root"), work_dir=str(tmp_path))
+    storage.check_reachable()
+    for shard in (0, 1):
+        rows = _rows(shard)
+        txn = storage.begin("annotate", shard)
+        table = shardio.rows_table([{**r, "source_license": "cc0-1.0"} for r in rows], CAPTION_SCHEMA)
+        if shard == 0:
+            table = table.drop_columns(["source_license", "source_caption"])
+        pq.write_table(table, txn.path(f"captions/{shard_name(shard)}.parquet"))
+        txn.commit({"config_fingerprint": "test"})
+    df = CommittedSource(storage).scan().collect()
+    assert df.height == 2 * ROWS
+    assert df.filter(pl.col("key").str.starts_with("00000"))["source_license"].null_count() == ROWS
+    assert set(df.filter(pl.col("key").str.starts_with("00001"))["source_license"]) == {"cc0-1.0"}

@@ -354,3 +354,22 @@ def test_trainer_settings_map_onto_trl():
     rloo = trainer_args(TrainConfig(algorithm="rloo", images_per_step=4, num_generations=4), "/tmp/x", True, 5)
     assert type(rloo).__name__ == "RLOOConfig" and rloo.num_generations == 4
     assert total_steps(TrainConfig(images_per_step=4, epochs=2, num_iterations=2), 10) == 10
+    assert grpo.report_to == [] or grpo.report_to == "none"
+
+
+def test_report_to_reaches_trl(monkeypatch):
+    import importlib.util
+
+    from pipeline.config import TrainConfig
+    from pipeline.errors import ConfigError
+    from stages.train.trainer import report_targets
+
+    assert report_targets(TrainConfig()) == []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        report_targets(TrainConfig(report_to="tensorboard"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else None)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert report_targets(TrainConfig(report_to="wandb")) == ["wandb"]
+    assert os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")

@@ -60,10 +60,14 @@ CAPTION_SCHEMA = pa.schema([
     pa.field("attempts", pa.int32()),
     pa.field("quality", pa.float64(), metadata=_J),
     pa.field("quality_questions", pa.int32()),
+    pa.field("source_license", pa.string()),
+    pa.field("source_caption", pa.string()),
 ])
 """ROOT/captions/<shard>.parquet: one row per sample of the input shard, ok or error. Fields marked
 {"json": "1"} also go into each sample's .json in the caption tar (not the timestamp: the tar is then the
-same bytes on every greedy rerun even without SOURCE_DATE_EPOCH)."""
+same bytes on every greedy rerun even without SOURCE_DATE_EPOCH). The source_* columns come from the input
+sample's json (img2dataset's `license` from save_additional_columns, its caption column `caption`); the
+whole object stays in the tar json's `source`."""
 JSON_FIELDS = shardio.json_fields(CAPTION_SCHEMA)
 
 
@@ -126,6 +130,8 @@ class _SampleInfo:
     ext: str | None
     meta: dict[str, Any]
     mcqs: Any = None
+    source: dict[str, str | None] = field(default_factory=dict)
+    """The source columns (licence, original caption) of the input sample."""
     files: dict[str, bytes] | None = None
     """The input sample's files while they fit the memory budget (else pass 2 reads the tar again)."""
 
@@ -245,6 +251,19 @@ def _caption_pass(ctx: ShardContext, cfg: AnnotateConfig, local_tar: str, src: I
     return plan
 
 
+SOURCE_COLUMNS = {"source_license": ("license", "licence", "LICENSE"), "source_caption": ("caption", "alt_text")}
+"""manifest column -> the input json / sidecar keys it is read from (first present wins)."""
+
+
+def source_columns(meta: dict[str, Any]) -> dict[str, str | None]:
+    """The source columns of one input sample (None where the source has no such field)."""
+    out: dict[str, str | None] = {}
+    for column, keys in SOURCE_COLUMNS.items():
+        value = next((meta[k] for k in keys if meta.get(k) not in (None, "")), None)
+        out[column] = None if value is None else str(value)
+    return out
+
+
 def _info(sample: Sample, extra: dict[str, Any]) -> _SampleInfo:
     meta = sample.meta
     return _SampleInfo(
@@ -253,6 +272,7 @@ def _info(sample: Sample, extra: dict[str, Any]) -> _SampleInfo:
         ext=sample.image_ext,
         meta=meta,
         mcqs=meta.get("mcqs", extra.get("mcqs")),
+        source=source_columns({**extra, **meta}),
     )
 
 
@@ -271,6 +291,7 @@ def _row(cfg: AnnotateConfig, info: _SampleInfo, res: CaptionResult, engine_id: 
         "pipeline_version": code_version(), "timestamp": stamp,
         "status": res.status, "error_reason": res.reason, "error": res.error, "attempts": res.attempts,
         "quality": score[0] if score else None, "quality_questions": score[1] if score else None,
+        **info.source,
     }
 
 

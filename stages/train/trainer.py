@@ -67,7 +67,7 @@ def trainer_args(cfg: TrainConfig, output_dir: str, use_cpu: bool, steps: int) -
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_steps=steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.keep_checkpoints,
-        seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, report_to=[], remove_unused_columns=False,
+        seed=cfg.seed, data_seed=cfg.seed, logging_steps=1, report_to=report_targets(cfg), remove_unused_columns=False,
         dataloader_num_workers=0, use_cpu=use_cpu, bf16=not use_cpu and cfg.dtype == "bfloat16",
         fp16=not use_cpu and cfg.dtype == "float16",
         **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
@@ -76,6 +76,22 @@ def trainer_args(cfg: TrainConfig, output_dir: str, use_cpu: bool, steps: int) -
     if cfg.algorithm == "grpo":
         return GRPOConfig(**common, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards)
     return RLOOConfig(**common)
+
+
+def report_targets(cfg: TrainConfig) -> list[str]:
+    """TRL's `report_to` for train.report_to: none -> [], tensorboard (event files under the progress folder's
+    runs/), wandb in offline mode (WANDB_MODE=offline unless set; `wandb sync` uploads later)."""
+    if cfg.report_to == "none":
+        return []
+    import importlib.util
+
+    packages = ("tensorboard", "tensorboardX") if cfg.report_to == "tensorboard" else ("wandb",)
+    if not any(importlib.util.find_spec(p) is not None for p in packages):
+        raise ConfigError(f"train.report_to={cfg.report_to} needs the {packages[0]} package "
+                          f"(pip install {packages[0]}), or set train.report_to=none")
+    if cfg.report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return [cfg.report_to]
 
 
 def total_steps(cfg: TrainConfig, n_images: int) -> int:

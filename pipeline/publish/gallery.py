@@ -11,86 +11,65 @@ import html
 import io
 import json
 import shutil
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 from PIL import Image
 
-from pipeline import shardio
-from pipeline.browse import VIEWS, View, apply_where, sample_rows, scan, summarize
-from pipeline.storage import Storage
+from pipeline.publish.charts import bar_png
+from pipeline.publish.source import CommittedSource, View
+from pipeline.publish.summary import sample_rows, summarize
 
 THUMB = 160
 PAGE_SIZE = 24
-PROVENANCE = ("model_id", "captioner", "generator_model_id", "pipeline_version", "timestamp", "url", "sha256",
-              "image_sha256", "finish_reason", "caption_tokens", "error_reason", "error")
+PROVENANCE = ("model_id", "prompt_hash", "captioner", "generator_model_id", "pipeline_version", "timestamp", "url",
+              "sha256", "image_sha256", "source_license", "source_caption", "finish_reason", "caption_tokens",
+              "error_reason", "error")
 
 
-def write_gallery(storage: Storage, stage: str, out_dir: Path, where: str | None = None, sample: int | None = None,
-                  seed: int = 0, limit: int = 1000, page_size: int = PAGE_SIZE) -> Path:
+def write_gallery(source: CommittedSource, out_dir: Path, where: str | None = None, sample: int | None = None,
+                  seed: int = 0, limit: int = 1000, page_size: int = PAGE_SIZE, report: str | None = None) -> Path:
     """Write the gallery of the view's committed rows (filtered by `where`, a seeded `sample` of them, else the
-    first `limit`) into out_dir; returns out_dir."""
-    view = VIEWS[stage]
-    lf = apply_where(scan(storage, view), where)
+    first `limit`) into out_dir; `report` is the link to the run's report page. Returns out_dir."""
+    lf = source.scan(where)
     df = sample_rows(lf, sample, seed) if sample else lf.head(limit).collect()
     out = Path(out_dir)
     for sub in ("thumbs", "charts"):
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir(parents=True, exist_ok=True)
-    thumbs = _thumbnails(storage, view, df, out / "thumbs")
-    charts = _charts(summarize(lf, view), out / "charts")
-    items = [_item(row, view, thumbs) for row in df.iter_rows(named=True)]
-    title = f"{stage}: {len(items)} rows from {storage.root_url}" + (f" where {where}" if where else "")
-    (out / "index.html").write_text(_page(title, items, charts, page_size), encoding="utf-8")
+    thumbs = _thumbnails(source, df, out / "thumbs")
+    charts = _charts(summarize(lf, source.view), out / "charts")
+    items = [_item(row, source.view, thumbs) for row in df.iter_rows(named=True)]
+    title = f"{source.view_name}: {len(items)} rows from {source.storage.root_url}" + (f" where {where}" if where else "")
+    (out / "index.html").write_text(_page(title, items, charts, page_size, report), encoding="utf-8")
     return out
 
 
-def _thumbnails(storage: Storage, view: View, df: pl.DataFrame, folder: Path) -> dict[str, str]:
+def _thumbnails(source: CommittedSource, df: pl.DataFrame, folder: Path) -> dict[str, str]:
     """key -> relative thumbnail path, for rows whose image is in a committed tar of the view's folder."""
-    if not view.ext or "key" not in df.columns:
+    if not source.view.ext or "key" not in df.columns:
         return {}
-    by_shard: dict[str, set[str]] = defaultdict(set)
-    for key in df["key"].to_list():
-        if key and key[:5].isdigit():
-            by_shard[key[:5]].add(key)
     done: dict[str, str] = {}
-    for shard, keys in sorted(by_shard.items()):
-        url = storage.url(f"{view.folder}/{shard}.tar")
-        try:
-            samples = shardio.read_samples(url, storage.storage_options)
-            for sample in samples:
-                if sample.key in keys and sample.image:
-                    try:
-                        img = Image.open(io.BytesIO(sample.image))
-                        img.thumbnail((THUMB, THUMB))
-                        img.convert("RGB").save(folder / f"{sample.key}.jpg", "JPEG", quality=85)
-                    except Exception:  # noqa: BLE001 - an undecodable image gets no thumbnail
-                        continue
-                    done[sample.key] = f"thumbs/{sample.key}.jpg"
-        except FileNotFoundError:
+    for sample in source.samples(df["key"].to_list()):
+        if not sample.image:
             continue
+        try:
+            img = Image.open(io.BytesIO(sample.image))
+            img.thumbnail((THUMB, THUMB))
+            img.convert("RGB").save(folder / f"{sample.key}.jpg", "JPEG", quality=85)
+        except Exception:  # noqa: BLE001 - an undecodable image gets no thumbnail
+            continue
+        done[sample.key] = f"thumbs/{sample.key}.jpg"
     return done
 
 
 def _charts(summary: dict[str, Any], folder: Path) -> list[str]:
     """PNG bar charts of the summary: rows by status, then one histogram per summarized column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     made = []
 
     def save(name: str, labels: list[str], values: list[int], title: str) -> None:
-        fig, ax = plt.subplots(figsize=(4, 2.6), dpi=90)
-        ax.bar(range(len(values)), values, color="#4c72b0")
-        ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=7)
-        ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(folder / f"{name}.png", metadata={"Software": None})
-        plt.close(fig)
+        (folder / f"{name}.png").write_bytes(bar_png(labels, values, title))
         made.append(f"charts/{name}.png")
 
     if summary["status"]:
@@ -159,13 +138,16 @@ render();
 """
 
 
-def _page(title: str, items: list[dict[str, Any]], charts: list[str], page_size: int) -> str:
+def _page(title: str, items: list[dict[str, Any]], charts: list[str], page_size: int, report: str | None) -> str:
     data = json.dumps(items, ensure_ascii=False).replace("</", "<\\/")
     imgs = "".join(f'<img src="{html.escape(c)}" alt="{html.escape(c)}">' for c in charts)
+    link = f'<p><a id="report" href="{html.escape(report)}">the run\'s report: progress, throughput, failures, ' \
+           f'training curves</a></p>' if report else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
+{link}
 <div class="charts">{imgs}</div>
 <div id="bar"><input id="search" type="search" placeholder="search captions"><span id="count"></span>
 <button id="prev">&laquo; prev</button><span id="pageinfo"></span><button id="next">next &raquo;</button></div>
