@@ -24,12 +24,9 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from fsspec.asyn import AsyncFileSystem
-
-if TYPE_CHECKING:
-    from pipeline.storage import Storage
 
 log = logging.getLogger("pipeline.markers")
 
@@ -131,26 +128,60 @@ def local_listing(folder: str) -> dict[str, str | None]:
     return out
 
 
-class MarkerStore:
-    """Unit records of one folder (`_done`, `_failed` or `_running`) of a root, keyed by stage and unit name."""
+def output_sizes(fs: Any, root: str, is_local: bool, rel_dirs: Iterable[str]) -> dict[str, int]:
+    """rel path -> size for every file under the given folders of a root (one listing per folder: a walk
+    locally, a paginated listing on object stores, never a cached one)."""
+    sizes: dict[str, int] = {}
+    for rel_dir in rel_dirs:
+        top = f"{root}/{rel_dir.strip('/')}"
+        if is_local:
+            for dirpath, _dirs, files in os.walk(top):
+                rel_base = os.path.relpath(dirpath, root).replace(os.sep, "/")
+                for name in files:
+                    try:
+                        sizes[f"{rel_base}/{name}"] = os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:
+                        continue
+            continue
+        fs.invalidate_cache(top)
+        try:
+            entries = fs.find(top, detail=True)
+        except FileNotFoundError:
+            continue
+        for path, info in entries.items():
+            rel = path[len(root):].lstrip("/") if path.startswith(root) else path
+            sizes[rel] = int(info.get("size") or 0)
+    return sizes
 
-    def __init__(self, storage: Storage, folder: str, use_index: bool = False):
-        self.storage = storage
-        self.fs = storage.fs
+
+class MarkerStore:
+    """Unit records of one folder (`_done`, `_failed` or `_running`) of a root, keyed by stage and unit name.
+    `write_bytes(rel, blob)` is the root's atomic write (used for the index only: markers are written by the
+    commit protocol)."""
+
+    def __init__(self, fs: Any, root: str, folder: str, is_local: bool,
+                 write_bytes: Callable[[str, bytes], None], use_index: bool = False):
+        self.fs = fs
+        self.root = root
         self.folder = folder
+        self.is_local = is_local
+        self.write_bytes = write_bytes
         self.use_index = use_index
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
 
     # -- names and paths ---------------------------------------------------------------------
     def rel(self, stage: str, name: str) -> str:
         return f"{self.folder}/{stage}/{name}.json"
 
     def _path(self, stage: str, name: str) -> str:
-        return self.storage.path(self.rel(stage, name))
+        return self.path(self.rel(stage, name))
 
     def listing(self, stage: str) -> dict[str, str | None]:
         """unit name -> validator for every record of a stage: one listing (no reads), never from a cache."""
-        d = self.storage.path(self.folder, stage)
-        if self.storage.is_local:
+        d = self.path(self.folder, stage)
+        if self.is_local:
             return local_listing(d)
         self.fs.invalidate_cache(d)
         try:
@@ -197,20 +228,13 @@ class MarkerStore:
             self._write_index(stage, {n: {"v": listed[n], "m": records[n]} for n in records if listed[n]})
         return dict(sorted(records.items()))
 
-    # -- writes ------------------------------------------------------------------------------
-    def put(self, stage: str, name: str, record: dict[str, Any]) -> None:
-        self.storage.write_json(self.rel(stage, name), record)
-
-    def remove(self, stage: str, name: str) -> None:
-        self.storage.remove(self.rel(stage, name))
-
     # -- the index ---------------------------------------------------------------------------
     def index_rel(self, stage: str) -> str:
         return f"{INDEX_DIR}/{self.folder}/{stage}.json.gz"
 
     def _read_index(self, stage: str) -> dict[str, dict[str, Any]]:
         try:
-            blob = cat_one(self.fs, self.storage.path(self.index_rel(stage)))
+            blob = cat_one(self.fs, self.path(self.index_rel(stage)))
             data = json.loads(gzip.decompress(blob))
         except FileNotFoundError:
             return {}
@@ -224,7 +248,7 @@ class MarkerStore:
         blob = gzip.compress(json.dumps({"version": 1, "entries": entries}, separators=(",", ":"),
                                         default=str).encode(), compresslevel=3)
         try:
-            self.storage.write_bytes(self.index_rel(stage), blob)
+            self.write_bytes(self.index_rel(stage), blob)
         except OSError as exc:  # a read-only root still gets its status
             log.debug("could not write the marker index of %s: %s", stage, exc)
 
@@ -237,13 +261,13 @@ class MarkerStore:
         if len(files) <= BY_NAME_LIMIT and not (whole_stage and len(markers) > 1):
             sizes = dict(zip([f for f, _ in files], concurrently(self._size, [f for f, _ in files]), strict=True))
         else:
-            sizes = self.storage.output_sizes({rel.rsplit("/", 1)[0] for rel, _ in files if "/" in rel})
+            sizes = output_sizes(self.fs, self.root, self.is_local, {rel.rsplit("/", 1)[0] for rel, _ in files if "/" in rel})
         return {name for name, m in markers.items()
                 if all(sizes.get(rel) == info.get("size") for rel, info in m.get("outputs", {}).items())}
 
     def _size(self, rel: str) -> int | None:
-        path = self.storage.path(rel)
-        if not self.storage.is_local:
+        path = self.path(rel)
+        if not self.is_local:
             self.fs.invalidate_cache(path)  # a listing cached earlier in this process must not answer
         try:
             return int(self.fs.size(path))

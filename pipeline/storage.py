@@ -39,7 +39,7 @@ import fsspec
 import pipeline
 from pipeline.claims import DEFAULT_STALE_AFTER, ClaimHeld, jobs_for, judge, now_epoch, pid_alive
 from pipeline.errors import MissingInputError, RunDriftError, StorageError
-from pipeline.markers import MarkerStore, cat_one, read_blobs
+from pipeline.markers import MarkerStore, cat_one, output_sizes, read_blobs
 from pipeline.shardio import url_fs
 from pipeline.shards import shard_name
 
@@ -102,9 +102,9 @@ class Storage:
             self.root = os.path.abspath(self.root)
         self.work_dir = work_dir
         self.storage_options = storage_options or {}
-        self.done = MarkerStore(self, DONE_DIR, use_index=True)
-        self.failure_records = MarkerStore(self, FAILED_DIR)
-        self.claim_records = MarkerStore(self, RUNNING_DIR)
+        self.done = MarkerStore(self.fs, self.root, DONE_DIR, self.is_local, self.write_bytes, use_index=True)
+        self.failure_records = MarkerStore(self.fs, self.root, FAILED_DIR, self.is_local, self.write_bytes)
+        self.claim_records = MarkerStore(self.fs, self.root, RUNNING_DIR, self.is_local, self.write_bytes)
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -245,27 +245,7 @@ class Storage:
 
     def output_sizes(self, rel_dirs: set[str]) -> dict[str, int]:
         """rel path -> size for every file under the given output dirs (one listing per dir)."""
-        sizes: dict[str, int] = {}
-        if self.is_local:
-            for rel_dir in rel_dirs:
-                for dirpath, _dirs, files in os.walk(self.path(rel_dir)):
-                    rel_base = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
-                    for name in files:
-                        try:
-                            sizes[f"{rel_base}/{name}"] = os.stat(os.path.join(dirpath, name)).st_size
-                        except FileNotFoundError:
-                            continue
-            return sizes
-        for rel_dir in rel_dirs:
-            self.fs.invalidate_cache(self.path(rel_dir))
-            try:
-                entries = self.fs.find(self.path(rel_dir), detail=True)
-            except FileNotFoundError:
-                continue
-            for path, info in entries.items():
-                rel = path[len(self.root) :].lstrip("/") if path.startswith(self.root) else path
-                sizes[rel] = int(info.get("size") or 0)
-        return sizes
+        return output_sizes(self.fs, self.root, self.is_local, rel_dirs)
 
     def committed(self, stage: str, fingerprint: str | None = None) -> dict[int, dict[str, Any]]:
         """shard -> marker for shards that are committed: marker present, fingerprint matching, outputs intact
