@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, SettingsChangedError
 from pipeline.nano import world
 from pipeline.resources import repo_path
 
@@ -161,7 +161,12 @@ def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str |
         for stage in stages:
             if stage == "evaluate" and "train" in stages:
                 add_trained_captioner(config)
-            report = run_stage(config, stage, None if declared[stage].whole_run else shards, out=out)
+            try:
+                report = run_stage(config, stage, None if declared[stage].whole_run else shards, out=out)
+            except SettingsChangedError as exc:
+                raise SettingsChangedError(f"{exc}. The demo reruns a root with the settings it was made with: "
+                                           f"give this demo another --root (e.g. {config.root.rstrip('/')}-train)"
+                                           ) from None
             code = max(code, report.exit_code)
             if report.exit_code:
                 break
