@@ -111,10 +111,20 @@ def build_source(work: Path) -> tuple[Path, Path]:
     return src, manifest
 
 
-def make_root(src: Path, backend: str, n: int, work: Path, options: dict) -> str:
+def make_root(src: Path, backend: str, n: int, work: Path, options: dict, reuse: bool = False) -> str:
     from pipeline.storage import Storage
     from tests.scale_support import clone_shards
 
+    root = str(work / f"local-{n}") if backend == "local" else f"s3://{BUCKET}/n{n}"
+    if reuse:
+        st = Storage(root, options or None)
+        if ((st.run_meta() or {}).get("num_shards") == n and st.exists(f"_done/annotate/{n - 1:05d}.json")
+                and st.exists(f"_done/annotate/{SHARD:05d}.json")):
+            for leftover in ("_index",):  # every measurement starts without the marker index
+                if st.exists(leftover):
+                    st.fs.rm(st.path(leftover), recursive=True)
+            print(f"  reusing the {backend} root of {n} shards", flush=True)
+            return root
     if backend == "local":
         root = str(work / f"local-{n}")
         shutil.rmtree(root, ignore_errors=True)
@@ -275,6 +285,7 @@ def main() -> int:
     ap.add_argument("--backends", default="local,s3")
     ap.add_argument("--large", action="store_true", help="also N=100,000 on the local folder")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--reuse", action="store_true", help="reuse the roots an earlier run left in --work")
     ap.add_argument("--e2e", action="store_true", help="the end-to-end run through SLURM (see above)")
     ap.add_argument("--e2e-sizes", default="50,1000")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -290,7 +301,8 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir {work}; machine: {os.cpu_count()} cores", flush=True)
-    src, manifest = build_source(work)
+    src, manifest = (work / "source", work / "bench.yaml") if args.reuse and (work / "bench.yaml").exists() \
+        else build_source(work)
     results: dict[tuple[str, int], dict] = {}
     server = None
     ratio = None
@@ -308,7 +320,7 @@ def main() -> int:
             bench_manifest.write_text(yaml.safe_dump(cfg))
             backend_sizes = sizes + ([100_000] if args.large and backend == "local" else [])
             for n in backend_sizes:
-                root = make_root(src, backend, n, work, options)
+                root = make_root(src, backend, n, work, options, args.reuse)
                 results[(backend, n)] = res = measure(backend, root, n, bench_manifest, env, options)
                 print(f"{backend:5s} N={n:>6}: " + "  ".join(
                     f"{k} {v['wall_s']:.2f}s/{v['requests']}req" for k, v in res.items()), flush=True)
