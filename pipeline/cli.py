@@ -8,6 +8,7 @@ import sys
 
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError, UnknownStageError
+from pipeline.redact import redact_text
 from pipeline.runner import EXIT_USER_ERROR
 from pipeline.shards import format_shard_spec, parse_shard_spec
 from pipeline.stage import load_stage, stage_modules
@@ -32,7 +33,10 @@ def _add_stage_and_shards(p: argparse.ArgumentParser, chain: bool = False) -> No
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.manifest, args.overrides, root=args.root)
+    """The configuration of a command: manifest, --set items, then secret settings a SLURM task received."""
+    from pipeline.slurm import secret_overrides_from_env
+
+    return load_config(args.manifest, [*args.overrides, *secret_overrides_from_env()], root=args.root)
 
 
 def _add_resource_args(p: argparse.ArgumentParser) -> None:
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args.root, args.data_dir, args.port, args.images, args.manifest, train=args.train)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -311,8 +315,8 @@ def _submit(args: argparse.Namespace) -> int:
         declared = load_stage(stage, config)
         if not declared.whole_run and not shards:
             raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
-        defaults = {"gpus": declared.resources.gpus or None,
-                    "cpus": declared.resources.cpus if declared.resources.cpus > 1 else None}
+        needs = declared.needs(config)
+        defaults = {"gpus": needs.gpus or None, "cpus": needs.cpus if needs.cpus > 1 else None}
         spec = _submit_spec(args, stage, shards, 1 if declared.whole_run else args.tasks, defaults,
                             whole_run=declared.whole_run)
         spec.launcher = declared.launcher

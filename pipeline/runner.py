@@ -20,6 +20,8 @@ from tqdm import tqdm
 from pipeline.claims import ClaimHeld
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineError, Preempted, StorageError
+from pipeline.preflight import check_engines
+from pipeline.redact import redact_text
 from pipeline.shards import format_shard_spec
 from pipeline.stage import InputCache, RunContext, ShardContext, ShardStats, Stage, load_stage, timed
 from pipeline.storage import Claim, Storage, now_iso, task_identity, unit_name
@@ -144,6 +146,7 @@ def run_stage(
             storage.drop_dead_scratch(stage, [unit])
             print(f"{stage}: {unit} is committed and current; skipping (--force redoes it)", file=out)
         else:
+            check_engines(declared, config)
             with preemption_signals():
                 try:
                     work.run(unit, shards)
@@ -161,6 +164,8 @@ def run_stage(
     if report.skipped:
         print(f"{stage}: skipping {len(report.skipped)} committed shard(s) [{format_shard_spec(report.skipped)}]", file=out)
 
+    if todo:
+        check_engines(declared, config)
     bar = tqdm(todo, desc=stage, unit="shard", disable=not progress or not todo, file=sys.stderr, leave=False)
     with preemption_signals():
         try:
@@ -342,12 +347,12 @@ class _Work:
     def _fail(self, unit: int | str, exc: BaseException) -> None:
         """Record a unit's failure (if the storage lets us) and report it in one line."""
         stage, name = self.declared.name, unit_name(unit)
-        message = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+        message = redact_text(str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}")
         try:
             self.storage.record_failure(stage, unit, {
                 "stage": stage, "unit": name, **({"shard": unit} if isinstance(unit, int) else {}),
                 "error": message, "error_type": type(exc).__name__,
-                "traceback": "".join(traceback.format_exception(exc)), "failed_at": now_iso(), **task_identity(),
+                "traceback": redact_text("".join(traceback.format_exception(exc))), "failed_at": now_iso(), **task_identity(),
             })
         except Exception as rec_exc:  # noqa: BLE001 - the storage itself is failing: say so, go on
             message += f" (and the failure could not be recorded: {type(rec_exc).__name__}: {rec_exc})"

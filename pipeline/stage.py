@@ -36,7 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import RunConfig
+from pipeline.config import EngineConfig, RunConfig
 from pipeline.errors import MissingInputError, UnknownStageError
 from pipeline.storage import ShardTransaction, Storage, unit_name
 
@@ -103,10 +103,16 @@ class Input:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one task of the stage needs; `submit` uses these as defaults."""
+    """What one task of the stage needs; `submit` uses these as defaults. `gpus` is what a task takes when one
+    of the stage's engines runs on a GPU (see `Stage.needs`)."""
 
     cpus: int = 1
     gpus: int = 0
+
+
+def engine_wants_gpu(cfg: EngineConfig) -> bool:
+    """A local model on a GPU: hf or vllm not pinned to the CPU (noop, the rule reader and openai need none here)."""
+    return cfg.backend in ("hf", "vllm") and cfg.device != "cpu"
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,9 @@ class Stage:
     """per-shard: how many shards its input has (shards beyond are refused up front); default: run.json's
     num_shards when recorded. None from the callable means unknown (no check)."""
     resources: Resources = Resources()
+    engines: Callable[[RunConfig], dict[str, EngineConfig]] | None = None
+    """The engines a unit of the stage uses under a configuration, by setting ('annotate.captioner': cfg): what
+    `submit` sizes GPUs by and what the runner checks (model paths, endpoints) before the first unit."""
     progress: Callable[[RunConfig, Storage, str], str | None] | None = None
     """whole-run: one line on how far a unit has got (e.g. train's last step), shown by `status`."""
     launcher: str | None = None
@@ -155,6 +164,12 @@ class Stage:
     @property
     def whole_run(self) -> bool:
         return self.kind == WHOLE_RUN
+
+    def needs(self, config: RunConfig) -> Resources:
+        """The resources a task takes under `config`: the declared GPUs only when one of its engines wants a GPU."""
+        if self.engines is None or any(engine_wants_gpu(e) for e in self.engines(config).values()):
+            return self.resources
+        return Resources(cpus=self.resources.cpus, gpus=0)
 
     def unit_of(self, config: RunConfig) -> str:
         """The marker name of a whole-run stage's unit."""
