@@ -11,7 +11,7 @@ from pipeline.errors import PipelineError, UnknownStageError
 from pipeline.redact import redact_text
 from pipeline.runner import EXIT_USER_ERROR
 from pipeline.shards import format_shard_spec, parse_shard_spec
-from pipeline.stage import load_stage, stage_modules
+from pipeline.stage import load_stage, resolve_stage_name, stage_folders, stage_modules
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     browse.add_argument("--manifest", "-m", help="run manifest (for storage_options)")
     browse.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a manifest field, e.g. --set storage_options.endpoint_url=http://...")
-    browse.add_argument("--stage", choices=("captions", "images", "qa", "eval"), default="captions",
-                        help="which manifests (default captions)")
+    browse.add_argument("--stage", default="captions", help="which manifests: captions, images, qa or eval, or the "
+                        "stage that writes them (annotate, download, qa, evaluate); default captions")
     browse.add_argument("--where", metavar="EXPR", help="polars SQL filter, e.g. \"quality < 0.5 and caption_tokens > 200\"")
     browse.add_argument("--sample", type=int, metavar="N", help="print N rows chosen with --seed")
     browse.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
@@ -197,6 +197,26 @@ def _qa_exchange(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_names(args: argparse.Namespace) -> None:
+    """Stage and table names as the user gave them -> the registered ones (`status --stage captions` means
+    annotate, `browse --stage annotate` means its captions table); one error line listing the valid names."""
+    stage = getattr(args, "stage", None)
+    if stage is None or args.command == "demo":
+        return
+    config = load_config(args.manifest, args.overrides, root=getattr(args, "root", None))
+    if args.command == "browse":
+        from pipeline.browse import stage_choices
+
+        if stage not in stage_choices():
+            folder = stage_folders(config).get(resolve_stage_name(stage, config))
+            if folder not in stage_choices():
+                raise UnknownStageError(f"browse has no table for {stage!r}; tables: {', '.join(stage_choices())} "
+                                        "(or the stage that writes one: download, qa, annotate, evaluate)")
+            args.stage = folder
+        return
+    args.stage = ",".join(resolve_stage_name(s.strip(), config) for s in stage.split(",") if s.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -206,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
+        _resolve_names(args)
         if args.command == "run":
             from pipeline.runner import run_stage
 

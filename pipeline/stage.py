@@ -328,6 +328,32 @@ def stage_modules(config: RunConfig) -> dict[str, str]:
     return {**BUILTIN_STAGES, **config.stages}
 
 
+def stage_folders(config: RunConfig) -> dict[str, str]:
+    """Registered stage name -> its output folder (the name `browse` gives its table: captions, images, eval)."""
+    out = {}
+    for name in stage_modules(config):
+        try:
+            out[name] = load_stage(name, config).output_dir
+        except Exception:  # noqa: BLE001 - a broken plugin is reported when it is used, not here
+            continue
+    return out
+
+
+def resolve_stage_name(name: str, config: RunConfig) -> str:
+    """A stage named by its name or, where that is unambiguous, by its output folder (captions -> annotate,
+    images -> download, eval -> evaluate); else UnknownStageError listing the valid names."""
+    mapping = stage_modules(config)
+    if name in mapping:
+        return name
+    folders = stage_folders(config)
+    matches = [stage for stage, folder in folders.items() if folder == name]
+    if len(matches) == 1:
+        return matches[0]
+    valid = ", ".join(f"{s} ({folders[s]})" if folders.get(s, s) != s else s for s in mapping)
+    what = f"names the output of stages {', '.join(matches)}" if matches else "is not a stage"
+    raise UnknownStageError(f"{name!r} {what}; stages (output folder): {valid}")
+
+
 def load_stage(name: str, config: RunConfig) -> Stage:
     """The declared Stage registered under `name` (built-in or a plugin from the manifest)."""
     mapping = stage_modules(config)
