@@ -226,7 +226,7 @@ def is_current(marker: dict[str, Any], cache: InputCache, shards: list[int] | No
 
 def stale_inputs(marker: dict[str, Any], cache: InputCache) -> list[str]:
     """The recorded inputs ('stage/unit') whose current digest differs from the one the marker recorded."""
-    return sorted(k for k, d in (marker.get("inputs", {}) or {}).items() if cache.digest(k) != d)
+    return sorted(k for k, d in (marker.get("inputs", {}) or {}).items() if not cache.matches(k, d))
 
 
 class Heartbeat:

@@ -219,6 +219,16 @@ class InputCache:
         marker = self.committed(stage, unit)
         return None if marker is None else marker_digest(marker)
 
+    def matches(self, key: str, recorded: str | None) -> bool:
+        """Whether input `key` still has the digest a consumer recorded (in today's form or the older one that
+        counted the unit's records too, so markers of older versions stay current)."""
+        current = self.digest(key)
+        if current == recorded:
+            return True
+        stage, _, unit = key.partition("/")
+        marker = self.committed(stage, unit)
+        return marker is not None and marker_digest(marker, with_records=True) == recorded
+
     def forget(self, stage: str) -> None:
         self._listed.pop(stage, None)
         self._checked = {k: v for k, v in self._checked.items() if k[0] != stage}
@@ -317,9 +327,17 @@ class ShardContext:
         return self.resources[key]
 
 
-def marker_digest(marker: dict[str, Any]) -> str:
-    """A digest of a marker's outputs: changes iff the committed files change."""
-    blob = json.dumps(marker.get("outputs", {}), sort_keys=True).encode()
+RECORD_SUFFIXES = ("_stats.json", "_summary.json")
+"""Outputs that tell how a unit was made (timings, counts: `00042_stats.json`, `train_summary.json`), not what it
+holds. A unit's digest leaves them out, so redoing a unit into the same bytes (`train --force` with the same
+weights) does not make its consumers stale."""
+
+
+def marker_digest(marker: dict[str, Any], with_records: bool = False) -> str:
+    """A digest of a marker's content outputs: changes iff the committed data (not its records) change.
+    with_records: the digest as recorded before records were left out (markers written by older versions)."""
+    outputs = {k: v for k, v in marker.get("outputs", {}).items() if with_records or not k.endswith(RECORD_SUFFIXES)}
+    blob = json.dumps(outputs, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
