@@ -12,6 +12,7 @@ retry_shard  re-fetches only the failed rows of a committed shard and merges the
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,9 @@ def prepare(run: RunContext) -> None:
     """Fingerprint and cut the URL list (once per list), guard run.json, refuse shards beyond the input."""
     meta = ensure_inputs(run.config, run.storage)
     run.resources[_RESOURCE] = meta
+    if meta.get("unused_columns"):
+        print(f"download: the URL list's column(s) {', '.join(meta['unused_columns'])} are not kept in the shards; "
+              "name the ones to keep in download.save_additional_columns", file=sys.stderr)
     check_range(run.shards, meta, run.config.shard_size)
 
 
@@ -77,6 +81,7 @@ def ensure_inputs(config: RunConfig, storage: Storage) -> dict[str, Any]:
         raise ConfigError(f"{urls.num_rows} rows at shard_size {config.shard_size} make {count} shards, "
                           f"more than the {MAX_SHARD + 1} shard ids; raise shard_size")
     meta = {"input_fingerprint": urls.fingerprint, "num_rows": urls.num_rows, "num_shards": count,
+            "unused_columns": urls.unused,
             "shard_size": config.shard_size, "format": urls.format, "files": redact(urls.files),
             "identity": ident, "selection": selection}
     # Refuse before touching _inputs: a different list or shard size would renumber the run's shards.
