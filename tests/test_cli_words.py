@@ -51,3 +51,13 @@ def test_clip_says_when_it_cut():
     assert clip("short") == "short"
     assert clip("x" * 300, 200) == "x" * 197 + "..."
     assert len(clip("y" * 201, 200)) == 200
+
+
+def test_status_cuts_a_long_failure_reason_with_an_ellipsis(tmp_path, capsys):
+    (tmp_path / "_failed" / "annotate").mkdir(parents=True)
+    reason = "RuntimeError: " + "the captioning engine failed on every image " * 10 + "TAIL"
+    (tmp_path / "_failed" / "annotate" / "00003.json").write_text(
+        '{"stage": "annotate", "unit": "00003", "shard": 3, "error": "%s\\nsecond line"}' % reason)
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "FAILED" in x)
+    assert line.endswith("...") and "TAIL" not in line and line.startswith("annotate: shard(s) 3 FAILED: RuntimeError: the")
