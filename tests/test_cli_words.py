@@ -3,6 +3,8 @@ the valid names otherwise), `export-qa --out` into a folder that does not exist 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.cli import main
@@ -57,7 +59,7 @@ def test_status_cuts_a_long_failure_reason_with_an_ellipsis(tmp_path, capsys):
     (tmp_path / "_failed" / "annotate").mkdir(parents=True)
     reason = "RuntimeError: " + "the captioning engine failed on every image " * 10 + "TAIL"
     (tmp_path / "_failed" / "annotate" / "00003.json").write_text(
-        '{"stage": "annotate", "unit": "00003", "shard": 3, "error": "%s\\nsecond line"}' % reason)
+        json.dumps({"stage": "annotate", "unit": "00003", "shard": 3, "error": reason + "\nsecond line"}))
     assert main(["status", "--root", str(tmp_path)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "FAILED" in x)
     assert line.endswith("...") and "TAIL" not in line and line.startswith("annotate: shard(s) 3 FAILED: RuntimeError: the")

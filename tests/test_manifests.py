@@ -9,7 +9,7 @@ import io
 import pytest
 
 from pipeline.config import load_config
-from pipeline.demo import runnable_stages, run_demo
+from pipeline.demo import run_demo, runnable_stages
 from pipeline.resources import repo_path
 from pipeline.stage import STAGE_ORDER, available_stages
 
