@@ -368,8 +368,8 @@ def resolve_stage_name(name: str, config: RunConfig) -> str:
     if len(matches) == 1:
         return matches[0]
     valid = ", ".join(f"{s} ({folders[s]})" if folders.get(s, s) != s else s for s in mapping)
-    what = f"names the output of stages {', '.join(matches)}" if matches else "is not a stage"
-    raise UnknownStageError(f"{name!r} {what}; stages (output folder): {valid}")
+    what = f" (it names the output of stages {', '.join(matches)})" if matches else ""
+    raise UnknownStageError(f"unknown stage {name!r}{what}; stages (output folder): {valid}")
 
 
 def load_stage(name: str, config: RunConfig) -> Stage:
