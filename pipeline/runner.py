@@ -144,6 +144,7 @@ def run_stage(
         if not force and marker is not None and is_current(marker, cache, shards, declared):
             report.skipped = [0]
             storage.drop_dead_scratch(stage, [unit])
+            storage.drop_dead_claims(stage, [unit], config.claim_stale_s)
             print(f"{stage}: {unit} is committed and current; skipping (--force redoes it)", file=out)
         else:
             check_engines(declared, config)
@@ -161,6 +162,7 @@ def run_stage(
     todo = sorted([*todo, *redo_rows])
     report.skipped = [s for s in shards if s not in todo]
     storage.drop_dead_scratch(stage, report.skipped)
+    storage.drop_dead_claims(stage, report.skipped, config.claim_stale_s)
     if report.skipped:
         print(f"{stage}: skipping {len(report.skipped)} committed shard(s) [{format_shard_spec(report.skipped)}]", file=out)
 
