@@ -124,6 +124,7 @@ def run_stage(
     storage = storage or Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable()
     storage.ensure_run_meta({"shard_size": config.shard_size})
+    preflight = not resources  # engines handed in by the caller (tests, a long-lived process) are built already
     resources = {} if resources is None else resources
     cache = InputCache(storage)
     if declared.whole_run:
@@ -147,7 +148,8 @@ def run_stage(
             storage.drop_dead_claims(stage, [unit], config.claim_stale_s)
             print(f"{stage}: {unit} is committed and current; skipping (--force redoes it)", file=out)
         else:
-            check_engines(declared, config)
+            if preflight:
+                check_engines(declared, config)
             with preemption_signals():
                 try:
                     work.run(unit, shards)
@@ -166,7 +168,7 @@ def run_stage(
     if report.skipped:
         print(f"{stage}: skipping {len(report.skipped)} committed shard(s) [{format_shard_spec(report.skipped)}]", file=out)
 
-    if todo:
+    if todo and preflight:
         check_engines(declared, config)
     bar = tqdm(todo, desc=stage, unit="shard", disable=not progress or not todo, file=sys.stderr, leave=False)
     with preemption_signals():
