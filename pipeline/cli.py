@@ -8,9 +8,10 @@ import sys
 
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError, UnknownStageError
+from pipeline.redact import redact_text
 from pipeline.runner import EXIT_USER_ERROR
 from pipeline.shards import format_shard_spec, parse_shard_spec
-from pipeline.stage import load_stage, stage_modules
+from pipeline.stage import load_stage, resolve_stage_name, stage_folders, stage_modules
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +33,10 @@ def _add_stage_and_shards(p: argparse.ArgumentParser, chain: bool = False) -> No
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.manifest, args.overrides, root=args.root)
+    """The configuration of a command: manifest, --set items, then secret settings a SLURM task received."""
+    from pipeline.slurm import secret_overrides_from_env
+
+    return load_config(args.manifest, [*args.overrides, *secret_overrides_from_env()], root=args.root)
 
 
 def _add_root_args(p: argparse.ArgumentParser) -> None:
@@ -140,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "expression; --sample N prints a seeded sample; --show KEY one row whole with its image's place "
                     "in its tar; --html DIR writes a static gallery.")
     _add_root_args(browse)
-    browse.add_argument("--stage", choices=("captions", "images", "qa", "eval"), default="captions",
-                        help="which manifests (default captions)")
+    browse.add_argument("--stage", default="captions", help="which manifests: captions, images, qa or eval, or the "
+                        "stage that writes them (annotate, download, qa, evaluate); default captions")
     browse.add_argument("--where", metavar="EXPR", help="polars SQL filter, e.g. \"quality < 0.5 and caption_tokens > 200\"")
     browse.add_argument("--sample", type=int, metavar="N", help="print N rows chosen with --seed")
     browse.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
@@ -281,6 +285,26 @@ def _qa_exchange(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_names(args: argparse.Namespace) -> None:
+    """Stage and table names as the user gave them -> the registered ones (`status --stage captions` means
+    annotate, `browse --stage annotate` means its captions table); one error line listing the valid names."""
+    stage = getattr(args, "stage", None)
+    if stage is None or args.command == "demo":
+        return
+    config = load_config(args.manifest, args.overrides, root=getattr(args, "root", None))
+    if args.command == "browse":
+        from pipeline.browse import stage_choices
+
+        if stage not in stage_choices():
+            folder = stage_folders(config).get(resolve_stage_name(stage, config))
+            if folder not in stage_choices():
+                raise UnknownStageError(f"browse has no table for {stage!r}; tables: {', '.join(stage_choices())} "
+                                        "(or the stage that writes one: download, qa, annotate, evaluate)")
+            args.stage = folder
+        return
+    args.stage = ",".join(resolve_stage_name(s.strip(), config) for s in stage.split(",") if s.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -290,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
+        _resolve_names(args)
         if args.command == "run":
             from pipeline.runner import run_stage
 
@@ -330,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args.root, args.data_dir, args.port, args.images, args.manifest, train=args.train)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -397,8 +422,8 @@ def _submit(args: argparse.Namespace) -> int:
         declared = load_stage(stage, config)
         if not declared.whole_run and not shards:
             raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
-        defaults = {"gpus": declared.resources.gpus or None,
-                    "cpus": declared.resources.cpus if declared.resources.cpus > 1 else None}
+        needs = declared.needs(config)
+        defaults = {"gpus": needs.gpus or None, "cpus": needs.cpus if needs.cpus > 1 else None}
         spec = _submit_spec(args, stage, shards, 1 if declared.whole_run else args.tasks, defaults,
                             whole_run=declared.whole_run)
         spec.launcher = declared.launcher

@@ -153,9 +153,13 @@ def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str |
         write_url_list(data, base_url)
         print(f"demo: serving {data}/ at {base_url}; root {config.root}; shards {format_shard_spec(shards)}", file=out)
         declared = available_stages(config)
-        stages = [s for s in STAGE_ORDER if s in declared]
+        stages, skipped = runnable_stages(config, {s: declared[s] for s in STAGE_ORDER if s in declared})
+        if skipped:
+            print(f"demo: {manifest_path or 'the default configuration'} cannot run "
+                  + "; ".join(f"{s} ({why})" for s, why in skipped.items())
+                  + f"; running {', '.join(stages) or 'nothing'}", file=out)
         if not stages:
-            print("demo: no stage is implemented yet; the demo world is ready in", data, file=out)
+            print("demo: no stage can run; the demo world is ready in", data, file=out)
             return 0
         code = 0
         for stage in stages:
@@ -174,6 +178,29 @@ def run_demo(root: str, data_dir: str, port: int, n_images: int, manifest: str |
     if code == 0:
         show_results(config, stages, out)
     return code
+
+
+def runnable_stages(config, declared: dict) -> tuple[list[str], dict[str, str]]:
+    """The stages (in order) whose engines the configuration names and finds, and why each other one cannot run
+    (a model not set or missing, a server that does not answer, a model taken from a stage that cannot run)."""
+    from pipeline.preflight import engine_problem
+    from pipeline.resources import stage_reference
+
+    ready: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, stage in declared.items():
+        for setting, cfg in (stage.engines(config) if stage.engines else {}).items():
+            ref = stage_reference(cfg.model) if cfg.backend in ("hf", "vllm") else None
+            if ref is not None and ref[0] not in ready:
+                skipped[name] = f"{setting}.model is {cfg.model}, but {ref[0]} does not run"
+                break
+            problem = engine_problem(setting, cfg)
+            if problem:
+                skipped[name] = problem
+                break
+        else:
+            ready.append(name)
+    return ready, skipped
 
 
 def relocate_benchmarks(config, data: Path) -> None:

@@ -43,3 +43,9 @@ class Preempted(BaseException):  # noqa: N818 - a signal, not an error
 
 class SlurmError(PipelineError):
     """A submission that cannot be rendered or that sbatch refuses."""
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` cut to at most `limit` characters, ending in '...' when it was cut (the full text is kept where it
+    is recorded, e.g. the failure record)."""
+    return text if len(text) <= limit else text[: max(0, limit - 3)].rstrip() + "..."

@@ -20,6 +20,8 @@ from tqdm import tqdm
 from pipeline.claims import ClaimHeld
 from pipeline.config import RunConfig, setting_changes
 from pipeline.errors import PipelineError, Preempted, SettingsChangedError, StorageError
+from pipeline.preflight import check_engines
+from pipeline.redact import redact_text
 from pipeline.shards import format_shard_spec
 from pipeline.stage import InputCache, RunContext, ShardContext, ShardStats, Stage, load_stage, timed
 from pipeline.storage import Claim, Storage, now_iso, task_identity, unit_name
@@ -145,6 +147,7 @@ def _run_planned(config: RunConfig, declared: Stage, storage: Storage, shards: l
                  failed_only: bool, resources: dict[str, Any] | None, progress: bool, out: Any) -> RunReport:
     stage = declared.name
     storage.check_run_meta({"shard_size": config.shard_size})  # refuse a renumbering before any work
+    preflight = not resources  # engines handed in by the caller (tests, a long-lived process) are built already
     resources = {} if resources is None else resources
     cache = InputCache(storage)
     if declared.whole_run:
@@ -172,8 +175,11 @@ def _run_planned(config: RunConfig, declared: Stage, storage: Storage, shards: l
         if not force and marker is not None and is_current(marker, cache, shards, declared):
             report.skipped = [0]
             storage.drop_dead_scratch(stage, [unit])
+            storage.drop_dead_claims(stage, [unit], config.claim_stale_s)
             print(f"{stage}: {unit} is committed and current; skipping (--force redoes it)", file=out)
         else:
+            if preflight:
+                check_engines(declared, config)
             with preemption_signals():
                 try:
                     work.run(unit, shards)
@@ -188,9 +194,12 @@ def _run_planned(config: RunConfig, declared: Stage, storage: Storage, shards: l
     todo = sorted([*todo, *redo_rows])
     report.skipped = [s for s in shards if s not in todo]
     storage.drop_dead_scratch(stage, report.skipped)
+    storage.drop_dead_claims(stage, report.skipped, config.claim_stale_s)
     if report.skipped:
         print(f"{stage}: skipping {len(report.skipped)} committed shard(s) [{format_shard_spec(report.skipped)}]", file=out)
 
+    if todo and preflight:
+        check_engines(declared, config)
     bar = tqdm(todo, desc=stage, unit="shard", disable=not progress or not todo, file=sys.stderr, leave=False)
     with preemption_signals():
         try:
@@ -271,7 +280,7 @@ def is_current(marker: dict[str, Any], cache: InputCache, shards: list[int] | No
 
 def stale_inputs(marker: dict[str, Any], cache: InputCache) -> list[str]:
     """The recorded inputs ('stage/unit') whose current digest differs from the one the marker recorded."""
-    return sorted(k for k, d in (marker.get("inputs", {}) or {}).items() if cache.digest(k) != d)
+    return sorted(k for k, d in (marker.get("inputs", {}) or {}).items() if not cache.matches(k, d))
 
 
 class Heartbeat:
@@ -392,12 +401,12 @@ class _Work:
     def _fail(self, unit: int | str, exc: BaseException) -> None:
         """Record a unit's failure (if the storage lets us) and report it in one line."""
         stage, name = self.declared.name, unit_name(unit)
-        message = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+        message = redact_text(str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}")
         try:
             self.storage.record_failure(stage, unit, {
                 "stage": stage, "unit": name, **({"shard": unit} if isinstance(unit, int) else {}),
                 "error": message, "error_type": type(exc).__name__,
-                "traceback": "".join(traceback.format_exception(exc)), "failed_at": now_iso(), **task_identity(),
+                "traceback": redact_text("".join(traceback.format_exception(exc))), "failed_at": now_iso(), **task_identity(),
             })
         except Exception as rec_exc:  # noqa: BLE001 - the storage itself is failing: say so, go on
             message += f" (and the failure could not be recorded: {type(rec_exc).__name__}: {rec_exc})"

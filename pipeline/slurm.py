@@ -10,6 +10,7 @@ shards are skipped by every rerun, so a requeued or retried task only does what 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 import shlex
@@ -22,14 +23,18 @@ from typing import Any
 
 from pipeline.claims import squeue_job_ids
 from pipeline.config import RunConfig
-from pipeline.errors import SlurmError
-from pipeline.runner import EXIT_PREEMPTED
+from pipeline.errors import PipelineError, SlurmError
+from pipeline.redact import is_secret_override, redact_override, redact_url
+from pipeline.runner import EXIT_PREEMPTED, check_shard_range
 from pipeline.shards import format_shard_spec, parse_shard_spec, slice_for_task
 from pipeline.storage import LOGS_DIR, Storage, code_version, now_iso
 
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
 SUBMISSION_SUFFIX = ".submit.json"
+SECRET_SETTINGS_ENV = "PIPELINE_SECRET_SETTINGS"
+"""The environment variable that carries secret `--set` overrides from `submit` to its tasks (a JSON list of
+key=value items): sbatch passes the submitting environment on, so secrets never enter the script or ROOT/logs."""
 
 
 def time_limit_seconds(text: str) -> int:
@@ -178,7 +183,8 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
     run_args = ["-m", "pipeline", "run", "--stage", spec.stage, *shard_args, "--no-progress", "--root", q(storage.url())]
     if spec.manifest:
         run_args += ["--manifest", q(os.path.abspath(spec.manifest))]
-    for item in spec.overrides:
+    public, secret = split_overrides(spec.overrides)
+    for item in public:
         run_args += ["--set", q(item)]
     if spec.failed_only:
         run_args.append("--failed-only")
@@ -190,6 +196,9 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
             f"stage {spec.stage},\n# shards {format_shard_spec(spec.shards)} in {spec.tasks} array task(s)")
     lines += [
         f"# Rendered by caprl-pipeline {code_version()} at {now_iso()}: {what}. Resubmit with: sbatch <this file>",
+        *([f"# {len(secret)} secret setting(s) ({', '.join(sorted(i.partition('=')[0] for i in secret))}) reach the "
+           f"task through ${SECRET_SETTINGS_ENV},", "# which sbatch takes from the environment it was called in: "
+           "export it before resubmitting this file"] if secret else []),
         "set -uo pipefail",
         "export PYTHONUNBUFFERED=1",
         "",
@@ -243,17 +252,51 @@ def render_script(config: RunConfig, spec: SubmitSpec, storage: Storage, log_dir
     return "\n".join(lines) + "\n"
 
 
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(public, secret) `--set` items: secret ones (see pipeline.redact) travel in SECRET_SETTINGS_ENV only."""
+    public = [o for o in overrides if not is_secret_override(o)]
+    return public, [o for o in overrides if is_secret_override(o)]
+
+
+def check_against_run(config: RunConfig, spec: SubmitSpec, storage: Storage) -> None:
+    """Refuse, before anything is rendered, what the tasks' `run` would refuse: another shard_size than run.json
+    records, or shards beyond the run's input."""
+    from pipeline.stage import load_stage
+
+    if redact_url(storage.url()) != storage.url():
+        raise SlurmError(f"the root {redact_url(storage.url())} carries credentials in its URL, which would be "
+                         "written into the script: give them in storage_options or the environment instead")
+    try:
+        meta = storage.run_meta() or {}
+    except Exception:  # noqa: BLE001 - an unreadable root is reported by check_reachable when submitting
+        return
+    recorded = meta.get("shard_size")
+    if recorded is not None and recorded != config.shard_size:
+        raise SlurmError(f"refusing to submit: shard_size is {config.shard_size} but {storage.url('run.json')} "
+                         f"records {recorded}; every task would refuse to run. Use a new --root, or restore the "
+                         "original setting.")
+    if spec.shards and not spec.whole_run:
+        try:
+            check_shard_range(load_stage(spec.stage, config), config, storage, spec.shards)
+        except PipelineError as exc:
+            raise SlurmError(f"refusing to submit: {exc}") from None
+
+
 def submit(config: RunConfig, spec: SubmitSpec, *, dry_run: bool = False) -> Submission:
-    """Render the script; unless dry_run, save it under ROOT/logs, run sbatch and record the job id."""
+    """Render the script; unless dry_run, save it under ROOT/logs, run sbatch and record the job id. Secret
+    overrides go to sbatch's environment, never into the script or the record; a refused submission leaves
+    no script behind."""
     storage = Storage(config.root, config.storage_options, config.work_dir)
     log_dir = log_dir_for(config, storage)
+    check_against_run(config, spec, storage)
     script = render_script(config, spec, storage, log_dir)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     rel = f"{LOGS_DIR}/{spec.stage}-{stamp}.sbatch"
+    recorded = {k: v for k, v in asdict(spec).items() if k != "shards"}
+    recorded["overrides"] = [redact_override(o) for o in spec.overrides]
     sub = Submission(
         stage=spec.stage, shard_spec=format_shard_spec(spec.shards), tasks=spec.tasks, script=script,
-        script_url=storage.url(rel), local_script=None, log_dir=log_dir,
-        spec={k: v for k, v in asdict(spec).items() if k != "shards"},
+        script_url=storage.url(rel), local_script=None, log_dir=log_dir, spec=recorded,
     )
     if dry_run:
         return sub
@@ -269,14 +312,46 @@ def submit(config: RunConfig, spec: SubmitSpec, *, dry_run: bool = False) -> Sub
         local = os.path.join(log_dir, f"{spec.stage}-{stamp}.sbatch")
         Path(local).write_text(script)
     sub.local_script = local
-    proc = subprocess.run([sbatch, "--parsable", local], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
-        raise SlurmError(f"sbatch refused {local}: {msg[-1] if msg else f'exit code {proc.returncode}'}")
+    env = dict(os.environ)
+    secret = split_overrides(spec.overrides)[1]
+    if secret:
+        env[SECRET_SETTINGS_ENV] = json.dumps(secret)
+    try:
+        proc = subprocess.run([sbatch, "--parsable", local], capture_output=True, text=True, timeout=120, env=env)
+        if proc.returncode != 0:
+            msg = (proc.stderr or proc.stdout).strip().splitlines()
+            raise SlurmError(f"sbatch refused {local}: {msg[-1] if msg else f'exit code {proc.returncode}'}")
+    except BaseException:
+        _remove_quietly(storage, rel, None if storage.is_local else local)
+        raise
     sub.job_id = proc.stdout.strip().split(";")[0]
     record = {k: v for k, v in asdict(sub).items() if k != "script"}
     storage.write_json(f"{LOGS_DIR}/{spec.stage}-{stamp}{SUBMISSION_SUFFIX}", record)
     return sub
+
+
+def _remove_quietly(storage: Storage, rel: str, local: str | None) -> None:
+    """Remove a refused submission's script (a failure to remove must not hide sbatch's error)."""
+    try:
+        storage.remove(rel)
+    except Exception:  # noqa: BLE001
+        pass
+    if local:
+        Path(local).unlink(missing_ok=True)
+
+
+def secret_overrides_from_env() -> list[str]:
+    """The secret `--set` items `submit` passed to this task through SECRET_SETTINGS_ENV (none outside a task)."""
+    raw = os.environ.get(SECRET_SETTINGS_ENV)
+    if not raw:
+        return []
+    try:
+        items = json.loads(raw)
+    except json.JSONDecodeError:
+        raise PipelineError(f"${SECRET_SETTINGS_ENV} is not a JSON list of key=value settings") from None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise PipelineError(f"${SECRET_SETTINGS_ENV} is not a JSON list of key=value settings")
+    return items
 
 
 def submissions(storage: Storage, stage: str | None = None) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import RunConfig
+from pipeline.config import EngineConfig, RunConfig
 from pipeline.errors import MissingInputError, UnknownStageError
 from pipeline.storage import ShardTransaction, Storage, unit_name
 
@@ -103,10 +103,16 @@ class Input:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one task of the stage needs; `submit` uses these as defaults."""
+    """What one task of the stage needs; `submit` uses these as defaults. `gpus` is what a task takes when one
+    of the stage's engines runs on a GPU (see `Stage.needs`)."""
 
     cpus: int = 1
     gpus: int = 0
+
+
+def engine_wants_gpu(cfg: EngineConfig) -> bool:
+    """A local model on a GPU: hf or vllm not pinned to the CPU (noop, the rule reader and openai need none here)."""
+    return cfg.backend in ("hf", "vllm") and cfg.device != "cpu"
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,9 @@ class Stage:
     """per-shard: how many shards its input has (shards beyond are refused up front); default: run.json's
     num_shards when recorded. None from the callable means unknown (no check)."""
     resources: Resources = Resources()
+    engines: Callable[[RunConfig], dict[str, EngineConfig]] | None = None
+    """The engines a unit of the stage uses under a configuration, by setting ('annotate.captioner': cfg): what
+    `submit` sizes GPUs by and what the runner checks (model paths, endpoints) before the first unit."""
     progress: Callable[[RunConfig, Storage, str], str | None] | None = None
     """whole-run: one line on how far a unit has got (e.g. train's last step), shown by `status`."""
     launcher: str | None = None
@@ -158,6 +167,12 @@ class Stage:
     @property
     def whole_run(self) -> bool:
         return self.kind == WHOLE_RUN
+
+    def needs(self, config: RunConfig) -> Resources:
+        """The resources a task takes under `config`: the declared GPUs only when one of its engines wants a GPU."""
+        if self.engines is None or any(engine_wants_gpu(e) for e in self.engines(config).values()):
+            return self.resources
+        return Resources(cpus=self.resources.cpus, gpus=0)
 
     def unit_of(self, config: RunConfig) -> str:
         """The marker name of a whole-run stage's unit."""
@@ -236,6 +251,16 @@ class InputCache:
         stage, _, unit = key.partition("/")
         marker = self.committed(stage, unit)
         return None if marker is None else marker_digest(marker)
+
+    def matches(self, key: str, recorded: str | None) -> bool:
+        """Whether input `key` still has the digest a consumer recorded (in today's form or the older one that
+        counted the unit's records too, so markers of older versions stay current)."""
+        current = self.digest(key)
+        if current == recorded:
+            return True
+        stage, _, unit = key.partition("/")
+        marker = self.committed(stage, unit)
+        return marker is not None and marker_digest(marker, with_records=True) == recorded
 
     def forget(self, stage: str) -> None:
         self._whole.discard(stage)
@@ -335,15 +360,49 @@ class ShardContext:
         return self.resources[key]
 
 
-def marker_digest(marker: dict[str, Any]) -> str:
-    """A digest of a marker's outputs: changes iff the committed files change."""
-    blob = json.dumps(marker.get("outputs", {}), sort_keys=True).encode()
+RECORD_SUFFIXES = ("_stats.json", "_summary.json")
+"""Outputs that tell how a unit was made (timings, counts: `00042_stats.json`, `train_summary.json`), not what it
+holds. A unit's digest leaves them out, so redoing a unit into the same bytes (`train --force` with the same
+weights) does not make its consumers stale."""
+
+
+def marker_digest(marker: dict[str, Any], with_records: bool = False) -> str:
+    """A digest of a marker's content outputs: changes iff the committed data (not its records) change.
+    with_records: the digest as recorded before records were left out (markers written by older versions)."""
+    outputs = {k: v for k, v in marker.get("outputs", {}).items() if with_records or not k.endswith(RECORD_SUFFIXES)}
+    blob = json.dumps(outputs, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def stage_modules(config: RunConfig) -> dict[str, str]:
     """Registered stage name -> module target (built-ins, then the manifest's plugins)."""
     return {**BUILTIN_STAGES, **config.stages}
+
+
+def stage_folders(config: RunConfig) -> dict[str, str]:
+    """Registered stage name -> its output folder (the name `browse` gives its table: captions, images, eval)."""
+    out = {}
+    for name in stage_modules(config):
+        try:
+            out[name] = load_stage(name, config).output_dir
+        except Exception:  # noqa: BLE001 - a broken plugin is reported when it is used, not here
+            continue
+    return out
+
+
+def resolve_stage_name(name: str, config: RunConfig) -> str:
+    """A stage named by its name or, where that is unambiguous, by its output folder (captions -> annotate,
+    images -> download, eval -> evaluate); else UnknownStageError listing the valid names."""
+    mapping = stage_modules(config)
+    if name in mapping:
+        return name
+    folders = stage_folders(config)
+    matches = [stage for stage, folder in folders.items() if folder == name]
+    if len(matches) == 1:
+        return matches[0]
+    valid = ", ".join(f"{s} ({folders[s]})" if folders.get(s, s) != s else s for s in mapping)
+    what = f" (it names the output of stages {', '.join(matches)})" if matches else ""
+    raise UnknownStageError(f"unknown stage {name!r}{what}; stages (output folder): {valid}")
 
 
 def load_stage(name: str, config: RunConfig) -> Stage:

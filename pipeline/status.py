@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.claims import DEFAULT_STALE_AFTER, judge, squeue_job_ids
 from pipeline.config import RunConfig, setting_changes
-from pipeline.errors import PipelineError, SlurmError
+from pipeline.errors import PipelineError, SlurmError, clip
 from pipeline.runner import stale_inputs
 from pipeline.shards import format_shard_spec, parse_shard_spec
 from pipeline.slurm import submissions
@@ -138,7 +138,7 @@ class StageStatus:
             "rows_per_s_wall": None if (w := self.wall_rate()) is None else round(w, 1),
             "quality": None if (q := self.quality()) is None else round(q, 3),
             "failed_shards": _spec(self.failed),
-            "failure_reasons": sorted({f.get("error", "?")[:200] for f in self.failed.values()}),
+            "failure_reasons": sorted({clip(f.get("error", "?")) for f in self.failed.values()}),
             "stale_shards": _spec(c.shard for c in self.stale),
             "row_errors": dict(self.row_errors),
             "fingerprints": dict(self.fingerprints),
@@ -430,7 +430,7 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
             print(f"{st.stage}: {gate}", file=out)
         by_reason: dict[str, list[int | str]] = {}
         for unit, rec in st.failed.items():
-            by_reason.setdefault(rec.get("error", "?").splitlines()[0][:200], []).append(unit)
+            by_reason.setdefault(clip(" ".join(str(rec.get("error") or "?").split())), []).append(unit)
         for reason, units in sorted(by_reason.items()):
             print(f"{st.stage}: {_units(units)} FAILED: {reason}", file=out)
         by_outdated: dict[str, list[int | str]] = {}

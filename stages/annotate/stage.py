@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import shardio
-from pipeline.config import AnnotateConfig, EngineConfig
+from pipeline.config import AnnotateConfig, EngineConfig, RunConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
 from pipeline.errors import ConfigError, MissingInputError
 from pipeline.inputs import InputShard, pattern_shard_count, resolve_input
@@ -329,6 +329,15 @@ def _stats(rows: list[dict[str, Any]], plan: _Plan, src: InputShard, engine_id: 
     return stats
 
 
+def engines(config: RunConfig) -> dict[str, EngineConfig]:
+    """The captioner, and the quality monitor's reader when a fraction is scored."""
+    cfg = config.annotate
+    out = {"annotate.captioner": cfg.captioner}
+    if cfg.quality.fraction > 0:
+        out["annotate.reward.reader"] = cfg.reward.reader
+    return out
+
+
 STAGE = Stage(
     name="annotate",
     output_dir=OUTPUT_DIR,
@@ -340,5 +349,6 @@ STAGE = Stage(
     prepare=prepare,
     shard_count=lambda config, storage: pattern_shard_count(config.annotate.input_pattern, storage),
     resources=Resources(gpus=1),
+    engines=engines,
     description="the captioner over image shards -> caption WebDataset shards + parquet manifests",
 )

@@ -15,6 +15,7 @@ the header, so a tiny file declaring 50,000 x 50,000 pixels is refused before an
 from __future__ import annotations
 
 import atexit
+import hashlib
 import io
 import math
 import os
@@ -401,6 +402,12 @@ def _run_img2dataset(todo: list[tuple[int, str]], opts: FetchOptions, work_dir: 
                              for j, _ in tasks])
 
 
+def image_sha256(data: bytes | None) -> str | None:
+    """The one definition of an image's sha256 in every manifest (images, qa, captions): of its bytes as stored
+    in the shard's tar (after resizing and encoding), not of the bytes the server sent."""
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
 def _normalize(t: pa.Table, opts: FetchOptions) -> pa.Table:
     """img2dataset's per-sample table -> RESULT_SCHEMA (status ok/error, classified reason)."""
     n = t.num_rows
@@ -415,7 +422,8 @@ def _normalize(t: pa.Table, opts: FetchOptions) -> pa.Table:
         "error_message": pa.array([None if good else (m or "unknown") for good, m in zip(ok, messages, strict=True)],
                                   pa.string()),
         **{c: t.column(c).cast(pa.int32()) for c in ("width", "height", "original_width", "original_height")},
-        "sha256": t.column("sha256").cast(pa.string()),
+        "sha256": pa.array([image_sha256(b) if good else None for good, b in zip(ok, images.to_pylist(), strict=True)],
+                           pa.string()),
         "exif": t.column("exif").cast(pa.string()) if "exif" in t.column_names else pa.nulls(n, pa.string()),
         "image": images.cast(pa.binary()),
     }, schema=RESULT_SCHEMA)

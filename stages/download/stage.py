@@ -12,6 +12,7 @@ retry_shard  re-fetches only the failed rows of a committed shard and merges the
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from fsspec.core import split_protocol
 from pipeline import shardio
 from pipeline.config import DownloadConfig, RunConfig
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.redact import redact
 from pipeline.shards import MAX_SHARD, format_shard_spec, shard_name
 from pipeline.stage import PER_SHARD, Resources, RunContext, ShardContext, ShardStats, Stage
 from pipeline.storage import Storage, code_version, now_iso, output_timestamp
@@ -52,6 +54,9 @@ def prepare(run: RunContext) -> None:
     """Fingerprint and cut the URL list (once per list), guard run.json, refuse shards beyond the input."""
     meta = ensure_inputs(run.config, run.storage)
     run.resources[_RESOURCE] = meta
+    if meta.get("unused_columns"):
+        print(f"download: the URL list's column(s) {', '.join(meta['unused_columns'])} are not kept in the shards; "
+              "name the ones to keep in download.save_additional_columns", file=sys.stderr)
     check_range(run.shards, meta, run.config.shard_size)
 
 
@@ -62,10 +67,11 @@ def ensure_inputs(config: RunConfig, storage: Storage) -> dict[str, Any]:
         raise ConfigError("download.urls is not set: name the URL list in the manifest or with --set download.urls=PATH")
     _check_columns(cfg)
     options = input_storage_options(config)
-    selection = {"urls": cfg.urls, "format": cfg.input_format, "url_col": cfg.url_col,
-                 "caption_col": cfg.caption_col, "extra": list(cfg.save_additional_columns),
-                 "shard_size": config.shard_size}
-    ident = urllist.identity(cfg.urls, cfg.input_format, options)
+    # run metadata names the list without its credentials (a signed URL's token is masked): pipeline.redact
+    selection = redact({"urls": cfg.urls, "format": cfg.input_format, "url_col": cfg.url_col,
+                        "caption_col": cfg.caption_col, "extra": list(cfg.save_additional_columns),
+                        "shard_size": config.shard_size})
+    ident = redact(urllist.identity(cfg.urls, cfg.input_format, options))
     cached = storage.read_json(INPUTS_META)
     if cached and cached.get("complete") and cached.get("identity") == ident and cached.get("selection") == selection:
         storage.ensure_run_meta(_run_meta(cached), must_match=("shard_size", "input_fingerprint"))
@@ -79,7 +85,8 @@ def ensure_inputs(config: RunConfig, storage: Storage) -> dict[str, Any]:
         raise ConfigError(f"{urls.num_rows} rows at shard_size {config.shard_size} make {count} shards, "
                           f"more than the {MAX_SHARD + 1} shard ids; raise shard_size")
     meta = {"input_fingerprint": urls.fingerprint, "num_rows": urls.num_rows, "num_shards": count,
-            "shard_size": config.shard_size, "format": urls.format, "files": urls.files,
+            "unused_columns": urls.unused,
+            "shard_size": config.shard_size, "format": urls.format, "files": redact(urls.files),
             "identity": ident, "selection": selection}
     # Refuse before touching _inputs: a different list or shard size would renumber the run's shards.
     storage.ensure_run_meta(_run_meta(meta), must_match=("shard_size", "input_fingerprint"))

@@ -11,7 +11,7 @@ import gzip
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -41,6 +41,8 @@ class UrlList:
     fingerprint: str
     files: list[str]
     format: str
+    unused: list[str] = field(default_factory=list)
+    """Columns of the list that are not read (neither url, caption nor a saved extra column), in list order."""
 
     @property
     def num_rows(self) -> int:
@@ -122,6 +124,7 @@ def read_url_list(
     fs, files, fmt = list_files(url, fmt, storage_options)
     digest = hashlib.sha256()
     tables = []
+    unused: list[str] = []
     for path in files:
         try:
             blob = fs.cat_file(path)
@@ -133,12 +136,16 @@ def read_url_list(
                 blob = gzip.decompress(blob)
             except OSError as exc:
                 raise InputError(f"URL list {path!r} is not valid gzip: {exc}") from None
-        tables.append(_select(_parse(blob, fmt, path), path, fmt, url_col, caption_col, extra_cols or []))
+        parsed = _parse(blob, fmt, path)
+        read = {url_col, caption_col, *(extra_cols or [])}
+        unused += [c for c in parsed.column_names if c not in read and c not in unused]
+        tables.append(_select(parsed, path, fmt, url_col, caption_col, extra_cols or []))
     try:
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise InputError(f"the files of URL list {url!r} have incompatible columns: {exc}") from None
-    return UrlList(table=table.combine_chunks(), fingerprint=digest.hexdigest(), files=files, format=fmt)
+    return UrlList(table=table.combine_chunks(), fingerprint=digest.hexdigest(), files=files, format=fmt,
+                   unused=unused)
 
 
 def _parse(blob: bytes, fmt: str, path: str) -> pa.Table:

@@ -226,6 +226,12 @@ def _answer(cfg: EvaluateConfig, reader: Engine, images: dict[str, list[BenchIma
     return rows
 
 
+def engines(config: RunConfig) -> dict[str, EngineConfig]:
+    """Every captioner and the reader."""
+    cfg = config.evaluate
+    return {**{f"evaluate.captioners.{n}": e for n, e in cfg.captioners.items()}, "evaluate.reader": cfg.reader}
+
+
 STAGE = Stage(
     name="evaluate",
     output_dir=OUTPUT_DIR,
@@ -238,5 +244,6 @@ STAGE = Stage(
     default_shards=default_shards,
     resources=Resources(gpus=1),
     redo_on_new_settings=True,  # a report is remade from the caption cache: adding a captioner just reruns
+    engines=engines,
     description="Prism-style caption quality: captioners' captions, a text-only reader answers benchmark MCQs",
 )

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -102,10 +103,15 @@ def export_batches(config: RunConfig, storage: Storage, data_source: str = DATA_
 def export_qa(config: RunConfig, storage: Storage, out: str, data_source: str = DATA_SOURCE,
               storage_options: dict[str, Any] | None = None) -> int:
     """Write the published layout to `out` (local path or fsspec URL), one row group per qa shard (only one
-    shard's images in memory at a time); returns the number of rows."""
+    shard's images in memory at a time); returns the number of rows. A local `out`'s folder is created."""
     n = 0
-    with shardio.open_url(out, "wb", storage_options) as f, \
-            pq.ParquetWriter(f, PUBLISHED_SCHEMA, compression="zstd") as writer:
+    try:
+        if shardio.is_local_url(out):
+            Path(out.removeprefix("file://")).parent.mkdir(parents=True, exist_ok=True)
+        sink = shardio.open_url(out, "wb", storage_options)
+    except OSError as exc:
+        raise PipelineError(f"cannot write --out {out}: {exc.strerror or exc}") from None
+    with sink as f, pq.ParquetWriter(f, PUBLISHED_SCHEMA, compression="zstd") as writer:
         for batch in export_batches(config, storage, data_source):
             writer.write_table(pa.Table.from_pylist(batch, schema=PUBLISHED_SCHEMA))
             n += len(batch)

@@ -23,7 +23,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline import shardio
-from pipeline.config import EngineConfig, QAConfig
+from pipeline.config import EngineConfig, QAConfig, RunConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
 from pipeline.errors import ConfigError
 from pipeline.inputs import InputShard, resolve_input
@@ -326,6 +326,12 @@ def _letters(rows: list[dict[str, Any]]) -> dict[str, int]:
     return {k: counts[k] for k in LETTERS if counts.get(k)}
 
 
+def engines(config: RunConfig) -> dict[str, EngineConfig]:
+    """The generator (unless questions are only gated) and the filter."""
+    cfg = config.qa
+    return {**({"qa.generator": cfg.generator} if cfg.generate else {}), "qa.filter": cfg.filter}
+
+
 STAGE = Stage(
     name="qa",
     output_dir=OUTPUT_DIR,
@@ -335,5 +341,6 @@ STAGE = Stage(
     run_shard=run_shard,
     prepare=prepare,
     resources=Resources(gpus=1),
+    engines=engines,
     description="MCQ generation + the visual-dependency gate -> per-question parquet manifests",
 )

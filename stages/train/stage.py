@@ -226,6 +226,17 @@ def _write_json(path: str, value: dict[str, Any]) -> None:
         json.dump(value, f, indent=2, sort_keys=True, default=str)
 
 
+def engines(config: RunConfig) -> dict[str, EngineConfig]:
+    """The registered checkpoint (train.load), else the policy, the reward's reader and the audit's."""
+    cfg = config.train
+    if cfg.load:
+        return {"train.load": cfg.policy.model_copy(update={"backend": "hf", "model": cfg.load})}
+    out = {"train.policy": cfg.policy, "train.reward.reader": cfg.reward.reader}
+    if cfg.audit.reward is not None:
+        out["train.audit.reward.reader"] = cfg.audit.reward.reader
+    return out
+
+
 STAGE = Stage(
     name="train",
     output_dir=OUTPUT_DIR,
@@ -236,6 +247,7 @@ STAGE = Stage(
     unit=unit_of,
     default_shards=default_shards,
     resources=Resources(gpus=1),
+    engines=engines,
     launcher="accelerate",
     progress=progress,
     description="RL of the captioner with the CapRL reward (TRL GRPO/RLOO), or register a trained checkpoint",

@@ -1,0 +1,64 @@
+"""A task killed between writing a unit's marker and releasing its claim leaves the claim on a committed unit,
+which every rerun skips: the rerun removes such claims of dead owners (the chaos benchmark's `orphan: 00001` on an
+s3 root), and leaves a live owner's claim alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.demo import DEMO_MANIFEST, make_demo_data, serve_directory
+from pipeline.runner import run_stage
+from pipeline.storage import Storage, now_epoch, task_identity
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    data = make_demo_data(tmp_path_factory.mktemp("claims") / "data", n_images=4, size=48)
+    with serve_directory(data) as served:
+        rows = [{"url": f"{served}/{r['file']}"} for r in pq.read_table(data / "world.parquet").to_pylist()]
+        pq.write_table(pa.Table.from_pylist(rows), data / "urls.parquet")
+        yield data
+
+
+def _claim(storage: Storage, unit: str, pid: int) -> None:
+    record = {**task_identity(), "pid": pid, "token": f"t{pid}", "beat": now_epoch()}
+    storage.write_bytes(storage.claim_rel("download", unit), json.dumps(record).encode())
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_rerun_removes_dead_claims_of_committed_units(world, tmp_path, where, request):
+    download = yaml.safe_load(DEMO_MANIFEST.read_text())["download"]
+    download.update(urls=str(world / "urls.parquet"), caption_col=None, save_additional_columns=[], image_size=48)
+    options = {}
+    if where == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        root = f"{s3.make_bucket('dead-claims')}/{tmp_path.name}"
+        options = {"client_kwargs": {"endpoint_url": s3.endpoint_url}, "key": "testing", "secret": "testing"}
+    else:
+        root = str(tmp_path / "root")
+    (tmp_path / "scratch").mkdir()
+    config = load_config(overrides=None, root=root, shard_size=2, download=download, storage_options=options,
+                         work_dir=str(tmp_path / "scratch"))
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    assert run_stage(config, "download", [0, 1], progress=False, out=io.StringIO()).exit_code == 0
+    _claim(storage, "00001", _dead_pid())   # the state a SIGKILL right after the marker leaves
+    _claim(storage, "00000", os.getpid())   # a live owner (e.g. a --force run): not ours to remove
+    out = io.StringIO()
+    assert run_stage(config, "download", [0, 1], progress=False, out=out).exit_code == 0
+    assert "skipping 2 committed shard(s)" in out.getvalue()
+    assert sorted(storage.unit_claims("download")) == ["00000"]
