@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "submit", help="run a stage over shards as a SLURM job array (sbatch script saved under ROOT/logs)",
         description="Render an sbatch array script: task i of --tasks runs its contiguous slice of --shards "
                     "through `python -m pipeline run`. The script is saved under ROOT/logs and submitted with "
-                    "sbatch; task logs go to ROOT/logs (or slurm.log_dir). Environment set-up lines come from "
+                    "sbatch; each submission gets a folder ROOT/logs/<stage>-<time>/ (or under slurm.log_dir) with its script, its "
+                    "record and one log per task; --tasks above the cluster's MaxArraySize are folded into that many. Environment set-up lines come from "
                     "the manifest's slurm.setup.")
     _add_stage_and_shards(submit, chain=True)
     submit.add_argument("--tasks", type=int, default=1,
@@ -293,7 +294,10 @@ def _resolve_names(args: argparse.Namespace) -> None:
         return
     config = load_config(args.manifest, args.overrides, root=getattr(args, "root", None))
     if args.command == "browse":
-        from pipeline.browse import stage_choices
+        from pipeline.publish.source import VIEWS
+
+        def stage_choices() -> tuple[str, ...]:
+            return tuple(VIEWS)
 
         if stage not in stage_choices():
             folder = stage_folders(config).get(resolve_stage_name(stage, config))
@@ -388,6 +392,8 @@ def _do_submit(args: argparse.Namespace, specs: list) -> int:
         if previous is not None:
             spec.dependency = f"afterok:{previous}"
         sub = submit(config, spec, dry_run=args.dry_run)
+        for note in sub.notes:
+            print(f"note: {note}", file=sys.stderr)
         if args.dry_run:
             if len(specs) > 1:
                 print(f"# ---- {spec.stage}" + (f" (after {previous})" if previous else ""))

@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.claims import squeue_job_ids
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineError, SlurmError
+from pipeline.markers import read_blobs
 from pipeline.redact import is_secret_override, redact_override, redact_url
 from pipeline.runner import EXIT_PREEMPTED, check_shard_range
 from pipeline.shards import format_shard_spec, parse_shard_spec, slice_for_task
@@ -32,6 +33,10 @@ from pipeline.storage import LOGS_DIR, Storage, code_version, now_iso
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
 SUBMISSION_SUFFIX = ".submit.json"
+"""Submission records of earlier versions: logs/<stage>-<time>.submit.json (still read)."""
+SCRIPT_NAME = "job.sbatch"
+RECORD_NAME = "submission.json"
+"""Each submission's folder logs/<stage>-<time>/ holds job.sbatch, submission.json and <stage>-<job>_<task>.log."""
 SECRET_SETTINGS_ENV = "PIPELINE_SECRET_SETTINGS"
 """The environment variable that carries secret `--set` overrides from `submit` to its tasks (a JSON list of
 key=value items): sbatch passes the submitting environment on, so secrets never enter the script or ROOT/logs."""
@@ -110,6 +115,8 @@ class Submission:
     job_id: str | None = None
     submitted_at: str = field(default_factory=now_iso)
     spec: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What submit changed and why (e.g. tasks folded to the cluster's MaxArraySize)."""
 
 
 def task_python(config: RunConfig) -> str:
@@ -282,21 +289,59 @@ def check_against_run(config: RunConfig, spec: SubmitSpec, storage: Storage) -> 
             raise SlurmError(f"refusing to submit: {exc}") from None
 
 
-def submit(config: RunConfig, spec: SubmitSpec, *, dry_run: bool = False) -> Submission:
-    """Render the script; unless dry_run, save it under ROOT/logs, run sbatch and record the job id. Secret
-    overrides go to sbatch's environment, never into the script or the record; a refused submission leaves
-    no script behind."""
-    storage = Storage(config.root, config.storage_options, config.work_dir)
-    log_dir = log_dir_for(config, storage)
-    check_against_run(config, spec, storage)
-    script = render_script(config, spec, storage, log_dir)
+def max_array_size() -> int | None:
+    """The cluster's MaxArraySize (`scontrol show config`): an array's task ids must stay below it. None when
+    scontrol is missing or does not say."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return None
+    try:
+        out = subprocess.run([scontrol, "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "MaxArraySize" and value.strip().isdigit():
+            return int(value.strip())
+    return None
+
+
+def fit_array(spec: SubmitSpec, limit: int | None) -> str | None:
+    """Fold more shards into each task when `spec.tasks` exceeds the cluster's MaxArraySize (task ids run from 0
+    to tasks - 1 < MaxArraySize); returns the note saying so, or None. Folding keeps one job id, so chains
+    (`afterok`) and `retry` see one array; each task's time limit now covers more shards."""
+    if spec.whole_run or limit is None or spec.tasks <= limit:
+        return None
+    asked = spec.tasks
+    spec.tasks = limit
+    per = -(-len(spec.shards) // limit)
+    return (f"--tasks {asked} exceeds the cluster's MaxArraySize {limit}: folded into {limit} array tasks of up to "
+            f"{per} shard(s) each (raise --time if a task's shards need longer)")
+
+
+def submission_name(spec: SubmitSpec) -> str:
+    """The folder of one submission under logs/: <stage>-<UTC time>."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    rel = f"{LOGS_DIR}/{spec.stage}-{stamp}.sbatch"
+    return f"{spec.stage}-{stamp}"
+
+
+def submit(config: RunConfig, spec: SubmitSpec, *, dry_run: bool = False) -> Submission:
+    """Render the script; unless dry_run, save it under ROOT/logs/<submission>/, run sbatch and record the job id.
+    Each submission has its own folder (script, record, one log per task), so logs/ stays small at 10,000 tasks.
+    Secret overrides go to sbatch's environment, never into the script or the record; a refused submission
+    leaves no script behind."""
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    name = submission_name(spec)
+    log_dir = f"{log_dir_for(config, storage)}/{name}"
+    check_against_run(config, spec, storage)
+    note = fit_array(spec, max_array_size())
+    script = render_script(config, spec, storage, log_dir)
+    rel = f"{LOGS_DIR}/{name}/{SCRIPT_NAME}"
     recorded = {k: v for k, v in asdict(spec).items() if k != "shards"}
     recorded["overrides"] = [redact_override(o) for o in spec.overrides]
     sub = Submission(
         stage=spec.stage, shard_spec=format_shard_spec(spec.shards), tasks=spec.tasks, script=script,
-        script_url=storage.url(rel), local_script=None, log_dir=log_dir, spec=recorded,
+        script_url=storage.url(rel), local_script=None, log_dir=log_dir, spec=recorded, notes=[note] if note else [],
     )
     if dry_run:
         return sub
@@ -309,7 +354,7 @@ def submit(config: RunConfig, spec: SubmitSpec, *, dry_run: bool = False) -> Sub
     if storage.is_local:
         local = storage.path(rel)
     else:
-        local = os.path.join(log_dir, f"{spec.stage}-{stamp}.sbatch")
+        local = os.path.join(log_dir, SCRIPT_NAME)
         Path(local).write_text(script)
     sub.local_script = local
     env = dict(os.environ)
@@ -326,7 +371,7 @@ def submit(config: RunConfig, spec: SubmitSpec, *, dry_run: bool = False) -> Sub
         raise
     sub.job_id = proc.stdout.strip().split(";")[0]
     record = {k: v for k, v in asdict(sub).items() if k != "script"}
-    storage.write_json(f"{LOGS_DIR}/{spec.stage}-{stamp}{SUBMISSION_SUFFIX}", record)
+    storage.write_json(f"{LOGS_DIR}/{name}/{RECORD_NAME}", record)
     return sub
 
 
@@ -355,10 +400,32 @@ def secret_overrides_from_env() -> list[str]:
 
 
 def submissions(storage: Storage, stage: str | None = None) -> list[dict[str, Any]]:
-    """Recorded submissions under ROOT/logs (oldest first), optionally of one stage."""
-    records = [v for k, v in storage.list_json(LOGS_DIR).items() if k.endswith(SUBMISSION_SUFFIX[: -len(".json")])]
-    if stage is not None:
-        records = [r for r in records if r.get("stage") == stage]
+    """Recorded submissions under ROOT/logs (oldest first), optionally of one stage: one listing of logs/, then
+    the records read concurrently (a folder per submission; flat *.submit.json files of earlier versions)."""
+    logs = storage.path(LOGS_DIR)
+    storage.fs.invalidate_cache(logs)
+    try:
+        entries = storage.fs.ls(logs, detail=True)
+    except FileNotFoundError:
+        return []
+    paths = []
+    for info in entries:
+        path = str(info["name"]).rstrip("/")
+        base = path.rsplit("/", 1)[-1]
+        if stage is not None and not base.startswith(f"{stage}-"):
+            continue
+        if info.get("type") == "directory":
+            paths.append(f"{path}/{RECORD_NAME}")
+        elif base.endswith(SUBMISSION_SUFFIX):
+            paths.append(path)
+    records = []
+    for blob in read_blobs(storage.fs, paths).values():
+        try:
+            record = json.loads(blob) if blob is not None else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict) and (stage is None or record.get("stage") == stage):
+            records.append(record)
     return sorted(records, key=lambda r: r.get("submitted_at", ""))
 
 

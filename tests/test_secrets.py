@@ -116,8 +116,8 @@ def test_submit_keeps_secrets_out_of_script_and_record(tmp_path, monkeypatch, ca
             "--set", "storage_options.secret=S3CRET-1", "--set", "annotate.captioner.backend=noop",
             "--set", "annotate.captioner.base_url=http://u:S3CRET-2@h/v1"]
     assert main(args) == 0
-    scripts = list((root / "logs").glob("*.sbatch"))
-    records = list((root / "logs").glob("*.submit.json"))
+    scripts = list((root / "logs").glob("*/job.sbatch"))
+    records = list((root / "logs").glob("*/submission.json"))
     assert len(scripts) == 1 and len(records) == 1
     text = scripts[0].read_text() + records[0].read_text() + capsys.readouterr().out
     assert "S3CRET" not in text

@@ -72,9 +72,9 @@ def test_array_outputs_equal_local_run(tmp_path, slurm_cluster, served_world):  
         states = job_tasks(job)
         assert sorted(states) == [0, 1, 2] and all(t["JobState"] == "COMPLETED" for t in states.values()), states
         assert committed(root, stage) == set(range(NUM_SHARDS))
-        logs = sorted((root / "logs").glob(f"{stage}-{job}_*.log"))
+        logs = sorted((root / "logs").glob(f"{stage}-*/{stage}-{job}_*.log"))
         assert len(logs) == 3 and "task 1/3" in logs[1].read_text() and "shards 2-3" in logs[1].read_text()
-        assert list((root / "logs").glob(f"{stage}-*.sbatch"))
+        assert list((root / "logs").glob(f"{stage}-*/job.sbatch"))
 
     config = load_config(manifest, root=str(local))
     for stage in ("download", "digest"):
@@ -110,7 +110,7 @@ def test_scancel_mid_shard_then_retry_submit(tmp_path, slurm_cluster, served_wor
     subprocess.run(["scancel", f"{job}_1"], check=True)
     wait_for_job(job)
     assert job_tasks(job)[1]["JobState"] == "CANCELLED"
-    log = (root / "logs" / f"download-{job}_1.log").read_text()
+    log = next((root / "logs").glob(f"download-*/download-{job}_1.log")).read_text()
     assert "stopped by signal 15" in log, log
     assert not claim.exists() and list((root / "_tmp" / "download").iterdir()) == []
     assert committed(root, "download") == {0, 1, 4, 5}
@@ -122,7 +122,7 @@ def test_scancel_mid_shard_then_retry_submit(tmp_path, slurm_cluster, served_wor
     assert "shards 2-3 in 2 task(s)" in out
     wait_for_job(retry_job)
     assert committed(root, "download") == set(range(NUM_SHARDS))
-    retry_script = sorted((root / "logs").glob("download-*.sbatch"))[-1].read_text()
+    retry_script = sorted((root / "logs").glob("download-*/job.sbatch"))[-1].read_text()
     assert "#SBATCH --requeue" in retry_script  # resources default to the last submission's
     assert "SHARDS=2-3" in retry_script
 
@@ -170,7 +170,7 @@ def test_failed_task_reported_by_status(tmp_path, slurm_cluster, served_world): 
     out = cli("retry", "--stage", "download", "--failed-only", "--submit", "--manifest", str(manifest)).stdout
     retry_job = re.search(r"submitted job (\d+)", out).group(1)
     wait_for_job(retry_job)
-    assert "--failed-only" in sorted((root / "logs").glob("download-*.sbatch"))[-1].read_text()
+    assert "--failed-only" in sorted((root / "logs").glob("download-*/job.sbatch"))[-1].read_text()
     after = json.loads((root / "_done" / "download" / "00002.json").read_text())
     assert after["retries"] == 1 and after["retry_of"] == before["committed_at"]
     assert after["rows"] == before["rows"]  # the 404 is still a 404, recorded once
@@ -196,7 +196,7 @@ def test_time_limit_warning_requeues_task(tmp_path, slurm_cluster, served_world)
     assert committed(root, "fetch") == {2}
     first = json.loads((root / "_done" / "fetch" / "00002.json").read_text())["committed_at"]
     subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_0"], check=True)
-    log = root / "logs" / f"fetch-{job}_0.log"
+    log = next((root / "logs").glob("fetch-*/")) / f"fetch-{job}_0.log"
     deadline = time.monotonic() + 60
     while "requeueing" not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
@@ -256,9 +256,9 @@ def test_remote_root_on_s3(tmp_path, slurm_cluster, served_world, s3_root):  # n
     wait_for_job(job)
     storage = Storage(root, options)
     assert set(storage.committed("fetch")) == set(range(NUM_SHARDS))
-    assert len(list(log_dir.glob(f"fetch-{job}_*.log"))) == 2
-    local_script = next(log_dir.glob("fetch-*.sbatch"))
-    remote = [p for p in storage.fs.ls(storage.path("logs"), detail=False) if p.endswith(".sbatch")]
+    assert len(list(log_dir.glob(f"fetch-*/fetch-{job}_*.log"))) == 2
+    local_script = next(log_dir.glob("fetch-*/job.sbatch"))
+    remote = [p for p in storage.fs.find(storage.path("logs")) if p.endswith(".sbatch")]
     assert len(remote) == 1 and storage.fs.cat(remote[0]).decode() == local_script.read_text()
     status = cli("status", "--manifest", str(manifest)).stdout
     assert status.splitlines()[1].split()[:3] == ["fetch", "6", "0"], status

@@ -161,3 +161,29 @@ def test_signal_during_setup_stops_before_python(tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_PREEMPTED and "stopped before starting" in out, out
     assert not (tmp_path / "root").exists()
+
+
+def test_more_tasks_than_max_array_size_are_folded_and_said(tmp_path, capsys, monkeypatch):
+    """A cluster whose MaxArraySize (scontrol show config) is below --tasks: the array is folded to that many
+    tasks (one job id, so chains and retry keep working), every shard still in exactly one task, and submit says so."""
+    from pipeline.shards import slice_for_task
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = 'show config' ] && printf 'ClusterName = fake\\n"
+                                      "MaxArraySize            = 10\\nMaxJobCount = 10000\\n'\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code = main(["submit", "--stage", "fetch", "--shards", "0-99", "--tasks", "40", "--dry-run",
+                 "--root", str(tmp_path / "root"), "--set", "stages.fetch=tests.plugin_stages:fetch"])
+    captured = capsys.readouterr()
+    assert code == 0 and "#SBATCH --array=0-9" in captured.out and "NUM_TASKS=10" in captured.out
+    assert "--tasks 40 exceeds the cluster's MaxArraySize 10: folded into 10 array tasks of up to 10 shard(s)" \
+        in captured.err
+    shards = sorted(s for t in range(10) for s in slice_for_task(list(range(100)), 10, t))
+    assert shards == list(range(100))
+    # within the limit: untouched, nothing said
+    assert main(["submit", "--stage", "fetch", "--shards", "0-99", "--tasks", "10", "--dry-run",
+                 "--root", str(tmp_path / "root"), "--set", "stages.fetch=tests.plugin_stages:fetch"]) == 0
+    captured = capsys.readouterr()
+    assert "#SBATCH --array=0-9" in captured.out and "note:" not in captured.err
