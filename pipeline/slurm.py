@@ -376,13 +376,22 @@ def submit(config: RunConfig, spec: SubmitSpec, *, dry_run: bool = False) -> Sub
 
 
 def _remove_quietly(storage: Storage, rel: str, local: str | None) -> None:
-    """Remove a refused submission's script (a failure to remove must not hide sbatch's error)."""
+    """Remove a refused submission's script and its folders, when empty (a failure to remove must not hide
+    sbatch's error)."""
     try:
         storage.remove(rel)
     except Exception:  # noqa: BLE001
         pass
+    folders = [os.path.dirname(local)] if local else []
     if local:
         Path(local).unlink(missing_ok=True)
+    if storage.is_local:
+        folders.append(os.path.dirname(storage.path(rel)))
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only when empty: a task log or another file stays
+        except OSError:
+            pass
 
 
 def secret_overrides_from_env() -> list[str]:
