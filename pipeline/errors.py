@@ -43,3 +43,7 @@ class Preempted(BaseException):  # noqa: N818 - a signal, not an error
 
 class SlurmError(PipelineError):
     """A submission that cannot be rendered or that sbatch refuses."""
+
+
+class ExecutorError(PipelineError):
+    """A submission an executor cannot plan or that its cluster refuses (Ray: address, resources, job API)."""
