@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.claims import DEFAULT_STALE_AFTER, judge
 from pipeline.config import RunConfig, setting_changes
 from pipeline.errors import PipelineError, SlurmError
-from pipeline.executors import live_jobs
+from pipeline.executors import job_states, live_jobs
 from pipeline.runner import stale_inputs
 from pipeline.shards import format_shard_spec, parse_shard_spec
 from pipeline.slurm import submissions
@@ -387,6 +387,22 @@ def unit_progress(config: RunConfig, storage: Storage, st: StageStatus) -> dict[
     return out
 
 
+def executor_job_lines(config: RunConfig, storage: Storage, stage: str) -> list[str]:
+    """'Ray job <id> RUNNING: shards 0-99 in 10 task(s)' for each recorded executor submission of `stage` that
+    its cluster still runs (SLURM's arrays show in squeue)."""
+    records = [r for r in submissions(storage, stage) if r.get("executor") and r.get("job_id")]
+    lines = []
+    for name in sorted({r["executor"] for r in records}):
+        mine = [r for r in records if r["executor"] == name]
+        states = job_states(config, name, [str(r["job_id"]) for r in mine]) or {}
+        for r in mine:
+            state = states.get(str(r["job_id"]))
+            if state in ("PENDING", "RUNNING"):
+                what = f"shards {r['shard_spec']} in {r['tasks']} task(s)" if r.get("shard_spec") else "one task"
+                lines.append(f"{name.capitalize()} job {r['job_id']} {state}: {what}")
+    return lines
+
+
 def print_status(config: RunConfig, only: str | None = None, out=None,
                  stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True) -> int:
     """Print the table and, under it, failure reasons, outdated units, claims and row-level error counts.
@@ -452,6 +468,8 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
             print(f"{st.stage}: {_label(c.shard)} has a stale claim ({c.reason}); `retry` will include it", file=out)
         for c in st.running:
             print(f"{st.stage}: {_label(c.shard)} running ({c.reason})", file=out)
+        for line in executor_job_lines(config, storage, st.stage):
+            print(f"{st.stage}: {line}", file=out)
         if st.row_errors:
             top = ", ".join(f"{k}: {v}" for k, v in st.row_errors.most_common(5))
             print(f"{st.stage}: failed rows in {format_shard_spec(st.shards_with_failed_rows)}: {top}", file=out)

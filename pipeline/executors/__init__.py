@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.errors import ExecutorError
+from pipeline.errors import ExecutorError, PipelineError
 from pipeline.executors.base import Executor
 
 EXECUTORS = {"ray": "pipeline.executors.ray:RayExecutor"}
@@ -29,8 +29,8 @@ def get_executor(name: str, config: RunConfig, address: str | None = None) -> Ex
 
 def live_jobs(config: RunConfig, claims: Iterable[dict[str, Any]]) -> dict[str, set[str]]:
     """executor name -> ids of its jobs still queued or running, for each executor named in the claims that
-    could be asked (SLURM's squeue, Ray's job API). An executor missing from the answer could not be asked:
-    liveness of its claims falls back to the owner's process or heartbeat."""
+    could be asked (SLURM's squeue; Ray's job API at the addresses their submissions recorded). An executor
+    missing from the answer could not be asked: its claims are judged by the owner's process or heartbeat."""
     from pipeline.claims import squeue_job_ids
 
     claims = list(claims)
@@ -40,13 +40,36 @@ def live_jobs(config: RunConfig, claims: Iterable[dict[str, Any]]) -> dict[str, 
         if queued is not None:
             live["slurm"] = queued
     for name in sorted({c.get("executor") for c in claims if c.get("executor") in EXECUTORS}):
-        try:
-            jobs = get_executor(name, config).live_jobs()
-        except ExecutorError:
-            jobs = None
-        if jobs is not None:
-            live[name] = jobs
+        jobs = {str(c.get("job_id")) for c in claims if c.get("executor") == name}
+        states = job_states(config, name, jobs)
+        if states is not None:
+            live[name] = {j for j, state in states.items() if state in ("PENDING", "RUNNING")}
     return live
+
+
+def job_states(config: RunConfig, name: str, job_ids: Iterable[str]) -> dict[str, str | None] | None:
+    """job id -> its state on executor `name`'s cluster (asked at the address its submission recorded), or None
+    when a cluster could not be reached."""
+    from pipeline.slurm import submissions
+    from pipeline.storage import Storage
+
+    job_ids = set(job_ids)
+    storage = Storage(config.root, config.storage_options, config.work_dir)
+    try:
+        recorded = {str(r["job_id"]): r.get("address") for r in submissions(storage) if str(r.get("job_id")) in job_ids}
+    except PipelineError:
+        recorded = {}
+    out: dict[str, str | None] = {}
+    for address in {recorded.get(j) for j in job_ids}:
+        try:
+            executor = get_executor(name, config, address)
+        except PipelineError:
+            executor = get_executor(name, config, None)
+        states = executor.job_states()
+        if states is None:
+            return None
+        out.update({j: states.get(j) for j in job_ids if recorded.get(j) == address})
+    return out
 
 
 def active_executor_jobs(config: RunConfig, stage: str, name: str, address: str | None = None) -> list[str]:

@@ -92,6 +92,10 @@ class Executor(Protocol):
         """Ids of this executor's jobs that are queued or running, or None when the cluster cannot be asked."""
         ...
 
+    def job_states(self) -> dict[str, str] | None:
+        """Every job the cluster knows -> its state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), or None."""
+        ...
+
 
 def shard_groups(spec: JobSpec) -> list[list[int]]:
     """The shard group of each task: the same contiguous slices SLURM array tasks run; one group for a

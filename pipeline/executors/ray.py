@@ -198,18 +198,17 @@ class RayExecutor:
 
     def live_jobs(self) -> set[str] | None:
         """Submission ids of the cluster's pending or running jobs; None when the job API cannot be reached."""
+        states = self.job_states()
+        return None if states is None else {j for j, state in states.items() if state in LIVE_STATES}
+
+    def job_states(self) -> dict[str, str] | None:
+        """Every job the cluster knows -> PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED (one request);
+        None when the job API cannot be reached."""
         try:
             jobs = _job_client(self.address).list_jobs()
         except Exception:  # noqa: BLE001 - unknown, not dead
             return None
-        return {j.submission_id for j in jobs if j.submission_id and _state(j.status) in LIVE_STATES}
-
-    def job_state(self, job_id: str) -> str | None:
-        """PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED, or None when unknown."""
-        try:
-            return _state(_job_client(self.address).get_job_status(job_id))
-        except Exception:  # noqa: BLE001
-            return None
+        return {j.submission_id: _state(j.status) for j in jobs if j.submission_id}
 
 
 def _state(status: Any) -> str:
@@ -305,7 +304,7 @@ def drive(plan: dict[str, Any], out: Any = None) -> int:
     if why:
         print(f"error: stage {stage}: {why}", file=out, flush=True)
         return 2
-    remote = ray.remote(run_task).options(**options, retry_exceptions=[TaskStopped])
+    remote = ray.remote(run_task)
     pending = deque(enumerate(groups))
     running: dict[Any, int] = {}
     results: dict[int, dict[str, Any]] = {}
@@ -316,7 +315,8 @@ def drive(plan: dict[str, Any], out: Any = None) -> int:
             i, group = pending.popleft()
             argv = run_argv(spec, group, plan["root"], plan["manifest"])
             label = f"{stage} task {i}"
-            ref = remote.options(name=f"{stage}-task-{i}").remote(argv, task_env(NAME, job_id, i), label)
+            ref = remote.options(**options, retry_exceptions=[TaskStopped], name=f"{stage}-task-{i}").remote(
+                argv, task_env(NAME, job_id, i), label)
             running[ref] = i
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
