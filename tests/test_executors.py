@@ -1,0 +1,119 @@
+"""The executor interface without a cluster: shard groups, resources from declarations and the manifest's
+`ray:` section, the dry-run plan, secrets kept out of it, task identity in claims and how claims of an
+executor's tasks are judged."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from pipeline.claims import judge
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import ExecutorError
+from pipeline.executors.base import JobSpec, memory_bytes, shard_groups, task_env
+from pipeline.executors.ray import RayExecutor, resolve_address
+from pipeline.shards import slice_for_task
+from pipeline.storage import task_identity
+
+
+def test_shard_groups_are_the_slurm_array_slices():
+    shards = list(range(10))
+    spec = JobSpec(stage="annotate", shards=shards, tasks=3)
+    assert shard_groups(spec) == [slice_for_task(shards, 3, i) for i in range(3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert shard_groups(JobSpec(stage="annotate", shards=[1, 2], tasks=5)) == [[1], [2]]  # capped at the shards
+    assert shard_groups(JobSpec(stage="train", shards=[], tasks=4, whole_run=True)) == [[]]
+    with pytest.raises(ExecutorError, match="shard list is empty"):
+        shard_groups(JobSpec(stage="annotate", shards=[]))
+
+
+@pytest.mark.parametrize(("text", "expected"), [("64G", 64 << 30), ("500m", 500 << 20), ("16000", 16000 << 20),
+                                                ("1T", 1 << 40)])
+def test_memory_in_slurm_notation(text, expected):
+    assert memory_bytes(text) == expected
+
+
+def test_bad_memory_is_one_line():
+    with pytest.raises(ExecutorError, match="bad memory '12 GB'"):
+        JobSpec(stage="qa", shards=[0], mem="12 GB").validate()
+
+
+def test_dry_run_plan_maps_resources_and_hides_secrets(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("ray:\n  env: {HF_TOKEN: secret-token}\n  resources:\n    annotate: {gpus: 0.5, memory: 4G}\n")
+    code = main(["submit", "--executor", "ray", "--address", "http://head:8265", "--stage", "download,annotate",
+                 "--shards", "0-9", "--tasks", "3", "--parallel", "2", "--manifest", str(manifest), "--root",
+                 str(tmp_path / "root"), "--set", "storage_options.secret=hunter2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    download, annotate = out.split("# ---- annotate")
+    assert '"num_cpus": 1, "num_gpus": 0' in download  # the declaration (download: 1 CPU, no GPU)
+    assert '"memory": 4294967296' in annotate and '"num_gpus": 0.5' in annotate  # ray.resources.annotate
+    assert "after job <job id of download> succeeded" in annotate and "at most 2 at once" in annotate
+    assert "task 2: python -m pipeline run --stage annotate --shards 7-9 --no-progress" in annotate
+    assert "hunter2" not in out and "secret-token" not in out and "storage_options.secret='=<hidden>'" not in out
+    assert "storage_options.secret=<hidden>" in out
+    assert not (tmp_path / "root").exists()  # nothing written
+
+
+def test_command_line_resources_win_and_slurm_only_options_are_refused(tmp_path, capsys):
+    args = ["submit", "--executor", "ray", "--stage", "annotate", "--shards", "0-3", "--root", str(tmp_path),
+            "--address", "http://h:8265", "--dry-run"]
+    assert main([*args, "--gpus", "0", "--cpus", "3", "--mem", "2G"]) == 0
+    assert '"memory": 2147483648, "num_cpus": 3, "num_gpus": 0' in capsys.readouterr().out
+    assert main([*args, "--time", "1:00:00", "--partition", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --time, --partition: SLURM only; the ray executor has no such setting (Ray reruns a "
+                   "task whose worker died: ray.max_retries)")
+
+
+def test_manifest_path_relative_to_an_uploaded_working_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "manifests").mkdir()
+    manifest = tmp_path / "manifests" / "run.yaml"
+    manifest.write_text("name: x\n")
+    config = load_config(manifest, [f"ray.working_dir={tmp_path}"], root=str(tmp_path / "root"))
+    plan = RayExecutor(config).plan(JobSpec(stage="qa", shards=[0], manifest=str(manifest)))
+    assert "--manifest manifests/run.yaml" in plan and '"working_dir": "' + str(tmp_path) in plan
+
+
+def test_address_precedence(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert resolve_address(None, None) == "http://127.0.0.1:8265"
+    assert resolve_address(None, "http://m:8265") == "http://m:8265"
+    assert resolve_address("ray://a:10001", "http://m:8265") == "ray://a:10001"
+    monkeypatch.setenv("RAY_ADDRESS", "http://env:8265")
+    assert resolve_address(None, None) == "http://env:8265"
+    with pytest.raises(ExecutorError, match="RAY_ADDRESS=http://env:8265 differs"):
+        resolve_address("http://other:8265", None)
+
+
+def test_a_task_records_executor_job_and_task_in_its_claims(monkeypatch):
+    for var, value in task_env("ray", "job-7", 3).items():
+        monkeypatch.setenv(var, value)
+    ident = task_identity()
+    assert (ident["executor"], ident["job_id"], ident["task"], ident["task_id"]) == ("ray", "job-7", "3", "job-7:3")
+
+
+def _ray_claim(pid: int, host: str | None = None, task: int = 1) -> dict:
+    return {"host": host or socket.gethostname(), "pid": pid, "beat": 0.0, "executor": "ray", "job_id": "job-7",
+            "task": str(task), "task_id": f"job-7:{task}"}
+
+
+def test_judging_claims_of_ray_tasks(monkeypatch):
+    monkeypatch.delenv("PIPELINE_TASK_ID", raising=False)
+    alive = _ray_claim(os.getpid())
+    verdict = judge(alive, None, 600, now=1.0, live={"ray": {"job-7"}})
+    assert verdict.live and verdict.reason == f"Ray job job-7 task 1, pid {os.getpid()} on {socket.gethostname()}"
+    gone = judge(alive, None, 600, now=1.0, live={"ray": {"other"}})
+    assert not gone.live and gone.reason == "Ray job job-7 task 1: the job no longer runs"
+    remote = _ray_claim(12345, host="elsewhere")  # unknown job state, another host: the heartbeat decides
+    assert judge(remote, None, 600, now=100.0).live and not judge(remote, None, 600, now=1000.0).live
+    monkeypatch.setenv("PIPELINE_TASK_ID", "job-7:1")  # the rerun of task 1: its earlier attempt died
+    verdict = judge(remote, None, 600, now=1.0, live={"ray": {"job-7"}})
+    assert not verdict.live and "an earlier attempt of this task" in verdict.reason
+    assert judge(_ray_claim(12345, host="elsewhere", task=2), None, 600, now=1.0, live={"ray": {"job-7"}}).live
