@@ -117,3 +117,34 @@ def test_judging_claims_of_ray_tasks(monkeypatch):
     verdict = judge(remote, None, 600, now=1.0, live={"ray": {"job-7"}})
     assert not verdict.live and "an earlier attempt of this task" in verdict.reason
     assert judge(_ray_claim(12345, host="elsewhere", task=2), None, 600, now=1.0, live={"ray": {"job-7"}}).live
+
+
+class _FakeRay:
+    def __init__(self, *nodes: dict):
+        self._nodes = nodes
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True, "Resources": n} for n in self._nodes] + [{"Alive": False, "Resources": {"GPU": 8}}]
+
+
+def test_a_task_no_node_can_hold_is_refused_with_its_reason():
+    from pipeline.executors.ray import _check_fits
+
+    ray = _FakeRay({"CPU": 2, "memory": 8 << 30}, {"CPU": 16, "GPU": 1})
+    assert _check_fits(ray, {"num_cpus": 8, "num_gpus": 1}) is None
+    assert _check_fits(ray, {"num_cpus": 1, "num_gpus": 2}) == (
+        "each task asks for 2 GPU but the largest node of the cluster has 1: lower it (--cpus/--gpus/--mem or "
+        "ray.resources in the manifest)")
+    assert "asks for 16.0 GiB memory but the largest node of the cluster has 8.0 GiB" in _check_fits(
+        ray, {"num_cpus": 1, "memory": 16 << 30})
+    assert _check_fits(ray, {"num_cpus": 4, "num_gpus": 0, "memory": 4 << 30}).startswith(
+        "no single node of the cluster has 4 CPU, 0 GPU, 4.0 GiB memory at once")
+
+
+def test_a_whole_run_stage_is_one_task_with_its_launcher(tmp_path, capsys):
+    code = main(["submit", "--executor", "ray", "--address", "http://h:8265", "--stage", "train", "--gpus", "4",
+                 "--root", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and "(whole-run, one task)" in out and '"num_gpus": 4' in out
+    assert "task 0: python -m accelerate.commands.launch --multi_gpu --num_processes=4" in out
+    assert "-m pipeline run --stage train --no-progress" in out and "task 1" not in out

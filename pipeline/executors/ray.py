@@ -274,15 +274,21 @@ def _wait_for(job_id: str, poll_s: float = 2.0) -> str:
 
 
 def _check_fits(ray: Any, options: dict[str, Any]) -> str | None:
-    """Why no node of the cluster could ever run a task with these options, or None."""
+    """Why no live node of the cluster could ever run a task with these options, or None."""
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    for key, want in (("CPU", options.get("num_cpus", 1)), ("GPU", options.get("num_gpus", 0)),
-                      ("memory", options.get("memory", 0))):
+    wants = {"CPU": options.get("num_cpus", 1) or 0, "GPU": options.get("num_gpus", 0) or 0,
+             "memory": options.get("memory", 0) or 0}
+    if any(all(n.get(k, 0) >= v for k, v in wants.items()) for n in nodes):
+        return None
+    show = {k: (f"{v / 2**30:.1f} GiB" if k == "memory" else f"{v:g}") for k, v in wants.items()}
+    for key, want in wants.items():
         have = max((n.get(key, 0) for n in nodes), default=0)
-        if want and want > have:
-            return (f"each task asks for {want:g} {key} but the largest node of the cluster has {have:g}: lower it "
-                    f"(--cpus/--gpus/--mem or ray.resources in the manifest)")
-    return None
+        if want > have:
+            have_text = f"{have / 2**30:.1f} GiB" if key == "memory" else f"{have:g}"
+            return (f"each task asks for {show[key]} {key} but the largest node of the cluster has {have_text}: "
+                    "lower it (--cpus/--gpus/--mem or ray.resources in the manifest)")
+    return (f"no single node of the cluster has {', '.join(f'{v} {k}' for k, v in show.items())} at once: lower "
+            "them (--cpus/--gpus/--mem or ray.resources in the manifest)")
 
 
 def drive(plan: dict[str, Any], out: Any = None) -> int:
