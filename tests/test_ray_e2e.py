@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import yaml
 from pipeline.config import load_config
 from pipeline.runner import run_stage
 from pipeline.shards import sample_key, shard_name
-from pipeline.storage import Storage
 from tests.ray_cluster import job_logs, ray_cluster, wait_for_job  # noqa: F401
 from tests.sched_world import N_IMAGES, NUM_SHARDS, SHARD_SIZE, served_world, write_manifest  # noqa: F401
+from tests.test_slurm_e2e import committed, manifest_table, tar_members
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
@@ -66,20 +65,6 @@ def finish(cluster, job: str, expect: str = "SUCCEEDED") -> str:
     logs = job_logs(cluster.address, job)
     assert state == expect, logs[-4000:]
     return logs
-
-
-def tar_members(path: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]  # type: ignore[union-attr]
-
-
-def committed(root: Path, stage: str) -> set[int]:
-    return set(Storage(str(root)).committed(stage))
-
-
-def manifest_table(root: Path, rel: str):
-    table = pq.read_table(root / rel)
-    return table.drop_columns([c for c in ("downloaded_at", "pipeline_version") if c in table.column_names])
 
 
 def test_chain_equals_local_run(tmp_path, ray_cluster, served_world, monkeypatch):  # noqa: F811
