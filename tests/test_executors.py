@@ -148,3 +148,12 @@ def test_a_whole_run_stage_is_one_task_with_its_launcher(tmp_path, capsys):
     assert code == 0 and "(whole-run, one task)" in out and '"num_gpus": 4' in out
     assert "task 0: python -m accelerate.commands.launch --multi_gpu --num_processes=4" in out
     assert "-m pipeline run --stage train --no-progress" in out and "task 1" not in out
+
+
+def test_the_driver_runs_under_its_own_job_id(monkeypatch):
+    from pipeline.executors.ray import _own_submission_id
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}, "metadata": {"job_submission_id": "j-2"}}')
+    assert _own_submission_id() == "j-2"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "not json")
+    assert _own_submission_id() is None

@@ -225,8 +225,9 @@ def _redact_plan(plan: dict[str, Any]) -> dict[str, Any]:
     spec["overrides"] = _redact_argv(list(spec.get("overrides", [])))
     groups = shard_groups(_spec_of(plan))
     return {**plan, "spec": spec, "groups": [format_shard_spec(g) for g in groups],
-            "resubmit": f"RAY_ADDRESS=<job API> ray job submit -- env {PLAN_ENV}=\"$(cat <this file>)\" "
-                        "python -m pipeline.executors.ray drive"}
+            "resubmit": f"python -m pipeline retry --stage {plan['stage']} --executor ray --submit (what is left), or "
+                        "ray job submit -- python -m pipeline.executors.ray drive <this file, where the driver can "
+                        "read it> (values shown <hidden> must be filled in again)"}
 
 
 def _spec_of(plan: dict[str, Any]) -> JobSpec:
@@ -291,11 +292,23 @@ def _check_fits(ray: Any, options: dict[str, Any]) -> str | None:
             "them (--cpus/--gpus/--mem or ray.resources in the manifest)")
 
 
+def _own_submission_id() -> str | None:
+    """Inside a Ray job's driver: the job's submission id (Ray passes it in the job config's metadata)."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    return (config.get("metadata") or {}).get("job_submission_id")
+
+
 def drive(plan: dict[str, Any], out: Any = None) -> int:
     """Run a plan's tasks on the cluster this job belongs to; exit 0 when every task's `run` exited 0."""
     out = out or sys.stdout
     ray = _ray()
-    job_id, stage = plan["job_id"], plan["stage"]
+    job_id, stage = _own_submission_id() or plan["job_id"], plan["stage"]
+    if job_id != plan["job_id"]:
+        print(f"job {job_id}: running the plan of job {plan['job_id']} under this job's id", file=out, flush=True)
+        plan = {**plan, "job_id": job_id}
     ray.init(log_to_driver=True)
     if plan.get("after"):
         print(f"job {job_id}: waiting for job {plan['after']} to succeed", file=out, flush=True)
