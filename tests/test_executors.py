@@ -157,3 +157,59 @@ def test_the_driver_runs_under_its_own_job_id(monkeypatch):
     assert _own_submission_id() == "j-2"
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "not json")
     assert _own_submission_id() is None
+
+
+class _FakeCluster:
+    """Just enough of ray for `drive`: tasks 'run' when waited for; records what was asked and how many at once."""
+
+    def __init__(self, failing: set[int]):
+        self.failing, self.calls, self.in_flight, self.most = failing, [], set(), 0
+
+    def init(self, **_):
+        pass
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": {"CPU": 4, "memory": 8 << 30}}]
+
+    def remote(self, fn):
+        cluster = self
+
+        class _Remote:
+            def options(self, **options):
+                def submit(argv, env, label):
+                    ref = len(cluster.calls)
+                    cluster.calls.append((options, argv, env))
+                    cluster.in_flight.add(ref)
+                    cluster.most = max(cluster.most, len(cluster.in_flight))
+                    return ref
+                return type("R", (), {"remote": staticmethod(submit)})()
+        return _Remote()
+
+    def wait(self, refs, num_returns):
+        done = min(refs)
+        self.in_flight.discard(done)
+        return [done], [r for r in refs if r != done]
+
+    def get(self, ref):
+        return {"rc": 1 if ref in self.failing else 0, "tail": f"output of {ref}\n"}
+
+
+def test_the_driver_caps_tasks_at_once_and_fails_the_job_when_a_task_failed(tmp_path, monkeypatch, capsys):
+    import pipeline.executors.ray as ray_executor
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    fake = _FakeCluster(failing={3})
+    monkeypatch.setattr(ray_executor, "_ray", lambda: fake)
+    config = load_config(None, [], root=str(tmp_path / "root"))
+    spec = JobSpec(stage="annotate", shards=list(range(10)), tasks=5, parallel=2, cpus=2, gpus=0, mem="1G")
+    plan = RayExecutor(config, "http://h:8265")._plan(spec, "job-9", None)
+    assert ray_executor.drive(plan) == 1
+    assert fake.most == 2 and len(fake.calls) == 5
+    options, argv, env = fake.calls[3]
+    assert options["num_cpus"] == 2 and options["memory"] == 1 << 30 and options["name"] == "annotate-task-3"
+    assert options["retry_exceptions"] == [ray_executor.TaskStopped] and options["max_retries"] == 3
+    assert argv[argv.index("--shards") + 1] == "6-7" and env["PIPELINE_TASK_ID"] == "job-9:3"
+    out = capsys.readouterr().out
+    assert "job job-9: task 3 (shards 6-7) exit code 1" in out and "4 of 5 task(s) succeeded; failed: 3" in out
+    log = (tmp_path / "root" / "logs" / "annotate-job-9.log").read_text()
+    assert "== task 3 shards 6-7: exit code 1\noutput of 3" in log
