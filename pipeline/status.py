@@ -387,19 +387,21 @@ def unit_progress(config: RunConfig, storage: Storage, st: StageStatus) -> dict[
     return out
 
 
-def executor_job_lines(config: RunConfig, storage: Storage, stage: str) -> list[str]:
-    """'Ray job <id> RUNNING: shards 0-99 in 10 task(s)' for each recorded executor submission of `stage` that
-    its cluster still runs (SLURM's arrays show in squeue)."""
-    records = [r for r in submissions(storage, stage) if r.get("executor") and r.get("job_id")]
-    lines = []
+def executor_job_lines(config: RunConfig, storage: Storage, stages: Iterable[str]) -> dict[str, list[str]]:
+    """stage -> 'Ray job <id> RUNNING: shards 0-99 in 10 task(s)' for each recorded executor submission of the
+    stage that its cluster still runs (SLURM's arrays show in squeue). One listing of ROOT/logs, one request per
+    cluster."""
+    stages = set(stages)
+    records = [r for r in submissions(storage) if r.get("executor") and r.get("job_id") and r.get("stage") in stages]
+    lines: dict[str, list[str]] = {}
     for name in sorted({r["executor"] for r in records}):
         mine = [r for r in records if r["executor"] == name]
-        states = job_states(config, name, [str(r["job_id"]) for r in mine]) or {}
+        states = job_states(config, name, [str(r["job_id"]) for r in mine], mine) or {}
         for r in mine:
             state = states.get(str(r["job_id"]))
             if state in ("PENDING", "RUNNING"):
                 what = f"shards {r['shard_spec']} in {r['tasks']} task(s)" if r.get("shard_spec") else "one task"
-                lines.append(f"{name.capitalize()} job {r['job_id']} {state}: {what}")
+                lines.setdefault(r["stage"], []).append(f"{name.capitalize()} job {r['job_id']} {state}: {what}")
     return lines
 
 
@@ -439,6 +441,7 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)), file=out)
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)), file=out)
+    job_lines = executor_job_lines(config, storage, [st.stage for st in rows])
     for st in rows:
         if st.kind == WHOLE_RUN:
             for unit, m in st.committed.items():
@@ -468,7 +471,7 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
             print(f"{st.stage}: {_label(c.shard)} has a stale claim ({c.reason}); `retry` will include it", file=out)
         for c in st.running:
             print(f"{st.stage}: {_label(c.shard)} running ({c.reason})", file=out)
-        for line in executor_job_lines(config, storage, st.stage):
+        for line in job_lines.get(st.stage, []):
             print(f"{st.stage}: {line}", file=out)
         if st.row_errors:
             top = ", ".join(f"{k}: {v}" for k, v in st.row_errors.most_common(5))

@@ -47,18 +47,20 @@ def live_jobs(config: RunConfig, claims: Iterable[dict[str, Any]]) -> dict[str, 
     return live
 
 
-def job_states(config: RunConfig, name: str, job_ids: Iterable[str]) -> dict[str, str | None] | None:
-    """job id -> its state on executor `name`'s cluster (asked at the address its submission recorded), or None
-    when a cluster could not be reached."""
+def job_states(config: RunConfig, name: str, job_ids: Iterable[str],
+               records: Iterable[dict[str, Any]] | None = None) -> dict[str, str | None] | None:
+    """job id -> its state on executor `name`'s cluster (asked at the address its submission recorded, from
+    `records` or ROOT/logs), or None when a cluster could not be reached."""
     from pipeline.slurm import submissions
     from pipeline.storage import Storage
 
     job_ids = set(job_ids)
-    storage = Storage(config.root, config.storage_options, config.work_dir)
-    try:
-        recorded = {str(r["job_id"]): r.get("address") for r in submissions(storage) if str(r.get("job_id")) in job_ids}
-    except PipelineError:
-        recorded = {}
+    if records is None:
+        try:
+            records = submissions(Storage(config.root, config.storage_options, config.work_dir))
+        except PipelineError:
+            records = []
+    recorded = {str(r["job_id"]): r.get("address") for r in records if str(r.get("job_id")) in job_ids}
     out: dict[str, str | None] = {}
     for address in {recorded.get(j) for j in job_ids}:
         try:
