@@ -9,7 +9,9 @@ its last heartbeat. It is created exclusively, so two runs on one shard never bo
   read back and the other run skips the unit, so two owners overlap only if both write within one round
   trip and both read back their own token, which a consistent store rules out.
 A claim is stale, and may be taken over, when its owner is gone: its SLURM job is no longer in squeue, its
-process on this host is dead, or (when neither can be checked) its heartbeat is older than `stale_after`.
+executor's job (Ray) no longer runs, it was left by an earlier attempt of the very task now asking (an
+executor retries a task only after its attempt died), its process on this host is dead, or (when none of
+these can be checked) its heartbeat is older than `stale_after`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.executors.base import IDENTITY_ENV
 
 DEFAULT_STALE_AFTER = 600.0
 """A claim whose heartbeat (refreshed every PIPELINE_HEARTBEAT_S=60 s) is older than this is stale."""
@@ -45,7 +50,8 @@ class ClaimHeld(Exception):  # noqa: N818 - a state, raised to skip a unit
     @property
     def who(self) -> str:
         job = self.claim.get("slurm_job_id")
-        return f"{self.claim.get('host', '?')}:{self.claim.get('pid', '?')}" + (f" (SLURM job {job})" if job else "")
+        where = f" (SLURM job {job})" if job else (f" ({_executor_job(self.claim)})" if self.claim.get("job_id") else "")
+        return f"{self.claim.get('host', '?')}:{self.claim.get('pid', '?')}" + where
 
 
 def now_epoch() -> float:
@@ -73,22 +79,37 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def judge(claim: dict[str, Any], jobs: set[str] | None, stale_after: float, now: float | None = None) -> Owner:
-    """Whether the task holding a claim is still alive (see the module docstring)."""
+def _executor_job(claim: dict[str, Any]) -> str:
+    """'Ray job <id> task <i>' for a claim an executor's task wrote."""
+    name = {"ray": "Ray"}.get(str(claim.get("executor")), str(claim.get("executor")))
+    task = claim.get("task")
+    return f"{name} job {claim.get('job_id')}" + (f" task {task}" if task is not None else "")
+
+
+def judge(claim: dict[str, Any], jobs: set[str] | None, stale_after: float, now: float | None = None,
+          live: Mapping[str, set[str]] | None = None) -> Owner:
+    """Whether the task holding a claim is still alive (see the module docstring). `jobs`: squeue's ids;
+    `live`: executor name -> its live job ids, for the executors that could be asked."""
     now = now if now is not None else now_epoch()
     job = claim.get("slurm_job_id")
     if job and jobs is not None:
         if str(job) in jobs:
             return Owner(True, f"SLURM job {job}")
         return Owner(False, f"SLURM job {job} is no longer in squeue")
+    executor, executor_job = claim.get("executor"), claim.get("job_id")
+    prefix = f"{_executor_job(claim)}, " if executor and executor_job else ""
+    if prefix and live is not None and executor in live and str(executor_job) not in live[executor]:
+        return Owner(False, f"{_executor_job(claim)}: the job no longer runs")
+    if claim.get("task_id") and claim.get("task_id") == os.environ.get(IDENTITY_ENV["task_id"]):
+        return Owner(False, f"{prefix}an earlier attempt of this task (retried after it died)")
     host, pid = claim.get("host"), claim.get("pid")
     if host == socket.gethostname() and isinstance(pid, int):
         if pid_alive(pid):
-            return Owner(True, f"pid {pid} on {host}")
-        return Owner(False, f"process {pid} on {host} is gone")
+            return Owner(True, f"{prefix}pid {pid} on {host}")
+        return Owner(False, f"{prefix}process {pid} on {host} is gone")
     beat = _epoch(claim.get("beat", claim.get("time")))
     age = now - beat if beat is not None else float("inf")
-    where = f"SLURM job {job}" if job else f"pid {pid} on {host}"
+    where = f"SLURM job {job}" if job else f"{prefix}pid {pid} on {host}"
     if age <= stale_after:
         return Owner(True, f"{where}, heartbeat {age:.0f}s ago")
     return Owner(False, f"{where}: no heartbeat for {age:.0f}s")

@@ -47,6 +47,14 @@ def _add_root_args(p: argparse.ArgumentParser) -> None:
                    help="override a manifest field, e.g. --set storage_options.endpoint_url=http://...")
 
 
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("slurm", "ray"), default=None,
+                   help="where tasks run: a SLURM array (default) or a Ray cluster (pip install -e '.[ray]'); "
+                        "retry defaults to the executor of the stage's last submission")
+    p.add_argument("--address", help="Ray: the cluster's job API, e.g. http://head:8265 or ray://head:10001 "
+                                     "(default: ray.address in the manifest, else RAY_ADDRESS, else the local head)")
+
+
 def _add_resource_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, help="at most this many tasks at once (--array=...%%N)")
     p.add_argument("--gpus", type=int, help="GPUs per task (--gres=gpu:N)")
@@ -94,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "stage is always one job")
     _add_config_args(submit)
     _add_resource_args(submit)
+    _add_executor_args(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script; save and submit nothing")
 
     retry = sub.add_parser(
@@ -114,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a claim without heartbeat for this long belongs to a dead task (default 600)")
     _add_config_args(retry)
     _add_resource_args(retry)
+    _add_executor_args(retry)
 
     status = sub.add_parser(
         "status", help="committed / failed / running shards per stage, read from ROOT alone",
@@ -381,8 +391,68 @@ def _submit_spec(args: argparse.Namespace, stage: str, shards: list[int], tasks:
                       dependency=dependency, **{k: v for k, v in res.items() if v is not None})
 
 
+def _job_spec(args: argparse.Namespace, stage: str, shards: list[int], tasks: int, defaults: dict,
+              failed_only: bool = False, whole_run: bool = False):
+    """An executor's JobSpec: --cpus/--gpus/--mem/--parallel, else `defaults` (last submission, manifest, stage)."""
+    from pipeline.executors.base import JobSpec
+
+    unsupported = [f"--{k}" for k in ("time", "partition", "account", "requeue") if getattr(args, k)]
+    if unsupported:
+        raise PipelineError(f"{', '.join(unsupported)}: SLURM only; the {args.executor} executor has no such "
+                            "setting (Ray reruns a task whose worker died: ray.max_retries)")
+    res = {k: getattr(args, k) if getattr(args, k) is not None else defaults.get(k)
+           for k in ("parallel", "cpus", "gpus", "mem")}
+    return JobSpec(stage=stage, shards=shards, tasks=tasks, manifest=args.manifest, overrides=list(args.overrides),
+                   failed_only=failed_only, whole_run=whole_run, **{k: v for k, v in res.items() if v is not None})
+
+
+def _stage_defaults(config: RunConfig, args: argparse.Namespace, declared) -> dict:
+    """Per-task resources when the command line gives none: the stage's declaration, for Ray under the
+    manifest's ray.resources.<stage>."""
+    needs = declared.needs(config)  # the stage's declared resources, GPUs only when an engine runs on one
+    if args.executor != "ray":
+        return {"gpus": needs.gpus or None, "cpus": needs.cpus if needs.cpus > 1 else None}
+    defaults = {"gpus": needs.gpus, "cpus": needs.cpus}
+    own = config.ray.resources.get(declared.name)
+    if own is not None:
+        defaults.update({k: v for k, v in {"cpus": own.cpus, "gpus": own.gpus, "mem": own.memory}.items()
+                         if v is not None})
+    return defaults
+
+
+def _executor_submit(args: argparse.Namespace, specs: list) -> int:
+    """Submit through an executor (Ray): one job per spec, each after the previous one succeeded."""
+    from pipeline.executors import get_executor
+    from pipeline.executors.base import JobRef
+
+    config = _config(args)
+    executor = get_executor(args.executor, config, args.address)
+    previous: JobRef | None = None
+    for spec in specs:
+        _check_stage(config, spec.stage)
+        if args.dry_run:
+            if len(specs) > 1:
+                print(f"# ---- {spec.stage}" + (f" (after {previous.job_id})" if previous else ""))
+            sys.stdout.write(executor.plan(spec, previous))
+            previous = JobRef(executor.name, f"<job id of {spec.stage}>", spec.stage)
+            continue
+        ref = executor.submit(spec, previous)
+        groups = "one task" if spec.whole_run else f"shards {format_shard_spec(spec.shards)} in {spec.tasks} task(s)"
+        print(f"submitted Ray job {ref.job_id}: stage {spec.stage}, {groups}"
+              + (f", after job {previous.job_id}" if previous else ""))
+        print(f"plan:   {ref.info.get('plan_url')}")
+        print(f"logs:   ray job logs --address {ref.info.get('address')} --follow {ref.job_id}  "
+              f"(a summary goes to ROOT/logs/{spec.stage}-{ref.job_id}.log when it ends)")
+        previous = ref
+    if previous is not None and not args.dry_run:
+        print("the job runs on the cluster: this machine may disconnect; `status` shows its shards")
+    return 0
+
+
 def _do_submit(args: argparse.Namespace, specs: list) -> int:
     """Submit one spec, or a chain in order, each after the previous one succeeded."""
+    if args.executor == "ray":
+        return _executor_submit(args, specs)
     from pipeline.slurm import submit
 
     config = _config(args)
@@ -428,16 +498,17 @@ def _submit(args: argparse.Namespace) -> int:
         declared = load_stage(stage, config)
         if not declared.whole_run and not shards:
             raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
-        needs = declared.needs(config)
-        defaults = {"gpus": needs.gpus or None, "cpus": needs.cpus if needs.cpus > 1 else None}
-        spec = _submit_spec(args, stage, shards, 1 if declared.whole_run else args.tasks, defaults,
-                            whole_run=declared.whole_run)
+        defaults = _stage_defaults(config, args, declared)
+        build = _job_spec if args.executor == "ray" else _submit_spec
+        spec = build(args, stage, shards, 1 if declared.whole_run else args.tasks, defaults,
+                     whole_run=declared.whole_run)
         spec.launcher = declared.launcher
         specs.append(spec)
     return _do_submit(args, specs)
 
 
 def _retry(args: argparse.Namespace) -> int:
+    from pipeline.executors import active_executor_jobs
     from pipeline.slurm import active_submissions, last_submission
     from pipeline.status import retry_shards
 
@@ -473,13 +544,16 @@ def _retry(args: argparse.Namespace) -> int:
     if args.failed_only and declared.retry_shard is None:
         raise PipelineError(f"stage {args.stage!r} cannot redo single rows (it has no retry_shard); "
                             f"resubmit those shards with `run --force` instead")
-    active = active_submissions(config, args.stage)
+    last = last_submission(config, args.stage) or {}
+    if args.executor is None:
+        args.executor = last.get("executor") or "slurm"
+    active = (active_executor_jobs(config, args.stage, args.executor, args.address) if args.executor != "slurm"
+              else active_submissions(config, args.stage))
     if active and not args.include_running:
         raise PipelineError(f"job(s) {', '.join(active)} of stage {args.stage!r} are still queued or running and "
                             "would run some of these shards too; wait for them (squeue -j ...) or scancel them, "
                             "then retry (or pass --include-running)")
-    last = last_submission(config, args.stage) or {}
-    defaults = dict(last.get("spec", {}))
+    defaults = dict(last.get("spec", {})) if (last.get("executor") or "slurm") == args.executor else {}
     if args.manifest is None:
         if not defaults.get("manifest"):
             raise PipelineError("retry --submit needs the run's settings: give --manifest (no earlier submission "
@@ -488,9 +562,12 @@ def _retry(args: argparse.Namespace) -> int:
         print(f"{args.stage}: resubmitting with the manifest of the last submission: {args.manifest}",
               file=sys.stderr)
     if declared.whole_run:
-        spec = _submit_spec(args, args.stage, [], 1, defaults, whole_run=True)
+        build = _job_spec if args.executor == "ray" else _submit_spec
+        spec = build(args, args.stage, [], 1, defaults or _stage_defaults(config, args, declared), whole_run=True)
         spec.launcher = declared.launcher
         return _do_submit(args, [spec])
     tasks = args.tasks or min(int(defaults.get("tasks") or last.get("tasks") or 1), len(todo))
-    spec = _submit_spec(args, args.stage, todo, tasks, defaults, failed_only=args.failed_only)  # type: ignore[arg-type]
+    build = _job_spec if args.executor == "ray" else _submit_spec
+    spec = build(args, args.stage, todo, tasks, defaults or _stage_defaults(config, args, declared),  # type: ignore[arg-type]
+                 failed_only=args.failed_only)
     return _do_submit(args, [spec])

@@ -407,6 +407,41 @@ class SlurmConfig(Section):
     workdir: str | None = runtime(None, description="the folder tasks run in (default: where `submit` runs)")
 
 
+class RayStageResources(Section):
+    """What each Ray task of one stage asks for, over the stage's declared resources."""
+
+    cpus: int | None = runtime(None, ge=1)
+    gpus: float | None = runtime(None, ge=0)
+    memory: str | None = runtime(None, description="memory per task, e.g. 16G or 500M (Ray's `memory` option)")
+
+
+class RayConfig(Section):
+    """How `submit --executor ray` runs stages on a Ray cluster (the defaults suit a local `ray start --head`)."""
+
+    address: str | None = runtime(
+        None, description="the cluster: its job API http://head:8265, a ray://head:10001 client address or a GCS "
+                          "address (default: --address, else RAY_ADDRESS, else http://127.0.0.1:8265)")
+    working_dir: str | None = runtime(
+        None, description="a folder uploaded as the job's working directory, e.g. '.' for this checkout (default: "
+                          "the package is installed on the cluster's nodes)")
+    excludes: list[str] = runtime(
+        default_factory=lambda: [".git", "demo_run", "demo_data", "slurm_logs", ".venv*", "models/nano/_checkpoints"],
+        description="paths of working_dir left out of the upload")
+    pip: list[str] = runtime(
+        default_factory=list, description="packages or a wheel (path or URL) pip installs into the job's "
+                                          "environment, e.g. ['caprl-pipeline[ray] @ https://host/caprl.whl']")
+    env: dict[str, str] = runtime(
+        default_factory=dict, description="environment variables of the driver and every task (sent to the cluster "
+                                          "with the job, never written under ROOT)")
+    python: str | None = runtime(
+        None, description="the interpreter that starts the job's driver (default: this one for a local cluster, "
+                          "else `python`); tasks use their worker's interpreter")
+    max_retries: int = runtime(3, ge=0, description="times Ray reruns a task whose worker or node died")
+    resources: dict[str, RayStageResources] = runtime(
+        default_factory=dict, description="per stage: cpus, gpus, memory of each task (over the stage's declaration; "
+                                          "--cpus/--gpus/--mem win)")
+
+
 class RunConfig(Section):
     """One run of the pipeline: where it lives, how rows are cut into shards, and each stage's settings."""
 
@@ -426,6 +461,7 @@ class RunConfig(Section):
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     extra: dict[str, Any] = Field(default_factory=dict, description="free-form settings for plugin stages")
 
     def section(self, stage: str) -> BaseModel | dict[str, Any]:

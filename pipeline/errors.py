@@ -45,6 +45,10 @@ class SlurmError(PipelineError):
     """A submission that cannot be rendered or that sbatch refuses."""
 
 
+class ExecutorError(PipelineError):
+    """A submission an executor cannot plan or that its cluster refuses (Ray: address, resources, job API)."""
+
+
 def clip(text: str, limit: int = 200) -> str:
     """`text` cut to at most `limit` characters, ending in '...' when it was cut (the full text is kept where it
     is recorded, e.g. the failure record)."""

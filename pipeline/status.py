@@ -15,9 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.claims import DEFAULT_STALE_AFTER, judge, squeue_job_ids
+from pipeline.claims import DEFAULT_STALE_AFTER, judge
 from pipeline.config import RunConfig, setting_changes
 from pipeline.errors import PipelineError, SlurmError, clip
+from pipeline.executors import job_states, live_jobs
 from pipeline.runner import stale_inputs
 from pipeline.shards import format_shard_spec, parse_shard_spec
 from pipeline.slurm import submissions
@@ -196,9 +197,9 @@ def gate_summary(markers: Iterable[Mapping[str, Any]]) -> str | None:
 
 
 def classify_claim(shard: int | str, claim: dict[str, Any], jobs: set[str] | None, stale_after: float,
-                   now: float | None = None) -> ClaimState:
+                   now: float | None = None, live: Mapping[str, set[str]] | None = None) -> ClaimState:
     """Decide whether the task holding a claim is still alive (pipeline.claims.judge)."""
-    owner = judge(claim, jobs, stale_after, now)
+    owner = judge(claim, jobs, stale_after, now, live)
     return ClaimState(shard, owner.live, owner.reason, claim)
 
 
@@ -221,7 +222,8 @@ def _unit(name: str) -> int | str:
 def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str] | None,
                  stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True,
                  cache: InputCache | None = None, declared: Stage | None = None,
-                 claims: dict[str, dict[str, Any]] | None = None) -> StageStatus:
+                 claims: dict[str, dict[str, Any]] | None = None,
+                 live: Mapping[str, set[str]] | None = None) -> StageStatus:
     """Everything `status` and `retry` need to know about one stage, from ROOT (plus squeue when present).
 
     A unit is committed when its marker and outputs are intact and every input it recorded is unchanged;
@@ -255,7 +257,7 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
     failed = {_unit(k): f for k, f in storage.unit_failures(stage).items() if _unit(k) not in committed}
     if claims is None:
         claims = storage.unit_claims(stage)
-    claim_states = [classify_claim(_unit(k), c, jobs, stale_after) for k, c in sorted(claims.items())
+    claim_states = [classify_claim(_unit(k), c, jobs, stale_after, live=live) for k, c in sorted(claims.items())
                     if _unit(k) not in committed]
     row_errors: Counter = Counter()
     for m in committed.values():
@@ -294,6 +296,11 @@ def collect_status(config: RunConfig, only: str | None = None,
     return [st.to_row() for st in collect_stage_status(config, only, stale_after, compare)]
 
 
+def _scheduler(claim: dict[str, Any]) -> str | None:
+    """The scheduler to ask about a claim's owner: 'slurm', an executor's name, or None."""
+    return "slurm" if claim.get("slurm_job_id") else claim.get("executor")
+
+
 def collect_stage_status(config: RunConfig, only: str | None = None,
                          stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True) -> list[StageStatus]:
     storage = Storage(config.root, config.storage_options, config.work_dir)
@@ -301,15 +308,18 @@ def collect_stage_status(config: RunConfig, only: str | None = None,
     declared = available_stages(config)
     cache = InputCache(storage)
     out = []
-    jobs: set[str] | None = None
-    jobs_checked = False
+    live: dict[str, set[str]] = {}
+    asked: set[str] = set()
     for stage in stage_modules(config):
         if only and stage != only:
             continue
         claims = storage.unit_claims(stage)
-        if not jobs_checked and any(c.get("slurm_job_id") for c in claims.values()):
-            jobs, jobs_checked = squeue_job_ids(), True
-        st = stage_status(config, storage, stage, jobs, stale_after, compare, cache, declared.get(stage), claims)
+        fresh = [c for c in claims.values() if _scheduler(c) and _scheduler(c) not in asked]
+        if fresh:  # each scheduler is asked once per status
+            live.update(live_jobs(config, fresh))
+            asked |= {_scheduler(c) for c in fresh}
+        st = stage_status(config, storage, stage, live.get("slurm"), stale_after, compare, cache,
+                          declared.get(stage), claims, live)
         if not (st.committed or st.outdated or st.failed or st.running or st.stale) and only is None:
             continue
         out.append(st)
@@ -326,13 +336,13 @@ def retry_shards(config: RunConfig, stage: str, *, failed_only: bool = False, sh
     storage = Storage(config.root, config.storage_options, config.work_dir)
     storage.check_reachable(create=False)
     claims = storage.unit_claims(stage)
-    jobs = squeue_job_ids() if any(c.get("slurm_job_id") for c in claims.values()) else None
+    live = live_jobs(config, claims.values())
     try:
         declared: Stage | None = load_stage(stage, config)
     except PipelineError:
         declared = None
-    st = stage_status(config, storage, stage, jobs, stale_after or DEFAULT_STALE_AFTER, compare=compare,
-                      declared=declared, claims=claims)
+    st = stage_status(config, storage, stage, live.get("slurm"), stale_after or DEFAULT_STALE_AFTER,
+                      compare=compare, declared=declared, claims=claims, live=live)
     busy = set(st.committed) if include_running else set(st.committed) | {c.shard for c in st.running}
     if st.kind == WHOLE_RUN:
         return [] if failed_only else [u for u in (st.universe or []) if u not in busy]
@@ -377,6 +387,24 @@ def unit_progress(config: RunConfig, storage: Storage, st: StageStatus) -> dict[
     return out
 
 
+def executor_job_lines(config: RunConfig, storage: Storage, stages: Iterable[str]) -> dict[str, list[str]]:
+    """stage -> 'Ray job <id> RUNNING: shards 0-99 in 10 task(s)' for each recorded executor submission of the
+    stage that its cluster still runs (SLURM's arrays show in squeue). One listing of ROOT/logs, one request per
+    cluster."""
+    stages = set(stages)
+    records = [r for r in submissions(storage) if r.get("executor") and r.get("job_id") and r.get("stage") in stages]
+    lines: dict[str, list[str]] = {}
+    for name in sorted({r["executor"] for r in records}):
+        mine = [r for r in records if r["executor"] == name]
+        states = job_states(config, name, [str(r["job_id"]) for r in mine], mine) or {}
+        for r in mine:
+            state = states.get(str(r["job_id"]))
+            if state in ("PENDING", "RUNNING"):
+                what = f"shards {r['shard_spec']} in {r['tasks']} task(s)" if r.get("shard_spec") else "one task"
+                lines.setdefault(r["stage"], []).append(f"{name.capitalize()} job {r['job_id']} {state}: {what}")
+    return lines
+
+
 def print_status(config: RunConfig, only: str | None = None, out=None,
                  stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True) -> int:
     """Print the table and, under it, failure reasons, outdated units, claims and row-level error counts.
@@ -413,6 +441,7 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)), file=out)
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)), file=out)
+    job_lines = executor_job_lines(config, storage, [st.stage for st in rows])
     for st in rows:
         if st.kind == WHOLE_RUN:
             for unit, m in st.committed.items():
@@ -442,6 +471,8 @@ def print_status(config: RunConfig, only: str | None = None, out=None,
             print(f"{st.stage}: {_label(c.shard)} has a stale claim ({c.reason}); `retry` will include it", file=out)
         for c in st.running:
             print(f"{st.stage}: {_label(c.shard)} running ({c.reason})", file=out)
+        for line in job_lines.get(st.stage, []):
+            print(f"{st.stage}: {line}", file=out)
         if st.row_errors:
             top = ", ".join(f"{k}: {v}" for k, v in st.row_errors.most_common(5))
             print(f"{st.stage}: failed rows in {format_shard_spec(st.shards_with_failed_rows)}: {top}", file=out)

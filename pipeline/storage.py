@@ -501,11 +501,15 @@ class Claim:
 
 
 def task_identity() -> dict[str, Any]:
-    """Who is doing the work: host, pid and SLURM ids when present."""
+    """Who is doing the work: host, pid, SLURM ids when present, and the executor, job and task an executor's
+    task runs under (pipeline.executors.base.IDENTITY_ENV)."""
+    from pipeline.executors.base import task_identity_from_env
+
     ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "time": now_iso()}
     for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         if var in os.environ:
             ident[var.lower()] = os.environ[var]
+    ident.update(task_identity_from_env())
     return ident
 
 
