@@ -89,7 +89,7 @@ def test_engine_problems_in_words(tmp_path, monkeypatch):
     assert "without config.json" in engine_problem("x", EngineConfig(backend="hf", model=str(tmp_path / "empty")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert "Hugging Face cache" in engine_problem("x", EngineConfig(backend="vllm", model="org/not-cached"))
+    assert "Hugging Face cache" in engine_problem("x", EngineConfig(backend="hf", model="org/not-cached"))
 
 
 def test_submit_sizes_gpus_by_the_engines(tmp_path, capsys):

@@ -81,7 +81,11 @@ class S3Server:
             cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
         log = open(self.data_dir.parent / f"{self.kind}.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()  # a server that never came up is not left running
+            raise
 
     def wait_ready(self, timeout: float = 90) -> None:
         import s3fs

