@@ -19,7 +19,7 @@ from tests.contract_stages import STAGES
 from tests.scale_support import clone_shards, count_local_calls, count_s3_requests
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "transformers", "vllm", "img2dataset", "webdataset", "albumentations")
+HEAVY = ("torch", "transformers", "vllm", "img2dataset", "webdataset", "albumentations", "ray")
 
 
 def _root(tmp_path: Path, shards: int, name: str, root_url: str | None = None, options: dict | None = None):

@@ -235,6 +235,7 @@ def e2e(work: Path, sizes: list[int], per_shard: int = 8, shards_per_task: int =
                 manifest = write_manifest(work, str(urls), server.options)
                 cfg = yaml.safe_load(manifest.read_text())
                 cfg["shard_size"] = per_shard
+                cfg["slurm"] = {"log_dir": str(work / "slurm_logs")}
                 manifest = work / f"e2e-{n}.yaml"
                 manifest.write_text(yaml.safe_dump(cfg))
                 root = f"s3://{BUCKET}/e2e-{n}"
