@@ -304,7 +304,7 @@ def run_engine(model_dir: Path, images: list, name: str, **settings):
     print(f"  {name}: {engine.model_id} on {engine.device}; compile={cfg.compile} batch_size={cfg.batch_size} "
           f"batch_memory={cfg.batch_memory} encode_ahead={cfg.encode_ahead} "
           f"attention={getattr(engine.model.config, '_attn_implementation', '?')}")
-    prepared = [prepare_image(im, SIDE * SIDE, SIDE * SIDE) for im in images]
+    prepared = [prepare_image(im, engine.image_grid) for im in images]
     warm = engine.generate([image_request(PROMPT, im) for im in prepared[:2]], Sampling(max_new_tokens=4))
     print(f"  warm-up caption: {warm[0][0].text!r}")
     fix_length(engine.model)
