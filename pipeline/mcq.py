@@ -341,15 +341,37 @@ def _build_mcq(block: _Block, source: str) -> tuple[MCQ | None, str]:
     return MCQ(question=question, options=tuple(options), answer=letter, source=source), ""
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ReasoningPreamble(ValueError):
+    """A reader opened a reasoning block instead of answering (a hybrid-thinking model with thinking on): its
+    output says nothing about the caption, so the query failed; it is not a wrong answer."""
+
+
+def answer_body(text: str) -> str:
+    """The answer part of a reader's output: after a leading copy of the pre-fill and after a closed
+    <think> block. Raises ReasoningPreamble when the output opens a <think> block it does not close."""
+    body = text.strip()
+    if body.startswith(THINK_OPEN):
+        end = body.find(THINK_CLOSE)
+        if end < 0:
+            raise ReasoningPreamble(f"the reader answered with a reasoning preamble ({body[:40]!r}...): give it "
+                                    "chat_template_kwargs {enable_thinking: false} or a non-thinking model")
+        body = body[end + len(THINK_CLOSE):].strip()
+    if body.startswith(READER_PREFILL):
+        body = body[len(READER_PREFILL):]
+    return body
+
+
 def parse_answer_letter(text: str, n_options: int) -> str | None:
     """The reader's answer: the first stand-alone capital letter A-F after the pre-fill, or None.
 
-    `text` is what the model generated after READER_PREFILL (a leading copy of the pre-fill is
-    skipped). The letter must be one of the first `n_options` letters; anything else is unparseable.
+    `text` is what the model generated after READER_PREFILL (see `answer_body`: a leading copy of the
+    pre-fill and a closed <think> block are skipped; an unclosed one raises ReasoningPreamble). The
+    letter must be one of the first `n_options` letters; anything else is unparseable.
     """
-    body = text.strip()
-    if body.startswith(READER_PREFILL):
-        body = body[len(READER_PREFILL):]
+    body = answer_body(text)
     for m in _STANDALONE_LETTER.finditer(body):
         letter = m.group(1)
         if letter in LETTERS:

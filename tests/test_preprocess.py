@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from pipeline.config import EngineConfig
-
 from pipeline.engines.grid import ImageGrid
 from pipeline.engines.preprocess import PREPARED, map_ahead, prepare_image, preprocess_ahead
 

@@ -32,7 +32,9 @@ SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
 )
-THINK_TOKENS = ("<think>", "</think>")  # Qwen3 readers only (a Qwen2 tokenizer stays as it was)
+THINK_TOKENS = ("<think>", "</think>")
+"""Qwen3 readers only (a Qwen2 tokenizer stays as it was); added tokens that are not special, as in Qwen3's own
+tokenizer, so a decoded answer still shows them."""
 VOCAB_MULTIPLE = 64
 IMAGE_SIDE = 112
 PATCH_SIZE = 14
@@ -78,9 +80,9 @@ def _padded(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2,
-                    extra_special: Sequence[str] = ()) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts`, with the Qwen special tokens (+ `extra_special`) and
-    chat template.
+                    extra_tokens: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, with the Qwen special tokens, `extra_tokens` as added
+    (not special) tokens, and the chat template.
 
     `vocab_size` caps the BPE merges (special tokens included); the model's embedding size is the
     tokenizer's length padded to a multiple of 64 (see `model_vocab_size`).
@@ -90,7 +92,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: 
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[*SPECIAL_TOKENS, *extra_special],
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
@@ -100,6 +102,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: 
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
     )
+    if extra_tokens:
+        fast.add_tokens(list(extra_tokens), special_tokens=False)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

@@ -63,7 +63,7 @@ def build_random_text_model(path: str | Path, seed: int = 0, std: float = 0.2, f
 
     if family not in TEXT_FAMILIES:
         raise ValueError(f"unknown text family {family!r}: one of {TEXT_FAMILIES}")
-    tok = build_tokenizer(corpus(seed=seed), vocab_size=1024, extra_special=THINK_TOKENS if family == "qwen3" else ())
+    tok = build_tokenizer(corpus(seed=seed), vocab_size=1024, extra_tokens=THINK_TOKENS if family == "qwen3" else ())
     torch.manual_seed(seed)
     if family == "qwen3":
         tok.chat_template = QWEN3_CHAT_TEMPLATE
