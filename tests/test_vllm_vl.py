@@ -192,7 +192,7 @@ def test_qwen3_vl_captioner_on_vllm_and_vllm_serve_matches_hf(rows, qwen3_vl, tm
     rows = rows[:8]
     captioner = {"model": str(qwen3_vl), "dtype": "float32", "min_pixels": QWEN3_PIXELS, "max_pixels": QWEN3_PIXELS,
                  "chunk_size": 8}
-    sampling = {"temperature": 0.0, "max_new_tokens": 12}
+    sampling = {"temperature": 0.0, "max_new_tokens": 6}  # random weights: near-ties make long greedy runs drift
 
     def manifest(name: str, engine: dict) -> tuple[Path, Path]:
         root = tmp_path / name
@@ -229,4 +229,7 @@ def test_qwen3_vl_captioner_on_vllm_and_vllm_serve_matches_hf(rows, qwen3_vl, tm
     same_offline = sum(a["caption"] == b["caption"] for a, b in zip(offline, hf, strict=True)) / len(rows)
     same_served = sum(a["caption"] == b["caption"] for a, b in zip(served, hf, strict=True)) / len(rows)
     print(f"qwen3-vl: identical greedy captions vllm {same_offline:.3f}, vllm serve {same_served:.3f} (vs hf)")
+    for a, b, c in zip(hf, offline, served, strict=True):
+        if not a["caption"] == b["caption"] == c["caption"]:
+            print(f"  {a['key']}: hf {a['caption']!r} vllm {b['caption']!r} serve {c['caption']!r}")
     assert same_offline >= 0.75 and same_served >= 0.75

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig
@@ -115,9 +116,12 @@ class ImageGrid:
 
 def load_grid(config: EngineConfig) -> ImageGrid:
     """The grid of the model an engine config names, read from its image processor's settings without
-    loading weights: `processor` (openai: the served model's folder or hub name) or `model` for the local
-    backends. Budget only for text-only and model-less backends, or when no image processor is found."""
-    source = config.processor or (config.model if config.backend in ("hf", "vllm", "openai") else None)
+    loading weights: `processor` if set, else `model` for the local backends (hf, vllm) and for openai when
+    it is a folder (a served name is no hub name: it is never looked up). Budget only for text-only and
+    model-less backends, or when no image processor is found."""
+    source = config.processor
+    if not source and (config.backend in ("hf", "vllm") or config.backend == "openai" and Path(config.model).is_dir()):
+        source = config.model
     if not source:
         return ImageGrid.budget_only(config)
     from transformers import AutoImageProcessor

@@ -66,9 +66,14 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# Qwen3's hybrid thinking: with enable_thinking=False the assistant turn starts with an empty think block
-# (as in Qwen3-4B's own template); otherwise the model is free to think first.
+# Qwen3's hybrid thinking, as in Qwen3-4B's own template: with enable_thinking=False the generation prompt ends
+# with an empty think block (otherwise the model is free to think first), and a final assistant message (a
+# prefill continued by a server) is rendered after an empty think block too.
 QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<|im_start|>{{ message['role'] }}\n",
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}",
+).replace(
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
