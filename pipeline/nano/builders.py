@@ -156,59 +156,35 @@ def tiny_vl_config(
     tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 2, heads: int = 2, kv_heads: int = 1,
     ffn: int = 256, vision_depth: int = 2, vision_hidden: int = 128, vision_heads: int = 2,
     vision_ffn: int = 256, mrope_section: Sequence[int] = (8, 12, 12), max_positions: int = 2048,
-) -> Qwen2_5_VLConfig:
-    """A tiny Qwen2.5-VL config (defaults: ~1.2 M parameters, head_dim = hidden/heads = 64)."""
+    family: str = "qwen2.5-vl",
+) -> Qwen2_5_VLConfig | Qwen3VLConfig:
+    """A tiny Qwen2.5-VL (14 px patches, windowed vision attention) or Qwen3-VL (16 px patches, one deepstack
+    layer, interleaved mrope) config; defaults: ~1.2 M parameters, head_dim = hidden/heads = 64."""
+    if family not in VL_FAMILIES:
+        raise ValueError(f"unknown VL family {family!r}: one of {VL_FAMILIES}")
     ids = _special_ids(tokenizer)
     head_dim = hidden // heads
     if 2 * sum(mrope_section) != head_dim:
         raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
+    qwen3 = family == "qwen3-vl"
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)}
     text_config: dict[str, Any] = {
         "vocab_size": model_vocab_size(tokenizer), "hidden_size": hidden, "intermediate_size": ffn,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+        "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6,
+        "rope_parameters": {**rope, "mrope_interleaved": True} if qwen3 else rope,
         "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
+        **({"head_dim": head_dim} if qwen3 else {"tie_word_embeddings": True}),
     }
     vision_config: dict[str, Any] = {
         "depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": vision_ffn,
-        "num_heads": vision_heads, "out_hidden_size": hidden, "patch_size": PATCH_SIZE,
+        "num_heads": vision_heads, "out_hidden_size": hidden, "patch_size": QWEN3_PATCH_SIZE if qwen3 else PATCH_SIZE,
         "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": 2, "in_channels": 3,
-        "window_size": IMAGE_SIDE, "fullatt_block_indexes": list(range(vision_depth)),
+        **({"num_position_embeddings": 64, "deepstack_visual_indexes": [vision_depth - 1]} if qwen3 else
+           {"window_size": IMAGE_SIDE, "fullatt_block_indexes": list(range(vision_depth))}),
     }
-    return Qwen2_5_VLConfig(
-        text_config=text_config, vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-
-
-def tiny_qwen3_vl_config(
-    tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 2, heads: int = 2, kv_heads: int = 1,
-    ffn: int = 256, vision_depth: int = 2, vision_hidden: int = 128, vision_heads: int = 2,
-    vision_ffn: int = 256, mrope_section: Sequence[int] = (8, 12, 12), max_positions: int = 2048,
-) -> Qwen3VLConfig:
-    """A tiny Qwen3-VL config (16 px patches, merge 2, one deepstack layer; head_dim = hidden/heads = 64)."""
-    ids = _special_ids(tokenizer)
-    head_dim = hidden // heads
-    if 2 * sum(mrope_section) != head_dim:
-        raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
-    text_config: dict[str, Any] = {
-        "vocab_size": model_vocab_size(tokenizer), "hidden_size": hidden, "intermediate_size": ffn,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": head_dim, "max_position_embeddings": max_positions, "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section),
-                            "mrope_interleaved": True},
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
-    }
-    vision_config: dict[str, Any] = {
-        "depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": vision_ffn,
-        "num_heads": vision_heads, "out_hidden_size": hidden, "patch_size": QWEN3_PATCH_SIZE,
-        "spatial_merge_size": MERGE_SIZE, "temporal_patch_size": 2, "in_channels": 3,
-        "num_position_embeddings": 64, "deepstack_visual_indexes": [vision_depth - 1],
-    }
-    return Qwen3VLConfig(
+    return (Qwen3VLConfig if qwen3 else Qwen2_5_VLConfig)(
         text_config=text_config, vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -218,31 +194,21 @@ def tiny_qwen3_vl_config(
 
 def tiny_text_config(
     tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 4, heads: int = 2, kv_heads: int = 1,
-    ffn: int = 256, max_positions: int = 2048,
-) -> Qwen2Config:
-    """A tiny text-only Qwen2 config (the nano reader)."""
+    ffn: int = 256, max_positions: int = 2048, family: str = "qwen2",
+) -> Qwen2Config | Qwen3Config:
+    """A tiny text-only Qwen2 config (the nano reader) or Qwen3 config (q/k norms, explicit head_dim: the CapRL++
+    reader's family)."""
+    if family not in TEXT_FAMILIES:
+        raise ValueError(f"unknown text family {family!r}: one of {TEXT_FAMILIES}")
     ids = _special_ids(tokenizer)
-    return Qwen2Config(
+    extra: dict[str, Any] = {"head_dim": hidden // heads} if family == "qwen3" else {}
+    return (Qwen3Config if family == "qwen3" else Qwen2Config)(
         vocab_size=model_vocab_size(tokenizer), hidden_size=hidden, intermediate_size=ffn,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions, rms_norm_eps=1e-6, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-    )
-
-
-def tiny_qwen3_text_config(
-    tokenizer: PreTrainedTokenizerFast, hidden: int = 128, layers: int = 4, heads: int = 2, kv_heads: int = 1,
-    ffn: int = 256, max_positions: int = 2048,
-) -> Qwen3Config:
-    """A tiny text-only Qwen3 config (q/k norms, explicit head_dim; the CapRL++ reader's family)."""
-    ids = _special_ids(tokenizer)
-    return Qwen3Config(
-        vocab_size=model_vocab_size(tokenizer), hidden_size=hidden, intermediate_size=ffn,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-        max_position_embeddings=max_positions, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        **extra,
     )
 
 

@@ -16,14 +16,10 @@ from pipeline.mcq import CANNOT_ANSWER, READER_PREFILL, reader_messages, shuffle
 from pipeline.nano import world
 from pipeline.nano.builders import (
     QWEN3_CHAT_TEMPLATE,
-    TEXT_FAMILIES,
     THINK_TOKENS,
-    VL_FAMILIES,
     build_processor,
     build_tokenizer,
     save_model_dir,
-    tiny_qwen3_text_config,
-    tiny_qwen3_vl_config,
     tiny_text_config,
     tiny_vl_config,
 )
@@ -61,15 +57,12 @@ def build_random_text_model(path: str | Path, seed: int = 0, std: float = 0.2, f
     A Qwen3 one has Qwen3's hybrid-thinking chat template (see builders.QWEN3_CHAT_TEMPLATE)."""
     from transformers import Qwen2ForCausalLM, Qwen3ForCausalLM
 
-    if family not in TEXT_FAMILIES:
-        raise ValueError(f"unknown text family {family!r}: one of {TEXT_FAMILIES}")
     tok = build_tokenizer(corpus(seed=seed), vocab_size=1024, extra_tokens=THINK_TOKENS if family == "qwen3" else ())
     torch.manual_seed(seed)
     if family == "qwen3":
         tok.chat_template = QWEN3_CHAT_TEMPLATE
-        model = Qwen3ForCausalLM(tiny_qwen3_text_config(tok, **config_kwargs))
-    else:
-        model = Qwen2ForCausalLM(tiny_text_config(tok, **config_kwargs))
+    model_cls = Qwen3ForCausalLM if family == "qwen3" else Qwen2ForCausalLM
+    model = model_cls(tiny_text_config(tok, family=family, **config_kwargs))
     _scramble(model, seed, std)
     return save_model_dir(model, tok, None, path)
 
@@ -80,13 +73,9 @@ def build_random_vl_model(path: str | Path, seed: int = 0, std: float = 0.2, fam
     AutoModelForImageTextToText."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
-    if family not in VL_FAMILIES:
-        raise ValueError(f"unknown VL family {family!r}: one of {VL_FAMILIES}")
     tok = build_tokenizer(corpus(seed=seed), vocab_size=1024)
     torch.manual_seed(seed)
-    if family == "qwen3-vl":
-        model = Qwen3VLForConditionalGeneration(tiny_qwen3_vl_config(tok, **config_kwargs))
-    else:
-        model = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tok, **config_kwargs))
+    model_cls = Qwen3VLForConditionalGeneration if family == "qwen3-vl" else Qwen2_5_VLForConditionalGeneration
+    model = model_cls(tiny_vl_config(tok, family=family, **config_kwargs))
     _scramble(model, seed, std)
     return save_model_dir(model, tok, build_processor(tok, family=family), path)
