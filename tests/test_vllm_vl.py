@@ -226,10 +226,13 @@ def test_qwen3_vl_captioner_on_vllm_and_vllm_serve_matches_hf(rows, qwen3_vl, tm
         stop(server)
     for out in (hf, offline, served):
         assert [r["status"] for r in out] == ["ok"] * len(rows), [r["error"] for r in out if r["status"] != "ok"]
-    same_offline = sum(a["caption"] == b["caption"] for a, b in zip(offline, hf, strict=True)) / len(rows)
-    same_served = sum(a["caption"] == b["caption"] for a, b in zip(served, hf, strict=True)) / len(rows)
+    def text(row: dict) -> str:  # hf decodes a caption cut inside a UTF-8 character with a trailing U+FFFD, vLLM
+        return row["caption"].rstrip("\ufffd")  # holds the incomplete bytes back: the same tokens either way
+
+    same_offline = sum(text(a) == text(b) for a, b in zip(offline, hf, strict=True)) / len(rows)
+    same_served = sum(text(a) == text(b) for a, b in zip(served, hf, strict=True)) / len(rows)
     print(f"qwen3-vl: identical greedy captions vllm {same_offline:.3f}, vllm serve {same_served:.3f} (vs hf)")
     for a, b, c in zip(hf, offline, served, strict=True):
-        if not a["caption"] == b["caption"] == c["caption"]:
+        if not text(a) == text(b) == text(c):
             print(f"  {a['key']}: hf {a['caption']!r} vllm {b['caption']!r} serve {c['caption']!r}")
-    assert same_offline >= 0.75 and same_served >= 0.75
+    assert same_offline >= 0.875 and same_served >= 0.875
