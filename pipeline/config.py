@@ -104,6 +104,12 @@ class EngineConfig(Section):
         None, description="options for the chat template (e.g. enable_thinking: false for Qwen3's hybrid-thinking "
         "models); None: the role's default ({enable_thinking: false} for readers and filters, {} otherwise)")
 
+    @model_validator(mode="after")
+    def _check_budget(self) -> EngineConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        return self
+
     def as_reader(self) -> EngineConfig:
         """This engine with the readers' chat-template default filled in where none is configured."""
         if self.chat_template_kwargs is None:
