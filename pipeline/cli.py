@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(export)
     export.add_argument("--out", required=True, help="output parquet: a local path or fsspec URL")
     export.add_argument("--data-source", default=None, help="the rows' data_source (default: caprl-pipeline)")
+    export.add_argument("--style", choices=["paren", "dot"], default="paren",
+                        help='how choices are lettered: paren "A) text" (CapRL-QA-75K, default) or dot "A. text" '
+                             "(CapRL++'s question sets); import-qa reads either")
 
     imp = sub.add_parser(
         "import-qa", help="cut a published CapRL-QA parquet into committed image and qa shards",
@@ -287,7 +290,7 @@ def _qa_exchange(args: argparse.Namespace) -> int:
     if args.command == "export-qa":
         storage.check_reachable(create=False)
         n = published.export_qa(config, storage, args.out, args.data_source or published.DATA_SOURCE,
-                                config.storage_options if "://" in args.out else None)
+                                config.storage_options if "://" in args.out else None, style=args.style)
         print(f"export-qa: {n} images with kept questions -> {args.out}")
         return 0
     shards = published.import_qa(config, storage, args.source,

@@ -46,6 +46,11 @@ class SamplingConfig(Section):
     seed: int = 0
 
 
+READER_TEMPLATE_DEFAULTS: dict[str, Any] = {"enable_thinking": False}
+"""Chat-template options of readers and filters unless configured: a hybrid-thinking model (Qwen3) answers
+at once instead of opening with a <think> block."""
+
+
 class EngineConfig(Section):
     """Which engine backend runs a model, and how. Chosen per stage in the manifest."""
 
@@ -92,6 +97,24 @@ class EngineConfig(Section):
         "continue", description="continue: assistant prefill + continue_final_message (vLLM, SGLang); "
         "instruct: ask for the prefix in the user turn (other servers)")
     noop_text: str = "A placeholder caption."
+    processor: str | None = Field(None, description="where the image grid (patch x merge size) is read from: a "
+                                  "checkpoint folder or hub name; default: `model` (openai: set it when the served "
+                                  "name is not a folder, else only the pixel budget applies)")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="options for the chat template (e.g. enable_thinking: false for Qwen3's hybrid-thinking "
+        "models); None: the role's default ({enable_thinking: false} for readers and filters, {} otherwise)")
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> EngineConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        return self
+
+    def as_reader(self) -> EngineConfig:
+        """This engine with the readers' chat-template default filled in where none is configured."""
+        if self.chat_template_kwargs is None:
+            self.chat_template_kwargs = dict(READER_TEMPLATE_DEFAULTS)
+        return self
 
     @field_validator("encode_ahead", mode="before")
     @classmethod
@@ -117,6 +140,11 @@ class RewardConfig(Section):
         "key) is asked the same draws, so a group's rewards differ only by their captions (lower-variance advantages)")
     retries: int = runtime(1, ge=0, description="re-asks of failed reader calls before a reward is missing")
     cache: str | None = runtime(None, description="fsspec directory of the reward cache (replayable runs)")
+
+    @model_validator(mode="after")
+    def _reader_template(self) -> RewardConfig:
+        self.reader.as_reader()
+        return self
 
 
 class DownloadConfig(Section):
@@ -203,6 +231,11 @@ class QAConfig(Section):
         None, description="WebDataset shards to use instead of ROOT/images (as annotate.input_pattern)")
     input_storage_options: dict[str, Any] = runtime(default_factory=dict)
     images_per_pass: int = runtime(1024, ge=1, description="images generated and gated together (bounds memory)")
+
+    @model_validator(mode="after")
+    def _filter_template(self) -> QAConfig:
+        self.filter.as_reader()
+        return self
 
 
 class LengthTermConfig(Section):
@@ -371,6 +404,11 @@ class EvaluateConfig(Section):
     caption_chunk: int = Field(64, ge=1, description="images per captioning engine call; a benchmark's images are "
                                "cut into chunks in sha256 order and each chunk is seeded by its make-up, so this "
                                "shapes the samples (not a runtime setting)")
+
+    @model_validator(mode="after")
+    def _reader_template(self) -> EvaluateConfig:
+        self.reader.as_reader()
+        return self
 
     @model_validator(mode="after")
     def _check_names(self) -> EvaluateConfig:

@@ -341,20 +341,81 @@ def _build_mcq(block: _Block, source: str) -> tuple[MCQ | None, str]:
     return MCQ(question=question, options=tuple(options), answer=letter, source=source), ""
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ReasoningPreamble(ValueError):
+    """A reader opened a reasoning block instead of answering (a hybrid-thinking model with thinking on): its
+    output says nothing about the caption, so the query failed; it is not a wrong answer."""
+
+
+def answer_body(text: str) -> str:
+    """The answer part of a reader's output: after a leading copy of the pre-fill and after a closed
+    <think> block. Raises ReasoningPreamble when the output opens a <think> block it does not close."""
+    body = text.strip()
+    if body.startswith(THINK_OPEN):
+        end = body.find(THINK_CLOSE)
+        if end < 0:
+            raise ReasoningPreamble(f"the reader answered with a reasoning preamble ({body[:40]!r}...): give it "
+                                    "chat_template_kwargs {enable_thinking: false} or a non-thinking model")
+        body = body[end + len(THINK_CLOSE):].strip()
+    if body.startswith(READER_PREFILL):
+        body = body[len(READER_PREFILL):]
+    return body
+
+
 def parse_answer_letter(text: str, n_options: int) -> str | None:
     """The reader's answer: the first stand-alone capital letter A-F after the pre-fill, or None.
 
-    `text` is what the model generated after READER_PREFILL (a leading copy of the pre-fill is
-    skipped). The letter must be one of the first `n_options` letters; anything else is unparseable.
+    `text` is what the model generated after READER_PREFILL (see `answer_body`: a leading copy of the
+    pre-fill and a closed <think> block are skipped; an unclosed one raises ReasoningPreamble). The
+    letter must be one of the first `n_options` letters; anything else is unparseable.
     """
-    body = text.strip()
-    if body.startswith(READER_PREFILL):
-        body = body[len(READER_PREFILL):]
+    body = answer_body(text)
     for m in _STANDALONE_LETTER.finditer(body):
         letter = m.group(1)
         if letter in LETTERS:
             return letter if LETTERS.index(letter) < n_options else None
     return None
+
+
+CHOICE_STYLES = {"paren": "{letter}) {text}", "dot": "{letter}. {text}"}
+"""How published question sets letter their choices: CapRL-QA-75K writes "A) text", CapRL++'s sets "A. text"."""
+
+_CHOICE = re.compile(r"^\s*\(?(?P<letter>[A-Fa-f])\s*[).:]\s*(?P<text>.*)$", re.S)
+_ANSWER_FORM = re.compile(r"^\(?(?P<letter>[A-Fa-f])\s*(?:[).:]\s*(?P<text>.*))?$", re.S)
+
+
+def lettered_choices(options: Sequence[str], style: str = "paren") -> list[str]:
+    """Option texts as published choices in `style` (see CHOICE_STYLES)."""
+    if style not in CHOICE_STYLES:
+        raise ValueError(f"unknown choice style {style!r}: one of {', '.join(CHOICE_STYLES)}")
+    return [CHOICE_STYLES[style].format(letter=LETTERS[i], text=o) for i, o in enumerate(options)]
+
+
+def split_choices(choices: Sequence[str]) -> list[str]:
+    """Published choices ("A) text", "A. text", "(A) text", "A: text", or bare texts) -> option texts. Raises
+    ValueError when some are lettered and some not, or the letters are not A, B, C... in order."""
+    parts = [_CHOICE.match(str(c)) for c in choices]
+    if not any(parts):
+        return [str(c).strip() for c in choices]
+    letters = "".join(m.group("letter").upper() if m else "?" for m in parts)
+    if letters != LETTERS[: len(choices)]:
+        raise ValueError(f"choice letters {letters} are not {LETTERS[:len(choices)]} in order")
+    return [m.group("text").strip() for m in parts if m is not None]
+
+
+def choice_answer(answer: str, options: Sequence[str]) -> str:
+    """A published answer ("C", "C)", "C.", "(C)", or with its text: "C) red", "C. red") -> its letter. Raises
+    ValueError when it names no option letter or its text is another option's."""
+    m = _ANSWER_FORM.match(answer.strip())
+    letter = m.group("letter").upper() if m else ""
+    if letter not in LETTERS[: len(options)]:
+        raise ValueError(f"answer {answer!r} is not one of the option letters")
+    text = (m.group("text") or "").strip() if m else ""
+    if text and _norm(text) != _norm(options[LETTERS.index(letter)]):
+        raise ValueError(f"answer {answer!r} contradicts option {letter}: {options[LETTERS.index(letter)]!r}")
+    return letter
 
 
 def parse_mcqs(value: Any) -> list[MCQ]:

@@ -27,6 +27,7 @@ from pipeline.mcq import (
     LETTERS,
     MCQ,
     READER_PREFILL,
+    ReasoningPreamble,
     ShuffledMCQ,
     parse_answer_letter,
     reader_messages,
@@ -307,7 +308,11 @@ class CapRLReward:
         if gen.finish_reason == "error":
             p.error = gen.error or "reader error"
             return
-        answer = parse_answer_letter(gen.text, len(p.shown.options))
+        try:
+            answer = parse_answer_letter(gen.text, len(p.shown.options))
+        except ReasoningPreamble as exc:  # a misconfigured reader: the draw failed, it is not scored 0
+            p.error = str(exc)
+            return
         self._finish(p, answer, 1.0 if answer == p.shown.answer else 0.0, None, gen.text)
 
     def _take_scores(self, p: _Pending, row: Sequence[float], n: int) -> None:

@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Auto
 from pipeline.mcq import CAPTION_PROMPT
 from pipeline.nano import world
 from pipeline.nano.builders import (
+    IMAGE_SIDE,
     IMAGE_TOKENS,
+    QWEN3_IMAGE_SIDE,
     SPECIAL_TOKENS,
     build_processor,
     build_tokenizer,
@@ -38,21 +40,32 @@ def test_tokenizer_specials_and_template(tokenizer):
     assert tokenizer.decode(tokenizer.encode(s, add_special_tokens=False)) == s
 
 
-def test_vl_and_text_roundtrip(tokenizer, tmp_path):
+@pytest.mark.parametrize("vl_family,text_family,side", [("qwen2.5-vl", "qwen2", IMAGE_SIDE),
+                                                          ("qwen3-vl", "qwen3", QWEN3_IMAGE_SIDE)])
+def test_vl_and_text_roundtrip(tokenizer, tmp_path, vl_family, text_family, side):
+    """Both generations: Qwen2.5-VL + Qwen2 and Qwen3-VL + Qwen3; side x side images are 4 x 4 tokens on either
+    grid (28 px / 32 px)."""
     torch.manual_seed(0)
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2ForCausalLM,
+        Qwen3ForCausalLM,
+        Qwen3VLForConditionalGeneration,
+    )
 
-    proc = build_processor(tokenizer)
-    vl = Qwen2_5_VLForConditionalGeneration(tiny_vl_config(tokenizer))
+    proc = build_processor(tokenizer, side=side, family=vl_family)
+    assert proc.image_processor.patch_size * proc.image_processor.merge_size == side // 4
+    vl_cls = Qwen3VLForConditionalGeneration if vl_family == "qwen3-vl" else Qwen2_5_VLForConditionalGeneration
+    vl = vl_cls(tiny_vl_config(tokenizer, family=vl_family))
     save_model_dir(vl, tokenizer, proc, tmp_path / "vl")
-    txt = Qwen2ForCausalLM(tiny_text_config(tokenizer))
+    txt = (Qwen3ForCausalLM if text_family == "qwen3" else Qwen2ForCausalLM)(tiny_text_config(tokenizer, family=text_family))
     save_model_dir(txt, tokenizer, None, tmp_path / "txt")
 
     p = AutoProcessor.from_pretrained(tmp_path / "vl")
     m = AutoModelForImageTextToText.from_pretrained(tmp_path / "vl")
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}]
     prompt = p.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    img = world.render(world.sample_scene(random.Random(1)))
+    img = world.render(world.sample_scene(random.Random(1)), size=side)
     batch = p(text=[prompt], images=[img], return_tensors="pt")
     assert int((batch["input_ids"] == m.config.image_token_id).sum()) == IMAGE_TOKENS
     with torch.no_grad():

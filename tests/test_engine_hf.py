@@ -1,4 +1,6 @@
-"""The hf engine end to end on small random-weight Qwen2 and Qwen2.5-VL checkpoints built offline."""
+"""The hf engine end to end on small random-weight checkpoints built offline, for both families: Qwen2 readers
+with Qwen2.5-VL captioners (28 px grid) and the CapRL++ generation, Qwen3 readers with Qwen3-VL captioners
+(32 px grid). Every test that takes a model runs once per family."""
 
 from __future__ import annotations
 
@@ -17,15 +19,28 @@ from pipeline.nano import world
 from pipeline.nano.random_checkpoints import build_random_text_model, build_random_vl_model
 from pipeline.reward import CapRLReward
 
+GENERATIONS = {"qwen2.5": ("qwen2", "qwen2.5-vl"), "qwen3": ("qwen3", "qwen3-vl")}
+"""A model generation: its reader family and its captioner family."""
+
+
+@pytest.fixture(scope="session", params=list(GENERATIONS))
+def generation(request) -> tuple[str, str]:
+    return GENERATIONS[request.param]
+
+
+pytestmark = pytest.mark.usefixtures("generation")  # every test runs once per generation
+
 
 @pytest.fixture(scope="session")
-def text_model_dir(tmp_path_factory):
-    return build_random_text_model(tmp_path_factory.mktemp("models") / "qwen2-text", seed=0)
+def text_model_dir(tmp_path_factory, generation):
+    family = generation[0]
+    return build_random_text_model(tmp_path_factory.mktemp("models") / family, seed=0, family=family)
 
 
 @pytest.fixture(scope="session")
-def vl_model_dir(tmp_path_factory):
-    return build_random_vl_model(tmp_path_factory.mktemp("models") / "qwen25vl", seed=0)
+def vl_model_dir(tmp_path_factory, generation):
+    family = generation[1]
+    return build_random_vl_model(tmp_path_factory.mktemp("models") / family, seed=0, family=family)
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +219,7 @@ def test_shared_prefix_reuse_matches_plain_batching(text_model_dir, text_engine)
 def test_end_of_sequence_gives_stop_and_token_count(text_model_dir):
     engine = HFEngine(EngineConfig(model=str(text_model_dir)))
     reqs = text_requests()[:3]
-    full = engine.generate(reqs, Sampling(max_new_tokens=6))
-    first = engine.tokenizer(full[0][0].text, add_special_tokens=False)["input_ids"][0]
+    first = int(engine._generate_batch([engine.encode(reqs[0])], Sampling(max_new_tokens=1), 0)[0, 0])
     engine.eos_ids = [first]  # pretend the first token request 0 generates is the end-of-sequence token
     ended = engine.generate(reqs, Sampling(max_new_tokens=6))
     assert ended[0][0].finish_reason == "stop" and ended[0][0].num_tokens == 1
@@ -274,3 +288,42 @@ def test_batches_sized_from_a_memory_budget(vl_engine):
     assert [len(b) for b in vl_engine._batches(lengths, 10)] == [3, 3, 3, 1]  # batch_size 3
     budget = 2 * vl_engine._row_cost.row_bytes(50, 10)
     assert [len(b) for b in vl_engine._batches(lengths, 10, budget=budget)] == [2] * 5
+
+
+def test_images_are_resized_once_to_the_models_own_grid(vl_engine, generation, monkeypatch):
+    """The grid is the model's (28 px Qwen2.5-VL, 32 px Qwen3-VL); the engine's budget reaches the processor (the
+    tiny processors' own budget is one fixed size, which would shrink every image), so the processor keeps the
+    prepared image as it is, and the length estimate is exact."""
+    grid = vl_engine.image_grid
+    assert grid.factor == {"qwen2.5-vl": 28, "qwen3-vl": 32}[generation[1]]
+    resizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, *a, **k: resizes.append(im.size) or resize(im, *a, **k))
+    for size in [(640, 480), (300, 97), (112, 112)]:
+        img = world.render(world.sample_scene(random.Random(3))).resize(size)
+        resizes.clear()
+        req = ChatRequest(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi."}]}],
+                          images=[img])
+        enc = vl_engine.encode(req)
+        h, w = grid.fit(size[1], size[0])
+        assert len(resizes) == (1 if (h, w) != (size[1], size[0]) else 0)
+        assert enc["image_grid_thw"][0].tolist() == [1, h // grid.patch, w // grid.patch]
+        image_tokens = int((enc["input_ids"] == vl_engine.processor.image_token_id).sum())
+        assert image_tokens == grid.tokens(img)
+        assert vl_engine._estimate(req) == (enc["input_ids"].shape[1], int(enc["image_grid_thw"].prod()))
+
+
+def test_chat_template_options_reach_the_template(text_model_dir, generation):
+    """Readers default to enable_thinking: false (a Qwen3 template then opens an empty think block, so the model
+    answers at once); other roles pass no option unless configured."""
+    reader_cfg = RewardConfig(reader=EngineConfig(model=str(text_model_dir))).reader
+    assert reader_cfg.chat_template_kwargs == {"enable_thinking": False}
+    reader = HFEngine(reader_cfg)
+    plain = HFEngine(EngineConfig(model=str(text_model_dir)))
+    req = text_requests()[1]
+    empty_think = "<think>\n\n</think>\n\n"
+    assert plain.prompt_text(req).endswith("<|im_start|>assistant\n" + READER_PREFILL)
+    if generation[0] == "qwen3":
+        assert reader.prompt_text(req).endswith(empty_think + READER_PREFILL)
+    else:  # Qwen2's template has no such option: the prompt is unchanged
+        assert reader.prompt_text(req) == plain.prompt_text(req)

@@ -143,8 +143,11 @@ def test_unreachable_server_gives_error_generations():
     assert all(len(gens) == 2 for gens in out)
 
 
-def test_prefill_and_images_on_the_wire(server):
-    engine = engine_for(server, model="served-name", max_pixels=28 * 28 * 16)
+def test_prefill_and_images_on_the_wire(server, tmp_path):
+    from transformers import Qwen2VLImageProcessor
+
+    Qwen2VLImageProcessor(patch_size=14, merge_size=2).save_pretrained(tmp_path)  # the served model's processor
+    engine = engine_for(server, model="served-name", processor=str(tmp_path), max_pixels=28 * 28 * 16)
     img = Image.new("RGBA", (300, 200), (255, 0, 0, 255))
     content = [{"type": "image"}, {"type": "text", "text": "describe"}]
     req = ChatRequest(messages=[{"role": "user", "content": content}], images=[img], prefill="The answer is")
@@ -158,6 +161,28 @@ def test_prefill_and_images_on_the_wire(server):
     assert url.startswith("data:image/png;base64,")
     sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
     assert sent.mode == "RGB" and sent.width % 28 == 0 and sent.width * sent.height <= 28 * 28 * 16
+    assert "chat_template_kwargs" not in body  # sent only when set
+
+
+def test_the_served_models_grid_and_template_options(server, tmp_path):
+    """A served Qwen3-VL: images on its 32 px grid when `processor` (or a folder `model`) says so; a served name
+    alone is never looked up on a hub, and images then only keep to the pixel budget. A reader's chat-template
+    options travel in the body."""
+    from transformers import Qwen2VLImageProcessor
+
+    Qwen2VLImageProcessor(patch_size=16, merge_size=2).save_pretrained(tmp_path)
+    img = Image.new("RGB", (300, 200), "red")
+    req = ChatRequest(messages=[{"role": "user", "content": [{"type": "image"}]}], images=[img])
+    sizes = []
+    for kw in ({"model": str(tmp_path)}, {"model": "served-name", "processor": str(tmp_path)}, {"model": "x"}):
+        engine = engine_for(server, max_pixels=32 * 32 * 16, **kw)
+        engine.generate([req], Sampling())
+        url = server.bodies[-1]["messages"][0]["content"][0]["image_url"]["url"]
+        sizes.append(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size)
+    assert sizes[0] == sizes[1] == (128, 96) and sizes[2] == (156, 104)  # 4 x 3 tokens of 32 px; the budget only
+    reader = engine_for(server, chat_template_kwargs={"enable_thinking": False})
+    reader.generate([user("q")], Sampling())
+    assert server.bodies[-1]["chat_template_kwargs"] == {"enable_thinking": False}
 
 
 def test_instruct_prefill_for_servers_without_continuation(server):

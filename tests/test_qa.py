@@ -322,6 +322,21 @@ def test_answer_parsing_and_leak_rules():
     assert parsed[0].mcq.answer_text == "y" and parsed[1].mcq is None and parsed[2].reason
 
 
+def test_stored_choices_in_either_published_style():
+    """CapRL-QA-75K letters choices "A) text", CapRL++'s question sets "A. text"; both read the same, an answer may
+    carry its text, and letters out of order or an answer contradicting its text are per-question errors."""
+    paren = {"question": "Q?", "choices": ["A) red", "B) St. Louis", "C) 3.5 m", "D) blue"], "answer": "B"}
+    dot = {"question": "Q?", "choices": ["A. red", "B. St. Louis", "C. 3.5 m", "D. blue"], "answer": "B. St. Louis"}
+    a, b = (from_stored([q])[0].mcq for q in (paren, dot))
+    assert a == b and a.options == ("red", "St. Louis", "3.5 m", "blue") and a.answer == "B"
+    assert published.ground_truth({"question": "Q?", "options": list(a.options), "answer": "B"}, "dot")["choices"] == \
+        dot["choices"]
+    bad = from_stored([{**dot, "choices": ["B. red", "A. St. Louis", "C. 3.5 m", "D. blue"]},
+                       {**dot, "answer": "B. red"}, {**dot, "choices": ["A. red", "St. Louis", "C. x", "D. y"]}])
+    assert [c.mcq for c in bad] == [None] * 3
+    assert "not ABCD in order" in bad[0].reason and "contradicts" in bad[1].reason and "A?CD" in bad[2].reason
+
+
 def test_pooled_text_arm_picks_once():
     filt = ScriptedFilter({GOOD[0].question: GOOD[0].answer_text})
     settings = GateSettings(mode="score", text_pooling=True)
@@ -386,6 +401,16 @@ def test_export_import_round_trip(generated, tmp_path):
     again = tmp_path / "again.parquet"
     assert published.export_qa(config, Storage(str(new_root)), str(again)) == n
     assert pq.read_table(again).column("reward_model").to_pylist() == table.column("reward_model").to_pylist()
+    # CapRL++'s choice style "A. text": written by --style dot, read back to the same questions
+    dotted = tmp_path / "dotted.parquet"
+    assert published.export_qa(config, Storage(str(root)), str(dotted), style="dot") == n
+    gt = [q for r in pq.read_table(dotted).column("reward_model").to_pylist() for q in r["ground_truth"]]
+    assert gt and all(c[:3] in ("A. ", "B. ", "C. ", "D. ") for q in gt for c in q["choices"])
+    dot_root = tmp_path / "dot-imported"
+    dot_shards = published.import_qa(load_config(DEMO_MANIFEST, ["shard_size=3"], root=str(dot_root)),
+                                     Storage(str(dot_root)), str(dotted))
+    from_dots = [r for s in dot_shards for r in qa_rows(dot_root, s)]
+    assert content(from_dots, lambda r: r["sha256"]) == content(imported, lambda r: r["sha256"])
     run_qa(load_config(DEMO_MANIFEST, ["shard_size=3", "qa.generate=false"], root=str(new_root)), shards)
     regated = [r for s in shards for r in qa_rows(new_root, s)]
     assert content(regated, lambda r: r["sha256"]) == content(imported, lambda r: r["sha256"])

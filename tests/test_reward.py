@@ -147,6 +147,20 @@ def test_unparseable_answer_is_wrong_and_counted() -> None:
     assert all(d.reader_answer is None and d.correct == 0.0 for d in results[0].draws)
 
 
+def test_a_reasoning_preamble_is_a_failed_draw_not_a_wrong_answer() -> None:
+    """A hybrid-thinking reader left thinking on opens with <think> (and, cut at 10 tokens, never answers): its
+    draws are failures (reward missing, with the reason), never 0; a closed think block before the answer is
+    read past."""
+    qs = make_mcqs(3)
+    thinking = ScriptedReader(lambda *_: "<think>\nOkay, A caption says")
+    [r] = compute_rewards(["c"], [qs], thinking, RewardConfig(retries=0))
+    assert r.reward is None and r.missing and "reasoning preamble" in r.reason and "enable_thinking" in r.reason
+    right = oracle(answers_of(qs))
+    closed = ScriptedReader(lambda *a: "<think>\n\n</think>\n\n" + right(*a))
+    [r] = compute_rewards(["c"], [qs], closed, RewardConfig())
+    assert r.reward == 1.0
+
+
 def test_failing_reader_gives_missing_reward_not_zero() -> None:
     qs = make_mcqs(3)
     reader = ScriptedReader(oracle(answers_of(qs)), fail_calls=(1, 2))

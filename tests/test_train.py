@@ -375,3 +375,62 @@ def test_report_to_reaches_trl(monkeypatch):
     assert report_targets(TrainConfig(report_to="wandb")) == ["wandb"]
     assert os.environ["WANDB_MODE"] == "offline"
     monkeypatch.delenv("WANDB_MODE")
+
+
+# -- both model generations: a tiny random policy and reader of each --------------------------------------------
+GENERATIONS = {"qwen2.5": ("qwen2.5-vl", "qwen2", 56 * 56), "qwen3": ("qwen3-vl", "qwen3", 64 * 64)}
+"""generation -> (policy family, reader family, the policy's pixel budget: 2 x 2 tokens on its grid)."""
+
+
+@pytest.mark.parametrize("generation", list(GENERATIONS))
+def test_policy_pixel_budget_reaches_its_processor(tmp_path, generation):
+    """The tiny processors' own budget is one 112 / 128 px square; the policy's (a quarter of it) must win, for
+    the trainer's own processor calls and for the processor saved with the checkpoint."""
+    from PIL import Image
+
+    from pipeline.config import TrainConfig
+    from pipeline.engines.preprocess import prepare_image
+    from pipeline.nano.random_checkpoints import build_random_vl_model
+    from stages.train.trainer import load_policy
+
+    family, _, pixels = GENERATIONS[generation]
+    path = build_random_vl_model(tmp_path / family, family=family)
+    cfg = TrainConfig(policy=EngineConfig(model=str(path), min_pixels=pixels, max_pixels=pixels))
+    _, processor, grid = load_policy(str(path), cfg, use_cpu=True)
+    assert grid.factor == {"qwen2.5-vl": 28, "qwen3-vl": 32}[family]
+    image = prepare_image(Image.new("RGB", (300, 200), "red"), grid)
+    assert image.width * image.height <= pixels
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    out = processor(text=[text], images=[Image.new("RGB", (300, 200), "red")], return_tensors="pt")
+    thw = out["image_grid_thw"][0].tolist()
+    assert thw[1] * thw[2] * grid.patch ** 2 <= pixels  # resized to the policy's budget, not the processor's own
+    processor.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "processor_config.json").read_text())["image_processor"]["size"]
+    assert saved == {"shortest_edge": pixels, "longest_edge": pixels}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generation", list(GENERATIONS))
+def test_a_few_grpo_steps_on_each_generation(tmp_path, generation):
+    """Two GRPO steps of a tiny random policy rewarded by a tiny random reader of the same generation (Qwen2.5-VL
+    with Qwen2, Qwen3-VL with Qwen3 and its chat-template option), and the result captions in the hf engine."""
+    from pipeline.nano.random_checkpoints import build_random_text_model, build_random_vl_model
+
+    family, reader_family, pixels = GENERATIONS[generation]
+    policy = build_random_vl_model(tmp_path / family, family=family)
+    reader = build_random_text_model(tmp_path / reader_family, family=reader_family, layers=1)
+    config, root = qa_root(tmp_path, "root", 6, "train.max_steps=2", "train.audit.every=0", "train.max_new_tokens=8",
+                           f"train.policy.model={policy}", f"train.policy.min_pixels={pixels}",
+                           f"train.policy.max_pixels={pixels}", f"train.reward.reader.model={reader}",
+                           "train.reward.mode=sample")
+    assert config.train.reward.reader.chat_template_kwargs == {"enable_thinking": False}
+    assert run_stage(config, "train", None, progress=False, out=io.StringIO()).exit_code == 0
+    log = [r for r in read_log(str(root / "checkpoints" / "all" / "train_log.jsonl")) if "reward_mean" in r]
+    assert [r["step"] for r in log] == [1, 2] and all(r["missing_rewards"] == 0 for r in log)
+    folder = root / "checkpoints" / "all"
+    engine = create_engine(EngineConfig(backend="hf", model=str(folder), device="cpu", min_pixels=pixels,
+                                        max_pixels=pixels))
+    assert engine.image_grid.factor == {"qwen2.5-vl": 28, "qwen3-vl": 32}[family]
+    [[gen]] = engine.generate([image_request("Describe.", world.render(world.sample_scene(random.Random(1))))],
+                              Sampling(max_new_tokens=4))
+    assert gen.num_tokens == 4

@@ -39,7 +39,7 @@ def serve(model: Path, port: int, log: Path, max_model_len: int = 1024, mm_pixel
            "--seed", "0"]
     if mm_pixels:
         cmd += ["--limit-mm-per-prompt", json.dumps({"image": 1}),
-                "--mm-processor-kwargs", json.dumps({"min_pixels": mm_pixels, "max_pixels": mm_pixels})]
+                "--mm-processor-kwargs", json.dumps({"size": {"shortest_edge": mm_pixels, "longest_edge": mm_pixels}})]
     with log.open("a") as fh:
         return subprocess.Popen(cmd, env=vllm_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -36,6 +36,7 @@ from pipeline.engines.base import (  # noqa: E402
     create_engine,
     image_request,  # noqa: E402
 )
+from pipeline.engines.grid import ImageGrid  # noqa: E402
 from pipeline.engines.preprocess import map_ahead  # noqa: E402
 from pipeline.nano import world  # noqa: E402
 from pipeline.runner import run_stage  # noqa: E402
@@ -47,6 +48,7 @@ from stages.annotate import stage as annotate  # noqa: E402
 from stages.annotate.imageprep import decode_image  # noqa: E402
 
 MAX_PIXELS = 448 * 448
+BARE_GRID = ImageGrid(1, 1, 3136, MAX_PIXELS)  # the noop captioner's: its pixel budget, no model grid
 
 
 def photo_like(rng: random.Random, w: int = 640, h: int = 480) -> bytes:
@@ -91,7 +93,7 @@ def bare_loop(tar: str, out_dir: Path, workers: int) -> float:
     t0 = time.perf_counter()
     samples = read_samples(tar)
     with TarSink(str(out_dir / "bare.tar")) as sink:
-        for prepared in map_ahead(lambda s: decode_image(s.image, max_pixels=MAX_PIXELS), samples, workers=workers,
+        for prepared in map_ahead(lambda s: decode_image(s.image, BARE_GRID), samples, workers=workers,
                                   ahead=512):
             s = prepared.item
             sink.write(s.key, {s.image_ext: s.image, "txt": b"A placeholder caption."})
@@ -137,8 +139,7 @@ def bench_engine(tmp: Path, n: int, repeats: int, model: Path, batch: int, token
     config = load_config(None, overrides, root=str(root))
     engine = create_engine(config.annotate.captioner)
     resources = {annotate.captioner_key(config.annotate.captioner): engine}
-    cap = config.annotate.captioner
-    images = [decode_image(s.image, cap.min_pixels, cap.max_pixels).image
+    images = [decode_image(s.image, engine.image_grid).image
               for s in read_samples(str(root / "images" / "00000.tar"))]
     sampling = Sampling(temperature=0.0, max_new_tokens=tokens)
     stage_run(root, overrides, resources)  # warm-up

@@ -69,7 +69,7 @@ def direct(config: RunConfig, resources: dict, tar: str) -> int:
     gen = resources[engine_key("model", resolve_model(cfg.generator))]
     filt = resources[engine_key("model", resolve_model(cfg.filter))]
     samples = [s for s in read_samples(tar)]
-    images = {s.key: prepare_image(s.image, cfg.generator.min_pixels, cfg.generator.max_pixels) for s in samples}
+    images = {s.key: prepare_image(s.image, gen.image_grid) for s in samples}
     messages = image_messages(generation_prompt(cfg))
     outs = gen.generate([ChatRequest(messages, [im]) for im in images.values()], Sampling.from_config(cfg.generation))
     settings = gate.GateSettings.from_config(cfg)

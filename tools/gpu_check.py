@@ -1,9 +1,12 @@
-"""GPU throughput check: a random-weight model with the real Qwen2.5-VL-3B architecture on the hf engine.
+"""GPU throughput check: random-weight models with the real Qwen2.5-VL-3B and Qwen3-VL-4B architectures on the
+hf engine (GPU_CHECK_FAMILIES, default both: "qwen2.5-vl,qwen3-vl"; the first family's results are the top-level
+keys of RESULTS, each other family's sit under its name, and later families skip the baseline and the profile).
 
-Run through tools/gpu_check.sh. Phases (each reports and goes on if it fails):
+Run through tools/gpu_check.sh. Phases per family (each reports and goes on if it fails):
 1. imports: what is present, what is missing (nothing is installed: the GPU machine may be offline);
-2. model: Qwen2.5-VL-3B config written out explicitly, random bf16 weights created on the GPU, saved
-   as a checkpoint directory with a tokenizer/processor from pipeline/models/builders.py;
+2. model: the Qwen2.5-VL-3B or Qwen3-VL-4B config written out explicitly, random bf16 weights created on the
+   GPU, saved as a checkpoint directory with a tokenizer/processor (its own patch size) from
+   pipeline/nano/builders.py;
 3. engine: the hf engine (pipeline/engines/hf.py) over N images with exactly T new tokens each
    (min_new_tokens = max_new_tokens), twice in the same call: `engine_baseline` with the settings of
    the first H200 record (eager decoding, batch GPU_CHECK_BATCH, every image encoded first) and
@@ -60,7 +63,10 @@ GRPO_TOKENS = int(os.environ.get("GPU_CHECK_GRPO_TOKENS", "8" if TINY else "256"
 PROMPT = "Please describe this image in detail."
 # dense bf16 peak FLOP/s and memory bandwidth (bytes/s) by card name, for the roofline estimate
 CARDS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+FAMILIES = [f.strip() for f in os.environ.get("GPU_CHECK_FAMILIES", "qwen2.5-vl,qwen3-vl").split(",") if f.strip()]
 RESULTS: dict[str, object] = {}
+OUT: dict[str, object] = RESULTS
+"""Where the current family's results go (RESULTS itself for the first family)."""
 
 # Qwen2.5-VL-3B-Instruct's architecture (its config.json), written out.
 QWEN25_VL_3B_TEXT = {
@@ -80,6 +86,26 @@ TINY_TEXT = {**QWEN25_VL_3B_TEXT, "hidden_size": 64, "intermediate_size": 128, "
              "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}}
 TINY_VISION = {**QWEN25_VL_3B_VISION, "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
                "out_hidden_size": 64, "fullatt_block_indexes": [1]}
+# Qwen3-VL-4B-Instruct's architecture (its config.json; the text model is Qwen3-4B's), written out.
+QWEN3_VL_4B_TEXT = {
+    "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 262144,
+    "rms_norm_eps": 1e-6, "hidden_act": "silu", "attention_dropout": 0.0, "attention_bias": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                        "mrope_interleaved": True},
+}
+QWEN3_VL_4B_VISION = {
+    "depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "in_channels": 3,
+    "out_hidden_size": 2560, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17], "hidden_act": "gelu_pytorch_tanh",
+}
+TINY3_TEXT = {**QWEN3_VL_4B_TEXT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 512,
+              "rope_parameters": {**QWEN3_VL_4B_TEXT["rope_parameters"], "mrope_section": [4, 6, 6]}}
+TINY3_VISION = {**QWEN3_VL_4B_VISION, "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                "out_hidden_size": 64, "deepstack_visual_indexes": [1], "num_position_embeddings": 64}
+ARCHITECTURES = {"qwen2.5-vl": ("Qwen2.5-VL-3B", QWEN25_VL_3B_TEXT, QWEN25_VL_3B_VISION, TINY_TEXT, TINY_VISION),
+                 "qwen3-vl": ("Qwen3-VL-4B", QWEN3_VL_4B_TEXT, QWEN3_VL_4B_VISION, TINY3_TEXT, TINY3_VISION)}
 
 
 def phase(name: str):
@@ -95,7 +121,7 @@ def phase(name: str):
             except Exception as exc:  # noqa: BLE001 - report and go on to the next phase
                 traceback.print_exc()
                 print(f"== {name}: FAILED after {time.perf_counter() - t0:.1f}s: {type(exc).__name__}: {exc}", flush=True)
-                RESULTS[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+                OUT[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
                 return None
         return run
     return wrap
@@ -122,10 +148,10 @@ def check_imports() -> dict[str, str | None]:
 
     if torch.cuda.is_available():
         print(f"  cuda: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, cuda {torch.version.cuda}")
-        RESULTS["gpu"] = torch.cuda.get_device_name(0)
+        OUT["gpu"] = torch.cuda.get_device_name(0)
     else:
         print("  cuda: not available (CPU run)")
-    RESULTS["missing"] = missing
+    OUT["missing"] = missing
     return found
 
 
@@ -147,26 +173,34 @@ def jpeg(img) -> bytes:
 
 
 @phase("model")
-def build_model(out: Path) -> Path:
+def build_model(out: Path, family: str = "qwen2.5-vl") -> Path:
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
 
     from pipeline.nano.builders import SPECIAL_TOKENS, build_processor, build_tokenizer, save_model_dir
 
     texts = ["Please describe this image in detail.", "The image shows a red circle on a white background."] * 50
     tok = build_tokenizer(texts, vocab_size=400)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text_cfg = dict(TINY_TEXT if TINY else QWEN25_VL_3B_TEXT)
+    name, full_text, full_vision, tiny_text, tiny_vision = ARCHITECTURES[family]
+    text_cfg = dict(tiny_text if TINY else full_text)
     text_cfg.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     if len(tok) > text_cfg["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tok)} tokens, more than the config's vocab {text_cfg['vocab_size']}")
-    vision_cfg = TINY_VISION if TINY else QWEN25_VL_3B_VISION
+    vision_cfg = tiny_vision if TINY else full_vision
     special = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
                "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
-    config = Qwen2_5_VLConfig(text_config=text_cfg, vision_config=vision_cfg, tie_word_embeddings=True, **special)
+    config_cls = Qwen3VLConfig if family == "qwen3-vl" else Qwen2_5_VLConfig
+    model_cls = Qwen3VLForConditionalGeneration if family == "qwen3-vl" else Qwen2_5_VLForConditionalGeneration
+    config = config_cls(text_config=text_cfg, vision_config=vision_cfg, tie_word_embeddings=True, **special)
     text = getattr(config, "text_config", config)
     if getattr(text, "hidden_size", None) != text_cfg["hidden_size"]:  # an older transformers with a flat config
-        config = Qwen2_5_VLConfig(**text_cfg, vision_config=vision_cfg, **special)
+        config = config_cls(**text_cfg, vision_config=vision_cfg, **special)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -174,20 +208,20 @@ def build_model(out: Path) -> Path:
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config)
+            model = model_cls(config)
     finally:
         torch.set_default_dtype(previous)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"  Qwen2.5-VL architecture: text {text_cfg['num_hidden_layers']} layers x {text_cfg['hidden_size']}, "
+    print(f"  {name} architecture: text {text_cfg['num_hidden_layers']} layers x {text_cfg['hidden_size']}, "
           f"vision depth {vision_cfg['depth']} x {vision_cfg['hidden_size']}; {n_params / 1e9:.3f} B parameters, {dtype}")
-    RESULTS["params_b"] = round(n_params / 1e9, 3)
+    OUT["params_b"] = round(n_params / 1e9, 3)
     # random weights must only emit text tokens the tokenizer can decode: suppress the padded vocab rows
     # and the special / blank tokens (EOS is held off by min_new_tokens in the benchmark)
     keep_eos = ids["<|im_end|>"]
     blank = [i for i in range(len(tok)) if not tok.decode([i], skip_special_tokens=True).strip()]
     suppress = sorted({i for i in blank if i != keep_eos} | set(range(len(tok), text_cfg["vocab_size"])))
     model.generation_config.suppress_tokens = suppress
-    processor = build_processor(tok, side=SIDE)
+    processor = build_processor(tok, side=SIDE, family=family)
     path = save_model_dir(model, tok, processor, out)
     del model
     if device == "cuda":
@@ -216,7 +250,7 @@ def fix_length(model) -> None:
 def report(name: str, n: int, seconds: float, tokens: int) -> None:
     print(f"  {name}: {n} images in {seconds:.1f}s = {n / seconds:.2f} images/s, "
           f"{tokens} output tokens = {tokens / seconds:.0f} tokens/s")
-    RESULTS[name] = {"images": n, "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2),
+    OUT[name] = {"images": n, "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2),
                      "output_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
 
 
@@ -248,7 +282,7 @@ def roofline_seconds(engine, n_images: int, batch_rows: int) -> float | None:
     peak, bandwidth = card
     params = sum(p.numel() for p in engine.model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    prompt = (SIDE // 28) ** 2 + 30
+    prompt = engine.image_grid.tokens((SIDE, SIDE)) + 30
     prefill = 2 * params * prompt * n_images / peak
     batches = -(-n_images // max(1, batch_rows))
     kv = engine._row_cost.kv_per_token
@@ -288,7 +322,7 @@ def profile_decode(engine, prepared: list) -> None:
     for e in sorted(events, key=lambda e: -device_us(e))[:8]:
         print(f"    {device_us(e) / 1e3:9.1f} ms  "
               f"{e.count:6d}x  {e.key[:90]}")
-    RESULTS["profile"] = {"images": len(reqs), "wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3),
+    OUT["profile"] = {"images": len(reqs), "wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3),
                           "kernel_share": round(share, 3)}
 
 
@@ -304,7 +338,7 @@ def run_engine(model_dir: Path, images: list, name: str, **settings):
     print(f"  {name}: {engine.model_id} on {engine.device}; compile={cfg.compile} batch_size={cfg.batch_size} "
           f"batch_memory={cfg.batch_memory} encode_ahead={cfg.encode_ahead} "
           f"attention={getattr(engine.model.config, '_attn_implementation', '?')}")
-    prepared = [prepare_image(im, SIDE * SIDE, SIDE * SIDE) for im in images]
+    prepared = [prepare_image(im, engine.image_grid) for im in images]
     warm = engine.generate([image_request(PROMPT, im) for im in prepared[:2]], Sampling(max_new_tokens=4))
     print(f"  warm-up caption: {warm[0][0].text!r}")
     fix_length(engine.model)
@@ -319,37 +353,39 @@ def run_engine(model_dir: Path, images: list, name: str, **settings):
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**30
         print(f"  peak GPU memory {peak:.1f} GiB")
-        RESULTS[name]["peak_gib"] = round(peak, 1)  # type: ignore[index]
+        OUT[name]["peak_gib"] = round(peak, 1)  # type: ignore[index]
     rows = cfg.batch_size
     budget = engine.memory_budget()
     if budget is not None:
-        rows = len(engine._batches([(SIDE // 28) ** 2 + 30] * len(prepared), TOKENS, budget=budget)[0])
+        rows = len(engine._batches([engine.image_grid.tokens((SIDE, SIDE)) + 30] * len(prepared), TOKENS,
+                                   budget=budget)[0])
         print(f"  rows per batch from free memory: {rows}")
     estimate = roofline_seconds(engine, len(prepared), min(rows, len(prepared)))
     if estimate:
         print(f"  roofline estimate {estimate:.1f}s: this run reaches {estimate / seconds:.0%} of it")
-        RESULTS[name]["roofline_share"] = round(estimate / seconds, 3)  # type: ignore[index]
+        OUT[name]["roofline_share"] = round(estimate / seconds, 3)  # type: ignore[index]
     return engine, prepared, sampling
 
 
 @phase("engine")
-def bench_engine(model_dir: Path, images: list):
+def bench_engine(model_dir: Path, images: list, first: bool = True):
     import gc
 
     import torch
 
-    if BASELINE:
+    if BASELINE and first:
         old, _, _ = run_engine(model_dir, images, "engine_baseline", **BASELINE_SETTINGS)
         del old
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     engine, prepared, sampling = run_engine(model_dir, images, "engine")
-    if "engine_baseline" in RESULTS:
-        speedup = RESULTS["engine"]["images_per_s"] / RESULTS["engine_baseline"]["images_per_s"]  # type: ignore[index]
+    if "engine_baseline" in OUT:
+        speedup = OUT["engine"]["images_per_s"] / OUT["engine_baseline"]["images_per_s"]  # type: ignore[index]
         print(f"  speedup over the baseline settings: {speedup:.2f}x")
-        RESULTS["engine_speedup"] = round(speedup, 2)
-    profile_decode(engine, prepared[:min(len(prepared), 64)])
+        OUT["engine_speedup"] = round(speedup, 2)
+    if first:
+        profile_decode(engine, prepared[:min(len(prepared), 64)])
     # the same images and batches as the stage phase below, for a like-for-like stage / engine ratio
     seconds, tokens = timed_generate(engine, prepared[:STAGE_IMAGES], sampling)
     report("engine_stage_images", min(STAGE_IMAGES, len(prepared)), seconds, tokens)
@@ -451,7 +487,7 @@ def bench_grpo(model_dir: Path, images: list, workdir: Path) -> None:
         path = folder / f"{i}.jpg"
         path.write_bytes(jpeg(im))
         train.append(TrainImage(key=str(i), path=str(path), mcqs=(MCQ("q", ("a", "b", "c", "d"), "A"),)))
-    model, processor = load_policy(str(model_dir), cfg, use_cpu)
+    model, processor, grid = load_policy(str(model_dir), cfg, use_cpu)
     fix_length(model)
     rng = rnd.Random(0)
 
@@ -473,67 +509,86 @@ def bench_grpo(model_dir: Path, images: list, workdir: Path) -> None:
 
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], processing_class=processor, callbacks=[Clock()],
                           args=trainer_args(cfg, str(workdir / "grpo_out"), use_cpu, GRPO_STEPS),
-                          train_dataset=prompt_dataset(train, cfg.prompt, SIDE * SIDE, SIDE * SIDE))
+                          train_dataset=prompt_dataset(train, cfg.prompt, grid))
     trainer.train()
     steady = times[1:] or times
     per_step = sum(steady) / len(steady)
     print(f"  GRPO steps (4 images x 8 generations x {GRPO_TOKENS} tokens): "
           + ", ".join(f"{t:.1f}s" for t in times) + f"; {per_step:.1f} s/step after the first")
-    RESULTS["grpo"] = {"steps": len(times), "seconds": [round(t, 2) for t in times], "s_per_step": round(per_step, 2),
+    OUT["grpo"] = {"steps": len(times), "seconds": [round(t, 2) for t in times], "s_per_step": round(per_step, 2),
                        "tokens": GRPO_TOKENS}
     if torch.cuda.is_available():
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
-def main() -> int:
-    t_start = time.perf_counter()
-    found = check_imports() or {}
-    if not found.get("torch") or not found.get("transformers"):
-        print("torch and transformers are required; stopping")
-        return 1
-    workdir = Path(os.environ.get("GPU_CHECK_DIR") or tempfile.mkdtemp(prefix="gpu-check-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    images = [photo(rng) for _ in range(N_IMAGES)]
-    print(f"\nsettings: {N_IMAGES} images 640x480 -> {SIDE}x{SIDE} ({(SIDE // 28) ** 2} visual tokens), "
-          f"{TOKENS} new tokens each (fixed), batch {BATCH}, {'TINY CPU config' if TINY else 'Qwen2.5-VL-3B architecture'}")
-    model_dir = build_model(workdir / "model")
+def run_family(family: str, first: bool, found: dict, workdir: Path, images: list) -> bool:
+    """Every phase for one model family; its results go to OUT. False when its model could not be built."""
+    print(f"\n##### {family} ({ARCHITECTURES[family][0]} architecture{', TINY CPU config' if TINY else ''})")
+    model_dir = build_model(workdir / f"model-{family}", family)
     if model_dir is None:
-        return 1
+        return False
     engine = None
     pipeline_ok = all(found.get(m) for m in ("pydantic", "yaml", "PIL"))
     if pipeline_ok and not FORCE_FALLBACK:
-        engine = bench_engine(model_dir, images)
+        engine = bench_engine(model_dir, images, first)
     if engine is None:
         bench_direct(model_dir, images)
     stage_ok = all(found.get(m) for m in ("pydantic", "yaml", "pyarrow", "fsspec", "webdataset", "braceexpand", "tqdm"))
     if engine is not None and stage_ok:
         bench_stage(engine, workdir, images[:STAGE_IMAGES])
-        if "stage" in RESULTS and "engine_stage_images" in RESULTS:
-            ratio = RESULTS["stage"]["images_per_s"] / RESULTS["engine_stage_images"]["images_per_s"]  # type: ignore[index]
+        if "stage" in OUT and "engine_stage_images" in OUT:
+            ratio = OUT["stage"]["images_per_s"] / OUT["engine_stage_images"]["images_per_s"]  # type: ignore[index]
             print(f"  stage / engine images/s on the same {STAGE_IMAGES} images: {ratio:.3f}")
-            RESULTS["stage_engine_ratio"] = round(ratio, 3)
+            OUT["stage_engine_ratio"] = round(ratio, 3)
     elif engine is not None:
         print("\n== stage: skipped (missing packages for the stage)")
+    engine = None
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    except ImportError:
+        pass
     if GRPO and found.get("trl") and pipeline_ok:
-        engine = None
-        import gc
-
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-        except ImportError:
-            pass
         bench_grpo(model_dir, images, workdir)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    return True
+
+
+def main() -> int:
+    global OUT
+    t_start = time.perf_counter()
+    found = check_imports() or {}
+    if not found.get("torch") or not found.get("transformers"):
+        print("torch and transformers are required; stopping")
+        return 1
+    unknown = [f for f in FAMILIES if f not in ARCHITECTURES]
+    if unknown or not FAMILIES:
+        print(f"GPU_CHECK_FAMILIES: unknown {unknown or 'empty'}; known: {', '.join(ARCHITECTURES)}")
+        return 2
+    workdir = Path(os.environ.get("GPU_CHECK_DIR") or tempfile.mkdtemp(prefix="gpu-check-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    images = [photo(rng) for _ in range(N_IMAGES)]
+    print(f"\nsettings: {N_IMAGES} images 640x480 -> {SIDE}x{SIDE} ({(SIDE // 28) ** 2} visual tokens of 28 px, "
+          f"{(SIDE // 32) ** 2} of 32 px), {TOKENS} new tokens each (fixed), batch {BATCH}, families {FAMILIES}")
+    built = []
+    for i, family in enumerate(FAMILIES):
+        OUT = RESULTS if i == 0 else RESULTS.setdefault(family, {})  # type: ignore[assignment]
+        OUT["family"] = family
+        built.append(run_family(family, i == 0, found, workdir, images))
+    OUT = RESULTS
     if not os.environ.get("GPU_CHECK_DIR"):
         shutil.rmtree(workdir, ignore_errors=True)
     RESULTS["total_seconds"] = round(time.perf_counter() - t_start, 1)
     print("\nRESULTS " + json.dumps(RESULTS, sort_keys=True))
-    return 0 if any(k in RESULTS for k in ("engine", "engine_direct")) else 1
+    measured = [RESULTS] + [RESULTS.get(f, {}) for f in FAMILIES[1:]]
+    return 0 if all(built) and all(any(k in m for k in ("engine", "engine_direct")) for m in measured) else 1
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ import torch, torchvision, transformers, vllm, pipeline
 import img2dataset  # noqa: F401
 from vllm import LLM, SamplingParams  # noqa: F401
 from transformers import Qwen2VLImageProcessor  # noqa: F401  (needs a torchvision that imports)
+from transformers import Qwen3VLProcessor  # noqa: F401  (the CapRL++ captioners' family)
 print(f"vllm {vllm.__version__}  torch {torch.__version__}  torchvision {torchvision.__version__}  "
       f"transformers {transformers.__version__}")
 PY

@@ -63,6 +63,9 @@ class Generation:
 
 @runtime_checkable
 class Engine(Protocol):
+    """A model backend. Backends that take images also expose `image_grid` (a pipeline.engines.grid.ImageGrid:
+    the model's patch x merge grid and the configured pixel budget), which stages resize images to, once."""
+
     model_id: str
     """Provenance: model path or name plus revision/content hash."""
 

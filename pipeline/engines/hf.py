@@ -21,9 +21,10 @@ import torch
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
 from pipeline.engines.common import ModelLoadError, model_identity, text_only
+from pipeline.engines.grid import ImageGrid
 from pipeline.engines.memory import free_gpu_bytes, row_cost, rows_that_fit
 from pipeline.engines.prefix import PrefixPlan, plan_prefixes
-from pipeline.engines.preprocess import QWEN_FACTOR, fit_pixels, prepare_image
+from pipeline.engines.preprocess import prepare_image
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_WIDTH_BUCKET = 64
@@ -69,9 +70,12 @@ class HFEngine:
         if self.is_vl:
             self.processor = AutoProcessor.from_pretrained(path, revision=config.revision)
             self.tokenizer = self.processor.tokenizer
+            self.image_grid = ImageGrid.from_processor(self.processor, config)
         else:
             self.processor = None
             self.tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
+            self.image_grid = ImageGrid.budget_only(config)
+        self._template_kwargs = dict(config.chat_template_kwargs or {})
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -91,7 +95,8 @@ class HFEngine:
         """The chat-templated prompt with the generation prompt and the request's prefill."""
         messages = request.messages if self.is_vl else text_only(request.messages)
         template_owner = self.processor if self.processor is not None else self.tokenizer
-        text = template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **self._template_kwargs)
         return text + request.prefill
 
     def encode(self, request: ChatRequest) -> dict[str, torch.Tensor]:
@@ -100,8 +105,8 @@ class HFEngine:
         if request.images and not self.is_vl:
             raise ValueError(f"request has {len(request.images)} image(s) but {self.model_id} is a text-only model")
         if self.is_vl and request.images:
-            images = [prepare_image(im, self.config.min_pixels, self.config.max_pixels) for im in request.images]
-            enc = self.processor(text=[text], images=images, return_tensors="pt")
+            images = [prepare_image(im, self.image_grid) for im in request.images]
+            enc = self.processor(text=[text], images=images, return_tensors="pt", **self.image_grid.processor_kwargs())
         elif self.is_vl:
             enc = self.processor(text=[text], return_tensors="pt")
         else:
@@ -233,16 +238,11 @@ class HFEngine:
 
     def _estimate(self, request: ChatRequest, text_tokens: dict[str, int] | None = None) -> tuple[int, int]:
         """(prompt tokens, image patches) of a request without running the processor: the template's
-        text tokens plus each image's patches after the pixel budget (a header read for bytes or paths)."""
+        text tokens plus each image's patches on the model's grid (a header read for bytes or paths)."""
         from PIL import Image
 
-        image_processor = getattr(self.processor, "image_processor", None)
-        patch = int(getattr(image_processor, "patch_size", 14) or 14)
-        merge = int(getattr(image_processor, "merge_size", QWEN_FACTOR // patch) or 1)
-        size_dict = getattr(image_processor, "size", None)
-        own = (getattr(image_processor, "min_pixels", None) or getattr(size_dict, "shortest_edge", None),
-               getattr(image_processor, "max_pixels", None) or getattr(size_dict, "longest_edge", None))
-        patches = 0
+        grid = self.image_grid
+        patches = tokens = 0
         for image in request.images:
             try:
                 if isinstance(image, Image.Image):
@@ -250,18 +250,15 @@ class HFEngine:
                 else:  # reads the header only
                     with Image.open(image if isinstance(image, str) else io.BytesIO(bytes(image))) as opened:
                         w, h = opened.size
-                h, w = fit_pixels(h, w, self.config.min_pixels, self.config.max_pixels, patch * merge)
-                if own[0] and own[1]:  # the processor resizes again to its own pixel budget
-                    h, w = fit_pixels(h, w, int(own[0]), int(own[1]), patch * merge)
-                patches += (h // patch) * (w // patch)
+                patches += grid.patches(h, w)
+                tokens += grid.tokens((w, h))
             except Exception:  # noqa: BLE001 - a bad image fails in encode, with its own error
                 continue
         memo = {} if text_tokens is None else text_tokens
         key = json.dumps([request.messages, request.prefill], sort_keys=True, default=str)
         if key not in memo:
             memo[key] = len(self.tokenizer(self.prompt_text(request), add_special_tokens=False)["input_ids"])
-        text = memo[key]
-        return text - len(request.images) + patches // (merge * merge), patches  # one placeholder per image
+        return memo[key] - len(request.images) + tokens, patches  # one placeholder per image in the template
 
     def _generate_batch(self, picked: Sequence[dict[str, torch.Tensor]], params: Sampling, b: int) -> torch.Tensor:
         """The new token ids of one batch: params.n rows per request, in order."""

@@ -6,12 +6,14 @@ from collections.abc import Sequence
 
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
+from pipeline.engines.grid import ImageGrid
 
 
 class NoopEngine:
     def __init__(self, config: EngineConfig):
         self.text = config.noop_text
         self.model_id = f"noop:{self.text[:32]}"
+        self.image_grid = ImageGrid.budget_only(config)
 
     def generate(self, requests: Sequence[ChatRequest], params: Sampling) -> list[list[Generation]]:
         gen = Generation(text=self.text, finish_reason="stop", num_tokens=len(self.text.split()))

@@ -4,7 +4,9 @@ Requests run concurrently (at most `EngineConfig.concurrency` in flight) with a 
 timeout and retries with exponential backoff on connection errors, timeouts, 408/429 and 5xx.
 A request that still fails becomes `Generation(finish_reason="error", error=...)`: one bad
 request never fails the batch. Images are sent as base64 data URLs after the shared
-preprocessing. A prefill is sent as a final assistant message with `continue_final_message`
+preprocessing, resized to the served model's grid when `processor` (or `model`) names its folder,
+else only to the pixel budget. `chat_template_kwargs` travel in the request body (a vLLM/SGLang
+extension; sent only when set). A prefill is sent as a final assistant message with `continue_final_message`
 (the vLLM/SGLang extension), or, with `openai_prefill="instruct"`, as an instruction for servers
 without it. `score_choices` uses vLLM's `/tokenize` and `prompt_logprobs` extensions (text only).
 """
@@ -26,6 +28,7 @@ import httpx
 
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
+from pipeline.engines.grid import ImageGrid, load_grid
 from pipeline.engines.preprocess import prepare_image
 from pipeline.errors import clip
 from pipeline.redact import redact_text, url_without_credentials
@@ -48,9 +51,9 @@ def transport_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {redact_text(text) or 'no detail given'}"
 
 
-def image_data_url(image: Any, min_pixels: int, max_pixels: int) -> str:
+def image_data_url(image: Any, grid: ImageGrid) -> str:
     """A prepared image as a data URL (PNG for small images, JPEG q95 otherwise)."""
-    img = prepare_image(image, min_pixels=min_pixels, max_pixels=max_pixels)
+    img = prepare_image(image, grid)
     buf = io.BytesIO()
     if img.width * img.height <= 448 * 448:
         img.save(buf, format="PNG")
@@ -98,6 +101,14 @@ class OpenAIEngine:
         self._model = config.model or None
         self.model_id = f"openai:{self.endpoint}/{config.model or '?'}" + (f"@{config.revision}" if config.revision else "")
         self.stats = {"requests": 0, "retries": 0, "errors": 0}
+        self._grid: ImageGrid | None = None
+
+    @property
+    def image_grid(self) -> ImageGrid:
+        """The served model's grid (read once, when first needed: text-only readers never read it)."""
+        if self._grid is None:
+            self._grid = load_grid(self.config)
+        return self._grid
 
     # -- HTTP plumbing ------------------------------------------------------------------------------
     def _client(self) -> httpx.AsyncClient:
@@ -165,17 +176,19 @@ class OpenAIEngine:
                             img = next(images)
                         except StopIteration:
                             raise ValueError("message has more image parts than the request has images") from None
-                        url = image_data_url(img, self.config.min_pixels, self.config.max_pixels)
+                        url = image_data_url(img, self.image_grid)
                         parts.append({"type": "image_url", "image_url": {"url": url}})
                     else:
                         parts.append(part)
                 content = parts
             out.append({**m, "content": content})
         extra: dict[str, Any] = {}
+        if self.config.chat_template_kwargs:
+            extra["chat_template_kwargs"] = dict(self.config.chat_template_kwargs)
         if request.prefill:
             if self.config.openai_prefill == "continue":
                 out.append({"role": "assistant", "content": request.prefill})
-                extra = {"continue_final_message": True, "add_generation_prompt": False}
+                extra.update(continue_final_message=True, add_generation_prompt=False)
             else:
                 note = f'\n\nBegin your reply with "{request.prefill}".'
                 last = out[-1]
@@ -286,7 +299,7 @@ class OpenAIEngine:
                          cands: list[list[int]]) -> list[float]:
         messages, extra = self.messages(ChatRequest(messages=req.messages, prefill=req.prefill))
         body = {"model": model, "messages": messages, "add_special_tokens": False, **extra}
-        if not extra:
+        if "continue_final_message" not in extra:
             body["add_generation_prompt"] = True
         prefix = (await self._call(client, "POST", "/tokenize", body, server_root=True))["tokens"]
         prompts = [prefix + ids for ids in cands]

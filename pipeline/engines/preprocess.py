@@ -1,8 +1,9 @@
 """Image preprocessing shared by every engine and stage, and a worker pool that runs it ahead of a model.
 
 `prepare_image` is THE one function: decode bytes, apply the EXIF orientation, convert to RGB
-(alpha composited on white), and resize to a pixel budget with sides that are multiples of 28 (the
-Qwen2.5-VL patch 14 x merge 2 grid), keeping the aspect ratio.
+(alpha composited on white), and resize once to the model's image grid (`ImageGrid.fit`: sides that
+are multiples of patch x merge, 28 px for Qwen2.5-VL and 32 px for Qwen3-VL, area within the pixel
+budget, aspect ratio kept).
 
 `preprocess_ahead` maps it over an iterator in a thread or process pool, a bounded number of
 items ahead of the consumer, yielding results in input order with a per-item error instead of an
@@ -12,7 +13,6 @@ exception, so one broken image never stops a shard.
 from __future__ import annotations
 
 import io
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -22,42 +22,22 @@ from typing import Any, Generic, TypeVar
 
 from PIL import Image, ImageOps
 
-QWEN_FACTOR = 28
+from pipeline.engines.grid import ImageGrid
+
 T = TypeVar("T")
 R = TypeVar("R")
 
-
-def fit_pixels(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = QWEN_FACTOR) -> tuple[int, int]:
-    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image has no pixels ({width}x{height})")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} is too extreme")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        scale = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / scale / factor) * factor)
-        w = max(factor, math.floor(width / scale / factor) * factor)
-    elif h * w < min_pixels:
-        scale = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * scale / factor) * factor
-        w = math.ceil(width * scale / factor) * factor
-    return h, w
-
-
 PREPARED = "caprl_prepared"
-"""Key in a prepared image's `info`: the (min_pixels, max_pixels, factor) it was prepared for. An engine
-handed an image prepared for its own budget uses it as it is, so an image is decoded, turned upright and
-resized once (in the stage's worker pool), never again inside the engine."""
+"""Key in a prepared image's `info`: the grid key (min_pixels, max_pixels, factor) it was prepared for. An
+engine handed an image prepared for its own grid uses it as it is, so an image is decoded, turned upright and
+resized once (in the stage's worker pool), never again inside the engine or its processor."""
 
 
-def prepare_image(source: bytes | bytearray | memoryview | Image.Image | str, min_pixels: int = 3136,
-                  max_pixels: int = 1_003_520, factor: int = QWEN_FACTOR, upright: bool = False) -> Image.Image:
-    """Decoded, upright, RGB, resized image (see the module docstring). `source`: bytes, a PIL image or a path.
-    `upright`: the image is already EXIF-transposed (skip that step)."""
-    budget = (min_pixels, max_pixels, factor)
-    if isinstance(source, Image.Image) and source.info.get(PREPARED) == budget:
+def prepare_image(source: bytes | bytearray | memoryview | Image.Image | str, grid: ImageGrid,
+                  upright: bool = False) -> Image.Image:
+    """Decoded, upright, RGB image resized to `grid.fit` (see the module docstring). `source`: bytes, a PIL
+    image or a path. `upright`: the image is already EXIF-transposed (skip that step)."""
+    if isinstance(source, Image.Image) and source.info.get(PREPARED) == grid.key:
         return source
     if isinstance(source, bytes | bytearray | memoryview):
         img = Image.open(io.BytesIO(bytes(source)))
@@ -75,18 +55,13 @@ def prepare_image(source: bytes | bytearray | memoryview | Image.Image | str, mi
         img = background
     elif img.mode != "RGB":
         img = img.convert("RGB")
-    h, w = fit_pixels(img.height, img.width, min_pixels, max_pixels, factor)
+    h, w = grid.fit(img.height, img.width)
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), Image.Resampling.BICUBIC)
     elif img is source:
         img = img.copy()  # never mark the caller's own image
-    img.info[PREPARED] = budget
+    img.info[PREPARED] = grid.key
     return img
-
-
-def image_tokens(image: Image.Image, factor: int = QWEN_FACTOR) -> int:
-    """Visual tokens a Qwen2.5-VL model spends on a prepared image (one per 28x28 cell)."""
-    return math.ceil(image.height / factor) * math.ceil(image.width / factor)
 
 
 @dataclass
@@ -142,14 +117,13 @@ def map_ahead(fn: Callable[[T], R], items: Iterable[T], workers: int = 2, ahead:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def preprocess_ahead(items: Iterable[T], get_source: Callable[[T], Any] | None = None, min_pixels: int = 3136,
-                     max_pixels: int = 1_003_520, workers: int = 2, ahead: int | None = None,
-                     processes: bool = False) -> Iterator[Prepared[T]]:
+def preprocess_ahead(items: Iterable[T], grid: ImageGrid, get_source: Callable[[T], Any] | None = None,
+                     workers: int = 2, ahead: int | None = None, processes: bool = False) -> Iterator[Prepared[T]]:
     """`prepare_image` over items (or over get_source(item)) in a worker pool running ahead of the consumer."""
-    fn = partial(_prepare_from, get_source, min_pixels, max_pixels)
+    fn = partial(_prepare_from, get_source, grid)
     return map_ahead(fn, items, workers=workers, ahead=ahead, processes=processes)
 
 
-def _prepare_from(get_source: Callable[[Any], Any] | None, min_pixels: int, max_pixels: int, item: Any) -> Image.Image:
+def _prepare_from(get_source: Callable[[Any], Any] | None, grid: ImageGrid, item: Any) -> Image.Image:
     source = get_source(item) if get_source is not None else item
-    return prepare_image(source, min_pixels=min_pixels, max_pixels=max_pixels)
+    return prepare_image(source, grid)

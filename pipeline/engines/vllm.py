@@ -2,8 +2,9 @@
 
 Prompts are rendered with the checkpoint's chat template (+ prefill) and submitted in chunks of
 `EngineConfig.chunk_size` so continuous batching stays full; images travel as `multi_modal_data`
-(at most `limit_images` per prompt, pixel budget passed to the model's processor through
-`mm_processor_kwargs`). The shared image preprocessing runs in a thread pool ahead of the engine:
+(at most `limit_images` per prompt; images resized once to the model's grid, and the same pixel budget
+handed to its processor through `mm_processor_kwargs` as `size`, the form the Qwen2.5-VL and Qwen3-VL
+processors read, so they do not resize again). The shared image preprocessing runs in a thread pool ahead of the engine:
 while vLLM works on chunk k, chunk k+1 is being decoded and resized. A request whose image cannot
 be prepared becomes an error Generation. `score_choices` reads `prompt_logprobs`.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
 from pipeline.engines.common import ModelLoadError, model_identity, text_only
+from pipeline.engines.grid import ImageGrid, load_grid
 from pipeline.engines.preprocess import Prepared, map_ahead, prepare_image
 
 
@@ -59,9 +61,11 @@ class VLLMEngine:
             kwargs["max_num_batched_tokens"] = config.max_batch_tokens
         if config.max_num_seqs:
             kwargs["max_num_seqs"] = config.max_num_seqs
+        self.image_grid = load_grid(config) if self.is_vl else ImageGrid.budget_only(config)
+        self._template_kwargs = dict(config.chat_template_kwargs or {})
         if self.is_vl:
             kwargs["limit_mm_per_prompt"] = {"image": config.limit_images}
-            kwargs["mm_processor_kwargs"] = {"min_pixels": config.min_pixels, "max_pixels": config.max_pixels}
+            kwargs["mm_processor_kwargs"] = self.image_grid.processor_kwargs()
         else:
             kwargs["limit_mm_per_prompt"] = {"image": 0}
         if config.kv_cache_gb:
@@ -73,7 +77,8 @@ class VLLMEngine:
     # -- prompts ------------------------------------------------------------------------------------
     def prompt_text(self, request: ChatRequest) -> str:
         messages = request.messages if self.is_vl else text_only(request.messages)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  **self._template_kwargs)
         return text + request.prefill
 
     def _prompt(self, request: ChatRequest) -> dict[str, Any]:
@@ -82,7 +87,7 @@ class VLLMEngine:
             raise ValueError(f"{len(request.images)} image(s) for a model that takes {self.config.limit_images if self.is_vl else 0}")
         prompt: dict[str, Any] = {"prompt": self.prompt_text(request)}
         if request.images:
-            images = [prepare_image(im, self.config.min_pixels, self.config.max_pixels) for im in request.images]
+            images = [prepare_image(im, self.image_grid) for im in request.images]
             prompt["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
         return prompt
 

@@ -1,7 +1,7 @@
 """Feed images to a captioning engine at throughput: decode ahead in a pool, big chunks in, per-row results out.
 
 The path of one image: bytes -> decode (worker pool, ahead of the engine: EXIF transpose, then the
-engines' shared prepare_image: RGB, Qwen grid within min/max_pixels) -> ChatRequest in a chunk of `chunk_size` -> engine.generate
+engines' shared prepare_image: RGB, resized once to the captioner's image grid) -> ChatRequest in a chunk of `chunk_size` -> engine.generate
 -> CaptionResult (status ok/error with a reason). Rows whose generation failed (engine exception,
 error generation, empty or truncated caption) are retried once in smaller batches at the end.
 Nothing here raises for a bad row; only the engine's absence of results for a whole chunk is
@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline.engines.base import Engine, Generation, Sampling, image_request
+from pipeline.engines.grid import ImageGrid
 from pipeline.engines.preprocess import map_ahead
 from pipeline.errors import PipelineError
 from stages.annotate.imageprep import DecodedImage, decode_image
@@ -79,10 +80,10 @@ class FeedConfig:
 
     prompt: str
     sampling: Sampling
+    grid: ImageGrid
+    """The captioner's image grid: images are resized to it once, in the decode pool."""
     chunk_size: int = 4096
     workers: int = 2
-    min_pixels: int = 3136
-    max_pixels: int = 1_003_520
     truncated_is_error: bool = False
     retry: bool = True
     retry_batch_size: int = 4
@@ -134,7 +135,7 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
 
     def decode(job: CaptionJob) -> tuple[str | None, DecodedImage]:
         digest = hashlib.sha256(job.data).hexdigest() if job.data is not None else None
-        return digest, decode_image(job.data, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        return digest, decode_image(job.data, cfg.grid)
 
     def finish(chunk: list[tuple[CaptionResult, Image.Image, bytes]], attempt: int) -> Iterator[CaptionResult]:
         outcome = _run_engine(get_engine(), [im for _, im, _ in chunk], cfg)
@@ -174,7 +175,7 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
         yield from finish(chunk, 1)
     while retry_queue:
         batch, retry_queue[:] = retry_queue[: cfg.retry_batch_size], retry_queue[cfg.retry_batch_size :]
-        redo = [(res, decode_image(data, cfg.min_pixels, cfg.max_pixels).image, data) for res, data in batch]
+        redo = [(res, decode_image(data, cfg.grid).image, data) for res, data in batch]
         yield from finish(redo, 2)  # type: ignore[arg-type]
     if attempted[0] >= 2 and attempted[0] == attempted[1]:  # one poisoned image alone is a bad row
         raise EngineUnavailable(f"the captioning engine failed on every one of {attempted[0]} images "

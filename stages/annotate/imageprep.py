@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from pipeline.engines.grid import ImageGrid
 from pipeline.engines.preprocess import prepare_image
 
 
@@ -27,16 +28,15 @@ def open_upright(data: bytes) -> Image.Image:
         return ImageOps.exif_transpose(opened) or opened.copy()
 
 
-def decode_image(data: bytes | None, min_pixels: int = 3136, max_pixels: int = 1_003_520) -> DecodedImage:
+def decode_image(data: bytes | None, grid: ImageGrid) -> DecodedImage:
     """Decode and turn upright once, record the upright size, then the engines' shared `prepare_image` (RGB,
-    resized to the Qwen grid within [min_pixels, max_pixels]); the result is marked prepared, so an engine
-    with the same pixel budget uses it as it is."""
+    resized to the captioner's grid); the result is marked prepared, so the engine uses it as it is."""
     if data is None:
         return DecodedImage(None, error="sample has no image file")
     try:
         img = open_upright(data)
         width, height = img.size
-        return DecodedImage(prepare_image(img, min_pixels=min_pixels, max_pixels=max_pixels, upright=True), width, height)
+        return DecodedImage(prepare_image(img, grid, upright=True), width, height)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this row's error
         return DecodedImage(None, error=f"cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}")
 

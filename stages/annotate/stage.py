@@ -23,6 +23,7 @@ import pyarrow as pa
 from pipeline import shardio
 from pipeline.config import AnnotateConfig, EngineConfig, RunConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
+from pipeline.engines.grid import ImageGrid, load_grid
 from pipeline.errors import ConfigError, MissingInputError
 from pipeline.inputs import InputShard, pattern_shard_count, resolve_input
 from pipeline.resources import resolve_model, stage_reference
@@ -96,6 +97,13 @@ def captioner_config(ctx: ShardContext) -> EngineConfig:
     if ref is not None:
         return cfg.model_copy(update={"model": ctx.input_folder(*ref), "label": cfg.label or cfg.model})
     return resolve_model(cfg)
+
+
+def captioner_grid(ctx: ShardContext) -> ImageGrid:
+    """The captioner's image grid, read from its processor's settings without loading the model (images are
+    resized in the decode pool before the engine starts)."""
+    cfg = captioner_config(ctx)
+    return ctx.resource(captioner_key(cfg) + ":grid", lambda: load_grid(cfg))
 
 
 def captioner(ctx: ShardContext) -> Engine:
@@ -242,8 +250,8 @@ def _caption_pass(ctx: ShardContext, cfg: AnnotateConfig, local_tar: str, src: I
 
     ecfg = cfg.captioner
     feed = FeedConfig(
-        prompt=cfg.prompt, sampling=Sampling.from_config(cfg.sampling), chunk_size=ecfg.chunk_size,
-        workers=ecfg.preprocess_workers, min_pixels=ecfg.min_pixels, max_pixels=ecfg.max_pixels,
+        prompt=cfg.prompt, sampling=Sampling.from_config(cfg.sampling), grid=captioner_grid(ctx),
+        chunk_size=ecfg.chunk_size, workers=ecfg.preprocess_workers,
         truncated_is_error=cfg.truncated_is_error, retry=cfg.retry_failed_rows, retry_batch_size=cfg.retry_batch_size,
     )
     for res in caption_images(lambda: captioner(ctx), jobs(), feed):

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.engines.base import Engine, Sampling, image_request
+from pipeline.engines.grid import ImageGrid
 from pipeline.engines.preprocess import prepare_image
 
 log = logging.getLogger("stages.evaluate.captions")
@@ -133,9 +134,10 @@ def caption_all(engine: Callable[[], Engine], spec: CaptionSpec, images: Sequenc
         if all(f is not None for f in found):
             out.update({sha: f for (sha, _), f in zip(part, found, strict=True)})  # type: ignore[misc]
             continue
-        requests = [image_request(spec.prompt, prepare_image(data, min_pixels=spec.min_pixels,
-                                                               max_pixels=spec.max_pixels)) for _, data in part]
-        results = engine().generate(requests, replace(params, seed=spec.chunk_seed(digest)))
+        captioner = engine()
+        grid = getattr(captioner, "image_grid", None) or ImageGrid(1, 1, spec.min_pixels, spec.max_pixels)
+        requests = [image_request(spec.prompt, prepare_image(data, grid)) for _, data in part]
+        results = captioner.generate(requests, replace(params, seed=spec.chunk_seed(digest)))
         if len(results) != len(part):
             raise RuntimeError(f"captioner {spec.model_id} returned {len(results)} results for {len(part)} images")
         for (sha, _), key, gens in zip(part, keys, results, strict=True):

@@ -28,6 +28,7 @@ from pipeline.mcq import (
     MCQ,
     NONE_OF_THE_ABOVE,
     READER_PREFILL,
+    ReasoningPreamble,
     ShuffledMCQ,
     filter_messages,
     parse_answer_letter,
@@ -172,7 +173,10 @@ def _ask(engine: Engine, requests: list[ChatRequest], shown: list[ShuffledMCQ], 
                 if gen is None or gen.finish_reason == "error" or gen.error:
                     out.append(Answer((gen.error or "") if gen else "", None, failed=True))
                     continue
-                out.append(Answer(gen.text, pick_from_text(gen.text, s)))
+                try:
+                    out.append(Answer(gen.text, pick_from_text(gen.text, s)))
+                except ReasoningPreamble:  # the filter thought aloud: a failed query, not a wrong answer
+                    out.append(Answer(gen.text, None, failed=True))
     return out
 
 

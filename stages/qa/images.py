@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from pipeline.engines.grid import ImageGrid
 from pipeline.engines.preprocess import prepare_image
 
 
@@ -19,12 +20,12 @@ class LoadedImage:
     error: str | None = None
 
 
-def load_image(data: bytes | None, min_pixels: int, max_pixels: int) -> LoadedImage:
-    """Decode (EXIF-upright, RGB) and resize to the engine's pixel budget with the engines' `prepare_image`."""
+def load_image(data: bytes | None, grid: ImageGrid) -> LoadedImage:
+    """Decode (EXIF-upright, RGB) and resize to the engine's image grid with the engines' `prepare_image`."""
     if data is None:
         return LoadedImage(None, error="sample has no image file")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        return LoadedImage(prepare_image(data, min_pixels=min_pixels, max_pixels=max_pixels), digest)
+        return LoadedImage(prepare_image(data, grid), digest)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this image's error
         return LoadedImage(None, digest, f"cannot decode image ({len(data)} bytes): {type(exc).__name__}: {exc}")

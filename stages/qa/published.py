@@ -6,7 +6,8 @@ One row per image:
     prompt        list<struct{content: string, role: string}>: one user turn, "<image>" + CAPTION_PROMPT
     data_source   string
     reward_model  struct{ground_truth: list<struct{question, choices: list<string>, answer}>, style: string}
-with choices lettered "A) ...", answer a letter. `export_qa` writes the kept questions of every committed qa
+with choices lettered "A) ..." (CapRL-QA-75K; `--style dot` writes CapRL++'s "A. ...", and the import reads
+either), answer a letter. `export_qa` writes the kept questions of every committed qa
 shard with their images; `import_qa` cuts such a file (local or any fsspec URL) into committed image shards
 (download layout, questions in each sample's json under `mcqs`) and committed qa shards of the run's
 shard-id space, so `train` can start from a published set and `qa.generate: false` can re-gate it.
@@ -29,7 +30,7 @@ from pipeline import shardio
 from pipeline.config import RunConfig
 from pipeline.errors import PipelineError
 from pipeline.inputs import resolve_input
-from pipeline.mcq import CAPTION_PROMPT, LETTERS
+from pipeline.mcq import CAPTION_PROMPT, lettered_choices
 from pipeline.shards import sample_key, shard_name
 from pipeline.stage import ShardStats, marker_digest
 from pipeline.storage import Storage, code_version
@@ -59,17 +60,16 @@ IMAGES_DIR = "images"
 
 
 # -- export -----------------------------------------------------------------------------------
-def ground_truth(row: dict[str, Any]) -> dict[str, Any]:
-    """A qa row as a published question: lettered choices, answer letter."""
-    return {"question": row["question"], "choices": [f"{LETTERS[i]}) {o}" for i, o in enumerate(row["options"])],
-            "answer": row["answer"]}
+def ground_truth(row: dict[str, Any], style: str = "paren") -> dict[str, Any]:
+    """A qa row as a published question: choices lettered in `style` (pipeline.mcq.CHOICE_STYLES), answer letter."""
+    return {"question": row["question"], "choices": lettered_choices(row["options"], style), "answer": row["answer"]}
 
 
 def published_prompt() -> list[dict[str, str]]:
     return [{"content": IMAGE_PLACEHOLDER + CAPTION_PROMPT, "role": "user"}]
 
 
-def export_batches(config: RunConfig, storage: Storage, data_source: str = DATA_SOURCE
+def export_batches(config: RunConfig, storage: Storage, data_source: str = DATA_SOURCE, style: str = "paren"
                    ) -> Iterator[list[dict[str, Any]]]:
     """Published rows, one list per committed qa shard with kept questions (shard, then key order)."""
     for shard in sorted(storage.committed(OUTPUT_DIR)):
@@ -92,7 +92,7 @@ def export_batches(config: RunConfig, storage: Storage, data_source: str = DATA_
                 "image": {"bytes": sample.image, "path": f"{sample.key}.{sample.image_ext}"},
                 "prompt": published_prompt(),
                 "data_source": data_source,
-                "reward_model": {"ground_truth": [ground_truth(q) for q in questions], "style": REWARD_STYLE},
+                "reward_model": {"ground_truth": [ground_truth(q, style) for q in questions], "style": REWARD_STYLE},
             })
         if kept:
             raise PipelineError(f"qa shard {shard_name(shard)} keeps questions for {len(kept)} image(s) missing "
@@ -101,9 +101,11 @@ def export_batches(config: RunConfig, storage: Storage, data_source: str = DATA_
 
 
 def export_qa(config: RunConfig, storage: Storage, out: str, data_source: str = DATA_SOURCE,
-              storage_options: dict[str, Any] | None = None) -> int:
+              storage_options: dict[str, Any] | None = None, style: str = "paren") -> int:
     """Write the published layout to `out` (local path or fsspec URL), one row group per qa shard (only one
-    shard's images in memory at a time); returns the number of rows. A local `out`'s folder is created."""
+    shard's images in memory at a time), choices lettered in `style`; returns the number of rows. A local `out`'s
+    folder is created."""
+    lettered_choices([], style)  # an unknown style fails before anything is written
     n = 0
     try:
         if shardio.is_local_url(out):
@@ -112,7 +114,7 @@ def export_qa(config: RunConfig, storage: Storage, out: str, data_source: str = 
     except OSError as exc:
         raise PipelineError(f"cannot write --out {out}: {exc.strerror or exc}") from None
     with sink as f, pq.ParquetWriter(f, PUBLISHED_SCHEMA, compression="zstd") as writer:
-        for batch in export_batches(config, storage, data_source):
+        for batch in export_batches(config, storage, data_source, style):
             writer.write_table(pa.Table.from_pylist(batch, schema=PUBLISHED_SCHEMA))
             n += len(batch)
     return n

@@ -11,9 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.mcq import LETTERS, MCQ, parse_generator_output
-
-_CHOICE_LETTER = re.compile(r"^\s*\(?([A-Fa-f])\s*[).:]\s*")
+from pipeline.mcq import LETTERS, MCQ, choice_answer, parse_generator_output, split_choices
 
 
 @dataclass
@@ -38,7 +36,7 @@ def from_generator_text(text: str) -> list[Candidate]:
 
 def from_stored(value: Any, source: str = "imported") -> list[Candidate]:
     """Questions stored with an image (a JSON string or a list): MCQ dicts {question, options, answer,
-    qtype?, id?} or the published layout {question, choices: ['A) ..', ...], answer: 'C'}."""
+    qtype?, id?} or the published layout {question, choices: ['A) ..', ...] or ['A. ..', ...], answer: 'C'}."""
     if value is None:
         return []
     raw_value = value
@@ -70,16 +68,14 @@ def stored_mcq(item: Any, source: str) -> MCQ:
     if "options" in item:
         options = [str(o).strip() for o in item["options"]]
     elif "choices" in item:
-        options = [_CHOICE_LETTER.sub("", str(c)).strip() for c in item["choices"]]
+        options = split_choices(item["choices"])
     else:
         raise ValueError("no options or choices")
     if len(options) < 2 or len(options) > len(LETTERS) or any(not o for o in options):
         raise ValueError(f"{len(options)} options (need 2-{len(LETTERS)}, none empty)")
     if len({o.casefold() for o in options}) != len(options):
         raise ValueError("duplicate options")
-    answer = str(item.get("answer") or "").strip().rstrip(").").lstrip("(").upper()
-    if answer not in LETTERS[: len(options)]:
-        raise ValueError(f"answer {item.get('answer')!r} is not one of the option letters")
+    answer = choice_answer(str(item.get("answer") or ""), options)
     meta = {k: item[k] for k in ("id",) if item.get(k)}
     return MCQ(question=question, options=tuple(options), answer=answer, source=source,
                qtype=str(item.get("qtype") or ""), meta=meta)

@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline import shardio
 from pipeline.config import EngineConfig, QAConfig, RunConfig
 from pipeline.engines.base import Engine, Sampling, create_engine
+from pipeline.engines.grid import ImageGrid, load_grid
 from pipeline.errors import ConfigError
 from pipeline.inputs import InputShard, resolve_input
 from pipeline.mcq import LETTERS, QA_GENERATION_PROMPT
@@ -187,17 +188,26 @@ def _blocks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
 def _process(ctx: ShardContext, cfg: QAConfig, settings: GateSettings, block: list[Sample],
              extras: dict[str, dict[str, Any]], prov: _Provenance) -> list[_Image]:
     """Decode, generate (or read) and gate the questions of one block of samples."""
-    out, prepared = _load(cfg, block, extras)
+    first = cfg.generator if cfg.generate else cfg.filter
+    grid = image_grid(ctx, first)
+    out, prepared = _load(cfg, block, extras, grid)
     if cfg.generate and prepared:
         _generate(ctx, cfg, out, prepared, prov)
+    if cfg.generate and prepared and image_grid(ctx, cfg.filter) != grid:  # another model: its own grid, one resize
+        prepared = {s.key: load_image(s.image, image_grid(ctx, cfg.filter)).image for s in block if s.key in prepared}
     _gate(ctx, cfg, settings, out, prepared, prov)
     return out
 
 
-def _load(cfg: QAConfig, block: list[Sample], extras: dict[str, dict[str, Any]]
+def image_grid(ctx: ShardContext, cfg: EngineConfig) -> ImageGrid:
+    """The image grid of the model `cfg` names (read from its processor's settings, once per process)."""
+    resolved = resolve_model(cfg)
+    return ctx.resource(engine_key("grid", resolved), lambda: load_grid(resolved))
+
+
+def _load(cfg: QAConfig, block: list[Sample], extras: dict[str, dict[str, Any]], grid: ImageGrid
           ) -> tuple[list[_Image], dict[str, Image.Image]]:
-    """The block's images decoded and resized (errors recorded); gate-only: their stored questions."""
-    pixels = cfg.generator if cfg.generate else cfg.filter
+    """The block's images decoded and resized to `grid` (errors recorded); gate-only: their stored questions."""
     out: list[_Image] = []
     prepared: dict[str, Image.Image] = {}
     for sample in block:
@@ -207,7 +217,7 @@ def _load(cfg: QAConfig, block: list[Sample], extras: dict[str, dict[str, Any]]
         if not sample.ok:
             img.error_reason, img.error = sample.error_reason, sample.error
             continue
-        loaded = load_image(sample.image, pixels.min_pixels, pixels.max_pixels)
+        loaded = load_image(sample.image, grid)
         img.sha256 = loaded.sha256
         if loaded.image is None:
             img.error_reason = "decode_error" if sample.image is not None else "no_image"

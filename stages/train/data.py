@@ -21,6 +21,7 @@ from PIL import Image
 from pipeline import shardio
 from pipeline.config import RunConfig
 from pipeline.engines.base import image_messages
+from pipeline.engines.grid import ImageGrid
 from pipeline.engines.preprocess import prepare_image
 from pipeline.inputs import resolve_input
 from pipeline.mcq import MCQ, qa_mcqs
@@ -106,9 +107,10 @@ def split(images: Sequence[TrainImage], held_out: int) -> tuple[list[TrainImage]
     return [im for im in images if im.key not in chosen], held
 
 
-def prompt_dataset(images: Sequence[TrainImage], prompt: str, min_pixels: int, max_pixels: int) -> Any:
+def prompt_dataset(images: Sequence[TrainImage], prompt: str, grid: ImageGrid) -> Any:
     """TRL's view of the training images (a `datasets.Dataset`): a conversational prompt, the image (read and
-    resized when a row is read, so no image sits in memory), and the reward's columns (key, mcqs, truth)."""
+    resized to the policy's grid when a row is read, so no image sits in memory), and the reward's columns
+    (key, mcqs, truth)."""
     import datasets
 
     table = datasets.Dataset.from_dict({
@@ -117,7 +119,7 @@ def prompt_dataset(images: Sequence[TrainImage], prompt: str, min_pixels: int, m
         "truth": [im.truth for im in images]})
 
     def load(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        return {**batch, "image": [prepare_image(p, min_pixels, max_pixels) for p in batch["image"]]}
+        return {**batch, "image": [prepare_image(p, grid) for p in batch["image"]]}
 
     return table.with_transform(load)
 

@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline.config import TrainConfig
+from pipeline.engines.grid import ImageGrid
 from pipeline.engines.preprocess import prepare_image
 from pipeline.errors import ConfigError
 from pipeline.runner import secondary_rank
@@ -267,18 +268,18 @@ def quiet_progress_bar(trainer: Any) -> None:
         trainer.add_callback(_Bar())
 
 
-def load_policy(path: str, cfg: TrainConfig, use_cpu: bool) -> tuple[Any, Any]:
-    """The policy model and its processor from a checkpoint folder."""
+def load_policy(path: str, cfg: TrainConfig, use_cpu: bool) -> tuple[Any, Any, ImageGrid]:
+    """The policy model, its processor (with the policy's pixel budget as its default: TRL calls it without
+    one) and its image grid, from a checkpoint folder."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     dtype = torch.float32 if use_cpu else {"bfloat16": torch.bfloat16, "float16": torch.float16,
                                            "float32": torch.float32}[cfg.dtype]
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     processor = AutoProcessor.from_pretrained(path)
-    pixels = getattr(processor, "image_processor", None)
-    if pixels is not None and hasattr(pixels, "max_pixels"):
-        pixels.min_pixels, pixels.max_pixels = cfg.policy.min_pixels, cfg.policy.max_pixels
-    return model, processor
+    grid = ImageGrid.from_processor(processor, cfg.policy)
+    grid.apply_to(processor)
+    return model, processor, grid
 
 
 def run_rl(cfg: TrainConfig, policy_path: str, train_images: list[TrainImage], held_out: list[TrainImage],
@@ -298,11 +299,11 @@ def run_rl(cfg: TrainConfig, policy_path: str, train_images: list[TrainImage], h
     if audit is not None:
         audit.history = [r["audit"] for r in read_log(log_path) if "audit" in r]
     steps = total_steps(cfg, len(train_images))
-    model, processor = load_policy(policy_path, cfg, use_cpu)
-    dataset = prompt_dataset(train_images, cfg.prompt, cfg.policy.min_pixels, cfg.policy.max_pixels)
+    model, processor, grid = load_policy(policy_path, cfg, use_cpu)
+    dataset = prompt_dataset(train_images, cfg.prompt, grid)
     args = trainer_args(cfg, progress_dir, use_cpu, steps)
     step_log = StepLog(log_path, audit, reward,
-                       load_image=lambda im: prepare_image(im.path, cfg.policy.min_pixels, cfg.policy.max_pixels))
+                       load_image=lambda im: prepare_image(im.path, grid))
     cls = GRPOTrainer if cfg.algorithm == "grpo" else RLOOTrainer
     trainer = cls(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
                   processing_class=processor, callbacks=[step_log])
