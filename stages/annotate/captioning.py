@@ -2,7 +2,9 @@
 
 The path of one image: bytes -> decode (worker pool, ahead of the engine: EXIF transpose, then the
 engines' shared prepare_image: RGB, resized once to the captioner's image grid) -> ChatRequest in a chunk of `chunk_size` -> engine.generate
--> CaptionResult (status ok/error with a reason). Rows whose generation failed (engine exception,
+-> CaptionResult (status ok/error with a reason). With decode workers, reading the jobs and decoding them
+run in a feeder thread (`in_background`): the engine starts on the first chunk as soon as it is decoded,
+and the input is read and decoded on while the engine works, never in the gaps between its calls. Rows whose generation failed (engine exception,
 error generation, empty or truncated caption) are retried once in smaller batches at the end.
 Nothing here raises for a bad row; only the engine's absence of results for a whole chunk is
 turned into per-row errors.
@@ -12,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -29,11 +34,16 @@ log = logging.getLogger("stages.annotate.captioning")
 RAMP = 8
 """The first chunk is chunk_size / RAMP, doubling up to chunk_size: the engine never waits for a whole
 chunk to be decoded before its first batch."""
+FEED_POLL_S = 0.05
+"""How often a blocked feeder thread checks whether its consumer stopped."""
 ERR_DECODE = "decode_error"
 ERR_NO_IMAGE = "no_image"
 ERR_ENGINE = "engine_error"
 ERR_EMPTY = "empty_caption"
 ERR_TRUNCATED = "truncated"
+
+
+T = TypeVar("T")
 
 
 class EngineUnavailable(PipelineError):
@@ -115,12 +125,61 @@ def _run_engine(engine: Engine, images: Sequence[Image.Image], cfg: FeedConfig) 
     return [list(g) for g in out]
 
 
+def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate `items` in a feeder thread, at most `depth` items ahead of the consumer, in order.
+
+    An exception raised by `items` is raised here, in the consumer, after the items before it. When the
+    consumer stops early (break, an exception, a signal's `Preempted`), the feeder stops at its next item,
+    closes `items` (so a pool inside it shuts down) and is joined before this generator returns.
+    """
+    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=FEED_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def feed() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(("error", exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=feed, name="caption-feed", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = buffer.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
 def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[CaptionJob],
                    cfg: FeedConfig) -> Iterator[CaptionResult]:
     """Caption every job; yields one CaptionResult per job (retried rows come last, after the main pass).
 
     `engine` may be a factory, called once when the first chunk is ready (rows that never reach the
-    engine, such as undecodable images, do not load a model).
+    engine, such as undecodable images, do not load a model). With `cfg.workers` > 0, `jobs` is consumed
+    in a feeder thread (see `in_background`); with 0 everything runs inline in the caller's thread.
     """
     loaded: list[Engine] = []
 
@@ -157,20 +216,25 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
 
     chunk: list[tuple[CaptionResult, Image.Image, bytes]] = []
     target = max(1, cfg.chunk_size // RAMP)  # a small first chunk: the engine starts while the pool decodes on
-    for prepared in map_ahead(decode, jobs, workers=cfg.workers, ahead=2 * cfg.chunk_size):
-        job = prepared.item
-        digest, dec = prepared.value if prepared.value is not None else (None, None)
-        res = CaptionResult(key=job.key, sha256=digest)
-        if dec is None or dec.image is None:
-            res.status, res.error = "error", (dec.error if dec is not None else prepared.error)
-            res.reason = ERR_NO_IMAGE if job.data is None else ERR_DECODE
-            yield res
-            continue
-        res.width, res.height = dec.width, dec.height
-        chunk.append((res, dec.image, job.data))
-        if len(chunk) >= target:
-            yield from finish(chunk, 1)
-            chunk, target = [], min(cfg.chunk_size, target * 2)
+    if cfg.workers > 0:  # read + decode in a feeder thread, up to two chunks ahead of the engine
+        decoded = in_background(map_ahead(decode, jobs, workers=cfg.workers), depth=2 * cfg.chunk_size)
+    else:
+        decoded = map_ahead(decode, jobs, workers=0)
+    with closing(decoded):  # stops and joins the feeder when this generator is closed early
+        for prepared in decoded:
+            job = prepared.item
+            digest, dec = prepared.value if prepared.value is not None else (None, None)
+            res = CaptionResult(key=job.key, sha256=digest)
+            if dec is None or dec.image is None:
+                res.status, res.error = "error", (dec.error if dec is not None else prepared.error)
+                res.reason = ERR_NO_IMAGE if job.data is None else ERR_DECODE
+                yield res
+                continue
+            res.width, res.height = dec.width, dec.height
+            chunk.append((res, dec.image, job.data))
+            if len(chunk) >= target:
+                yield from finish(chunk, 1)
+                chunk, target = [], min(cfg.chunk_size, target * 2)
     if chunk:
         yield from finish(chunk, 1)
     while retry_queue:

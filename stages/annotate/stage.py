@@ -233,6 +233,8 @@ def _caption_pass(ctx: ShardContext, cfg: AnnotateConfig, local_tar: str, src: I
     budget = cfg.hold_images_mb * (1 << 20)
 
     def jobs() -> Iterator[CaptionJob]:
+        """The input's samples as caption jobs. Runs in caption_images' feeder thread: it alone fills
+        plan.infos (read only after caption_images is done) and the results of unreadable samples."""
         nonlocal budget
         for sample in read_samples(local_tar):
             info = _info(sample, extras.get(sample.key, {}))
