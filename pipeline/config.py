@@ -522,6 +522,32 @@ class RunConfig(Section):
         return hashlib.sha256(blob).hexdigest()
 
 
+def changed_settings(recorded: Any, config: RunConfig, stage: str) -> list[str]:
+    """The settings of `stage` that differ between a marker's recorded `semantic` dump and `config`, with the
+    recorded settings read by this version first: a setting a later version added, at the value the recorded
+    dump implies (its default), is no change, so an upgrade does not make every committed unit outdated."""
+    if not isinstance(recorded, dict):
+        return ["settings (not recorded)"]
+    section = config.section(stage)
+    if isinstance(section, BaseModel) and isinstance(recorded.get("section"), dict):
+        try:
+            upgraded = type(section).model_validate(recorded["section"])
+        except ValidationError:
+            pass  # settings this version cannot read: compare them as recorded
+        else:
+            recorded = {**recorded, "section": json.loads(json.dumps(_semantic_dump(upgraded), sort_keys=True,
+                                                                     default=str))}
+    return setting_changes(recorded, config.semantic(stage))
+
+
+def same_settings(marker: dict[str, Any], fingerprint: str, config: RunConfig, stage: str) -> bool:
+    """Whether a unit's marker was made with `config`'s settings of `stage` (`fingerprint`), directly or once
+    its recorded settings are read by this version (see `changed_settings`)."""
+    if marker.get("config_fingerprint") == fingerprint:
+        return True
+    return not changed_settings(marker.get("config"), config, stage)
+
+
 def setting_changes(recorded: Any, current: Any, prefix: str = "") -> list[str]:
     """Dotted paths of the settings that differ between two `RunConfig.semantic` dumps ('section.' dropped)."""
     if isinstance(recorded, dict) and isinstance(current, dict):

@@ -18,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.claims import ClaimHeld
-from pipeline.config import RunConfig, setting_changes
+from pipeline.config import RunConfig, changed_settings, same_settings
 from pipeline.errors import PipelineError, Preempted, SettingsChangedError, StorageError
 from pipeline.preflight import check_engines
 from pipeline.redact import redact_text
@@ -161,7 +161,7 @@ def _run_planned(config: RunConfig, declared: Stage, storage: Storage, shards: l
     found = storage.committed_many(stage, units)  # this task's own markers, by name, whatever their settings
     if not force and not declared.redo_on_new_settings:
         refuse_changed_settings(declared, found, work.fingerprint, config)
-    done = {u: m for u, m in found.items() if m.get("config_fingerprint") == work.fingerprint}
+    done = {u: m for u, m in found.items() if same_settings(m, work.fingerprint, config, stage)}
     if declared.prepare is not None:
         declared.prepare(RunContext(config, storage, stage, shards, resources, log))
     # Written only once the arguments and inputs are known good: a usage error leaves no run.json behind.
@@ -216,14 +216,16 @@ def refuse_changed_settings(declared: Stage, found: dict[int | str, dict[str, An
                             config: RunConfig) -> None:
     """Refuse, with one line, to replace committed units (`found`: unit -> marker) that were made with other
     settings (their outputs would be lost): name the changed settings and the ways on (--force, a new --root)."""
-    other = {u: m for u, m in found.items() if m.get("config_fingerprint") != fingerprint}
+    changed: set[str] = set()
+    other = []
+    for unit, marker in found.items():
+        if marker.get("config_fingerprint") != fingerprint:
+            changes = changed_settings(marker.get("config"), config, declared.name)
+            if changes:
+                other.append(unit)
+                changed.update(changes)
     if not other:
         return
-    current = config.semantic(declared.name)
-    changed: set[str] = set()
-    for m in other.values():
-        recorded = m.get("config")
-        changed.update(setting_changes(recorded, current) if isinstance(recorded, dict) else ["(not recorded)"])
     names = ", ".join(f"{declared.name}.{k}" if k != "shard_size" else k for k in sorted(changed)[:6])
     more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
     label = "shard(s) " + format_shard_spec(sorted(other)) if not declared.whole_run else ", ".join(map(str, other))
@@ -391,7 +393,7 @@ class _Work:
         """Whether another run committed this unit (current) between our plan and our claim; with --force,
         whether another run committed it after this run started (it did this run's work already)."""
         marker = self.storage.marker(self.declared.name, unit)
-        if marker is None or marker.get("config_fingerprint") != self.fingerprint:
+        if marker is None or not same_settings(marker, self.fingerprint, self.config, self.declared.name):
             return False
         if self.force and not float(marker.get("started_at") or 0) >= self.started:
             return False

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.claims import DEFAULT_STALE_AFTER, judge
-from pipeline.config import RunConfig, setting_changes
+from pipeline.config import RunConfig, changed_settings
 from pipeline.errors import PipelineError, SlurmError, clip
 from pipeline.executors import job_states, live_jobs
 from pipeline.runner import stale_inputs
@@ -238,15 +238,16 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
     intact = {_unit(k): m for k, m in markers.items() if k in intact_names}
     cache.prefetch_keys([key for m in intact.values() for key in (m.get("inputs", {}) or {})], whole_above=32)
     fingerprint = config.fingerprint(stage) if compare else None
-    current = config.semantic(stage) if compare else None
+    changes_of: dict[Any, list[str]] = {}
     committed: dict[int | str, dict[str, Any]] = {}
     outdated: list[Outdated] = []
     for unit, m in sorted(intact.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]).zfill(12))):
         settings: list[str] = []
         if fingerprint is not None and m.get("config_fingerprint") != fingerprint:
-            recorded = m.get("config")
-            settings = setting_changes(recorded, current) if isinstance(recorded, dict) else ["settings (not recorded)"]
-            settings = settings or ["settings"]
+            seen = m.get("config_fingerprint")
+            if seen not in changes_of:  # one reading per distinct recorded configuration
+                changes_of[seen] = changed_settings(m.get("config"), config, stage)
+            settings = changes_of[seen]
         changed = stale_inputs(m, cache)
         if settings or changed:
             outdated.append(Outdated(unit, settings, changed))

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from pipeline.config import RunConfig, load_config
@@ -56,3 +58,24 @@ def test_engine_encode_ahead_reads_a_bare_yaml_on_off():
         assert config.annotate.captioner.encode_ahead == expected
     with pytest.raises(ConfigError):
         load_config(None, ["annotate.captioner.encode_ahead=sometimes"])
+
+
+def test_a_setting_added_by_a_later_version_is_no_change_at_its_default():
+    """A marker written before a setting existed records no value for it: read by this version, the recorded
+    settings take its default, so an upgrade neither refuses nor redoes committed units; a real difference
+    (or a new setting away from its default) still counts."""
+    from pipeline.config import changed_settings, same_settings
+
+    cfg = load_config(None, root="/tmp/x")
+    recorded = cfg.semantic("annotate")
+    older = json.loads(json.dumps(recorded))
+    del older["section"]["captioner"]["chat_template_kwargs"]  # not known to the version that wrote it
+    del older["section"]["reward"]["reader"]["chat_template_kwargs"]
+    marker = {"config_fingerprint": "written-by-an-older-version", "config": older}
+    assert changed_settings(older, cfg, "annotate") == []
+    assert same_settings(marker, cfg.fingerprint("annotate"), cfg, "annotate")
+    changed = load_config(None, ["annotate.prompt=Describe it."], root="/tmp/x")
+    assert changed_settings(older, changed, "annotate") == ["prompt"]
+    thinking = load_config(None, ["annotate.reward.reader.chat_template_kwargs={enable_thinking: true}"], root="/tmp/x")
+    assert changed_settings(older, thinking, "annotate") == ["reward.reader.chat_template_kwargs.enable_thinking"]
+    assert changed_settings(None, cfg, "annotate") == ["settings (not recorded)"]
