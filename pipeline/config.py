@@ -220,6 +220,14 @@ class LengthTermConfig(Section):
         return self
 
 
+class RepetitionTermConfig(Section):
+    """A repetition term: the factor is 1 minus the share of the caption's word n-grams that repeat an earlier
+    one (pipeline.faithful.repeated_share); mixed into the reward like the length term. Off at weight 0."""
+
+    weight: float = Field(0.0, ge=0.0, le=1.0)
+    n: int = Field(4, ge=1, le=16, description="n-gram size in words")
+
+
 class AuditConfig(Section):
     """The reward-hacking alarm: every `every` steps the policy captions held-out images greedily; the
     captions are scored by the training reward, by an audit reader that is not the training reader, and by
@@ -276,10 +284,17 @@ class TrainConfig(Section):
     seed: int = 0
     prompt: str = "Please describe this image in detail."
     length: LengthTermConfig = Field(default_factory=LengthTermConfig)
+    repetition: RepetitionTermConfig = Field(default_factory=RepetitionTermConfig)
     max_missing_share: float = Field(0.2, ge=0.0, le=1.0, description="a step with more missing rewards fails")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="training precision on GPU "
                                                              "(CPU trains in float32)")
     gradient_checkpointing: bool = runtime(False)
+
+    @model_validator(mode="after")
+    def _check_terms(self) -> TrainConfig:
+        if self.length.weight + self.repetition.weight >= 1.0:
+            raise ValueError("train.length.weight + train.repetition.weight must be below 1 (the utility's share)")
+        return self
 
 
 class QualityConfig(Section):
@@ -328,6 +343,9 @@ class BenchmarkConfig(Section):
     path: str | None = Field(None, description="jsonl / caprl_parquet: the file (local or any fsspec URL)")
     shards: str | None = Field(None, description="qa: the held-out shards, a shard spec such as '40-49'")
     limit: int | None = Field(None, ge=1, description="use only the first `limit` images")
+    truth: Literal["demo-scene"] | None = Field(
+        None, description="the ground truth its images carry (jsonl: a `truth` field; qa: the image metadata's "
+        "`scene`), checked by pipeline.faithful for hallucination and coverage; None: no truth")
     storage_options: dict[str, Any] = runtime(default_factory=dict)
 
     @model_validator(mode="after")
@@ -337,6 +355,27 @@ class BenchmarkConfig(Section):
         if self.kind != "qa" and not self.path:
             raise ValueError(f"benchmark {self.name!r}: kind {self.kind} needs a path")
         return self
+
+
+JUDGE_PROMPT = (
+    "You are checking a description of the image above. Description:\n<description>\n{caption}\n</description>\n"
+    "Rate it from 0 to 10 on three scales: factuality (how much of what it says is true of the image), coverage "
+    "(how much of what the image shows it states) and hallucination (how much it states that is not in the image; "
+    "0 = nothing invented). Answer with one JSON object and nothing else, e.g. "
+    '{{"factuality": 7, "coverage": 5, "hallucination": 2}}.')
+
+
+class JudgeConfig(Section):
+    """An optional VLM judge of captions for data without truth: it sees the image and one caption and scores
+    factuality, coverage and hallucination (0..scale) as JSON. A failed or malformed answer is a recorded
+    failure (left out of the means), never a zero."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="a VLM: openai (a served model), hf or vllm")
+    prompt: str = Field(JUDGE_PROMPT, description="the instruction after the image; {caption} is the caption")
+    scale: float = Field(10.0, gt=0.0, description="the top of the scores' range (scores are divided by it)")
+    captions_per_image: int = Field(1, ge=1, description="how many of a captioner's k captions of an image are judged")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=128))
+    retries: int = runtime(1, ge=0, description="re-asks of a failed or malformed judgement before it is a failure")
 
 
 class EvaluateConfig(Section):
@@ -362,6 +401,8 @@ class EvaluateConfig(Section):
         False, description="append a 'cannot be answered from the description' option (always counted wrong)")
     reader_max_new_tokens: int = Field(10, ge=1)
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
+    judge: JudgeConfig | None = Field(None, description="an optional VLM judge of factuality, coverage and "
+                                      "hallucination (real data, where no truth exists)")
     seed: int = 0
     cache: str | None = runtime(None, description="fsspec folder of the caption cache (default ROOT/eval/_cache)")
     caption_chunk: int = Field(64, ge=1, description="images per captioning engine call; a benchmark's images are "
