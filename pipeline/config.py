@@ -172,6 +172,29 @@ class DownloadConfig(Section):
         return 3 if self.encode_format == "png" else 95
 
 
+class AbsentConfig(Section):
+    """Absent-thing questions: per image, `per_image` things drawn from `things` are asked about with the option
+    "there is no ..." keyed right; the gate keeps one only when the filter picks that option with the image (the
+    thing is absent) and not without it. A caption that invents the thing then loses the question."""
+
+    per_image: int = Field(0, ge=0, description="absent-thing candidates per image (0: off)")
+    things: list[str] = Field(default_factory=list, description="what may be asked about ({thing} below)")
+    question: str = Field("Where in the image is the {thing}?", description="the question; {thing} is the thing")
+    options: list[str] = Field(
+        default_factory=lambda: ["On the left.", "In the middle.", "On the right.", "At the top."],
+        description="the answers that would hold if the thing were there ({thing} allowed)")
+    answer: str = Field("There is no {thing} in the image.", description="the keyed answer: the thing is absent")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> AbsentConfig:
+        if self.per_image and len(self.things) < self.per_image:
+            raise ValueError(f"qa.absent.per_image={self.per_image} needs at least that many things")
+        if self.per_image and not 2 <= len(self.options) + 1 <= 6:
+            raise ValueError("qa.absent.options: 1-5 options besides the keyed answer")
+        return self
+
+
 class QAConfig(Section):
     """MCQ generation and the quality gate (the method's "QA curation"; see docs/qa.md)."""
 
@@ -199,6 +222,7 @@ class QAConfig(Section):
     answer_in_question: bool = Field(
         True, description="reject a question whose keyed answer is written in the question and no distractor is")
     seed: int = 0
+    absent: AbsentConfig = Field(default_factory=lambda: AbsentConfig(), description="absent-thing questions")
     input_pattern: str | None = Field(
         None, description="WebDataset shards to use instead of ROOT/images (as annotate.input_pattern)")
     input_storage_options: dict[str, Any] = runtime(default_factory=dict)
