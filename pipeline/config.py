@@ -115,6 +115,9 @@ class RewardConfig(Section):
     draws_per: Literal["caption", "image"] = Field(
         "caption", description="caption: each caption gets its own draws; image: every caption of one image (and "
         "key) is asked the same draws, so a group's rewards differ only by their captions (lower-variance advantages)")
+    absent_abstain: bool = Field(
+        False, description="absent-thing questions (qtype 'absent', qa.absent): the reader's 'cannot answer' counts "
+        "as right too, since the caption did not claim the thing (for readers that do not infer absence)")
     retries: int = runtime(1, ge=0, description="re-asks of failed reader calls before a reward is missing")
     cache: str | None = runtime(None, description="fsspec directory of the reward cache (replayable runs)")
 
