@@ -88,7 +88,8 @@ def truth_checker(kind: str) -> Callable[[str, str], FactCheck | None]:
     return getattr(importlib.import_module(module), name)
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
+def mean_known(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are not None (None when there are none)."""
     vals = [v for v in values if v is not None]
     return statistics.fmean(vals) if vals else None
 
@@ -124,8 +125,8 @@ def caption_metrics(captions: Sequence[str], checks: Sequence[FactCheck | None] 
     checked = [c for c in (checks or []) if c is not None]
     return CaptionMetrics(
         captions=len(captions),
-        hallucination=_mean([c.hallucination for c in checked]),
-        coverage=_mean([c.coverage for c in checked]),
+        hallucination=mean_known([c.hallucination for c in checked]),
+        coverage=mean_known([c.coverage for c in checked]),
         repetition=statistics.fmean(repeats(c) for c in captions) if captions else 0.0,
         length=statistics.fmean(count(c) for c in captions) if captions else 0.0,
         claims=statistics.fmean(len(c.claims) for c in checked) if checked else None)

@@ -12,7 +12,6 @@ while the audit or the truth falls, or while hallucination rises; the alarm name
 from __future__ import annotations
 
 import logging
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 
 from pipeline.config import AuditConfig
 from pipeline.engines.base import image_messages
-from pipeline.faithful import caption_metrics, check_all
+from pipeline.faithful import caption_metrics, check_all, mean_known
 from pipeline.reward import CapRLReward
 from stages.train.data import TrainImage
 
@@ -60,11 +59,6 @@ def greedy_captions(model: Any, processor: Any, images: Sequence[Any], prompt: s
 
 TRUTH_KIND = "demo-scene"
 """The truth the image metadata carries (the demo world's `scene`), checked by pipeline.faithful."""
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.fmean(vals) if vals else None
 
 
 @dataclass
@@ -109,10 +103,10 @@ class Audit:
         captions = greedy_captions(model, processor, pictures, self.prompt, self.max_new_tokens)
         keys = [f"{AUDIT_KEY}|{im.key}" for im in self.images]
         questions = [list(im.mcqs) for im in self.images]
-        train = _mean([r.reward for r in self.train_reward(captions, questions, keys=keys)])
+        train = mean_known([r.reward for r in self.train_reward(captions, questions, keys=keys)])
         audit = None
         if self.audit_reward is not None:
-            audit = _mean([r.reward for r in self.audit_reward(captions, questions, keys=keys)])
+            audit = mean_known([r.reward for r in self.audit_reward(captions, questions, keys=keys)])
         checks = check_all(captions, [im.truth for im in self.images], TRUTH_KIND) if self.use_truth else None
         metrics = caption_metrics(captions, checks, lambda c: len(processor.tokenizer(c)["input_ids"]))
         result = AuditResult(step, train, audit, metrics.coverage, metrics.length, captions=captions,
