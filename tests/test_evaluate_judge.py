@@ -86,7 +86,7 @@ def test_judge_scores_parsed_and_a_malformed_answer_is_a_recorded_failure(tmp_pa
     manifest.write_text(yaml.safe_dump({"root": str(tmp_path / "root"), "evaluate": {
         "name": "judged", "captioners": {}, "baselines": ["empty", "reference"],
         "reader": {"backend": "noop"}, "answer_mode": "score",
-        "benchmarks": [{"name": "heldout", "kind": "jsonl", "path": str(bench)}],
+        "benchmarks": [{"name": "heldout", "kind": "jsonl", "path": str(bench), "truth": "demo-scene"}],
         "judge": {"engine": {"backend": "openai", "base_url": stub.url, "timeout_s": 5, "max_retries": 0},
                   "retries": 1}}}))
     out = io.StringIO()
@@ -110,3 +110,9 @@ def test_judge_scores_parsed_and_a_malformed_answer_is_a_recorded_failure(tmp_pa
     assert len(stub.requests) == 4  # 3 captions + 1 retry
     table = (unit / "report.md").read_text()
     assert "| reference | 75.0 | 67.5 | 20.0 | 2 | 1 |" in table
+    # the truth-based metrics beside it: the reference states the scene, the empty caption claims nothing
+    faith = {name: c["faithfulness"] for name, c in report["captioners"].items()}
+    assert faith["reference"]["coverage"] == 1.0 and faith["reference"]["hallucination"] == 0.0
+    assert faith["empty"]["coverage"] == 0.0 and faith["empty"]["hallucination"] is None
+    assert report["captioners"]["reference"]["per_benchmark"]["heldout"]["faithfulness"]["captions"] == 3
+    assert "| 100.0 | 0.0 | 0.0 |" in table.split("| reference | ")[1].split("\n")[0]
