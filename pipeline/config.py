@@ -138,6 +138,9 @@ class RewardConfig(Section):
     draws_per: Literal["caption", "image"] = Field(
         "caption", description="caption: each caption gets its own draws; image: every caption of one image (and "
         "key) is asked the same draws, so a group's rewards differ only by their captions (lower-variance advantages)")
+    absent_abstain: bool = Field(
+        False, description="absent-thing questions (qtype 'absent', qa.absent): the reader's 'cannot answer' counts "
+        "as right too, since the caption did not claim the thing (for readers that do not infer absence)")
     retries: int = runtime(1, ge=0, description="re-asks of failed reader calls before a reward is missing")
     cache: str | None = runtime(None, description="fsspec directory of the reward cache (replayable runs)")
 
@@ -200,6 +203,29 @@ class DownloadConfig(Section):
         return 3 if self.encode_format == "png" else 95
 
 
+class AbsentConfig(Section):
+    """Absent-thing questions: per image, `per_image` things drawn from `things` are asked about with the option
+    "there is no ..." keyed right; the gate keeps one only when the filter picks that option with the image (the
+    thing is absent) and not without it. A caption that invents the thing then loses the question."""
+
+    per_image: int = Field(0, ge=0, description="absent-thing candidates per image (0: off)")
+    things: list[str] = Field(default_factory=list, description="what may be asked about ({thing} below)")
+    question: str = Field("Where in the image is the {thing}?", description="the question; {thing} is the thing")
+    options: list[str] = Field(
+        default_factory=lambda: ["On the left.", "In the middle.", "On the right.", "At the top."],
+        description="the answers that would hold if the thing were there ({thing} allowed)")
+    answer: str = Field("There is no {thing} in the image.", description="the keyed answer: the thing is absent")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> AbsentConfig:
+        if self.per_image and len(self.things) < self.per_image:
+            raise ValueError(f"qa.absent.per_image={self.per_image} needs at least that many things")
+        if self.per_image and not 2 <= len(self.options) + 1 <= 6:
+            raise ValueError("qa.absent.options: 1-5 options besides the keyed answer")
+        return self
+
+
 class QAConfig(Section):
     """MCQ generation and the quality gate (the method's "QA curation"; see docs/qa.md)."""
 
@@ -227,6 +253,7 @@ class QAConfig(Section):
     answer_in_question: bool = Field(
         True, description="reject a question whose keyed answer is written in the question and no distractor is")
     seed: int = 0
+    absent: AbsentConfig = Field(default_factory=lambda: AbsentConfig(), description="absent-thing questions")
     input_pattern: str | None = Field(
         None, description="WebDataset shards to use instead of ROOT/images (as annotate.input_pattern)")
     input_storage_options: dict[str, Any] = runtime(default_factory=dict)
@@ -251,6 +278,14 @@ class LengthTermConfig(Section):
         if self.zero_tokens <= self.full_tokens:
             raise ValueError("zero_tokens must be larger than full_tokens")
         return self
+
+
+class RepetitionTermConfig(Section):
+    """A repetition term: the factor is 1 minus the share of the caption's word n-grams that repeat an earlier
+    one (pipeline.faithful.repeated_share); mixed into the reward like the length term. Off at weight 0."""
+
+    weight: float = Field(0.0, ge=0.0, le=1.0)
+    n: int = Field(4, ge=1, le=16, description="n-gram size in words")
 
 
 class AuditConfig(Section):
@@ -309,6 +344,7 @@ class TrainConfig(Section):
     seed: int = 0
     prompt: str = "Please describe this image in detail."
     length: LengthTermConfig = Field(default_factory=LengthTermConfig)
+    repetition: RepetitionTermConfig = Field(default_factory=RepetitionTermConfig)
     max_missing_share: float = Field(0.2, ge=0.0, le=1.0, description="a step with more missing rewards fails")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="training precision on GPU "
                                                              "(CPU trains in float32)")
@@ -317,6 +353,12 @@ class TrainConfig(Section):
         "none", description="where TRL also logs the training metrics: tensorboard (event files in the progress "
         "folder's runs/), wandb (offline mode: WANDB_MODE=offline, `wandb sync` later) or none; "
         "train_log.jsonl is always written")
+
+    @model_validator(mode="after")
+    def _check_terms(self) -> TrainConfig:
+        if self.length.weight + self.repetition.weight >= 1.0:
+            raise ValueError("train.length.weight + train.repetition.weight must be below 1 (the utility's share)")
+        return self
 
 
 class QualityConfig(Section):
@@ -365,6 +407,9 @@ class BenchmarkConfig(Section):
     path: str | None = Field(None, description="jsonl / caprl_parquet: the file (local or any fsspec URL)")
     shards: str | None = Field(None, description="qa: the held-out shards, a shard spec such as '40-49'")
     limit: int | None = Field(None, ge=1, description="use only the first `limit` images")
+    truth: Literal["demo-scene"] | None = Field(
+        None, description="the ground truth its images carry (jsonl: a `truth` field; qa: the image metadata's "
+        "`scene`), checked by pipeline.faithful for hallucination and coverage; None: no truth")
     storage_options: dict[str, Any] = runtime(default_factory=dict)
 
     @model_validator(mode="after")
@@ -374,6 +419,27 @@ class BenchmarkConfig(Section):
         if self.kind != "qa" and not self.path:
             raise ValueError(f"benchmark {self.name!r}: kind {self.kind} needs a path")
         return self
+
+
+JUDGE_PROMPT = (
+    "You are checking a description of the image above. Description:\n<description>\n{caption}\n</description>\n"
+    "Rate it from 0 to 10 on three scales: factuality (how much of what it says is true of the image), coverage "
+    "(how much of what the image shows it states) and hallucination (how much it states that is not in the image; "
+    "0 = nothing invented). Answer with one JSON object and nothing else, e.g. "
+    '{{"factuality": 7, "coverage": 5, "hallucination": 2}}.')
+
+
+class JudgeConfig(Section):
+    """An optional VLM judge of captions for data without truth: it sees the image and one caption and scores
+    factuality, coverage and hallucination (0..scale) as JSON. A failed or malformed answer is a recorded
+    failure (left out of the means), never a zero."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="a VLM: openai (a served model), hf or vllm")
+    prompt: str = Field(JUDGE_PROMPT, description="the instruction after the image; {caption} is the caption")
+    scale: float = Field(10.0, gt=0.0, description="the top of the scores' range (scores are divided by it)")
+    captions_per_image: int = Field(1, ge=1, description="how many of a captioner's k captions of an image are judged")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_new_tokens=128))
+    retries: int = runtime(1, ge=0, description="re-asks of a failed or malformed judgement before it is a failure")
 
 
 class EvaluateConfig(Section):
@@ -399,6 +465,8 @@ class EvaluateConfig(Section):
         False, description="append a 'cannot be answered from the description' option (always counted wrong)")
     reader_max_new_tokens: int = Field(10, ge=1)
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
+    judge: JudgeConfig | None = Field(None, description="an optional VLM judge of factuality, coverage and "
+                                      "hallucination (real data, where no truth exists)")
     seed: int = 0
     cache: str | None = runtime(None, description="fsspec folder of the caption cache (default ROOT/eval/_cache)")
     caption_chunk: int = Field(64, ge=1, description="images per captioning engine call; a benchmark's images are "

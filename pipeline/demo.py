@@ -55,7 +55,7 @@ def make_heldout_benchmark(out_dir: str | Path, n_scenes: int = 40, questions: i
                            seen: set[str] | None = None, size: int = world.IMAGE_SIZE) -> Path:
     """out_dir/heldout/benchmark.jsonl (+ images/): scenes never shown to download/qa/train (their own seed,
     and any scene equal to one in `seen` is skipped), `questions` MCQs each, one JSONL row per question
-    {image, question, options, answer, reference, id}. Deterministic."""
+    {image, question, options, answer, reference, truth (the scene, JSON), id}. Deterministic."""
     out = Path(out_dir) / HELDOUT_DIR
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(HELDOUT_SEED)
@@ -70,7 +70,7 @@ def make_heldout_benchmark(out_dir: str | Path, n_scenes: int = 40, questions: i
         for j, q in enumerate(world.pick_mcqs(scene, rng, k=questions)):
             lines.append(json.dumps({"image": name, "question": q.question, "options": list(q.options),
                                      "answer": q.answer, "reference": world.caption(scene, i % 3),
-                                     "id": f"heldout-{i:05d}-{j}"}))
+                                     "truth": scene.to_json(), "id": f"heldout-{i:05d}-{j}"}))
         i += 1
     path = out / HELDOUT_JSONL
     path.write_text("\n".join(lines) + "\n")

@@ -313,20 +313,27 @@ class CapRLReward:
         except ReasoningPreamble as exc:  # a misconfigured reader: the draw failed, it is not scored 0
             p.error = str(exc)
             return
-        self._finish(p, answer, 1.0 if answer == p.shown.answer else 0.0, None, gen.text)
+        self._finish(p, answer, 1.0 if answer in self._right(p) else 0.0, None, gen.text)
+
+    def _right(self, p: _Pending) -> tuple[str, ...]:
+        """The letters that count as right: the keyed one, and for an absent-thing question under
+        `absent_abstain` also "cannot answer" (shown last)."""
+        if self.config.absent_abstain and p.shown.mcq.qtype == "absent":
+            return (p.shown.answer, LETTERS[len(p.shown.options) - 1])
+        return (p.shown.answer,)
 
     def _take_scores(self, p: _Pending, row: Sequence[float], n: int) -> None:
         if len(row) != n or not all(math.isfinite(s) for s in row):
             p.error = f"reader scores invalid: {list(row)!r}"
             return
         probs = _softmax(row)
-        right = LETTERS.index(p.shown.answer)
+        right = [LETTERS.index(letter) for letter in self._right(p)]
         best = max(range(n), key=probs.__getitem__)
-        prob = probs[right]
+        prob = sum(probs[i] for i in right)
         if self.config.mode == "letter_prob" or self.config.expected:
             correct = prob
         else:
-            correct = 1.0 if best == right else 0.0
+            correct = 1.0 if best in right else 0.0
         self._finish(p, LETTERS[best], correct, prob, "")
 
     def _finish(self, p: _Pending, answer: str | None, correct: float, prob: float | None, raw: str) -> None:

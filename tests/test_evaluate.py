@@ -33,7 +33,8 @@ def _vl(name: str) -> dict:
 def _manifest(tmp: Path, root: Path, bench: Path, captioners: list[str], **evaluate) -> Path:
     demo = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
     section = {**demo["evaluate"], "name": "t", "k": K, "caption_chunk": 4, "captioners": {c: _vl(c) for c in captioners},
-               "benchmarks": [{"name": "heldout", "kind": "jsonl", "path": str(bench)}], **evaluate}
+               "benchmarks": [{"name": "heldout", "kind": "jsonl", "path": str(bench), "truth": "demo-scene"}],
+               **evaluate}
     path = tmp / f"m{len(list(tmp.glob('m*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump({"root": str(root), "shard_size": 20, "evaluate": section}))
     return path
@@ -70,6 +71,15 @@ def test_nano_vl_beats_baselines_and_snapshot_in_one_table(first_run):
     table = (unit / "report.md").read_text()
     for name in s:
         assert f"| {name} | {100 * s[name]['mean']:.1f} |" in table
+    # faithfulness beside the reader score: the reference states the scene, the empty caption claims nothing
+    f = {name: s[name]["faithfulness"] for name in s}
+    assert f["reference"]["hallucination"] == 0.0 and f["reference"]["coverage"] == 1.0
+    assert f["empty"]["hallucination"] is None and f["empty"]["coverage"] == 0.0 and f["empty"]["length"] == 0.0
+    assert f["nano-vl"]["hallucination"] < f["nano-vl-step300"]["hallucination"]
+    assert f["nano-vl"]["coverage"] > f["nano-vl-step300"]["coverage"]
+    assert s["nano-vl"]["per_benchmark"]["heldout"]["faithfulness"]["captions"] == K * SCENES
+    assert "| coverage | hallucination | repetition | length |" in table
+    assert "| empty | " in table and table.split("| empty | ")[1].split("\n")[0].endswith("| 0.0 | n/a | 0.0 | 0.0 |")
     assert (unit / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     answers = pl.read_parquet(unit / "answers.parquet")
     # every caption of every captioner times every question, one caption per baseline

@@ -272,3 +272,23 @@ def test_rule_reader_ground_truth_captions_score_high_and_empty_low() -> None:
     assert mean(gt) > 0.95
     assert mean(empty) < 0.05 and mean(generic) < 0.05
     assert reader.calls == [320, 320, 320]
+
+
+@pytest.mark.parametrize("mode", ["option_text", "sample"])
+def test_absent_questions_cost_a_caption_that_invents_the_thing(mode: str) -> None:
+    """'What shape is in the bottom left?' about an empty quadrant, "There is no shape ..." keyed right: the
+    rule reader abstains on the honest caption (credited under absent_abstain) and answers the invented shape."""
+    from pipeline.nano.rule_reader import RuleReaderEngine
+
+    scene = world.Scene("gray", (world.SceneObject("circle", "red", "top left"),))
+    absent = MCQ("What shape is in the bottom left?", ("circle", "square", "triangle", "star",
+                                                      "There is no shape in the bottom left."), "E", qtype="absent")
+    honest = world.caption(scene)
+    inventing = honest + " In the bottom left there is a blue square."
+    for credit, want in ((True, [1.0, 0.0]), (False, [0.0, 0.0])):
+        reward = CapRLReward(RuleReaderEngine(), RewardConfig(mode=mode, n_draws=4, absent_abstain=credit))
+        assert [r.reward for r in reward([honest, inventing], [[absent], [absent]])] == want
+    # the credit is only for absent-thing questions
+    plain = MCQ("What shape is in the top left?", ("circle", "square", "triangle", "star"), "A")
+    reward = CapRLReward(RuleReaderEngine(), RewardConfig(mode=mode, n_draws=4, absent_abstain=True))
+    assert [r.reward for r in reward(["", honest], [[plain], [plain]])] == [0.0, 1.0]

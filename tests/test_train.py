@@ -24,6 +24,7 @@ from pipeline.cli import main
 from pipeline.config import EngineConfig, LengthTermConfig, RewardConfig, load_config
 from pipeline.demo import DEMO_MANIFEST
 from pipeline.engines.base import ChatRequest, Generation, Sampling, create_engine, image_request
+from pipeline.faithful import truth_checker
 from pipeline.mcq import LETTERS, MCQ
 from pipeline.nano import world
 from pipeline.nano.rule_reader import RuleReaderEngine, parse_turn
@@ -32,7 +33,7 @@ from pipeline.runner import run_stage
 from pipeline.status import print_status
 from pipeline.storage import Storage
 from stages.qa import published
-from stages.train.audit import Audit, AuditResult, truth_accuracy
+from stages.train.audit import TRUTH_KIND, Audit, AuditResult
 from stages.train.data import TrainImage, split
 from stages.train.reward_fn import CaptionReward, RewardUnavailable, length_factor
 from stages.train.trainer import parse_log, per_device_batch, read_log, summarize_log
@@ -203,6 +204,27 @@ def test_length_term_and_batch_split():
         per_device_batch(TrainConfig(images_per_step=3, num_generations=3, gradient_accumulation_steps=2), 1)
 
 
+def test_repetition_and_length_terms_mix_into_the_reward():
+    from pipeline.config import RepetitionTermConfig, TrainConfig
+
+    rule = CapRLReward(RuleReaderEngine(), RewardConfig(mode="option_text"))
+    plain = CaptionReward(rule)
+    assert plain.mix(0.7, 500, 0.5) == 0.7  # both terms off: the utility alone
+    both = CaptionReward(rule, LengthTermConfig(weight=0.2, full_tokens=10, zero_tokens=20),
+                         repetition=RepetitionTermConfig(weight=0.1))
+    assert both.mix(1.0, 5, 0.0) == pytest.approx(1.0)
+    assert both.mix(0.5, 15, 0.25) == pytest.approx(0.7 * 0.5 + 0.2 * 0.5 + 0.1 * 0.75)
+    scene = world.sample_scene(random.Random(1))
+    mcqs = json.dumps([q.to_dict() for q in world.pick_mcqs(scene, random.Random(2), k=3)])
+    caption = world.caption(scene)
+    looped = " ".join([caption] * 3)  # the same facts, said three times
+    rewards = CaptionReward(rule, repetition=RepetitionTermConfig(weight=0.2))(
+        ["p", "p"], [caption, looped], key=["k", "k"], mcqs=[mcqs, mcqs])
+    assert rewards[0] == pytest.approx(1.0) and rewards[1] < 0.9  # same utility, the repeats cost
+    with pytest.raises(Exception, match="must be below 1"):
+        TrainConfig(length=LengthTermConfig(weight=0.5), repetition=RepetitionTermConfig(weight=0.5))
+
+
 def test_draws_per_image_asks_every_caption_of_an_image_the_same_questions():
     mcqs = [MCQ(f"q{i}?", ("a", "b", "c", "d"), "A", id=f"q{i}") for i in range(5)]
     per_image = CapRLReward(RuleReaderEngine(), RewardConfig(mode="option_text", draws_per="image"))
@@ -213,14 +235,15 @@ def test_draws_per_image_asks_every_caption_of_an_image_the_same_questions():
 
 
 # -- the audit -----------------------------------------------------------------------------------------
-def test_rule_reader_and_truth_accuracy():
+def test_rule_reader_and_truth_coverage():
     rng = random.Random(3)
     scene = world.sample_scene(rng)
     mcqs = world.pick_mcqs(scene, rng, k=5)
     reward = CapRLReward(create_engine(EngineConfig(backend="nano-rule")), RewardConfig(mode="option_text"))
     assert [r.reward for r in reward([world.caption(scene), ""], [mcqs, mcqs])] == [1.0, 0.0]
-    assert truth_accuracy(scene.to_json(), world.caption(scene)) == 1.0
-    assert truth_accuracy(scene.to_json(), "") < 0.5 and truth_accuracy("not a scene", "x") is None
+    check = truth_checker(TRUTH_KIND)
+    assert check(scene.to_json(), world.caption(scene)).coverage == 1.0  # type: ignore[union-attr]
+    assert check(scene.to_json(), "").coverage < 0.5 and check("not a scene", "x") is None  # type: ignore[union-attr]
     with pytest.raises(ValueError):
         parse_turn(ChatRequest(messages=[{"role": "user", "content": "hello"}]))
 
@@ -235,6 +258,11 @@ def test_alarm_when_training_reward_rises_while_audit_falls():
     msg = audit.alarm(AuditResult(50, 0.60, 0.45, 0.62, 20))
     assert msg and "audit_reward 0.500 -> 0.450" in msg
     assert "truth 0.600 -> 0.500" in (audit.alarm(AuditResult(60, 0.60, None, 0.50, 20)) or "")
+    audit.history = [AuditResult(0, 0.40, None, 0.60, 20, hallucination=0.10).record()]
+    assert audit.alarm(AuditResult(50, 0.60, None, 0.62, 20, hallucination=0.11)) is None  # within tolerance
+    assert audit.alarm(AuditResult(50, 0.41, None, 0.62, 20, hallucination=0.30)) is None  # reward did not rise
+    msg2 = audit.alarm(AuditResult(50, 0.60, None, 0.62, 20, hallucination=0.30))
+    assert msg2 and "hallucination 0.100 -> 0.300" in msg2 and "truth" not in msg2
     line = summarize_log(parse_log(json.dumps({"step": 50, "max_steps": 100, "reward_mean": 0.6, "reward_std": 0.1,
                                      "audit": {**AuditResult(50, 0.6, 0.45, 0.62, 20).record(), "alarm": msg}})))
     assert line and line.startswith("step 50/100, reward 0.600") and "ALARM" in line

@@ -10,8 +10,12 @@
    training scene), captions greedily with the starting checkpoint and with the trained one (the hf engine,
    as annotate would) and scores both: the training reward (same reader and settings as in training, draws
    keyed by scene, so both sides see the same questions), the audit reward (the demo's rule reader), and the
-   attribute accuracy against the scene truth. Questions: 5 ground-truth MCQs per held-out scene.
+   attribute accuracy against the scene truth (`truth`); and the faithfulness metrics of pipeline.faithful:
+   coverage and hallucination (the demo world's claim parser, pipeline/nano/claims.py), repetition (share of
+   captions with a word 4-gram said 3+ times) and length (policy tokens). Questions: 5 ground-truth MCQs per
+   held-out scene. The training log's audits that raised the reward-hacking alarm are counted.
 Last line: reward_gain=<after - before> stderr=<standard error of the paired difference> truth_gain=<...>
+halluc_before=<...> halluc_after=<...> repeat_after=<...>
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import EngineConfig, RewardConfig, load_config
 from pipeline.demo import URL_LIST, make_demo_data, serve_directory, write_url_list
 from pipeline.engines.base import Sampling, create_engine, image_request
+from pipeline.faithful import caption_metrics
+from pipeline.nano import claims, world
 from pipeline.nano import data as nano_data
-from pipeline.nano import world
 from pipeline.resources import repo_path, resolve_model
 from pipeline.reward import CapRLReward
 from pipeline.runner import run_stage
@@ -63,6 +69,19 @@ def score(caps: list[str], scenes: list[world.Scene], reward: CapRLReward, audit
     if any(v is None for v in train + aud):
         raise RuntimeError("a held-out reward is missing")
     return {"reward": train, "audit": aud, "truth": truth}  # type: ignore[dict-item]
+
+
+def faithfulness(caps: list[str], scenes: list[world.Scene], count_tokens: Any) -> dict[str, float | None]:
+    """Mean coverage, hallucination, repetition and length (tokens) of held-out captions."""
+    metrics = caption_metrics(caps, [claims.check_scene(s, c) for s, c in zip(scenes, caps, strict=True)],
+                              count_tokens)
+    return {k: (round(v, 4) if v is not None else None) for k, v in metrics.to_dict().items() if k != "captions"}
+
+
+def alarms(log_file: Path) -> tuple[int, int]:
+    """(audits that raised the reward-hacking alarm, audits) in a train_log.jsonl."""
+    audits = [row["audit"] for row in map(json.loads, log_file.read_text().splitlines()) if row.get("audit")]
+    return sum(1 for a in audits if a.get("alarm")), len(audits)
 
 
 def paired(before: list[float], after: list[float]) -> tuple[float, float]:
@@ -105,7 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     audit = CapRLReward.from_config(RewardConfig(reader=EngineConfig(backend="nano-rule"), mode="option_text",
                                                  n_draws=reward_cfg.n_draws))
     start = resolve_model(cfg.policy).model
-    before = score(captions(start, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens), scenes, reward, audit)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(start)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    before_caps = captions(start, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens)
+    before = score(before_caps, scenes, reward, audit)
+    faithful_before = faithfulness(before_caps, scenes, count_tokens)
+    print(f"before: {json.dumps(faithful_before)}", flush=True)
 
     t1 = time.time()
     shutil.rmtree(work / "root" / "checkpoints" / "_progress" / cfg.name, ignore_errors=True)  # never resume
@@ -120,13 +149,19 @@ def main(argv: list[str] | None = None) -> int:
            "train_minutes": round(t_train / 60, 1), "data_minutes": round(t_data / 60, 1),
            "total_minutes": round((time.time() - t0) / 60, 1), "overrides": args.overrides,
            "examples_after": after_caps[:3]}
+    out["alarms"], out["audits"] = alarms(Path(trained, "train_log.jsonl"))
+    out["faithfulness"] = {"before": faithful_before,
+                           "after": faithfulness(after_caps, scenes, count_tokens)}
     for name in ("reward", "audit", "truth"):
         gain, err = paired(before[name], after[name])
         out[name] = {"before": round(statistics.fmean(before[name]), 4), "after": round(statistics.fmean(after[name]), 4),
                      "gain": round(gain, 4), "stderr": round(err, 4)}
     print(json.dumps(out, indent=2))
     r, t = out["reward"], out["truth"]
-    print(f"reward_gain={r['gain']:.4f} stderr={r['stderr']:.4f} truth_gain={t['gain']:.4f}")
+    f_before, f_after = out["faithfulness"]["before"], out["faithfulness"]["after"]
+    print(f"reward_gain={r['gain']:.4f} stderr={r['stderr']:.4f} truth_gain={t['gain']:.4f} "
+          f"halluc_before={f_before['hallucination']} halluc_after={f_after['hallucination']} "
+          f"repeat_after={f_after['repetition']}")
     return 0
 
 

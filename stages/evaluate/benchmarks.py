@@ -35,6 +35,8 @@ class BenchImage:
     data: bytes
     questions: list[MCQ] = field(default_factory=list)
     reference: str | None = None
+    truth: str | None = None
+    """the image's ground truth where the benchmark has one (BenchmarkConfig.truth names its kind)"""
 
     @property
     def sha256(self) -> str:
@@ -106,7 +108,8 @@ def _from_jsonl(cfg: BenchmarkConfig) -> list[BenchImage]:
         if ref not in by_image:
             url = ref if "://" in ref or ref.startswith("/") else posixpath.join(base, ref)
             with shardio.open_url(url, "rb", _options(cfg)) as img:
-                by_image[ref] = BenchImage(cfg.name, ref, img.read(), reference=row.get("reference"))
+                by_image[ref] = BenchImage(cfg.name, ref, img.read(), reference=row.get("reference"),
+                                           truth=_truth(row.get("truth")))
         by_image[ref].questions.append(mcq)
     return list(by_image.values())
 
@@ -150,8 +153,16 @@ def _from_qa(cfg: BenchmarkConfig, storage: Storage, record_input: Callable[[str
             if sample.ok and sample.key in questions and sample.image:
                 txt = sample.files.get("txt")
                 out.append(BenchImage(cfg.name, sample.key, sample.image, questions[sample.key],
-                                      reference=txt.decode("utf-8", "replace") if txt else None))
+                                      reference=txt.decode("utf-8", "replace") if txt else None,
+                                      truth=_truth(sample.meta.get("scene"))))
     return out
+
+
+def _truth(value: Any) -> str | None:
+    """A truth value as the checker's string (JSON for a mapping); None when absent."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def qa_shards(cfg: BenchmarkConfig) -> list[int]:

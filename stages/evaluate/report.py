@@ -60,8 +60,28 @@ def scores(rows: Sequence[Scored], captioners: Sequence[str], benchmarks: Sequen
     return out
 
 
+def faithfulness(per_benchmark: dict[str, Any]) -> dict[str, Any]:
+    """Overall faithfulness metrics: the unweighted mean over benchmarks of each (those where it is known)."""
+    out: dict[str, Any] = {}
+    for metric in METRICS:
+        vals = [m[metric] for m in per_benchmark.values() if m and m.get(metric) is not None]
+        out[metric] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+METRICS = ("coverage", "hallucination", "repetition", "length")
+"""pipeline.faithful's metrics, as the report's columns: coverage / hallucination / repetition in %, length in words."""
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def _metric_cells(s: dict[str, Any]) -> list[str]:
+    f = s.get("faithfulness") or {}
+    length = f.get("length")
+    return [_pct(f.get("coverage")), _pct(f.get("hallucination")), _pct(f.get("repetition")),
+            "n/a" if length is None else f"{length:.1f}"]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -69,18 +89,30 @@ def markdown(report: dict[str, Any]) -> str:
     benches = report["benchmarks"]
     k = report["k"]
     head = ["captioner", *[f"{b} mean" for b in benches], *[f"{b} best-of-{k}" for b in benches],
-            "overall mean", f"overall best-of-{k}"]
+            "overall mean", f"overall best-of-{k}", "coverage", "hallucination", "repetition", "length"]
     lines = [f"# Evaluation `{report['name']}`", "",
              f"Reader `{report['reader']}` ({report['answer_mode']}), k = {k} captions per image "
-             f"(temperature {report['sampling']['temperature']}), seed {report['seed']}. Accuracy in %.", "",
+             f"(temperature {report['sampling']['temperature']}), seed {report['seed']}. Accuracy in %. "
+             "Faithfulness over every caption (pipeline.faithful), mean over benchmarks: coverage and "
+             "hallucination in % where a benchmark has truth, repetition = % of captions with a word 4-gram "
+             "said 3+ times, length in words.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in report["captioners"].items():
         per = s["per_benchmark"]
         cells = [name, *[_pct(per[b]["mean"] if per[b] else None) for b in benches],
                  *[_pct(per[b]["best_of_k"] if per[b] else None) for b in benches],
-                 _pct(s["mean"]), _pct(s["best_of_k"])]
+                 _pct(s["mean"]), _pct(s["best_of_k"]), *_metric_cells(s)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    judge = report.get("judge")
+    if judge:
+        lines += [f"Judge `{judge['model']}` ({judge['captions_per_image']} caption(s) per image; scores in %; "
+                  "failed answers are left out and counted):", "",
+                  "| captioner | factuality | coverage | hallucination | judged | failed |", "|---|---|---|---|---|---|"]
+        for name, j in judge["captioners"].items():
+            lines.append(f"| {name} | {_pct(j['factuality'])} | {_pct(j['coverage'])} | {_pct(j['hallucination'])} "
+                         f"| {j['judged']} | {j['failed']} |")
+        lines.append("")
     for b in benches:
         sizes = next((s["per_benchmark"][b] for s in report["captioners"].values() if s["per_benchmark"][b]), None)
         if sizes:

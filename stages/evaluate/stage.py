@@ -21,9 +21,11 @@ from pipeline.config import EngineConfig, EvaluateConfig, RunConfig
 from pipeline.engines.base import Engine, create_engine
 from pipeline.engines.common import model_identity
 from pipeline.errors import ConfigError
+from pipeline.faithful import caption_metrics, check_all
 from pipeline.resources import resolve_model, stage_reference
 from pipeline.stage import WHOLE_RUN, Input, Resources, RunContext, ShardContext, ShardStats, Stage
 from pipeline.storage import Storage
+from stages.evaluate import judge as judging
 from stages.evaluate import report as reporting
 from stages.evaluate.benchmarks import BenchImage, load_benchmark, qa_shards
 from stages.evaluate.captions import CaptionCache, CaptionSpec, caption_all
@@ -137,12 +139,16 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
         "captioner_models": {**models, **{b: f"baseline:{b}" for b in cfg.baselines}},
         "captioners": reporting.scores(scored, names, benches),
     }
+    _add_faithfulness(report, cfg, images, captions, models)
+    judged = _judge(ctx, cfg, images, captions, models, report) if cfg.judge else None
     table = reporting.markdown(report)
     with open(ctx.output_file("report.md"), "w") as f:
         f.write(table)
     reporting.write_json(report, ctx.output_file("report.json"))
     reporting.bar_chart(report, ctx.output_file("chart.png"))
     shardio.write_manifest(rows, ANSWER_SCHEMA, ctx.output_file("answers.parquet"))
+    if judged is not None:
+        shardio.write_manifest([it.row() for it in judged], judging.JUDGE_SCHEMA, ctx.output_file("judge.parquet"))
     stats = ShardStats(rows=len(rows), ok=len(rows))
     stats.extra = {"captions": cache_stats, "images": sum(len(ims) for ims in images.values()),
                    "questions": sum(len(im.questions) for ims in images.values() for im in ims),
@@ -197,6 +203,55 @@ def _caption_sets(cfg: EvaluateConfig, im: BenchImage, captions: Captions,
             yield base, "baseline:empty", [""]
         elif im.reference is not None:
             yield base, "baseline:reference", [im.reference]
+
+
+def _add_faithfulness(report: dict[str, Any], cfg: EvaluateConfig, images: dict[str, list[BenchImage]],
+                      captions: Captions, models: dict[str, str]) -> None:
+    """Every captioner's faithfulness metrics (pipeline.faithful) per benchmark and overall, into the report:
+    hallucination and coverage where the benchmark names its truth, repetition and length (words) always."""
+    truth_kind = {b.name: b.truth for b in cfg.benchmarks}
+    per: dict[str, dict[str, Any]] = {name: {} for name in report["captioners"]}
+    for bench, ims in images.items():
+        texts: dict[str, list[str]] = {}
+        truths: dict[str, list[str | None]] = {}
+        for im in ims:
+            for name, _, caps in _caption_sets(cfg, im, captions, models):
+                texts.setdefault(name, []).extend(caps)
+                truths.setdefault(name, []).extend([im.truth] * len(caps))
+        for name, caps in texts.items():
+            kind = truth_kind[bench]
+            checks = check_all(caps, truths[name], kind) if kind else None
+            metrics = caption_metrics(caps, checks).to_dict()
+            per[name][bench] = metrics
+            if report["captioners"][name]["per_benchmark"].get(bench):
+                report["captioners"][name]["per_benchmark"][bench]["faithfulness"] = metrics
+    for name, by_bench in per.items():
+        report["captioners"][name]["faithfulness"] = reporting.faithfulness(by_bench)
+
+
+def _judge(ctx: ShardContext, cfg: EvaluateConfig, images: dict[str, list[BenchImage]], captions: Captions,
+           models: dict[str, str], report: dict[str, Any]) -> list[judging.Judged]:
+    """The VLM judge's scores of the first `captions_per_image` captions of every captioner (and the reference)
+    per image, into the report (`judge`); the empty baseline states nothing and is not judged."""
+    assert cfg.judge is not None
+    items = [judging.Judged(bench, name, im.image_id, ci, caption, im.data)
+             for bench, ims in images.items() for im in ims
+             for name, _, caps in _caption_sets(cfg, im, captions, models) if name != "empty"
+             for ci, caption in enumerate(caps[:cfg.judge.captions_per_image])]
+    engine = create_engine(resolve_model(cfg.judge.engine))
+    try:
+        judging.judge_all(engine, items, cfg.judge)
+        model_id = engine.model_id
+    finally:
+        engine.close()
+    failed = [it for it in items if it.scores is None]
+    if failed:
+        ctx.log.warning("evaluate: the judge failed on %d/%d captions (recorded in judge.parquet): %s",
+                        len(failed), len(items), failed[0].error)
+    report["judge"] = {"model": model_id, "prompt": cfg.judge.prompt, "scale": cfg.judge.scale,
+                       "captions_per_image": cfg.judge.captions_per_image,
+                       "captioners": judging.summary(items, [n for n in report["captioners"] if n != "empty"])}
+    return items
 
 
 def _answer(cfg: EvaluateConfig, reader: Engine, images: dict[str, list[BenchImage]],

@@ -33,6 +33,7 @@ from pipeline.resources import resolve_model
 from pipeline.shardio import Sample, read_samples
 from pipeline.stage import PER_SHARD, Input, Resources, RunContext, ShardContext, ShardStats, Stage
 from pipeline.storage import code_version, output_timestamp
+from stages.qa.absent import absent_candidates
 from stages.qa.gate import GateItem, GateSettings, Verdict, filter_prompt_hash, run_gate
 from stages.qa.generate import generate_questions
 from stages.qa.images import load_image
@@ -193,6 +194,9 @@ def _process(ctx: ShardContext, cfg: QAConfig, settings: GateSettings, block: li
     out, prepared = _load(cfg, block, extras, grid)
     if cfg.generate and prepared:
         _generate(ctx, cfg, out, prepared, prov)
+    for img in out:
+        if img.decoded and img.error_reason is None:
+            img.candidates += absent_candidates(img.key, cfg.absent, len(img.candidates))
     if cfg.generate and prepared and image_grid(ctx, cfg.filter) != grid:  # another model: its own grid, one resize
         prepared = {s.key: load_image(s.image, image_grid(ctx, cfg.filter)).image for s in block if s.key in prepared}
     _gate(ctx, cfg, settings, out, prepared, prov)

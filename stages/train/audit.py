@@ -3,16 +3,15 @@
 Every `train.audit.every` steps (and before the first) the policy captions the held-out images with greedy
 decoding. The captions are scored by the training reward (the reader the policy is optimised against), by
 an audit reward whose reader is a different model, and by the images' ground truth where it exists (the demo
-world's scenes: attribute accuracy of the caption against the scene). A policy that learns to please its
-reader rather than to describe the image shows the training reward rising while the audit or the truth
-falls; the alarm names that in the log.
+world's scenes, pipeline.faithful: `truth` is the coverage of the scene's facts, `hallucination` the share of
+the caption's claims that are false); `repetition` (captions with a word 4-gram said 3+ times) needs no truth.
+A policy that learns to please its reader rather than to describe the image shows the training reward rising
+while the audit or the truth falls, or while hallucination rises; the alarm names that in the log.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from pipeline.config import AuditConfig
 from pipeline.engines.base import image_messages
+from pipeline.faithful import caption_metrics, check_all, mean_known
 from pipeline.reward import CapRLReward
 from stages.train.data import TrainImage
 
@@ -57,20 +57,8 @@ def greedy_captions(model: Any, processor: Any, images: Sequence[Any], prompt: s
     return out
 
 
-def truth_accuracy(truth: str, caption: str) -> float | None:
-    """Attribute accuracy of a caption against a demo-world scene (None: not a scene)."""
-    from pipeline.nano import world
-
-    try:
-        scene = world.Scene.from_dict(json.loads(truth))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return float(world.caption_accuracy(scene, caption)["attribute_accuracy"])
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.fmean(vals) if vals else None
+TRUTH_KIND = "demo-scene"
+"""The truth the image metadata carries (the demo world's `scene`), checked by pipeline.faithful."""
 
 
 @dataclass
@@ -82,11 +70,13 @@ class AuditResult:
     caption_tokens: float
     alarm: str | None = None
     captions: list[str] = field(default_factory=list)
+    hallucination: float | None = None
+    repetition: float | None = None
 
     def record(self) -> dict[str, Any]:
         return {"step": self.step, "train_reward": self.train_reward, "audit_reward": self.audit_reward,
-                "truth": self.truth, "caption_tokens": self.caption_tokens, "alarm": self.alarm,
-                "examples": self.captions[:3]}
+                "truth": self.truth, "hallucination": self.hallucination, "repetition": self.repetition,
+                "caption_tokens": self.caption_tokens, "alarm": self.alarm, "examples": self.captions[:3]}
 
 
 class Audit:
@@ -113,16 +103,14 @@ class Audit:
         captions = greedy_captions(model, processor, pictures, self.prompt, self.max_new_tokens)
         keys = [f"{AUDIT_KEY}|{im.key}" for im in self.images]
         questions = [list(im.mcqs) for im in self.images]
-        train = _mean([r.reward for r in self.train_reward(captions, questions, keys=keys)])
+        train = mean_known([r.reward for r in self.train_reward(captions, questions, keys=keys)])
         audit = None
         if self.audit_reward is not None:
-            audit = _mean([r.reward for r in self.audit_reward(captions, questions, keys=keys)])
-        truth = None
-        if self.use_truth:
-            truth = _mean([truth_accuracy(im.truth, c) if im.truth else None
-                           for im, c in zip(self.images, captions, strict=True)])
-        tokens = statistics.fmean(len(processor.tokenizer(c)["input_ids"]) for c in captions) if captions else 0.0
-        result = AuditResult(step, train, audit, truth, tokens, captions=captions)
+            audit = mean_known([r.reward for r in self.audit_reward(captions, questions, keys=keys)])
+        checks = check_all(captions, [im.truth for im in self.images], TRUTH_KIND) if self.use_truth else None
+        metrics = caption_metrics(captions, checks, lambda c: len(processor.tokenizer(c)["input_ids"]))
+        result = AuditResult(step, train, audit, metrics.coverage, metrics.length, captions=captions,
+                             hallucination=metrics.hallucination, repetition=metrics.repetition)
         result.alarm = self.alarm(result)
         if result.alarm:
             log.warning("train: reward-hacking alarm at step %d: %s", step, result.alarm)
@@ -130,7 +118,8 @@ class Audit:
         return result
 
     def alarm(self, now: AuditResult) -> str | None:
-        """A warning when the training reward rose since the first audit while the audit reward or the truth fell."""
+        """A warning when the training reward rose since the first audit while the audit reward or the truth
+        fell, or hallucination rose."""
         if not self.history:
             return None
         first = self.history[0]
@@ -145,6 +134,9 @@ class Audit:
             base = first.get(name)
             if value is not None and base is not None and value < base - tol:
                 falls.append(f"{name} {base:.3f} -> {value:.3f}")
+        base = first.get("hallucination")
+        if now.hallucination is not None and base is not None and now.hallucination > base + tol:
+            falls.append(f"hallucination {base:.3f} -> {now.hallucination:.3f}")
         if not falls:
             return None
         return (f"training reward {first['train_reward']:.3f} -> {now.train_reward:.3f} while "

@@ -3,8 +3,9 @@
 A caption whose reward is missing (the reader failed after its retries, or its image has no question) is
 returned as None: TRL leaves it out of its group's baseline and gives it no advantage. It is counted, never
 scored 0. When more than `max_missing_share` of a step's captions are missing, the step fails loudly.
-The optional CapRL++ length term mixes in a factor that is 1 up to `full_tokens` caption tokens and falls
-linearly to 0 at `zero_tokens`.
+Two optional terms are mixed in, reward = (1 - w_len - w_rep) x utility + w_len x length + w_rep x repetition:
+CapRL++'s length factor (1 up to `full_tokens` caption tokens, falling linearly to 0 at `zero_tokens`) and a
+repetition factor (1 minus the share of the caption's word n-grams that repeat an earlier one).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import LengthTermConfig
+from pipeline.config import LengthTermConfig, RepetitionTermConfig
 from pipeline.errors import PipelineError
+from pipeline.faithful import repeated_share
 from pipeline.mcq import parse_mcqs
 from pipeline.reward import CapRLReward
 
@@ -52,9 +54,11 @@ class CaptionReward:
 
     __name__ = "caprl"
 
-    def __init__(self, reward: CapRLReward, length: LengthTermConfig | None = None, max_missing_share: float = 0.2):
+    def __init__(self, reward: CapRLReward, length: LengthTermConfig | None = None, max_missing_share: float = 0.2,
+                 repetition: RepetitionTermConfig | None = None):
         self.reward = reward
         self.length = length or LengthTermConfig()
+        self.repetition = repetition or RepetitionTermConfig()
         self.max_missing_share = max_missing_share
         self.totals = {"captions": 0, "missing": 0, "reader_calls": 0, "draws": 0, "seconds": 0.0}
         self.step_images: dict[int, list[str]] = {}
@@ -90,13 +94,23 @@ class CaptionReward:
             log.warning("train step %d: %d/%d captions without a reward (masked): %s", step, len(missing),
                         len(results), missing[0].reason)
         out: list[float | None] = []
+        repeated = [repeated_share(c, self.repetition.n) for c in captions]
+        if log_metric is not None:
+            log_metric("repeated_ngrams", sum(repeated) / max(len(repeated), 1))
         for i, r in enumerate(results):
             if r.reward is None:
                 out.append(None)
                 continue
-            value = r.reward
-            if self.length.weight > 0:
-                tokens = len(completion_ids[i]) if completion_ids is not None else len(captions[i].split())
-                value = (1 - self.length.weight) * value + self.length.weight * length_factor(tokens, self.length)
-            out.append(value)
+            tokens = len(completion_ids[i]) if completion_ids is not None else len(captions[i].split())
+            out.append(self.mix(r.reward, tokens, repeated[i]))
         return out
+
+    def mix(self, utility: float, tokens: int, repeated: float) -> float:
+        """(1 - w_len - w_rep) x utility + w_len x length factor + w_rep x (1 - repeated n-gram share)."""
+        w_len, w_rep = self.length.weight, self.repetition.weight
+        value = (1 - w_len - w_rep) * utility
+        if w_len > 0:
+            value += w_len * length_factor(tokens, self.length)
+        if w_rep > 0:
+            value += w_rep * (1.0 - repeated)
+        return value

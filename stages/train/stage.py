@@ -182,7 +182,7 @@ def run_whole(ctx: ShardContext, shards: list[int]) -> ShardStats:
     final_dir = tempfile.mkdtemp(prefix="caprl-train-final-", dir=ctx.storage.work_dir)
     try:
         summary = run_rl(cfg, policy.model, train_images, held_out,
-                         CaptionReward(reward, cfg.length, cfg.max_missing_share), audit, progress_dir(ctx),
+                         CaptionReward(reward, cfg.length, cfg.max_missing_share, cfg.repetition), audit, progress_dir(ctx),
                          identity, final_dir)
         publish(ctx, final_dir)
     finally:

@@ -36,6 +36,7 @@ STEP_FIELDS = {
     "reward": "reward_mean", "reward_std": "reward_std", "frac_reward_zero_std": "zero_variance_groups",
     "completions/mean_length": "caption_tokens", "completions/clipped_ratio": "truncated_share",
     "missing_rewards": "missing_rewards", "reader_calls_per_s": "reader_calls_per_s", "learning_rate": "lr",
+    "repeated_ngrams": "repeated_ngrams",
     "kl": "kl", "loss": "loss", "grad_norm": "grad_norm", "entropy": "entropy",
 }
 """TRL's metric name -> the name in train_log.jsonl."""
