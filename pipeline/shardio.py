@@ -18,6 +18,8 @@ missing required one is a bug, raised at once); `read_manifest` reads any local 
 
 from __future__ import annotations
 
+import datetime
+import functools
 import io
 import json
 import re
@@ -58,7 +60,31 @@ def is_local_url(url: str) -> bool:
 
 def url_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path) of a local path or URL: the one way the pipeline reaches a filesystem."""
+    if url.startswith(("s3://", "s3a://")):
+        fast_s3_timestamps()
     return url_to_fs(url, **(storage_options or {}))
+
+
+@functools.cache
+def fast_s3_timestamps() -> None:
+    """Parse S3's ISO-8601 timestamps with the standard library instead of dateutil in the botocore clients made
+    from now on: a listing carries one per object, and dateutil's general parser was ~10% of the CPU of a
+    10,000-shard `status` on S3. Anything it does not recognise goes to botocore's own parser."""
+    try:
+        import botocore.parsers as parsers
+    except ImportError:
+        return
+    general = parsers.DEFAULT_TIMESTAMP_PARSER
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, str) and len(value) >= 20 and value.endswith("Z") and value[10] == "T":
+            try:
+                return datetime.datetime.fromisoformat(value[:-1]).replace(tzinfo=datetime.timezone.utc)
+            except ValueError:
+                pass
+        return general(value)
+
+    parsers.DEFAULT_TIMESTAMP_PARSER = parse
 
 
 def open_url(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> IO:
