@@ -215,10 +215,13 @@ def _run_planned(config: RunConfig, declared: Stage, storage: Storage, shards: l
 def refuse_changed_settings(declared: Stage, found: dict[int | str, dict[str, Any]], fingerprint: str,
                             config: RunConfig) -> None:
     """Refuse, with one line, to replace committed units (`found`: unit -> marker) that were made with other
-    settings (their outputs would be lost): name the changed settings and the ways on (--force, a new --root)."""
+    settings (their outputs would be lost): name the changed settings and the ways on (--force, a new --root).
+    Units `import-qa` committed from a published file are not refused: their source keeps them."""
     changed: set[str] = set()
     other = []
     for unit, marker in found.items():
+        if marker.get("imported_from"):  # import-qa's units: rederiving them (e.g. re-gating) loses nothing
+            continue
         if marker.get("config_fingerprint") != fingerprint:
             changes = changed_settings(marker.get("config"), config, declared.name)
             if changes:

@@ -10,8 +10,12 @@ import pytest
 from PIL import Image
 
 from pipeline.engines.base import Sampling
+from pipeline.engines.grid import ImageGrid
 from stages.annotate.captioning import CaptionJob, FeedConfig, caption_images, in_background
 from tests.annotate_support import ScriptedCaptioner
+
+GRID = ImageGrid(patch=14, merge=2, min_pixels=3136, max_pixels=200_704)
+"""A Qwen2.5-VL-style grid for the stand-in captioner."""
 
 
 def _png(shade: int) -> bytes:
@@ -87,7 +91,7 @@ def test_the_engine_starts_before_the_input_is_read_and_results_match_inline():
         return generate(requests, params)
 
     engine.generate = spy  # type: ignore[method-assign]
-    cfg = FeedConfig(prompt="Describe.", sampling=Sampling(), chunk_size=64, workers=2)
+    cfg = FeedConfig(prompt="Describe.", sampling=Sampling(), grid=GRID, chunk_size=64, workers=2)
     threaded = [(r.key, r.status, r.caption, r.sha256) for r in caption_images(engine, jobs(), cfg)]
     assert pulled_at_first_call[0] < 96  # the old feed read two chunks (the whole input) first
     assert engine.batches == [8, 16, 32, 40]  # the same chunk ramp as before
@@ -95,6 +99,6 @@ def test_the_engine_starts_before_the_input_is_read_and_results_match_inline():
     pulled[0] = 0
     inline = [(r.key, r.status, r.caption, r.sha256)
               for r in caption_images(ScriptedCaptioner(engine.policy), jobs(), FeedConfig(
-                  prompt="Describe.", sampling=Sampling(), chunk_size=64, workers=0))]
+                  prompt="Describe.", sampling=Sampling(), grid=GRID, chunk_size=64, workers=0))]
     assert threaded == inline
     assert [k for k, *_ in threaded] == [f"{i:09d}" for i in range(96)]

@@ -63,6 +63,10 @@ def submit(cluster, manifest: Path, stage: str, shards: str = ALL, tasks: int = 
 def finish(cluster, job: str, expect: str = "SUCCEEDED") -> str:
     state = wait_for_job(cluster.address, job)
     logs = job_logs(cluster.address, job)
+    deadline = time.monotonic() + 30  # the job API may report the end before the driver's last lines
+    while "task(s) succeeded" not in logs and time.monotonic() < deadline:
+        time.sleep(0.5)
+        logs = job_logs(cluster.address, job)
     assert state == expect, logs[-4000:]
     return logs
 

@@ -86,7 +86,8 @@ def test_status_sees_a_marker_written_after_the_index_and_a_deleted_output(tmp_p
     assert collect_status(cfg, "consumer")[0]["committed"] == 20  # markers written after the index are seen
     # A marker rewritten in place (same name, other content) is read afresh, not taken from the index.
     marker = storage.marker("consumer", 4)
-    storage.write_json("_done/consumer/00004.json", {**marker, "config_fingerprint": "changed-elsewhere"})
+    storage.write_json("_done/consumer/00004.json", {**marker, "config_fingerprint": "changed-elsewhere",
+                                                     "config": {**marker["config"], "section": {"other": 1}}})
     assert collect_status(cfg, "consumer")[0]["outdated"] == 1
 
 

@@ -126,8 +126,14 @@ def load_grid(config: EngineConfig) -> ImageGrid:
         return ImageGrid.budget_only(config)
     from transformers import AutoImageProcessor
 
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(source, revision=config.revision)
-    except (OSError, ValueError, KeyError, TypeError):  # text-only model, or a served name that is no folder
-        return ImageGrid.budget_only(config)
-    return ImageGrid.from_processor(image_processor, config)
+    # A folder or a hub name already in the local cache is read offline; only an `org/name` hub id that is not
+    # cached yet is looked up online (a bare word such as a test's stand-in name never reaches the hub client).
+    attempts = [True] + ([False] if "/" in source and not Path(source).exists() else [])
+    for local_only in attempts:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(source, revision=config.revision,
+                                                                 local_files_only=local_only)
+        except (OSError, ValueError, KeyError, TypeError):  # text-only model, not cached, or no such model
+            continue
+        return ImageGrid.from_processor(image_processor, config)
+    return ImageGrid.budget_only(config)

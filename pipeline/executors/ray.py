@@ -157,7 +157,8 @@ class RayExecutor:
 
     def _runtime_env(self, plan: dict[str, Any] | None, redacted: bool = False) -> dict[str, Any]:
         rc = self.config.ray
-        env = {k: ("<hidden>" if redacted else v) for k, v in rc.env.items()}
+        env = {"RAY_DEDUP_LOGS": "0",  # each task's shard lines are its own: Ray must not fold them together
+               **{k: ("<hidden>" if redacted else v) for k, v in rc.env.items()}}
         if plan is not None:
             env[PLAN_ENV] = json.dumps(plan, sort_keys=True)
         out: dict[str, Any] = {"env_vars": env}
