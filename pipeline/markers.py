@@ -40,11 +40,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def as_shard(name: str) -> int | None:
-    """The shard id of a unit name ('00042' -> 42), None for a whole-run unit ('all', an eval name)."""
-    return int(name) if name.isdigit() else None
-
-
 def as_unit(name: str) -> int | str:
     """A unit name as the runner and status key it: shard ids as ints, whole-run units by name."""
     return int(name) if name.isdigit() else name
@@ -194,9 +189,6 @@ class MarkerStore:
             if info.get("type") == "file" and base.endswith(".json") and not base.startswith("."):
                 out[base[: -len(".json")]] = validator(info)
         return out
-
-    def names(self, stage: str) -> list[str]:
-        return sorted(self.listing(stage))
 
     # -- reads -------------------------------------------------------------------------------
     def get(self, stage: str, name: str) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from pipeline.claims import DEFAULT_STALE_AFTER, judge
 from pipeline.config import RunConfig, changed_settings
 from pipeline.errors import PipelineError, SlurmError, clip
 from pipeline.executors import job_states, live_jobs
+from pipeline.markers import as_unit
 from pipeline.runner import stale_inputs
 from pipeline.shards import format_shard_spec, parse_shard_spec
 from pipeline.slurm import submissions
@@ -215,10 +216,6 @@ def run_universe(storage: Storage, stage: str) -> list[int] | None:
     return sorted(shards) if shards else None
 
 
-def _unit(name: str) -> int | str:
-    return int(name) if name.isdigit() else name
-
-
 def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str] | None,
                  stale_after: float = DEFAULT_STALE_AFTER, compare: bool = True,
                  cache: InputCache | None = None, declared: Stage | None = None,
@@ -235,7 +232,7 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
     markers = storage.done.all(stage)  # one listing, concurrent reads of what the marker index lacks
     intact_names = storage.done.intact(markers, whole_stage=True)
     cache.seed(stage, markers, intact_names)
-    intact = {_unit(k): m for k, m in markers.items() if k in intact_names}
+    intact = {as_unit(k): m for k, m in markers.items() if k in intact_names}
     cache.prefetch_keys([key for m in intact.values() for key in (m.get("inputs", {}) or {})], whole_above=32)
     fingerprint = config.fingerprint(stage) if compare else None
     changes_of: dict[Any, list[str]] = {}
@@ -254,12 +251,12 @@ def stage_status(config: RunConfig, storage: Storage, stage: str, jobs: set[str]
         else:
             committed[unit] = m
     outdated += [Outdated(u, outputs_changed=True)
-                 for u in sorted({_unit(k) for k in markers} - set(intact), key=str)]
-    failed = {_unit(k): f for k, f in storage.unit_failures(stage).items() if _unit(k) not in committed}
+                 for u in sorted({as_unit(k) for k in markers} - set(intact), key=str)]
+    failed = {as_unit(k): f for k, f in storage.unit_failures(stage).items() if as_unit(k) not in committed}
     if claims is None:
         claims = storage.unit_claims(stage)
-    claim_states = [classify_claim(_unit(k), c, jobs, stale_after, live=live) for k, c in sorted(claims.items())
-                    if _unit(k) not in committed]
+    claim_states = [classify_claim(as_unit(k), c, jobs, stale_after, live=live) for k, c in sorted(claims.items())
+                    if as_unit(k) not in committed]
     row_errors: Counter = Counter()
     for m in committed.values():
         row_errors.update(m.get("stats", {}).get("errors", {}))

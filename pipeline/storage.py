@@ -7,6 +7,7 @@ Layout (ROOT is a local path or a URL such as s3://bucket/prefix)::
     ROOT/_done/<stage>/00042.json       commit markers, written last
     ROOT/_failed/<stage>/00042.json     the last failure of an uncommitted shard
     ROOT/_running/<stage>/00042.json    claims of shards in progress
+    ROOT/_index/_done/<stage>.json.gz   marker index: a cache for whole-root views (pipeline/markers.py)
     ROOT/_tmp/                          staging for local roots (same filesystem: renames are atomic)
     ROOT/logs/                          task logs, sbatch scripts
 
@@ -39,7 +40,7 @@ import fsspec
 import pipeline
 from pipeline.claims import DEFAULT_STALE_AFTER, ClaimHeld, jobs_for, judge, now_epoch, pid_alive
 from pipeline.errors import MissingInputError, RunDriftError, StorageError
-from pipeline.markers import MarkerStore, cat_one, output_sizes, read_blobs
+from pipeline.markers import MarkerStore, cat_one, output_sizes
 from pipeline.shardio import url_fs
 from pipeline.shards import shard_name
 
@@ -172,25 +173,6 @@ class Storage:
             self.fs.rm(self.path(rel))
         except FileNotFoundError:
             pass
-
-    def list_json(self, rel_dir: str) -> dict[str, Any]:
-        """name -> parsed JSON for every *.json directly under rel_dir (empty if absent): one listing, then
-        the reads concurrently."""
-        d = self.path(rel_dir)
-        self.fs.invalidate_cache(d)
-        try:
-            names = [n for n in self.fs.ls(d, detail=False)]
-        except FileNotFoundError:
-            return {}
-        paths = {n.rstrip("/"): n.rstrip("/").rsplit("/", 1)[-1] for n in names}
-        paths = {p: b[: -len(".json")] for p, b in paths.items() if b.endswith(".json") and not b.startswith(".")}
-        out = {}
-        for path, blob in read_blobs(self.fs, list(paths)).items():
-            try:
-                out[paths[path]] = json.loads(blob) if blob is not None else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-        return {k: v for k, v in out.items() if v is not None}
 
     def open(self, rel: str, mode: str = "rb"):
         return self.fs.open(self.path(rel), mode)
