@@ -71,6 +71,7 @@ class HFEngine:
             self.processor = AutoProcessor.from_pretrained(path, revision=config.revision)
             self.tokenizer = self.processor.tokenizer
             self.image_grid = ImageGrid.from_processor(self.processor, config)
+            self.image_grid.apply_to(self.processor)  # the budget as the processor's default, set once
         else:
             self.processor = None
             self.tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
@@ -106,7 +107,7 @@ class HFEngine:
             raise ValueError(f"request has {len(request.images)} image(s) but {self.model_id} is a text-only model")
         if self.is_vl and request.images:
             images = [prepare_image(im, self.image_grid) for im in request.images]
-            enc = self.processor(text=[text], images=images, return_tensors="pt", **self.image_grid.processor_kwargs())
+            enc = self.processor(text=[text], images=images, return_tensors="pt")
         elif self.is_vl:
             enc = self.processor(text=[text], return_tensors="pt")
         else:
