@@ -10,7 +10,8 @@ its last heartbeat. It is created exclusively, so two runs on one shard never bo
   trip and both read back their own token, which a consistent store rules out.
 A claim is stale, and may be taken over, when its owner is gone: its SLURM job is no longer in squeue, its
 executor's job (Ray) no longer runs, it was left by an earlier attempt of the very task now asking (an
-executor retries a task only after its attempt died), its process on this host is dead, or (when none of
+executor retries a task only after its attempt died), its process on this host is dead (gone, a zombie not
+yet reaped, or its pid now another process's: the claim records the process's start time), or (when none of
 these can be checked) its heartbeat is older than `stale_after`.
 """
 
@@ -69,14 +70,43 @@ def _epoch(iso: Any) -> float | None:
         return None
 
 
-def pid_alive(pid: int) -> bool:
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat), or None where /proc cannot say."""
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time) of a process from /proc (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()  # the command name may hold spaces and parentheses
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process `pid` on this host still runs: not gone, not a zombie (killed but not yet reaped, as a
+    killed task's process is until init reaps it) and, when `started` is given, the same process that started
+    then, not a later one given the same pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    stat = _proc_stat(pid)
+    if stat is None:
         return True
-    return True
+    state, start = stat
+    if state in ("Z", "X", "x"):
+        return False
+    return started is None or start == started
 
 
 def _executor_job(claim: dict[str, Any]) -> str:
@@ -104,7 +134,8 @@ def judge(claim: dict[str, Any], jobs: set[str] | None, stale_after: float, now:
         return Owner(False, f"{prefix}an earlier attempt of this task (retried after it died)")
     host, pid = claim.get("host"), claim.get("pid")
     if host == socket.gethostname() and isinstance(pid, int):
-        if pid_alive(pid):
+        started = claim.get("pid_start")
+        if pid_alive(pid, started if isinstance(started, int) else None):
             return Owner(True, f"{prefix}pid {pid} on {host}")
         return Owner(False, f"{prefix}process {pid} on {host} is gone")
     beat = _epoch(claim.get("beat", claim.get("time")))

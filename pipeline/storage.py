@@ -38,7 +38,15 @@ from typing import Any
 import fsspec
 
 import pipeline
-from pipeline.claims import DEFAULT_STALE_AFTER, ClaimHeld, jobs_for, judge, now_epoch, pid_alive
+from pipeline.claims import (
+    DEFAULT_STALE_AFTER,
+    ClaimHeld,
+    jobs_for,
+    judge,
+    now_epoch,
+    pid_alive,
+    process_start,
+)
 from pipeline.errors import MissingInputError, RunDriftError, StorageError
 from pipeline.markers import MarkerStore, cat_one, output_sizes
 from pipeline.shardio import url_fs
@@ -488,6 +496,9 @@ def task_identity() -> dict[str, Any]:
     from pipeline.executors.base import task_identity_from_env
 
     ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "time": now_iso()}
+    started = process_start(os.getpid())
+    if started is not None:
+        ident["pid_start"] = started  # a later process given the same pid is not this owner
     for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         if var in os.environ:
             ident[var.lower()] = os.environ[var]
