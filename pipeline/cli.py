@@ -34,7 +34,7 @@ def _add_stage_and_shards(p: argparse.ArgumentParser, chain: bool = False) -> No
 
 def _config(args: argparse.Namespace) -> RunConfig:
     """The configuration of a command: manifest, --set items, then secret settings a SLURM task received."""
-    from pipeline.slurm import secret_overrides_from_env
+    from pipeline.executors.base import secret_overrides_from_env
 
     return load_config(args.manifest, [*args.overrides, *secret_overrides_from_env()], root=args.root)
 
@@ -381,58 +381,46 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_USER_ERROR
 
 
-_RESOURCES = ("parallel", "gpus", "cpus", "mem", "time", "partition", "account", "requeue")
-
-
-def _submit_spec(args: argparse.Namespace, stage: str, shards: list[int], tasks: int, defaults: dict,
-                 failed_only: bool = False, whole_run: bool = False, dependency: str | None = None):
-    from pipeline.slurm import SubmitSpec
-
-    res = {k: getattr(args, k) if getattr(args, k) is not None else defaults.get(k) for k in _RESOURCES}
-    return SubmitSpec(stage=stage, shards=shards, tasks=tasks, manifest=args.manifest,
-                      overrides=list(args.overrides), failed_only=failed_only, whole_run=whole_run,
-                      dependency=dependency, **{k: v for k, v in res.items() if v is not None})
-
-
-def _job_spec(args: argparse.Namespace, stage: str, shards: list[int], tasks: int, defaults: dict,
+def _job_spec(args: argparse.Namespace, executor, stage: str, shards: list[int], tasks: int, defaults: dict,
               failed_only: bool = False, whole_run: bool = False):
-    """An executor's JobSpec: --cpus/--gpus/--mem/--parallel, else `defaults` (last submission, manifest, stage)."""
-    from pipeline.executors.base import JobSpec
+    """The executor's spec of one stage: resources and the executor's own options from the command line, else
+    `defaults` (the last submission's, or the stage's declared ones)."""
+    from pipeline.executors.base import executor_options
 
-    unsupported = [f"--{k}" for k in ("time", "partition", "account", "requeue") if getattr(args, k)]
+    own = executor_options(executor.spec_type)
+    unsupported = [f"--{k}" for k in ("time", "partition", "account", "requeue") if getattr(args, k) and k not in own]
     if unsupported:
-        raise PipelineError(f"{', '.join(unsupported)}: SLURM only; the {args.executor} executor has no such "
+        raise PipelineError(f"{', '.join(unsupported)}: SLURM only; the {executor.name} executor has no such "
                             "setting (Ray reruns a task whose worker died: ray.max_retries)")
-    res = {k: getattr(args, k) if getattr(args, k) is not None else defaults.get(k)
-           for k in ("parallel", "cpus", "gpus", "mem")}
-    return JobSpec(stage=stage, shards=shards, tasks=tasks, manifest=args.manifest, overrides=list(args.overrides),
-                   failed_only=failed_only, whole_run=whole_run, **{k: v for k, v in res.items() if v is not None})
+    keys = ("parallel", "cpus", "gpus", "mem", *own)
+    res = {k: getattr(args, k, None) if getattr(args, k, None) is not None else defaults.get(k) for k in keys}
+    return executor.spec_type(stage=stage, shards=shards, tasks=tasks, manifest=args.manifest,
+                              overrides=list(args.overrides), failed_only=failed_only, whole_run=whole_run,
+                              **{k: v for k, v in res.items() if v is not None and k != "dependency"})
 
 
-def _stage_defaults(config: RunConfig, args: argparse.Namespace, declared) -> dict:
-    """Per-task resources when the command line gives none: the stage's declaration, for Ray under the
-    manifest's ray.resources.<stage>."""
-    needs = declared.needs(config)  # the stage's declared resources, GPUs only when an engine runs on one
-    if args.executor != "ray":
-        return {"gpus": needs.gpus or None, "cpus": needs.cpus if needs.cpus > 1 else None}
-    defaults = {"gpus": needs.gpus, "cpus": needs.cpus}
-    own = config.ray.resources.get(declared.name)
-    if own is not None:
-        defaults.update({k: v for k, v in {"cpus": own.cpus, "gpus": own.gpus, "mem": own.memory}.items()
-                         if v is not None})
-    return defaults
+def _executor(args: argparse.Namespace, config: RunConfig):
+    from pipeline.executors import DEFAULT, get_executor
+
+    return get_executor(args.executor or DEFAULT, config, args.address)
 
 
-def _executor_submit(args: argparse.Namespace, specs: list) -> int:
-    """Submit through an executor (Ray): one job per spec, each after the previous one succeeded."""
-    from pipeline.executors import get_executor
+def _do_submit(args: argparse.Namespace, specs: list) -> int:
+    """Submit one spec, or a chain in order, each after the previous one succeeded; --dry-run prints each plan.
+    Every spec is checked against run.json first, so nothing is rendered that the tasks would refuse."""
+    from pipeline.executors import check_against_run
     from pipeline.executors.base import JobRef
+    from pipeline.storage import Storage
 
     config = _config(args)
-    executor = get_executor(args.executor, config, args.address)
+    executor = _executor(args, config)
+    storage = Storage(config.root, config.storage_options, config.work_dir)
     previous: JobRef | None = None
     for spec in specs:
         _check_stage(config, spec.stage)
+        check_against_run(config, spec, storage)
+        for note in executor.fit(spec):
+            print(f"note: {note}", file=sys.stderr)
         if args.dry_run:
             if len(specs) > 1:
                 print(f"# ---- {spec.stage}" + (f" (after {previous.job_id})" if previous else ""))
@@ -440,46 +428,11 @@ def _executor_submit(args: argparse.Namespace, specs: list) -> int:
             previous = JobRef(executor.name, f"<job id of {spec.stage}>", spec.stage)
             continue
         ref = executor.submit(spec, previous)
-        groups = "one task" if spec.whole_run else f"shards {format_shard_spec(spec.shards)} in {spec.tasks} task(s)"
-        print(f"submitted Ray job {ref.job_id}: stage {spec.stage}, {groups}"
-              + (f", after job {previous.job_id}" if previous else ""))
-        print(f"plan:   {ref.info.get('plan_url')}")
-        print(f"logs:   ray job logs --address {ref.info.get('address')} --follow {ref.job_id}  "
-              f"(a summary goes to ROOT/logs/{spec.stage}-{ref.job_id}.log when it ends)")
+        for line in ref.lines:
+            print(line)
         previous = ref
     if previous is not None and not args.dry_run:
-        print("the job runs on the cluster: this machine may disconnect; `status` shows its shards")
-    return 0
-
-
-def _do_submit(args: argparse.Namespace, specs: list) -> int:
-    """Submit one spec, or a chain in order, each after the previous one succeeded."""
-    if args.executor == "ray":
-        return _executor_submit(args, specs)
-    from pipeline.slurm import submit
-
-    config = _config(args)
-    previous: str | None = None
-    for spec in specs:
-        _check_stage(config, spec.stage)
-        if previous is not None:
-            spec.dependency = f"afterok:{previous}"
-        sub = submit(config, spec, dry_run=args.dry_run)
-        for note in sub.notes:
-            print(f"note: {note}", file=sys.stderr)
-        if args.dry_run:
-            if len(specs) > 1:
-                print(f"# ---- {spec.stage}" + (f" (after {previous})" if previous else ""))
-            sys.stdout.write(sub.script)
-            previous = f"<job id of {spec.stage}>"
-            continue
-        what = (f"stage {sub.stage} (whole-run, one job), input shards {sub.shard_spec or 'default'}"
-                if spec.whole_run else f"stage {sub.stage}, shards {sub.shard_spec} in {sub.tasks} task(s)")
-        print(f"submitted job {sub.job_id}: {what}" + (f", after {spec.dependency}" if spec.dependency else ""))
-        print(f"script: {sub.script_url}")
-        log_name = f"{sub.stage}-{sub.job_id}.log" if spec.whole_run else f"{sub.stage}-{sub.job_id}_<task>.log"
-        print(f"logs:   {sub.log_dir}/{log_name}")
-        previous = sub.job_id
+        print(f"the job runs on the {executor.label} cluster: this machine may disconnect; `status` shows its shards")
     return 0
 
 
@@ -495,24 +448,24 @@ def _submit(args: argparse.Namespace) -> int:
     if not stages:
         raise PipelineError("--stage names no stage")
     shards = parse_shard_spec(args.shards) if args.shards else []
+    executor = _executor(args, config)
     specs = []
     for stage in stages:
         _check_stage(config, stage)
         declared = load_stage(stage, config)
         if not declared.whole_run and not shards:
             raise PipelineError(f"stage {stage!r} runs per shard: give --shards")
-        defaults = _stage_defaults(config, args, declared)
-        build = _job_spec if args.executor == "ray" else _submit_spec
-        spec = build(args, stage, shards, 1 if declared.whole_run else args.tasks, defaults,
-                     whole_run=declared.whole_run)
+        defaults = executor.stage_resources(declared.needs(config), stage)
+        spec = _job_spec(args, executor, stage, shards, 1 if declared.whole_run else args.tasks, defaults,
+                         whole_run=declared.whole_run)
         spec.launcher = declared.launcher
         specs.append(spec)
     return _do_submit(args, specs)
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from pipeline.executors import active_executor_jobs
-    from pipeline.slurm import active_submissions, last_submission
+    from pipeline.executors import DEFAULT, active_executor_jobs
+    from pipeline.executors.records import executor_of, last_submission
     from pipeline.status import retry_shards
 
     config = _config(args)
@@ -549,14 +502,14 @@ def _retry(args: argparse.Namespace) -> int:
                             f"resubmit those shards with `run --force` instead")
     last = last_submission(config, args.stage) or {}
     if args.executor is None:
-        args.executor = last.get("executor") or "slurm"
-    active = (active_executor_jobs(config, args.stage, args.executor, args.address) if args.executor != "slurm"
-              else active_submissions(config, args.stage))
+        args.executor = executor_of(last) if last else DEFAULT
+    executor = _executor(args, config)
+    active = active_executor_jobs(config, args.stage, executor.name, args.address)
     if active and not args.include_running:
         raise PipelineError(f"job(s) {', '.join(active)} of stage {args.stage!r} are still queued or running and "
-                            "would run some of these shards too; wait for them (squeue -j ...) or scancel them, "
-                            "then retry (or pass --include-running)")
-    defaults = dict(last.get("spec", {})) if (last.get("executor") or "slurm") == args.executor else {}
+                            "would run some of these shards too; wait for them (`status` shows them) or cancel "
+                            "them, then retry (or pass --include-running)")
+    defaults = dict(last.get("spec", {})) if last and executor_of(last) == executor.name else {}
     if args.manifest is None:
         if not defaults.get("manifest"):
             raise PipelineError("retry --submit needs the run's settings: give --manifest (no earlier submission "
@@ -564,13 +517,12 @@ def _retry(args: argparse.Namespace) -> int:
         args.manifest = defaults["manifest"]
         print(f"{args.stage}: resubmitting with the manifest of the last submission: {args.manifest}",
               file=sys.stderr)
+    resources = defaults or executor.stage_resources(declared.needs(config), args.stage)
     if declared.whole_run:
-        build = _job_spec if args.executor == "ray" else _submit_spec
-        spec = build(args, args.stage, [], 1, defaults or _stage_defaults(config, args, declared), whole_run=True)
-        spec.launcher = declared.launcher
-        return _do_submit(args, [spec])
-    tasks = args.tasks or min(int(defaults.get("tasks") or last.get("tasks") or 1), len(todo))
-    build = _job_spec if args.executor == "ray" else _submit_spec
-    spec = build(args, args.stage, todo, tasks, defaults or _stage_defaults(config, args, declared),  # type: ignore[arg-type]
-                 failed_only=args.failed_only)
+        spec = _job_spec(args, executor, args.stage, [], 1, resources, whole_run=True)
+    else:
+        tasks = args.tasks or min(int(defaults.get("tasks") or last.get("tasks") or 1), len(todo))
+        spec = _job_spec(args, executor, args.stage, todo, tasks, resources,  # type: ignore[arg-type]
+                         failed_only=args.failed_only)
+    spec.launcher = declared.launcher
     return _do_submit(args, [spec])

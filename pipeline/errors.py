@@ -41,12 +41,12 @@ class Preempted(BaseException):  # noqa: N818 - a signal, not an error
         self.signum = signum
 
 
-class SlurmError(PipelineError):
-    """A submission that cannot be rendered or that sbatch refuses."""
-
-
 class ExecutorError(PipelineError):
     """A submission an executor cannot plan or that its cluster refuses (Ray: address, resources, job API)."""
+
+
+class SlurmError(ExecutorError):
+    """A submission that cannot be rendered or that sbatch refuses."""
 
 
 def clip(text: str, limit: int = 200) -> str:

@@ -19,10 +19,10 @@ from pipeline.claims import DEFAULT_STALE_AFTER, judge
 from pipeline.config import RunConfig, changed_settings
 from pipeline.errors import PipelineError, SlurmError, clip
 from pipeline.executors import job_states, live_jobs
+from pipeline.executors.records import executor_of, submissions
 from pipeline.markers import as_unit
 from pipeline.runner import stale_inputs
 from pipeline.shards import format_shard_spec, parse_shard_spec
-from pipeline.slurm import submissions
 from pipeline.stage import (
     PER_SHARD,
     WHOLE_RUN,
@@ -386,20 +386,26 @@ def unit_progress(config: RunConfig, storage: Storage, st: StageStatus) -> dict[
 
 
 def executor_job_lines(config: RunConfig, storage: Storage, stages: Iterable[str]) -> dict[str, list[str]]:
-    """stage -> 'Ray job <id> RUNNING: shards 0-99 in 10 task(s)' for each recorded executor submission of the
-    stage that its cluster still runs (SLURM's arrays show in squeue). One listing of ROOT/logs, one request per
-    cluster."""
+    """stage -> 'Ray job <id> RUNNING: shards 0-99 in 10 task(s)' for each recorded submission of the stage that
+    its cluster still runs (SLURM's through squeue, Ray's through its job API). One listing of ROOT/logs, one
+    request per cluster."""
+    from pipeline.executors import get_executor
+
     stages = set(stages)
-    records = [r for r in submissions(storage) if r.get("executor") and r.get("job_id") and r.get("stage") in stages]
+    records = [r for r in submissions(storage) if r.get("job_id") and r.get("stage") in stages]
     lines: dict[str, list[str]] = {}
-    for name in sorted({r["executor"] for r in records}):
-        mine = [r for r in records if r["executor"] == name]
+    for name in sorted({executor_of(r) for r in records}):
+        mine = [r for r in records if executor_of(r) == name]
+        try:
+            label = get_executor(name, config).label
+        except PipelineError:
+            label = name
         states = job_states(config, name, [str(r["job_id"]) for r in mine], mine) or {}
         for r in mine:
             state = states.get(str(r["job_id"]))
             if state in ("PENDING", "RUNNING"):
                 what = f"shards {r['shard_spec']} in {r['tasks']} task(s)" if r.get("shard_spec") else "one task"
-                lines.setdefault(r["stage"], []).append(f"{name.capitalize()} job {r['job_id']} {state}: {what}")
+                lines.setdefault(r["stage"], []).append(f"{label} job {r['job_id']} {state}: {what}")
     return lines
 
 

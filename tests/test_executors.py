@@ -36,7 +36,7 @@ def test_memory_in_slurm_notation(text, expected):
 
 
 def test_bad_memory_is_one_line():
-    with pytest.raises(ExecutorError, match="bad memory '12 GB'"):
+    with pytest.raises(ExecutorError, match="bad --mem '12 GB'"):
         JobSpec(stage="qa", shards=[0], mem="12 GB").validate()
 
 
@@ -55,7 +55,8 @@ def test_dry_run_plan_maps_resources_and_hides_secrets(tmp_path, capsys, monkeyp
     assert "after job <job id of download> succeeded" in annotate and "at most 2 at once" in annotate
     assert "task 2: python -m pipeline run --stage annotate --shards 7-9 --no-progress" in annotate
     assert "hunter2" not in out and "secret-token" not in out and "storage_options.secret='=<hidden>'" not in out
-    assert "storage_options.secret=<hidden>" in out
+    assert "--set storage_options.secret" not in out  # secret settings travel in the task's environment
+    assert "1 secret setting(s) (storage_options.secret) reach each task through $PIPELINE_SECRET_SETTINGS" in out
     assert not (tmp_path / "root").exists()  # nothing written
 
 
@@ -213,3 +214,58 @@ def test_the_driver_caps_tasks_at_once_and_fails_the_job_when_a_task_failed(tmp_
     assert "job job-9: task 3 (shards 6-7) exit code 1" in out and "4 of 5 task(s) succeeded; failed: 3" in out
     log = (tmp_path / "root" / "logs" / "annotate-job-9.log").read_text()
     assert "== task 3 shards 6-7: exit code 1\noutput of 3" in log
+
+
+class RecordingExecutor:
+    """An executor that records what `submit` asks of it (registered under 'slurm' for the test)."""
+
+    name, label = "slurm", "Fake"
+    calls: list[tuple[str, ...]] = []
+
+    def __init__(self, config, address=None):
+        from pipeline.executors.slurm import SlurmSpec
+
+        self.spec_type = SlurmSpec
+
+    def stage_resources(self, needs, stage):
+        return {"cpus": 3}
+
+    def fit(self, spec):
+        spec.tasks = 1
+        spec.notes.append("folded into 1 task")
+        return ["folded into 1 task"]
+
+    def plan(self, spec, after=None):
+        return f"PLAN {spec.stage} after {after.job_id if after else '-'}\n"
+
+    def submit(self, spec, after=None):
+        from pipeline.executors.base import JobRef
+
+        RecordingExecutor.calls.append((spec.stage, after.job_id if after else "-", str(spec.tasks), str(spec.cpus),
+                                        spec.time or "-"))
+        return JobRef(self.name, f"J{len(RecordingExecutor.calls)}", spec.stage, lines=(f"sent {spec.stage}",))
+
+    def live_jobs(self):
+        return set()
+
+    def job_states(self):
+        return {}
+
+
+def test_submit_goes_through_the_executor_interface_for_slurm_too(tmp_path, capsys, monkeypatch):
+    """`submit` knows executors only by the interface: the default (SLURM) executor replaced by a recorder gets
+    the chain in order, each after the previous job, with the stage's resources, its own options (--time) and the
+    changes its `fit` made."""
+    from pipeline.executors import EXECUTORS
+
+    monkeypatch.setitem(EXECUTORS, "slurm", f"{__name__}:RecordingExecutor")
+    RecordingExecutor.calls = []
+    argv = ["submit", "--stage", "download,annotate", "--shards", "0-3", "--tasks", "4", "--time", "1:00:00",
+            "--root", str(tmp_path / "root")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert RecordingExecutor.calls == [("download", "-", "1", "3", "1:00:00"), ("annotate", "J1", "1", "3", "1:00:00")]
+    assert captured.out.splitlines()[:2] == ["sent download", "sent annotate"]
+    assert captured.err.count("note: folded into 1 task") == 2
+    assert main([*argv, "--dry-run"]) == 0
+    assert "PLAN download after -\n" in (out := capsys.readouterr().out) and "PLAN annotate after <job id of download>" in out

@@ -18,6 +18,7 @@ from pipeline.cli import main
 from pipeline.config import EngineConfig
 from pipeline.demo import DEMO_MANIFEST, make_demo_data, serve_directory
 from pipeline.engines import ChatRequest, Sampling, create_engine
+from pipeline.executors.base import SECRET_SETTINGS_ENV
 from pipeline.redact import (
     MASK,
     is_secret_name,
@@ -27,7 +28,6 @@ from pipeline.redact import (
     redact_text,
     redact_url,
 )
-from pipeline.slurm import SECRET_SETTINGS_ENV
 from tests.test_engine_openai import ScriptedServer
 
 # -- the rule ---------------------------------------------------------------------------------------

@@ -103,6 +103,7 @@ def test_scancel_mid_shard_then_retry_submit(tmp_path, slurm_cluster, served_wor
         held = [p for p in served_world.server.hits if p.startswith("/hold/scancel/")]
     status = cli("status", "--manifest", str(manifest), "--stage", "download").stdout
     assert re.search(r"shard 2 running \(SLURM job \d+", status), status
+    assert re.search(rf"download: SLURM job {job} (RUNNING|PENDING): shards 0-5 in 3 task\(s\)", status), status
 
     refused = cli("retry", "--stage", "download", "--manifest", str(manifest), "--submit", check=False)
     assert refused.returncode == 2 and f"job(s) {job} of stage 'download' are still queued" in refused.stderr

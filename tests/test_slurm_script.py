@@ -15,8 +15,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.executors.slurm import SlurmSpec, render_script
 from pipeline.runner import EXIT_PREEMPTED
-from pipeline.slurm import SubmitSpec, render_script
 from pipeline.storage import Storage
 from tests.sched_world import served_world, write_manifest  # noqa: F401 - fixture
 
@@ -32,7 +32,7 @@ def _config(tmp_path: Path, **slurm):
 def test_render_directives_and_task_command(tmp_path):
     config, manifest = _config(tmp_path, setup=["module load cuda/12.4", "source /opt/venv/bin/activate"],
                                partition="gpu", account="proj", extra_sbatch=["--qos=high"], signal_s=300)
-    spec = SubmitSpec(stage="annotate", shards=list(range(1000)), tasks=100, parallel=32, gpus=1, cpus=8,
+    spec = SlurmSpec(stage="annotate", shards=list(range(1000)), tasks=100, parallel=32, gpus=1, cpus=8,
                       mem="64G", time="04:00:00", requeue=True, manifest=str(manifest),
                       overrides=["annotate.captioner.batch_size=16", "name=it's"])
     storage = Storage(config.root)
@@ -54,7 +54,7 @@ def test_render_directives_and_task_command(tmp_path):
 
 def test_render_defaults_and_task_cap(tmp_path):
     config, _ = _config(tmp_path)
-    spec = SubmitSpec(stage="download", shards=[3, 4, 9], tasks=10)
+    spec = SlurmSpec(stage="download", shards=[3, 4, 9], tasks=10)
     script = render_script(config, spec, Storage(config.root), "/l")
     assert "#SBATCH --array=0-2" in script.splitlines()  # never more tasks than shards
     assert "#SBATCH --no-requeue" in script and "scontrol requeue" not in script
@@ -81,7 +81,7 @@ def test_submit_rejects_bad_options_in_one_line(tmp_path, capsys, args, needle):
 
 
 def test_time_limit_formats():
-    from pipeline.slurm import time_limit_seconds
+    from pipeline.executors.slurm import time_limit_seconds
 
     assert [time_limit_seconds(t) for t in ["90", "5:30", "04:00:00", "1-12", "1-0:30", "2-01:00:05"]] == [
         5400, 330, 14400, 129600, 88200, 176405]
@@ -97,8 +97,10 @@ def test_dry_run_prints_and_writes_nothing(tmp_path, capsys):
     assert not root.exists()
 
 
-def test_slice_helper_matches_slice_for_task():
-    got = [subprocess.run([sys.executable, "-m", "pipeline.slurm", "slice", "0-5,9", "3", str(t)],
+@pytest.mark.parametrize("module", ["pipeline.executors.slurm", "pipeline.slurm"])
+def test_slice_helper_matches_slice_for_task(module):
+    """The helper scripts call (pipeline.slurm: the name in scripts rendered by earlier versions)."""
+    got = [subprocess.run([sys.executable, "-m", module, "slice", "0-5,9", "3", str(t)],
                           capture_output=True, text=True, check=True, cwd=REPO).stdout.strip() for t in range(3)]
     assert got == ["0-2", "3-4", "5,9"]
 
@@ -123,7 +125,7 @@ def test_signal_to_batch_shell_aborts_shard_cleanly(tmp_path, served_world, sig)
     manifest = write_manifest(tmp_path / "m.yaml", root, urls, hold={"shards": [2], "file": str(hold)})
     config = load_config(manifest)
     storage = Storage(config.root)
-    script = render_script(config, SubmitSpec(stage="fetch", shards=list(range(6)), tasks=3, manifest=str(manifest)),
+    script = render_script(config, SlurmSpec(stage="fetch", shards=list(range(6)), tasks=3, manifest=str(manifest)),
                            storage, str(tmp_path))
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "PIPELINE_HEARTBEAT_S": "0.2"}
     log = open(tmp_path / "task.log", "w")  # noqa: SIM115
@@ -153,7 +155,7 @@ def test_signal_during_setup_stops_before_python(tmp_path):
     """A SIGTERM while the environment set-up runs: python never starts, the task exits 75."""
     ready = tmp_path / "ready"
     config, _ = _config(tmp_path, setup=[f"touch {ready}", "sleep 2"])
-    script = render_script(config, SubmitSpec(stage="download", shards=[0, 1], tasks=1), Storage(config.root), "/l")
+    script = render_script(config, SlurmSpec(stage="download", shards=[0, 1], tasks=1), Storage(config.root), "/l")
     proc = subprocess.Popen(["bash", "-c", script], cwd=REPO, env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait(ready.exists, timeout=30, what="the setup lines")

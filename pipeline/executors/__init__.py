@@ -1,22 +1,29 @@
 """Executors: schedule the runner's units on a cluster, knowing nothing of what a stage does.
 
-`base.py` holds the small interface (`plan`, `submit`, `live_jobs`) and what every executor shares (shard
-groups, the `python -m pipeline run` command of a group, the identity a task gives its claims). `ray.py` is the
-Ray executor. SLURM arrays are still rendered by `pipeline/slurm.py` (see docs/architecture.md).
+`base.py` holds the small interface (`fit`, `plan`, `submit`, `live_jobs`, `job_states`) and what every executor
+shares (shard groups, the `python -m pipeline run` command of a group, the identity a task gives its claims, the
+checks against run.json, secrets through the environment); `records.py` reads the submissions recorded under
+ROOT/logs. `slurm.py` renders job arrays for sbatch, `ray.py` drives Ray tasks through Ray's job API. `submit`,
+`retry` and `status` talk to this package only (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import RunConfig
 from pipeline.errors import ExecutorError, PipelineError
-from pipeline.executors.base import Executor
+from pipeline.executors.base import Executor, JobSpec
+from pipeline.redact import redact_url
 
-EXECUTORS = {"ray": "pipeline.executors.ray:RayExecutor"}
+if TYPE_CHECKING:
+    from pipeline.storage import Storage
+
+EXECUTORS = {"slurm": "pipeline.executors.slurm:SlurmExecutor", "ray": "pipeline.executors.ray:RayExecutor"}
 """Executors behind the interface, by name (imported only when asked for: Ray is an optional extra)."""
+DEFAULT = "slurm"
 
 
 def get_executor(name: str, config: RunConfig, address: str | None = None) -> Executor:
@@ -39,7 +46,7 @@ def live_jobs(config: RunConfig, claims: Iterable[dict[str, Any]]) -> dict[str, 
         queued = squeue_job_ids()
         if queued is not None:
             live["slurm"] = queued
-    for name in sorted({c.get("executor") for c in claims if c.get("executor") in EXECUTORS}):
+    for name in sorted({c.get("executor") for c in claims if c.get("executor") in EXECUTORS} - {"slurm"}):
         jobs = {str(c.get("job_id")) for c in claims if c.get("executor") == name}
         states = job_states(config, name, jobs)
         if states is not None:
@@ -50,8 +57,9 @@ def live_jobs(config: RunConfig, claims: Iterable[dict[str, Any]]) -> dict[str, 
 def job_states(config: RunConfig, name: str, job_ids: Iterable[str],
                records: Iterable[dict[str, Any]] | None = None) -> dict[str, str | None] | None:
     """job id -> its state on executor `name`'s cluster (asked at the address its submission recorded, from
-    `records` or ROOT/logs), or None when a cluster could not be reached."""
-    from pipeline.slurm import submissions
+    `records` or ROOT/logs), or None when a cluster could not be reached. A job the cluster no longer knows
+    (SLURM forgets finished jobs) maps to None."""
+    from pipeline.executors.records import submissions
     from pipeline.storage import Storage
 
     job_ids = set(job_ids)
@@ -76,12 +84,39 @@ def job_states(config: RunConfig, name: str, job_ids: Iterable[str],
 
 def active_executor_jobs(config: RunConfig, stage: str, name: str, address: str | None = None) -> list[str]:
     """Job ids of `stage`'s recorded submissions to executor `name` that its cluster still runs."""
-    from pipeline.slurm import submissions
+    from pipeline.executors.records import executor_of, submissions
     from pipeline.storage import Storage
 
     storage = Storage(config.root, config.storage_options, config.work_dir)
-    ids = [str(r["job_id"]) for r in submissions(storage, stage) if r.get("executor") == name and r.get("job_id")]
+    ids = [str(r["job_id"]) for r in submissions(storage, stage) if executor_of(r) == name and r.get("job_id")]
     if not ids:
         return []
     live = get_executor(name, config, address).live_jobs() or set()
     return [i for i in ids if i in live]
+
+
+def check_against_run(config: RunConfig, spec: JobSpec, storage: Storage) -> None:
+    """Refuse, before anything is planned or written, what the tasks' `run` would refuse: another shard_size than
+    run.json records, or shards beyond the run's input; and a root whose URL carries credentials (it is written
+    into scripts and records)."""
+    from pipeline.runner import check_shard_range
+    from pipeline.stage import load_stage
+
+    if redact_url(storage.url()) != storage.url():
+        raise ExecutorError(f"the root {redact_url(storage.url())} carries credentials in its URL, which would be "
+                            "written into the job's script and records: give them in storage_options or the "
+                            "environment instead")
+    try:
+        meta = storage.run_meta() or {}
+    except Exception:  # noqa: BLE001 - an unreadable root is reported when submitting
+        return
+    recorded = meta.get("shard_size")
+    if recorded is not None and recorded != config.shard_size:
+        raise ExecutorError(f"refusing to submit: shard_size is {config.shard_size} but {storage.url('run.json')} "
+                            f"records {recorded}; every task would refuse to run. Use a new --root, or restore the "
+                            "original setting.")
+    if spec.shards and not spec.whole_run:
+        try:
+            check_shard_range(load_stage(spec.stage, config), config, storage, spec.shards)
+        except PipelineError as exc:
+            raise ExecutorError(f"refusing to submit: {exc}") from None

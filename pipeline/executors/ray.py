@@ -26,22 +26,28 @@ import sys
 import time
 from collections import deque
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ExecutorError
 from pipeline.executors.base import (
+    SECRET_SETTINGS_ENV,
     JobRef,
     JobSpec,
     memory_bytes,
     run_argv,
     shard_groups,
     shell_line,
+    split_overrides,
     task_env,
 )
+from pipeline.executors.records import SUBMISSION_SUFFIX
 from pipeline.runner import EXIT_PREEMPTED
 from pipeline.shards import format_shard_spec, parse_shard_spec
 from pipeline.storage import LOGS_DIR, Storage, code_version, now_iso
+
+if TYPE_CHECKING:
+    from pipeline.stage import Resources
 
 NAME = "ray"
 PLAN_ENV = "PIPELINE_RAY_PLAN"
@@ -49,7 +55,6 @@ PLAN_ENV = "PIPELINE_RAY_PLAN"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 LIVE_STATES = {"PENDING", "RUNNING"}
 DONE_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
-SUBMISSION_SUFFIX = ".submit.json"
 _SECRET_SET = re.compile(r"^(storage_options|ray\.env)\.", re.IGNORECASE)
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", socket.gethostname()}
 
@@ -100,11 +105,26 @@ class RayExecutor:
     """Stages on a Ray cluster through its job API (see the module docstring)."""
 
     name = NAME
+    label = "Ray"
+    spec_type = JobSpec
 
     def __init__(self, config: RunConfig, address: str | None = None):
         self.config = config
         self.address = resolve_address(address, config.ray.address)
         self.storage = Storage(config.root, config.storage_options, config.work_dir)
+
+    def stage_resources(self, needs: Resources, stage: str) -> dict[str, Any]:
+        """The stage's declared CPUs and GPUs, overridden by the manifest's ray.resources.<stage>."""
+        out: dict[str, Any] = {"gpus": needs.gpus, "cpus": needs.cpus}
+        own = self.config.ray.resources.get(stage)
+        if own is not None:
+            out.update({k: v for k, v in {"cpus": own.cpus, "gpus": own.gpus, "mem": own.memory}.items()
+                        if v is not None})
+        return out
+
+    def fit(self, spec: JobSpec) -> list[str]:
+        """Ray queues any number of tasks: nothing to fit."""
+        return []
 
     # -- the plan ------------------------------------------------------------------------------------------
     def task_options(self, spec: JobSpec) -> dict[str, Any]:
@@ -146,6 +166,10 @@ class RayExecutor:
                  f"# runtime_env: {json.dumps(self._runtime_env(None, redacted=True), sort_keys=True)}",
                  f"# each task: {json.dumps(plan['options'], sort_keys=True)}"
                  + (f", at most {spec.parallel} at once" if spec.parallel else "")]
+        secret = split_overrides(spec.overrides)[1]
+        if secret:
+            lines.append(f"# {len(secret)} secret setting(s) ({', '.join(sorted(i.partition('=')[0] for i in secret))}) "
+                         f"reach each task through ${SECRET_SETTINGS_ENV} (the plan travels in the job's environment)")
         for i, group in enumerate(groups):
             argv = run_argv(_spec_of(plan), group, plan["root"], plan["manifest"])
             lines.append(f"task {i}: python {shell_line(_redact_argv(argv))}")
@@ -194,8 +218,14 @@ class RayExecutor:
         }
         record_rel = f"{LOGS_DIR}/{spec.stage}-{stamp}{SUBMISSION_SUFFIX}"
         self.storage.write_json(record_rel, record)
+        groups = "one task" if spec.whole_run else f"shards {plan['shards']} in {spec.tasks} task(s)"
+        lines = (f"submitted Ray job {job_id}: stage {spec.stage}, {groups}"
+                 + (f", after job {after.job_id}" if after else ""),
+                 f"plan:   {self.storage.url(rel)}",
+                 f"logs:   ray job logs --address {self.address} --follow {job_id}  "
+                 f"(a summary goes to ROOT/logs/{spec.stage}-{job_id}.log when it ends)")
         return JobRef(NAME, job_id, spec.stage, self.storage.url(record_rel),
-                      {"plan_url": self.storage.url(rel), "address": self.address})
+                      {"plan_url": self.storage.url(rel), "address": self.address}, lines)
 
     def live_jobs(self) -> set[str] | None:
         """Submission ids of the cluster's pending or running jobs; None when the job API cannot be reached."""
@@ -325,6 +355,8 @@ def drive(plan: dict[str, Any], out: Any = None) -> int:
         print(f"error: stage {stage}: {why}", file=out, flush=True)
         return 2
     remote = ray.remote(run_task)
+    secret = split_overrides(spec.overrides)[1]
+    secret_env = {SECRET_SETTINGS_ENV: json.dumps(secret)} if secret else {}
     pending = deque(enumerate(groups))
     running: dict[Any, int] = {}
     results: dict[int, dict[str, Any]] = {}
@@ -336,7 +368,7 @@ def drive(plan: dict[str, Any], out: Any = None) -> int:
             argv = run_argv(spec, group, plan["root"], plan["manifest"])
             label = f"{stage} task {i}"
             ref = remote.options(**options, retry_exceptions=[TaskStopped], name=f"{stage}-task-{i}").remote(
-                argv, task_env(NAME, job_id, i), label)
+                argv, {**task_env(NAME, job_id, i), **secret_env}, label)
             running[ref] = i
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:
