@@ -146,18 +146,23 @@ def judge(claim: dict[str, Any], jobs: set[str] | None, stale_after: float, now:
     return Owner(False, f"{where}: no heartbeat for {age:.0f}s")
 
 
-def squeue_job_ids() -> set[str] | None:
-    """Ids of the jobs SLURM still knows as pending/running (unique ids of array tasks too), or None if unknown."""
-    squeue = shutil.which("squeue")
-    if squeue is None:
+def squeue(fmt: str) -> list[str] | None:
+    """squeue's lines in format `fmt` (no header) for every job SLURM still holds, or None when squeue is
+    missing or fails."""
+    binary = shutil.which("squeue")
+    if binary is None:
         return None
     try:
-        proc = subprocess.run([squeue, "-h", "-o", "%A %i"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run([binary, "-h", "-o", fmt], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    if proc.returncode != 0:
-        return None
-    return {line.strip() for line in proc.stdout.split()}
+    return proc.stdout.splitlines() if proc.returncode == 0 else None
+
+
+def squeue_job_ids() -> set[str] | None:
+    """Ids of the jobs SLURM still knows as pending/running (unique ids of array tasks too), or None if unknown."""
+    lines = squeue("%A %i")
+    return None if lines is None else {token for line in lines for token in line.split()}
 
 
 def jobs_for(claim: dict[str, Any]) -> set[str] | None:

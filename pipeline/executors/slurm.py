@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.claims import squeue
 from pipeline.config import RunConfig
 from pipeline.errors import SlurmError
 from pipeline.executors.base import (
@@ -243,17 +244,11 @@ def fit_array(spec: JobSpec, limit: int | None) -> str | None:
 def squeue_states() -> dict[str, str] | None:
     """Array (or plain) job id -> PENDING or RUNNING for every job SLURM still holds; None when squeue is missing
     or fails. A job with some tasks running is RUNNING."""
-    squeue = shutil.which("squeue")
-    if squeue is None:
-        return None
-    try:
-        proc = subprocess.run([squeue, "-h", "-o", "%F %T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if proc.returncode != 0:
+    lines = squeue("%F %T")
+    if lines is None:
         return None
     states: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
+    for line in lines:
         job, _, state = line.strip().partition(" ")
         if job:
             mapped = "PENDING" if state.strip().upper() in _PENDING else "RUNNING"
