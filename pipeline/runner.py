@@ -147,6 +147,7 @@ def _run_planned(config: RunConfig, declared: Stage, storage: Storage, shards: l
                  failed_only: bool, resources: dict[str, Any] | None, progress: bool, out: Any) -> RunReport:
     stage = declared.name
     storage.check_run_meta({"shard_size": config.shard_size})  # refuse a renumbering before any work
+    storage.drop_dead_writes(config.claim_stale_s)  # temporaries of writers killed mid-write (local roots)
     preflight = not resources  # engines handed in by the caller (tests, a long-lived process) are built already
     resources = {} if resources is None else resources
     cache = InputCache(storage)

@@ -20,7 +20,9 @@ leaves at worst final-named files without a marker, which nothing trusts and the
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -56,6 +58,8 @@ DONE_DIR = "_done"
 FAILED_DIR = "_failed"
 RUNNING_DIR = "_running"
 TMP_DIR = "_tmp"
+WRITES_DIR = f"{TMP_DIR}/_writes"
+"""Temporaries of local atomic writes, one folder per writing process (see Storage.write_bytes)."""
 LOGS_DIR = "logs"
 RUN_META = "run.json"
 
@@ -157,16 +161,19 @@ class Storage:
         self.write_bytes(rel, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
     def write_bytes(self, rel: str, blob: bytes) -> None:
+        """Write ROOT/<rel> whole or not at all: on a local root through a temporary file in this process's
+        folder under _tmp/_writes (renamed into place), so a writer killed mid-write leaves its temporary where
+        `drop_dead_writes` finds it, not beside the target; a single PUT on object stores."""
         target = self.path(rel)
         if self.is_local:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{os.path.dirname(target)}/.{os.path.basename(target)}.tmp-{uuid.uuid4().hex}"
+            tmp = self._write_tmp()
             try:
                 with open(tmp, "wb") as f:
                     f.write(blob)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, target)
+                _move_into_place(tmp, target)
             except BaseException:
                 try:
                     os.remove(tmp)
@@ -175,6 +182,52 @@ class Storage:
                 raise
         else:
             self.fs.pipe_file(target, blob)
+
+    def _write_tmp(self) -> str:
+        """A fresh temporary path in this process's folder ROOT/_tmp/_writes/<host>-<pid>-<start> (local roots),
+        removed when the process exits (when empty)."""
+        folder = self.path(WRITES_DIR, writer_tag())
+        if folder not in _WRITE_FOLDERS:
+            _WRITE_FOLDERS.add(folder)
+            if len(_WRITE_FOLDERS) == 1:
+                atexit.register(_remove_write_folders)
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, uuid.uuid4().hex)
+
+    def drop_dead_writes(self, stale_after: float = DEFAULT_STALE_AFTER) -> int:
+        """Remove what writers killed mid-write left under ROOT/_tmp/_writes (local roots): the folders of dead
+        processes of this host, and files older than `stale_after` in other hosts' folders (a write takes well
+        under a second). One listing of a folder with an entry per writing process. Returns the files removed."""
+        if not self.is_local:
+            return 0
+        base = self.path(WRITES_DIR)
+        try:
+            entries = os.listdir(base)
+        except FileNotFoundError:
+            return 0
+        here, _, _ = writer_tag().partition("-")
+        removed = 0
+        now = now_epoch()
+        for entry in entries:
+            folder = os.path.join(base, entry)
+            host, pid, start = (entry.split("-") + ["", "", ""])[:3]
+            if host == here and pid.isdigit():
+                if pid_alive(int(pid), int(start) if start.isdigit() and start != "0" else None):
+                    continue
+                removed += sum(len(files) for _, _, files in os.walk(folder))
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            try:
+                for name in os.listdir(folder):
+                    path = os.path.join(folder, name)
+                    if now - os.path.getmtime(path) > stale_after:
+                        os.remove(path)
+                        removed += 1
+                if not os.listdir(folder) and now - os.path.getmtime(folder) > stale_after:
+                    os.rmdir(folder)
+            except OSError:
+                continue  # removed meanwhile, or not ours to judge
+        return removed
 
     def remove(self, rel: str) -> None:
         try:
@@ -308,7 +361,10 @@ class Storage:
                 if current is not None and current.get("token") == record["token"]:
                     return Claim(self, stage, unit, record)
                 raise ClaimHeld(current or {}, "lost the claim to a concurrent writer")
-            existing = self.read_json(rel)
+            try:
+                existing = self.read_json(rel)
+            except ValueError:  # torn: its writer died between creating and writing it (judged stale below)
+                existing = {}
             if existing is None:
                 continue  # released meanwhile
             owner = judge(existing, jobs_for(existing), stale_after)
@@ -347,18 +403,19 @@ class Storage:
         """Remove exactly the stale claim we judged (not one written since by another run)."""
         target = self.path(rel)
         if self.is_local:
-            tomb = f"{os.path.dirname(target)}/.{os.path.basename(target)}.stale-{uuid.uuid4().hex}"
+            tomb = self._write_tmp()  # where drop_dead_writes finds it if this process dies before removing it
             try:
-                os.rename(target, tomb)
+                _move_into_place(target, tomb)
             except FileNotFoundError:
                 return
             with open(tomb, "rb") as f:
-                taken = json.loads(f.read() or b"{}")
+                blob = f.read()
+            try:
+                taken = json.loads(blob or b"{}")
+            except ValueError:
+                taken = {}
             if taken.get("token") != seen.get("token"):  # replaced between our read and the rename: put it back
-                try:
-                    os.link(tomb, target)
-                except FileExistsError:
-                    pass
+                self._create_exclusive(rel, blob)
             os.remove(tomb)
             return
         current = self.read_json(rel)
@@ -450,6 +507,46 @@ class Storage:
 
 
 _UNIT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_WRITER: dict[int, str] = {}
+_WRITE_FOLDERS: set[str] = set()
+
+
+def _remove_write_folders() -> None:
+    """At exit: this process's (empty) folders of temporaries (not a parent's, after a fork)."""
+    for folder in _WRITE_FOLDERS:
+        if os.path.basename(folder) != writer_tag():
+            continue
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+def writer_tag() -> str:
+    """This process's name among writers: <host hash>-<pid>-<process start time> (0 where /proc cannot say)."""
+    pid = os.getpid()
+    if pid not in _WRITER:  # per pid: a forked child is another writer
+        host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+        _WRITER[pid] = f"{host}-{pid}-{process_start(pid) or 0}"
+    return _WRITER[pid]
+
+
+def _move_into_place(src: str, dst: str) -> None:
+    """os.replace, or, where src and dst lie on different file systems (a folder of ROOT mounted elsewhere),
+    a copy to a temporary beside dst renamed into place."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        beside = f"{os.path.dirname(dst)}/.{os.path.basename(dst)}.tmp-{uuid.uuid4().hex}"
+        try:
+            shutil.copyfile(src, beside)
+            os.replace(beside, dst)
+        finally:
+            if os.path.exists(beside):
+                os.remove(beside)
+        os.remove(src)
 
 
 def unit_name(unit: int | str) -> str:

@@ -90,3 +90,50 @@ def test_a_killed_owner_not_yet_reaped_is_dead():
     me = {**task_identity(), "beat": now_epoch()}
     assert me["pid_start"] == process_start(os.getpid()) and judge(me, None, 600).live
     assert not judge({**me, "pid_start": me["pid_start"] - 1}, None, 600).live  # the pid of a later process
+
+
+def test_writers_killed_mid_write_leave_nothing_a_rerun_keeps(tmp_path):
+    """Local atomic writes go through a temporary in the writer's folder under _tmp/_writes (the chaos benchmark
+    found `.00000.parquet.tmp-...` beside the URL-list shards and `.00001.json.tmp-...` beside a claim after a
+    SIGKILL between write and rename). A run removes the folders of dead writers of this host and old files of
+    other hosts' writers; a live writer's folder stays; a process that exits normally removes its own."""
+    import sys
+    import time
+
+    from pipeline.storage import WRITES_DIR, writer_tag
+
+    storage = Storage(str(tmp_path / "root"))
+    storage.write_json("_running/annotate/00001.json", {"a": 1})
+    assert sorted(os.listdir(tmp_path / "root" / "_running" / "annotate")) == ["00001.json"]  # nothing beside it
+    base = tmp_path / "root" / WRITES_DIR
+    host = writer_tag().split("-")[0]
+    dead = base / f"{host}-{_dead_pid()}-0"
+    mine = base / writer_tag()
+    other_old, other_new = base / "0badc0de-1-5", base / "0badc0de-2-5"
+    for folder in (dead, mine, other_old, other_new):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "torn").write_bytes(b"half a marker")
+    old = time.time() - 3600
+    os.utime(other_old / "torn", (old, old))
+    os.utime(other_old, (old, old))
+    assert storage.drop_dead_writes(stale_after=600) == 2
+    assert sorted(p.name for p in base.iterdir()) == sorted([mine.name, other_new.name, other_old.name])
+    assert (mine / "torn").exists() and (other_new / "torn").exists() and not (other_old / "torn").exists()
+    code = ("from pipeline.storage import Storage; import sys; "
+            "Storage(sys.argv[1]).write_bytes('_inputs/00000.parquet', b'x')")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "child")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "child" / "_inputs" / "00000.parquet").read_bytes() == b"x"
+    assert os.listdir(tmp_path / "child" / WRITES_DIR) == []  # its folder went with it
+
+
+def test_a_torn_claim_is_taken_over(tmp_path):
+    """A claim whose writer died between creating it and writing it (an empty or half-written file) does not
+    lock the unit: the next run takes it over."""
+    storage = Storage(str(tmp_path / "root"))
+    rel = storage.claim_rel("download", "00003")
+    path = tmp_path / "root" / rel
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b'{"host": "vm", "pi')
+    claim = storage.acquire("download", 3)
+    assert json.loads(path.read_bytes())["token"] == claim.record["token"]
