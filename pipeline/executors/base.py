@@ -139,6 +139,23 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return public, [o for o in overrides if is_secret_override(o)]
 
 
+def secret_note(overrides: list[str]) -> str | None:
+    """'N secret setting(s) (keys) reach each task through $PIPELINE_SECRET_SETTINGS' for the secret items of
+    `overrides` (names only, never values), or None when there are none: the line plans and scripts show."""
+    secret = split_overrides(overrides)[1]
+    if not secret:
+        return None
+    keys = ", ".join(sorted(i.partition("=")[0] for i in secret))
+    return f"{len(secret)} secret setting(s) ({keys}) reach each task through ${SECRET_SETTINGS_ENV}"
+
+
+def secret_env(overrides: list[str]) -> dict[str, str]:
+    """The environment that hands the secret items of `overrides` to a task (read back by
+    `secret_overrides_from_env`); empty when there are none."""
+    secret = split_overrides(overrides)[1]
+    return {SECRET_SETTINGS_ENV: json.dumps(secret)} if secret else {}
+
+
 def secret_overrides_from_env() -> list[str]:
     """The secret `--set` items `submit` passed to this task through SECRET_SETTINGS_ENV (none outside a task)."""
     raw = os.environ.get(SECRET_SETTINGS_ENV)

@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import ExecutorError
 from pipeline.executors.base import (
-    SECRET_SETTINGS_ENV,
     JobRef,
     JobSpec,
     memory_bytes,
     run_argv,
+    secret_env,
+    secret_note,
     shard_groups,
     shell_line,
-    split_overrides,
     task_env,
 )
 from pipeline.executors.records import SUBMISSION_SUFFIX
@@ -166,10 +166,9 @@ class RayExecutor:
                  f"# runtime_env: {json.dumps(self._runtime_env(None, redacted=True), sort_keys=True)}",
                  f"# each task: {json.dumps(plan['options'], sort_keys=True)}"
                  + (f", at most {spec.parallel} at once" if spec.parallel else "")]
-        secret = split_overrides(spec.overrides)[1]
-        if secret:
-            lines.append(f"# {len(secret)} secret setting(s) ({', '.join(sorted(i.partition('=')[0] for i in secret))}) "
-                         f"reach each task through ${SECRET_SETTINGS_ENV} (the plan travels in the job's environment)")
+        note = secret_note(spec.overrides)
+        if note:
+            lines.append(f"# {note} (the plan travels in the job's environment)")
         for i, group in enumerate(groups):
             argv = run_argv(_spec_of(plan), group, plan["root"], plan["manifest"])
             lines.append(f"task {i}: python {shell_line(_redact_argv(argv))}")
@@ -355,8 +354,7 @@ def drive(plan: dict[str, Any], out: Any = None) -> int:
         print(f"error: stage {stage}: {why}", file=out, flush=True)
         return 2
     remote = ray.remote(run_task)
-    secret = split_overrides(spec.overrides)[1]
-    secret_env = {SECRET_SETTINGS_ENV: json.dumps(secret)} if secret else {}
+    secrets = secret_env(spec.overrides)
     pending = deque(enumerate(groups))
     running: dict[Any, int] = {}
     results: dict[int, dict[str, Any]] = {}
@@ -368,7 +366,7 @@ def drive(plan: dict[str, Any], out: Any = None) -> int:
             argv = run_argv(spec, group, plan["root"], plan["manifest"])
             label = f"{stage} task {i}"
             ref = remote.options(**options, retry_exceptions=[TaskStopped], name=f"{stage}-task-{i}").remote(
-                argv, {**task_env(NAME, job_id, i), **secret_env}, label)
+                argv, {**task_env(NAME, job_id, i), **secrets}, label)
             running[ref] = i
         done, _ = ray.wait(list(running), num_returns=1)
         for ref in done:

@@ -11,7 +11,6 @@ gets a folder ROOT/logs/<stage>-<time>/ with its script, its record and one log 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
 import shlex
@@ -26,11 +25,11 @@ from pipeline.claims import squeue
 from pipeline.config import RunConfig
 from pipeline.errors import SlurmError
 from pipeline.executors.base import (
-    SECRET_SETTINGS_ENV,
     JobRef,
     JobSpec,
     run_argv,
-    split_overrides,
+    secret_env,
+    secret_note,
 )
 from pipeline.executors.records import RECORD_NAME
 from pipeline.redact import redact_override
@@ -146,7 +145,7 @@ def render_script(config: RunConfig, spec: SlurmSpec, storage: Storage, log_dir:
     manifest = os.path.abspath(spec.manifest) if spec.manifest else None
     argv = run_argv(spec, spec.shards if spec.whole_run else _MY_SHARDS, storage.url(), manifest)
     run_line = " ".join(f'"{a}"' if a == _MY_SHARDS else q(a) for a in argv)
-    secret = split_overrides(spec.overrides)[1]
+    secret = secret_note(spec.overrides)
 
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in _directives(config, spec, log_dir))]
     what = (f"stage {spec.stage} (whole-run) over input shards {format_shard_spec(spec.shards) or 'its default'} in one job"
@@ -155,8 +154,7 @@ def render_script(config: RunConfig, spec: SlurmSpec, storage: Storage, log_dir:
     lines += [
         f"# Rendered by caprl-pipeline {code_version()} at {now_iso()}: {what}. Resubmit with: sbatch <this file>",
         *(f"# note: {note}" for note in spec.notes),
-        *([f"# {len(secret)} secret setting(s) ({', '.join(sorted(i.partition('=')[0] for i in secret))}) reach the "
-           f"task through ${SECRET_SETTINGS_ENV},", "# which sbatch takes from the environment it was called in: "
+        *([f"# {secret},", "# which sbatch takes from the environment it was called in: "
            "export it before resubmitting this file"] if secret else []),
         "set -uo pipefail",
         "export PYTHONUNBUFFERED=1",
@@ -314,10 +312,7 @@ class SlurmExecutor:
         else:
             local = os.path.join(log_dir, SCRIPT_NAME)
             Path(local).write_text(script)
-        env = dict(os.environ)
-        secret = split_overrides(spec.overrides)[1]
-        if secret:
-            env[SECRET_SETTINGS_ENV] = json.dumps(secret)
+        env = {**os.environ, **secret_env(spec.overrides)}
         try:
             proc = subprocess.run([sbatch, "--parsable", local], capture_output=True, text=True, timeout=120, env=env)
             if proc.returncode != 0:
