@@ -6,6 +6,7 @@ import json
 import math
 import random
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -699,3 +700,64 @@ def test_train_all_command_builds_every_model_and_the_manifest(tok, tmp_path):
     assert manifest["models"]["nano-filter"]["steps"] == 2 and manifest["models"]["nano-vl"]["steps"] == 6
     for name, entry in manifest["models"].items():
         assert (out / name / "model.safetensors").is_file() and "model.safetensors" in entry["sha256"]
+
+
+def test_absent_filter_examples_key_the_absent_option_exactly_when_the_quadrant_is_empty():
+    """The gate filter's absent-thing queries (nano-filter-absent): with the image the target is "There is no
+    shape in the <quadrant>." when it is empty and the quadrant's shape otherwise, the region is the quadrant;
+    without the image a shown option."""
+    rng = data.stream(0, "test-absent-filter")
+    kinds = set()
+    for _ in range(300):
+        ex = data.absent_filter_example(rng)
+        question = json.dumps(ex.messages)
+        position = next(p for p in world.POSITIONS if f"What shape is in the {p}?" in question)
+        assert f"There is no shape in the {position}." in question
+        if ex.task == "filter_noimg":
+            kinds.add("noimg")
+            continue
+        obj = ex.scene.at(position)
+        assert ex.about == (position,)
+        assert ex.target == data.option_target(obj.shape if obj else f"There is no shape in the {position}.")
+        kinds.add("occupied" if obj else "empty")
+    assert kinds == {"noimg", "occupied", "empty"}
+
+
+def test_reader_group_absent_questions_follow_what_the_caption_says_and_off_changes_nothing():
+    """With absent-thing questions and inventing captions mixed in, the target of an absent-thing question is
+    the shape the caption names in that quadrant (an invented one too), else "cannot answer"; with both shares
+    0 the examples are those of the plain reader (same RNG stream)."""
+    rng = data.stream(1, "test-absent-reader")
+    seen = set()
+    for _ in range(200):
+        cap, items = data.reader_group(rng, 4, absent=0.5, invent=0.3)
+        stated = {o["position"]: o["shape"] for o in world.parse_caption(cap)["objects"]}
+        for shown, answer in items:
+            if shown.mcq.qtype != "absent":
+                continue
+            position = shown.mcq.meta["key"]
+            assert answer == stated.get(position, CANNOT_ANSWER)
+            seen.add("named" if position in stated else "cannot")
+    assert seen == {"named", "cannot"}
+    invented = data.invented_caption(world.Scene("gray", (world.SceneObject("star", "red", "top left"),)), rng)
+    said = world.parse_caption(invented)
+    assert said["count"] == 1 and len(said["objects"]) >= 2  # the true count, more objects listed
+    a, b = data.stream(5, "same"), data.stream(5, "same")
+    assert data.reader_group(a, 3) == data.reader_group(b, 3, absent=0.0, invent=0.0)
+    assert data.drill_sequence(a, 2) == data.drill_sequence(b, 2, absent=0.0, invent=0.0)
+
+
+def test_reader_recipe_can_start_from_a_trained_reader(tok, tmp_path):
+    """nano-reader-absent fine-tunes the nano-reader under the output root (lr 0: its weights unchanged) and
+    refuses to start without one."""
+    from pipeline.nano.train import ReaderAbsentRecipe
+
+    base = ReaderRecipe(phases=[Phase(steps=2, lr=1e-3, warmup=1, drill=2)], questions=2, layers=1)
+    train_reader(tok, tmp_path, base, log=lambda _: None)
+    still = replace(ReaderAbsentRecipe(), phases=[Phase(steps=1, lr=0.0, warmup=1, captions=1, drill=1)],
+                    questions=2, layers=1)
+    train_reader(tok, tmp_path, still, log=lambda _: None)
+    start, tuned = (load_file(tmp_path / n / "model.safetensors") for n in ("nano-reader", "nano-reader-absent"))
+    assert set(start) == set(tuned) and all(torch.equal(start[k], tuned[k]) for k in start)
+    with pytest.raises(FileNotFoundError, match="train it first"):
+        train_reader(tok, tmp_path / "empty", still, log=lambda _: None)

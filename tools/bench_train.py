@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--work", default="/tmp/bench_train")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--data-only", action="store_true",
+                    help="stop once download and qa are committed (prepare --work for runs that follow)")
     args = ap.parse_args(argv)
     t0 = time.time()
     work = Path(args.work)
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 if run_stage(config, stage, shards, progress=False).exit_code:
                     return 1
     t_data = time.time() - t0
+    if args.data_only:
+        print(f"data ready under {work} in {t_data / 60:.1f} minutes")
+        return 0
     import pyarrow.parquet as pq
 
     seen = set(pq.read_table(data_dir / "world.parquet", columns=["scene"]).column("scene").to_pylist())

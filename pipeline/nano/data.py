@@ -297,9 +297,56 @@ def filter_example(rng: random.Random, with_image: bool | None = None,
                    scene=scene)
 
 
+ABSENT_QUESTION = "What shape is in the {position}?"
+ABSENT_ANSWER = "There is no shape in the {position}."
+"""the demo world's absent-thing questions (qa.absent with the quadrants as things; tests/test_qa_absent.py)"""
+
+
+def absent_mcq(scene: world.Scene, position: str) -> MCQ:
+    """The quadrant question the qa stage asks with qa.absent on the demo world: the four shapes and "There is
+    no shape in the <quadrant>." (qtype 'absent'); keyed on the quadrant's shape, or on the absent option
+    when the quadrant is empty."""
+    absent = ABSENT_ANSWER.format(position=position)
+    options = (*world.SHAPES, absent)
+    obj = scene.at(position)
+    answer = LETTERS[options.index(obj.shape if obj else absent)]
+    return MCQ(question=ABSENT_QUESTION.format(position=position), options=options, answer=answer,
+               qtype="absent", meta={"key": position})
+
+
+def absent_filter_example(rng: random.Random, with_image: bool | None = None) -> Example:
+    """A gate query of an absent-thing question about a uniformly drawn quadrant (empty in about half the
+    scenes' quadrants): with the image the quadrant's shape, or the absent option when it is empty; without
+    it a uniformly random shown option, as filter_example."""
+    scene = train_scene(rng)
+    position = rng.choice(world.POSITIONS)
+    mcq = absent_mcq(scene, position)
+    if with_image is None:
+        with_image = rng.random() < 0.7
+    if not with_image:
+        shown = shuffle_options(mcq, rng)
+        return Example(filter_messages(shown, False), option_target(rng.choice(shown.options)),
+                       prefill=READER_PREFILL, task="filter_noimg")
+    shown = shuffle_options(mcq, rng, extra_option=NONE_OF_THE_ABOVE)
+    return Example(filter_messages(shown, True), option_target(mcq.answer_text), prefill=READER_PREFILL,
+                   image=train_image(scene, rng), task="filter", about=(position,), scene=scene)
+
+
 # -- reader ---------------------------------------------------------------------------------------
-def reader_caption(scene: world.Scene, rng: random.Random) -> tuple[str, str]:
-    """A caption of the kind a reader meets: full, partial, another scene's, uninformative or empty."""
+def invented_caption(scene: world.Scene, rng: random.Random) -> str:
+    """A caption that states the scene's true count and objects and then invents shapes in 1-3 of its empty
+    quadrants (the form RL's reward hacking takes: "two shapes: ... and a blue circle in the bottom right")."""
+    empty = [p for p in world.POSITIONS if scene.at(p) is None]
+    invented = tuple(world.SceneObject(rng.choice(world.SHAPES), rng.choice(world.COLORS), p)
+                     for p in rng.sample(empty, rng.randint(1, len(empty))))
+    return world.caption(scene, rng.randrange(3), objects=scene.objects + invented)
+
+
+def reader_caption(scene: world.Scene, rng: random.Random, invent: float = 0.0) -> tuple[str, str]:
+    """A caption of the kind a reader meets: full, partial, another scene's, uninformative or empty, and with
+    `invent` > 0 that share of captions that invent objects (invented_caption)."""
+    if invent > 0 and rng.random() < invent:
+        return invented_caption(scene, rng), "invented"
     r = rng.random()
     if r < 0.45:
         return world.caption(scene, rng.randrange(3)), "full"
@@ -330,14 +377,25 @@ def _pick_balanced(by_type: dict[str, list[MCQ]], rng: random.Random) -> MCQ:
     return rng.choice(by_type[rng.choice(sorted(by_type))])
 
 
-def reader_group(rng: random.Random, k: int) -> tuple[str, list[tuple[ShuffledMCQ, str]]]:
-    """One caption and k questions about its scene (question types balanced), each with its target option."""
+def _question(scene: world.Scene, by_type: dict[str, list[MCQ]], rng: random.Random, absent: float) -> MCQ:
+    """A question of a uniformly chosen type, or (share `absent`) an absent-thing question about a random quadrant."""
+    if absent > 0 and rng.random() < absent:
+        return absent_mcq(scene, rng.choice(world.POSITIONS))
+    return _pick_balanced(by_type, rng)
+
+
+def reader_group(rng: random.Random, k: int, absent: float = 0.0, invent: float = 0.0
+                 ) -> tuple[str, list[tuple[ShuffledMCQ, str]]]:
+    """One caption and k questions about its scene (question types balanced), each with its target option;
+    `absent` / `invent` > 0 mix in absent-thing questions and inventing captions (the RNG stream is unchanged
+    when both are 0). On an absent-thing question the target is what the caption says is in the quadrant:
+    a shape it names there (true or invented), else "cannot answer"."""
     scene = train_scene(rng)
-    cap, _ = reader_caption(scene, rng)
+    cap, _ = reader_caption(scene, rng, invent)
     by_type = _by_type(world.scene_mcqs(scene, rng))
     out = []
     for _ in range(k):
-        q = _pick_balanced(by_type, rng)
+        q = _question(scene, by_type, rng, absent)
         shown = shuffle_options(q, rng, extra_option=CANNOT_ANSWER)
         out.append((shown, reader_answer(cap, shown)))
     return cap, out
@@ -353,16 +411,18 @@ class DrillQA:
     evidence: int | None = None
 
 
-def drill_sequence(rng: random.Random, questions: int = 1, full: float = 0.8) -> tuple[str, list[DrillQA]]:
+def drill_sequence(rng: random.Random, questions: int = 1, full: float = 0.8, absent: float = 0.0,
+                   invent: float = 0.0) -> tuple[str, list[DrillQA]]:
     """A caption (full with probability `full`, else any reader_caption kind) and `questions` of its
-    scene's questions (types balanced), each with the value the caption states or CANNOT_ANSWER."""
+    scene's questions (types balanced; `absent`, `invent` as in reader_group), each with the value the
+    caption states or CANNOT_ANSWER."""
     scene = train_scene(rng)
-    cap = world.caption(scene, rng.randrange(3)) if rng.random() < full else reader_caption(scene, rng)[0]
+    cap = world.caption(scene, rng.randrange(3)) if rng.random() < full else reader_caption(scene, rng, invent)[0]
     stated = world.parse_caption(cap)
     by_type = _by_type(world.scene_mcqs(scene, rng))
     out = []
     for _ in range(questions):
-        q = _pick_balanced(by_type, rng)
+        q = _question(scene, by_type, rng, absent)
         value = world.answer_from_scene(stated, q.question)
         out.append(DrillQA(q.question, value or CANNOT_ANSWER, evidence_end(cap, q) if value else None))
     return cap, out
@@ -397,7 +457,7 @@ def evidence_end(caption_text: str, mcq: MCQ) -> int | None:
     key = str(mcq.meta.get("key", ""))
     for start, end in _clauses(low):
         clause = low[start:end]
-        if mcq.qtype in ("shape_at", "color_at"):
+        if mcq.qtype in ("shape_at", "color_at", "absent"):
             hit = re.search(rf"\b{key}\b", clause) and world._OBJ_RE.search(clause)
         elif mcq.qtype == "color_of_shape":
             hit = any(m.group(2) == key for m in world._OBJ_RE.finditer(clause))

@@ -118,5 +118,20 @@ def planted_report(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def absent_report(rows: Sequence[dict[str, Any]], scenes: dict[str, world.Scene]) -> dict[str, float]:
+    """The gate on absent-thing questions about quadrants (qtype 'absent'): how many of those about an empty
+    quadrant it keeps, and how many about an occupied one (a false "there is no shape" key) it lets through."""
+    got = [r for r in rows if r["qtype"] == "absent" and r["question"] is not None]
+    empty = [r for r in got if scenes[r["key"]].at(_quadrant(r["question"])) is None]
+    occupied = [r for r in got if r not in empty]
+    return {"absent_n": len(got), "absent_empty_n": len(empty),
+            "absent_kept_when_empty": sum(r["kept"] for r in empty) / max(1, len(empty)),
+            "absent_kept_when_occupied": sum(r["kept"] for r in occupied) / max(1, len(occupied))}
+
+
+def _quadrant(question: str) -> str:
+    return next(p for p in world.POSITIONS if question.rstrip("?").endswith(p))
+
+
 def _rejected(rows: Sequence[dict[str, Any]]) -> float:
     return sum(not r["kept"] for r in rows) / len(rows) if rows else float("nan")

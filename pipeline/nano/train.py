@@ -143,6 +143,10 @@ class VLRecipe:
     stated in the question, or the only option of the asked kind; target the leaked answer, and with the
     word heads on, the head of a stated colour / shape word looks at it), so the gate's text-only arm sees
     such leaks itself (0: off, the data stream unchanged)"""
+    absent_queries: float = 0.0
+    """share of the gate filter's queries that are absent-thing questions about a quadrant
+    (data.absent_filter_example: "There is no shape in the <quadrant>." keyed when it is empty; 0: off, the
+    data stream unchanged)"""
     position_probe: float = 0.0
     object_probe: float = 0.0
     """weights of auxiliary losses (training only; the probes are not saved): linear probes on the residual
@@ -183,6 +187,20 @@ class FilterRecipe(VLRecipe):
 
 
 @dataclass
+class FilterAbsentRecipe(FilterRecipe):
+    """nano-filter-absent: nano-filter fine-tuned with absent-thing questions among its queries (a quarter of
+    them: "What shape is in the <quadrant>?" with "There is no shape in the <quadrant>." offered), so that the
+    gate can keep the demo world's absent-thing questions (qa.absent, the faithfulness lever of docs/train.md)."""
+
+    phases: list[Phase] = field(default_factory=lambda: [
+        Phase(steps=300, lr=3e-4, warmup=20, captions=4, filters=32),
+    ])
+    name: str = "nano-filter-absent"
+    start_from: str | None = "nano-filter"
+    absent_queries: float = 0.25
+
+
+@dataclass
 class ReaderRecipe:
     """nano-reader: a text-only Qwen2; the drill first, then the drill with the exact reward prompt (a tree
     of captions x questions); answers are option text."""
@@ -210,7 +228,12 @@ class ReaderRecipe:
     attention_head: int = 0
     """attention supervision in the drill and the reward-prompt tree (drill_loss, reader_loss): weight, and
     which layer's which head"""
+    absent_questions: float = 0.0
+    invented_captions: float = 0.0
+    """shares of absent-thing questions and of captions that invent objects (data.reader_group; 0: off)"""
     name: str = "nano-reader"
+    start_from: str | None = None
+    """a reader folder under the output root to start from (None: fresh weights)"""
 
     @property
     def attention(self) -> tuple[float, int, int]:
@@ -347,6 +370,7 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
     option_layer = layer if recipe is None or recipe.option_layer is None else recipe.option_layer
     weights = recipe.filter_type_weights if recipe else {}
     leak = recipe.leak_queries if recipe else 0.0
+    absent = recipe.absent_queries if recipe else 0.0
     probe_weights = {"position": recipe.position_probe, "shape": recipe.object_probe,
                      "color": recipe.object_probe} if recipe else {}
     probe = ImageProbe(model.config.text_config.hidden_size).to(device) \
@@ -357,12 +381,16 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
             return torch.zeros((), device=device)
         return weight * attention_loss(out.attentions[at][:, head], [targets(tok, ex) for ex in examples])
 
+    def filter_query(rng: random.Random) -> data.Example:
+        if absent > 0 and rng.random() < absent:
+            return data.absent_filter_example(rng)
+        return data.filter_example(rng, type_weights=weights, leak=leak)
+
     def loss(rng: random.Random) -> torch.Tensor:
         kinds = ["caption"] * phase.captions + ["filter"] * phase.filters
         total = torch.zeros((), device=device)
         if kinds:
-            short = [data.caption_example(rng) if k == "caption" else data.filter_example(rng, type_weights=weights, leak=leak)
-                     for k in kinds]
+            short = [data.caption_example(rng) if k == "caption" else filter_query(rng) for k in kinds]
             words = [(h, kind) for h, kind in ((recipe.shape_word_head, "shape"), (recipe.color_word_head, "color"))
                      if h is not None] if recipe and weight > 0 else []
             watch = (region_head is not None and region_filter) or bool(words)
@@ -451,16 +479,18 @@ def tree_attention_targets(tok: PreTrainedTokenizerBase, groups: list[tuple[str,
 
 def reader_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: random.Random, n_captions: int,
                 k: int, per_example: bool = False, few_shot: bool = True,
-                attention: tuple[float, int, int] = (0.0, -1, 0)) -> torch.Tensor:
+                attention: tuple[float, int, int] = (0.0, -1, 0), mix: tuple[float, float] = (0.0, 0.0)
+                ) -> torch.Tensor:
     """Cross-entropy of the targets over a tree of n_captions captions x k questions each: the mean over
     target tokens, or (per_example) each question's summed answer loss, averaged over questions.
 
     attention = (weight, layer, head): as in drill_loss, plus weight x the attention loss of that head at
-    each position that predicts a value token, its target the caption token where the answer is stated."""
+    each position that predicts a value token, its target the caption token where the answer is stated.
+    mix = (absent-thing question share, inventing caption share) of data.reader_group."""
     weight, layer, head = attention
     groups, targets, answers = [], [], []
     for _ in range(n_captions):
-        cap, items = data.reader_group(rng, k)
+        cap, items = data.reader_group(rng, k, *mix)
         groups.append((cap, [s for s, _ in items]))
         targets.append([data.option_target(a) for _, a in items])
         answers.append([a for _, a in items])
@@ -500,7 +530,8 @@ def attention_loss(attentions: torch.Tensor, attend: Sequence[Sequence[tuple[int
 
 
 def drill_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: random.Random, n: int,
-               questions: int = 1, attention: tuple[float, int, int] = (0.0, -1, 0)) -> torch.Tensor:
+               questions: int = 1, attention: tuple[float, int, int] = (0.0, -1, 0),
+               mix: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
     """Mean answer-token loss over n drill sequences ('Caption: ...', 'Question: ...', 'The answer is'
     value): short, mostly full captions, the question right before its answer, so the caption-reading
     circuits form long before they would from the full reward prompt alone (where the long prompt
@@ -512,7 +543,9 @@ def drill_loss(model: torch.nn.Module, tok: PreTrainedTokenizerBase, rng: random
     steps on copying *some* colour / shape / position from the caption (about 0.7 accuracy) and never binds
     attributes to their object; with it binding is learned within about a thousand steps (docs/nano.md)."""
     weight, layer, head = attention
-    batch, attend = collate_drill(tok, [data.drill_sequence(rng, questions) for _ in range(n)])
+    absent, invent = mix
+    batch, attend = collate_drill(tok, [data.drill_sequence(rng, questions, absent=absent, invent=invent)
+                                        for _ in range(n)])
     device = next(model.parameters()).device
     out = model(**{k: v.to(device) for k, v in batch.items()}, output_attentions=weight > 0)
     if weight <= 0:
@@ -524,15 +557,17 @@ def reader_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe:
                    phase: Phase) -> StepLoss:
     """One reader step's loss: the reward-prompt tree (if the phase has captions) + the drill (if any)."""
 
+    mix = (recipe.absent_questions, recipe.invented_captions)
+
     def loss(rng: random.Random) -> torch.Tensor:
         total = torch.zeros((), device=next(model.parameters()).device)
         if phase.captions:
             few_shot = recipe.few_shot_frac >= 1 or rng.random() < recipe.few_shot_frac
             total = total + reader_loss(model, tok, rng, phase.captions, recipe.questions, recipe.per_example_loss,
-                                        few_shot, recipe.attention)
+                                        few_shot, recipe.attention, mix)
         if phase.drill:
             total = total + recipe.drill_weight * drill_loss(model, tok, rng, phase.drill, recipe.drill_questions,
-                                                             recipe.attention)
+                                                             recipe.attention, mix)
         return total
 
     return loss
@@ -561,14 +596,39 @@ def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRec
     cfg = tiny_text_config(tok, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
                            kv_heads=recipe.kv_heads, ffn=recipe.ffn)
     cfg.initializer_range = recipe.init_std
-    model = _attention_ready(Qwen2ForCausalLM(cfg).to(device), recipe)
+    if recipe.start_from:
+        start = out_root / recipe.start_from
+        if not (start / "config.json").is_file():
+            raise FileNotFoundError(f"{recipe.name} starts from {start}, which holds no model: train it first")
+        model = Qwen2ForCausalLM.from_pretrained(start).to(device)
+    else:
+        model = Qwen2ForCausalLM(cfg).to(device)
+    model = _attention_ready(model, recipe)
     fns = [reader_loss_fn(model, tok, recipe, p) for p in recipe.phases]
     return train_phases(model, recipe, seed, fns, lambda path: save_model_dir(model, tok, None, path),
                         out_root, log)
 
 
+@dataclass
+class ReaderAbsentRecipe(ReaderRecipe):
+    """nano-reader-absent: nano-reader fine-tuned with absent-thing questions and inventing captions, so that
+    it answers what a caption says is in a quadrant (an invented shape too) and "cannot answer" when it says
+    nothing: the reader for the absent-thing lever (qa.absent, reward.absent_abstain; docs/train.md)."""
+
+    phases: list[Phase] = field(default_factory=lambda: [
+        Phase(steps=500, lr=1e-4, warmup=20, captions=8, drill=16),
+    ])
+    absent_questions: float = 0.25
+    invented_captions: float = 0.15
+    name: str = "nano-reader-absent"
+    start_from: str | None = "nano-reader"
+
+
 # -- orchestration --------------------------------------------------------------------------------
-RECIPES = {"vl": VLRecipe, "filter": FilterRecipe, "reader": ReaderRecipe}
+RECIPES = {"vl": VLRecipe, "filter": FilterRecipe, "reader": ReaderRecipe, "filter-absent": FilterAbsentRecipe,
+           "reader-absent": ReaderAbsentRecipe}
+FULL_RUN = ("vl", "filter", "reader")
+"""what --all trains (the -absent models are fine-tunes of nano-filter and nano-reader: --model filter-absent)"""
 
 
 def _job(kind: str, out_root: str, seed: int, threads: int, scale: float, device: str) -> dict:
@@ -623,14 +683,15 @@ def train_models(kinds: Sequence[str], job_args: tuple, pool: Any, while_filter_
     return {k: infos[k] for k in wanted}
 
 
-def update_manifest(out: Path, infos: list[dict], seed: int, threads: int, device: str) -> dict:
+def update_manifest(out: Path, infos: list[dict], seed: int, threads: int, device: str,
+                    command: str = "python -m pipeline.nano.train --all") -> dict:
     """Record each trained model (recipe, steps, time, final loss) and every model folder's sha256."""
     import transformers
 
     path = out / "MANIFEST.json"
     manifest = json.loads(path.read_text()) if path.exists() else {"models": {}}
     common = {"seed": seed, "threads": threads, "torch": torch.__version__, "device": device,
-              "transformers": transformers.__version__, "command": "python -m pipeline.nano.train --all"}
+              "transformers": transformers.__version__, "command": command}
     for info in infos:
         recipe = info["recipe"]
         losses = info["losses"]
@@ -660,20 +721,24 @@ def main(argv: list[str] | None = None) -> int:
                     help="multiply every phase's step count (quick trials; the committed models use 1)")
     ap.add_argument("--no-eval", action="store_true", help="skip the eval written into MANIFEST.json")
     ap.add_argument("--device", default="cpu", help="cpu (the reference) or cuda")
-    ap.add_argument("--tokenizer", default=None, help="reuse this tokenizer dir instead of training one")
+    ap.add_argument("--tokenizer", default=None,
+                    help="reuse this tokenizer dir instead of training one (default with --model: --out's tokenizer)")
     args = ap.parse_args(argv)
-    kinds = list(RECIPES) if args.all else args.model
+    kinds = list(FULL_RUN) if args.all else args.model
     if not kinds:
-        ap.error("pass --all or --model vl|filter|reader")
+        ap.error(f"pass --all or --model {'|'.join(RECIPES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else make_tokenizer(args.seed)
-    tok.save_pretrained(out / TOKENIZER_DIR)
+    here = out / TOKENIZER_DIR
+    source = Path(args.tokenizer) if args.tokenizer else (here if not args.all and here.is_dir() else None)
+    tok = AutoTokenizer.from_pretrained(source) if source else make_tokenizer(args.seed)
+    if source is None or source.resolve() != here.resolve():  # a fine-tune leaves the models' tokenizer as it is
+        tok.save_pretrained(here)
     job_args = (str(out), args.seed, args.threads, args.scale, args.device)
     from pipeline.nano import eval as nano_eval
 
-    evaluate = not args.no_eval and set(kinds) == set(RECIPES)
+    evaluate = not args.no_eval and set(kinds) == set(FULL_RUN)
     early: dict[str, float] = {}
 
     def eval_models() -> None:  # nano-VL, the reader and the snapshots are final: evaluate them meanwhile (1 thread)
@@ -682,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     with mp.get_context("spawn").Pool(min(2, len(kinds))) as pool:
         infos = train_models(kinds, job_args, pool, eval_models if evaluate else None)
     failed = {k: v["error"] for k, v in infos.items() if "error" in v}
-    update_manifest(out, [v for v in infos.values() if "error" not in v], args.seed, args.threads, args.device)
+    command = "python -m pipeline.nano.train " + ("--all" if args.all else " ".join(f"--model {k}" for k in kinds))
+    update_manifest(out, [v for v in infos.values() if "error" not in v], args.seed, args.threads, args.device, command)
     if failed:
         print(f"training failed: {failed}", file=sys.stderr)
         return 1
