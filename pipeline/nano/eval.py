@@ -195,6 +195,23 @@ def caprl_reward(reader: NanoReaderEngine, captions: Sequence[str], mcqs: Sequen
     return [float(r.reward) for r in results]  # type: ignore[arg-type]
 
 
+def eval_absent_reader(reader: NanoReaderEngine, scenes: Sequence[world.Scene], seed: int = 0) -> dict[str, float]:
+    """The reward on the absent-thing questions about each scene's empty quadrants (absent_abstain on), for
+    the scene's true caption (`absent_honest`, 1 is right) and for one that invents a shape in every empty
+    quadrant (`absent_invented`, 0 is right)."""
+    rng = random.Random(data.EVAL_MCQ_SEED + 3)
+    caps, mcqs = [], []
+    for i, scene in enumerate(s for s in scenes if len(s.objects) < len(world.POSITIONS)):
+        empty = [p for p in world.POSITIONS if scene.at(p) is None]
+        invented = tuple(world.SceneObject(rng.choice(world.SHAPES), rng.choice(world.COLORS), p) for p in empty)
+        caps += [world.caption(scene, i % 3), world.caption(scene, i % 3, objects=scene.objects + invented)]
+        mcqs += [[data.absent_mcq(scene, p) for p in empty]] * 2
+    cfg = RewardConfig(mode="option_text", n_draws=REWARD_DRAWS, seed=seed, few_shot=True, absent_abstain=True)
+    rewards = [float(r.reward) for r in compute_rewards(caps, mcqs, reader, cfg)]  # type: ignore[arg-type]
+    return {"absent_honest": sum(rewards[0::2]) / len(rewards[0::2]),
+            "absent_invented": sum(rewards[1::2]) / len(rewards[1::2])}
+
+
 def _fmt(name: str, value: float) -> str:
     target = TARGETS.get(name)
     if target is None:
