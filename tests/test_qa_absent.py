@@ -38,8 +38,15 @@ def scenes(n: int, seed: int) -> list[world.Scene]:
 
 
 def run_qa(config: RunConfig, resources: dict | None = None) -> None:
+    """Shard 0 through the qa stage (one torch thread: the nano models' recorded numbers)."""
     out = io.StringIO()
-    assert run_stage(config, "qa", [0], progress=False, out=out, resources=resources).exit_code == 0, out.getvalue()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = run_stage(config, "qa", [0], progress=False, out=out, resources=resources).exit_code
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, out.getvalue()
 
 
 def absent_rows(root: Path) -> list[dict]:
@@ -125,12 +132,7 @@ def test_nano_models_generate_gate_and_export_with_absent_questions(tmp_path):
     world_scenes = scenes(4, seed=9)
     keys = qa_eval.write_image_shard(Storage(str(tmp_path)), 0, world_scenes)
     config = load_config(DEMO_MANIFEST, ["shard_size=4", *ABSENT], root=str(tmp_path))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_qa(config)
-    finally:
-        torch.set_num_threads(threads)
+    run_qa(config)
     rows = shardio.read_manifest(str(tmp_path / "qa" / "00000.parquet"))
     absent = [r for r in rows if r["qtype"] == "absent"]
     generated = [r for r in rows if r["qtype"] != "absent" and r["question"]]
@@ -154,17 +156,12 @@ def test_nano_models_generate_gate_and_export_with_absent_questions(tmp_path):
 @pytest.mark.skipif(not (NANO / "nano-filter-absent" / "config.json").exists(), reason="no nano models")
 def test_nano_filter_absent_keeps_truly_absent_things(tmp_path):
     """Gate-only, every quadrant asked: nano-filter-absent (trained on absence) drops every question about an
-    occupied quadrant and keeps most of those about an empty one (200 scenes: 0.73 kept, 0 false keeps)."""
+    occupied quadrant and keeps most of those about an empty one (100 scenes: 0.73 kept, 0 false keeps)."""
     world_scenes = scenes(8, seed=21)
     keys = qa_eval.write_image_shard(Storage(str(tmp_path)), 0, world_scenes)
     config = load_config(DEMO_MANIFEST, ["shard_size=8", "qa.generate=false", "qa.absent.per_image=4",
                                          "qa.filter.model=models/nano/nano-filter-absent"], root=str(tmp_path))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_qa(config)
-    finally:
-        torch.set_num_threads(threads)
+    run_qa(config)
     rows = absent_rows(tmp_path)
     res = qa_eval.absent_report(rows, dict(zip(keys, world_scenes, strict=True)))
     assert res["absent_n"] == 4 * len(keys)

@@ -440,14 +440,7 @@ def train_vl(tok: PreTrainedTokenizerBase, out_root: Path, recipe: VLRecipe, see
     `recipe.start_from` under out_root (nano-filter starts from nano-VL)."""
     processor = build_processor(tok)
     torch.manual_seed(seed)
-    if recipe.start_from:
-        start = out_root / recipe.start_from
-        if not (start / "config.json").is_file():
-            raise FileNotFoundError(f"{recipe.name} starts from {start}, which holds no model: train it first")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(start).to(device)
-    else:
-        model = Qwen2_5_VLForConditionalGeneration(recipe.config(tok)).to(device)
-    model = _attention_ready(model, recipe)
+    model = _initial_model(Qwen2_5_VLForConditionalGeneration, recipe, out_root, lambda: recipe.config(tok), device)
     fns = [vl_loss_fn(model, tok, processor, p, device, recipe) for p in recipe.phases]
     return train_phases(model, recipe, seed, fns, lambda path: save_model_dir(model, tok, processor, path),
                         out_root, log)
@@ -573,6 +566,20 @@ def reader_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, recipe:
     return loss
 
 
+def _initial_model(cls: Any, recipe: VLRecipe | ReaderRecipe, out_root: Path, config: Callable[[], Any],
+                   device: str) -> torch.nn.Module:
+    """Fresh weights of `config()`, or the model folder `recipe.start_from` under out_root (a fine-tune),
+    made ready for the recipe's attention supervision."""
+    if recipe.start_from:
+        start = out_root / recipe.start_from
+        if not (start / "config.json").is_file():
+            raise FileNotFoundError(f"{recipe.name} starts from {start}, which holds no model: train it first")
+        model = cls.from_pretrained(start).to(device)
+    else:
+        model = cls(config()).to(device)
+    return _attention_ready(model, recipe)
+
+
 def _attention_ready(model: torch.nn.Module, recipe: VLRecipe | ReaderRecipe) -> torch.nn.Module:
     """The eager attention implementation when the recipe supervises attention (only it returns attention
     weights); the saved model loads with the default implementation, same numbers."""
@@ -596,14 +603,7 @@ def train_reader(tok: PreTrainedTokenizerBase, out_root: Path, recipe: ReaderRec
     cfg = tiny_text_config(tok, hidden=recipe.hidden, layers=recipe.layers, heads=recipe.heads,
                            kv_heads=recipe.kv_heads, ffn=recipe.ffn)
     cfg.initializer_range = recipe.init_std
-    if recipe.start_from:
-        start = out_root / recipe.start_from
-        if not (start / "config.json").is_file():
-            raise FileNotFoundError(f"{recipe.name} starts from {start}, which holds no model: train it first")
-        model = Qwen2ForCausalLM.from_pretrained(start).to(device)
-    else:
-        model = Qwen2ForCausalLM(cfg).to(device)
-    model = _attention_ready(model, recipe)
+    model = _initial_model(Qwen2ForCausalLM, recipe, out_root, lambda: cfg, device)
     fns = [reader_loss_fn(model, tok, recipe, p) for p in recipe.phases]
     return train_phases(model, recipe, seed, fns, lambda path: save_model_dir(model, tok, None, path),
                         out_root, log)
