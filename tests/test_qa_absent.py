@@ -54,7 +54,7 @@ def absent_rows(root: Path) -> list[dict]:
 
 
 def quadrant(row: dict) -> str:
-    return row["question"].removeprefix("What shape is in the ").removesuffix("?")
+    return qa_eval.quadrant(row["question"])
 
 
 def test_absent_candidates_are_seeded_per_image_and_keyed_on_the_absent_option():
@@ -166,3 +166,15 @@ def test_nano_filter_absent_keeps_truly_absent_things(tmp_path):
     res = qa_eval.absent_report(rows, dict(zip(keys, world_scenes, strict=True)))
     assert res["absent_n"] == 4 * len(keys)
     assert res["absent_kept_when_occupied"] == 0.0 and res["absent_kept_when_empty"] >= 0.5, res
+
+
+def test_demo_manifest_asks_the_absent_questions_the_absent_models_were_trained_on():
+    """manifests/demo.yaml's qa.absent and the nano recipe's absent question (pipeline.nano.data.absent_mcq, what
+    nano-filter-absent and nano-reader-absent learned) are the same question with the same options."""
+    from pipeline.nano import data
+    from stages.qa.absent import absent_mcq
+
+    cfg = load_config(DEMO_MANIFEST).qa.absent
+    for position in world.POSITIONS:
+        asked, trained = absent_mcq(position, cfg), data.absent_mcq(world.Scene("gray", ()), position)
+        assert (asked.question, asked.options, asked.answer) == (trained.question, trained.options, trained.answer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,13 +333,16 @@ def absent_filter_example(rng: random.Random, with_image: bool | None = None) ->
 
 
 # -- reader ---------------------------------------------------------------------------------------
-def invented_caption(scene: world.Scene, rng: random.Random) -> str:
-    """A caption that states the scene's true count and objects and then invents shapes in 1-3 of its empty
-    quadrants (the form RL's reward hacking takes: "two shapes: ... and a blue circle in the bottom right")."""
-    empty = [p for p in world.POSITIONS if scene.at(p) is None]
-    invented = tuple(world.SceneObject(rng.choice(world.SHAPES), rng.choice(world.COLORS), p)
-                     for p in rng.sample(empty, rng.randint(1, len(empty))))
-    return world.caption(scene, rng.randrange(3), objects=scene.objects + invented)
+def invented_caption(scene: world.Scene, rng: random.Random, positions: Sequence[str] | None = None,
+                     template: int | None = None) -> str:
+    """A caption that states the scene's true count and objects and then invents shapes in `positions` (default
+    1-3 of its empty quadrants, drawn) in `template` (default drawn): the form RL's reward hacking takes ("two
+    shapes: ... and a blue circle in the bottom right")."""
+    if positions is None:
+        empty = [p for p in world.POSITIONS if scene.at(p) is None]
+        positions = rng.sample(empty, rng.randint(1, len(empty)))
+    invented = tuple(world.SceneObject(rng.choice(world.SHAPES), rng.choice(world.COLORS), p) for p in positions)
+    return world.caption(scene, rng.randrange(3) if template is None else template, objects=scene.objects + invented)
 
 
 def reader_caption(scene: world.Scene, rng: random.Random, invent: float = 0.0) -> tuple[str, str]:

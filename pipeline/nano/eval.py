@@ -203,8 +203,7 @@ def eval_absent_reader(reader: NanoReaderEngine, scenes: Sequence[world.Scene], 
     caps, mcqs = [], []
     for i, scene in enumerate(s for s in scenes if len(s.objects) < len(world.POSITIONS)):
         empty = [p for p in world.POSITIONS if scene.at(p) is None]
-        invented = tuple(world.SceneObject(rng.choice(world.SHAPES), rng.choice(world.COLORS), p) for p in empty)
-        caps += [world.caption(scene, i % 3), world.caption(scene, i % 3, objects=scene.objects + invented)]
+        caps += [world.caption(scene, i % 3), data.invented_caption(scene, rng, positions=empty, template=i % 3)]
         mcqs += [[data.absent_mcq(scene, p) for p in empty]] * 2
     cfg = RewardConfig(mode="option_text", n_draws=REWARD_DRAWS, seed=seed, few_shot=True, absent_abstain=True)
     rewards = [float(r.reward) for r in compute_rewards(caps, mcqs, reader, cfg)]  # type: ignore[arg-type]

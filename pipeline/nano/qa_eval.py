@@ -122,14 +122,15 @@ def absent_report(rows: Sequence[dict[str, Any]], scenes: dict[str, world.Scene]
     """The gate on absent-thing questions about quadrants (qtype 'absent'): how many of those about an empty
     quadrant it keeps, and how many about an occupied one (a false "there is no shape" key) it lets through."""
     got = [r for r in rows if r["qtype"] == "absent" and r["question"] is not None]
-    empty = [r for r in got if scenes[r["key"]].at(_quadrant(r["question"])) is None]
+    empty = [r for r in got if scenes[r["key"]].at(quadrant(r["question"])) is None]
     occupied = [r for r in got if r not in empty]
     return {"absent_n": len(got), "absent_empty_n": len(empty),
             "absent_kept_when_empty": sum(r["kept"] for r in empty) / max(1, len(empty)),
             "absent_kept_when_occupied": sum(r["kept"] for r in occupied) / max(1, len(occupied))}
 
 
-def _quadrant(question: str) -> str:
+def quadrant(question: str) -> str:
+    """The quadrant a demo-world question ends with ("What shape is in the top left?" -> "top left")."""
     return next(p for p in world.POSITIONS if question.rstrip("?").endswith(p))
 
 
