@@ -141,6 +141,10 @@ class RewardConfig(Section):
     absent_abstain: bool = Field(
         False, description="absent-thing questions (qtype 'absent', qa.absent): the reader's 'cannot answer' counts "
         "as right too, since the caption did not claim the thing (for readers that do not infer absence)")
+    wrong_penalty: float = Field(
+        0.0, ge=0.0, description="negative marking: a draw answered wrongly scores -wrong_penalty instead of 0 ('cannot "
+        "answer' and an unparseable answer still score 0), so a caption that states a guess loses against one that "
+        "stays silent unless the guess is right more often than penalty / (1 + penalty) (docs/train.md)")
     retries: int = runtime(1, ge=0, description="re-asks of failed reader calls before a reward is missing")
     cache: str | None = runtime(None, description="fsspec directory of the reward cache (replayable runs)")
 

@@ -2,7 +2,9 @@
 
 For each caption, N questions are drawn with replacement from that image's MCQs; every draw shows
 the options in a fresh order with CANNOT_ANSWER appended last; the reward is the mean correctness
-over the N draws. All reader prompts for a batch of captions go to the engine in ONE call.
+over the N draws. All reader prompts for a batch of captions go to the engine in ONE call. With
+`wrong_penalty` > 0 (negative marking) a wrong answer scores -penalty, "cannot answer" 0 and a right one 1,
+so stating a guess pays only when it is right often enough.
 
 A reader failure (an engine exception, or a per-request error) is retried, and if it persists the
 caption's reward is *missing* (`reward=None` with a reason), never 0: a trainer masks it. A cache
@@ -53,6 +55,20 @@ class DrawRecord:
     raw: str = ""
     cached: bool = False
     error: str | None = None
+    abstained: float | None = None
+    """1/0 whether the reader said "cannot answer" (or gave no parseable answer) where that is not the right
+    answer (its probability under letter_prob / expected); None for cache entries written before it existed."""
+
+    def score(self, wrong_penalty: float = 0.0) -> float | None:
+        """The draw's reward: `correct`, minus `wrong_penalty` times the chance the answer was wrong (neither
+        right nor an abstention)."""
+        if self.correct is None:
+            return None
+        if not wrong_penalty:
+            return float(self.correct)
+        if self.abstained is None:
+            raise ValueError("a draw without its abstention cannot be negatively marked")
+        return float(self.correct) - wrong_penalty * max(0.0, 1.0 - float(self.correct) - self.abstained)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -239,9 +255,11 @@ class CapRLReward:
                 ckey = RewardCache.key(caption, shown.mcq.id, shown.permutation, reader_id, occurrence)
                 item = _Pending(i, d, caption, shown, ckey)
                 hit = self.cache.get(ckey) if self.cache is not None else None
+                if hit is not None and self.config.wrong_penalty and hit.get("abstained") is None:
+                    hit = None  # written before abstentions were kept: ask again rather than guess the mark
                 if hit is not None:
                     item.record = self._record(item, hit.get("answer"), hit.get("correct"), hit.get("prob"),
-                                               hit.get("raw", ""), cached=True)
+                                               hit.get("raw", ""), cached=True, abstained=hit.get("abstained"))
                     cached += 1
                 pending.append(item)
         todo = [p for p in pending if p.record is None]
@@ -265,7 +283,8 @@ class CapRLReward:
             if failed:
                 result.reason = f"reader failed on {len(failed)}/{len(result.draws)} draws: {failed[0].error}"
             else:
-                result.reward = sum(float(d.correct) for d in result.draws) / len(result.draws)  # type: ignore[arg-type]
+                scores = [d.score(self.config.wrong_penalty) for d in result.draws]
+                result.reward = sum(scores) / len(scores)  # type: ignore[arg-type]
         self.last_stats = {"captions": len(captions), "draws": len(pending), "cached": cached,
                            "reader_calls": calls, "missing": sum(r.missing for r in results),
                            "unparsed": sum(r.unparsed for r in results)}
@@ -313,7 +332,9 @@ class CapRLReward:
         except ReasoningPreamble as exc:  # a misconfigured reader: the draw failed, it is not scored 0
             p.error = str(exc)
             return
-        self._finish(p, answer, 1.0 if answer in self._right(p) else 0.0, None, gen.text)
+        right = self._right(p)
+        abstained = float(answer is None or (answer == self._abstain_letter(p) and answer not in right))
+        self._finish(p, answer, 1.0 if answer in right else 0.0, None, gen.text, abstained)
 
     def _right(self, p: _Pending) -> tuple[str, ...]:
         """The letters that count as right: the keyed one, and for an absent-thing question under
@@ -321,6 +342,11 @@ class CapRLReward:
         if self.config.absent_abstain and p.shown.mcq.qtype == "absent":
             return (p.shown.answer, LETTERS[len(p.shown.options) - 1])
         return (p.shown.answer,)
+
+    @staticmethod
+    def _abstain_letter(p: _Pending) -> str:
+        """The letter of "cannot answer" (always shown last)."""
+        return LETTERS[len(p.shown.options) - 1]
 
     def _take_scores(self, p: _Pending, row: Sequence[float], n: int) -> None:
         if len(row) != n or not all(math.isfinite(s) for s in row):
@@ -330,22 +356,27 @@ class CapRLReward:
         right = [LETTERS.index(letter) for letter in self._right(p)]
         best = max(range(n), key=probs.__getitem__)
         prob = sum(probs[i] for i in right)
+        abstain = n - 1 if LETTERS[n - 1] not in self._right(p) else None
         if self.config.mode == "letter_prob" or self.config.expected:
             correct = prob
+            abstained = probs[abstain] if abstain is not None else 0.0
         else:
             correct = 1.0 if best in right else 0.0
-        self._finish(p, LETTERS[best], correct, prob, "")
+            abstained = float(best == abstain)
+        self._finish(p, LETTERS[best], correct, prob, "", abstained)
 
-    def _finish(self, p: _Pending, answer: str | None, correct: float, prob: float | None, raw: str) -> None:
-        p.record = self._record(p, answer, correct, prob, raw, cached=False)
+    def _finish(self, p: _Pending, answer: str | None, correct: float, prob: float | None, raw: str,
+                abstained: float) -> None:
+        p.record = self._record(p, answer, correct, prob, raw, cached=False, abstained=abstained)
         if self.cache is not None:
-            self.cache.put(p.key, {"answer": answer, "correct": correct, "prob": prob, "raw": raw})
+            self.cache.put(p.key, {"answer": answer, "correct": correct, "prob": prob, "raw": raw,
+                                   "abstained": abstained})
 
     @staticmethod
     def _record(p: _Pending, answer: str | None, correct: float | None, prob: float | None, raw: str,
-                cached: bool) -> DrawRecord:
+                cached: bool, abstained: float | None = None) -> DrawRecord:
         return DrawRecord(p.caption_index, p.draw, p.shown.mcq.id, p.shown.permutation, p.shown.answer,
-                          answer, correct, prob, raw, cached)
+                          answer, correct, prob, raw, cached, abstained=abstained)
 
 
 def compute_rewards(captions: Sequence[str], mcqs: Sequence[Sequence[MCQ]], reader: Engine,

@@ -47,6 +47,16 @@ def test_position_before_and_after_the_object_and_unplaced_mentions():
     got = judged("in the top left there is a red circle in the bottom right there is a blue star")
     assert got == {"top left: circle": True, "top left: red": True, "bottom right: star": True,
                    "bottom right: blue": True}
+    # verbless clauses (what RL's captions drift to) are placed; a run-on list keeps each object at its own "in
+    # the P", and the list template's ", a X" is never bound to the quadrant before the comma
+    got = judged("The top left a red circle. The top right a yellow circle.")
+    assert got == {"top left: circle": True, "top left: red": True, "top right: circle": False,
+                   "top right: yellow": False}
+    got = judged("a red circle in the top left a blue star in the bottom right")
+    assert got == {"top left: circle": True, "top left: red": True, "bottom right: star": True,
+                   "bottom right: blue": True}
+    got = judged("shapes in the top left, a blue star")
+    assert got == {"a blue star": True}
 
 
 def test_negations_are_claims_of_their_own_and_never_count_as_the_thing_negated():

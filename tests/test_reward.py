@@ -292,3 +292,52 @@ def test_absent_questions_cost_a_caption_that_invents_the_thing(mode: str) -> No
     plain = MCQ("What shape is in the top left?", ("circle", "square", "triangle", "star"), "A")
     reward = CapRLReward(RuleReaderEngine(), RewardConfig(mode=mode, n_draws=4, absent_abstain=True))
     assert [r.reward for r in reward(["", honest], [[plain], [plain]])] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("mode", ["option_text", "sample"])
+def test_negative_marking_costs_a_wrong_claim_more_than_silence(mode: str) -> None:
+    """wrong_penalty: right 1, "cannot answer" 0, wrong -penalty; off, a wrong answer and silence both score 0.
+    On absent-thing questions under absent_abstain, silence is right and an invented shape is wrong."""
+    from pipeline.nano.rule_reader import RuleReaderEngine
+
+    scene = world.Scene("gray", (world.SceneObject("circle", "red", "top left"),))
+    plain = MCQ("What shape is in the top left?", ("circle", "square", "triangle", "star"), "A")
+    captions = [world.caption(scene), "A gray background.", "In the top left there is a red square."]
+    for penalty, want in ((0.0, [1.0, 0.0, 0.0]), (1.0, [1.0, 0.0, -1.0]), (0.5, [1.0, 0.0, -0.5])):
+        reward = CapRLReward(RuleReaderEngine(), RewardConfig(mode=mode, n_draws=4, wrong_penalty=penalty))
+        results = reward(captions, [[plain]] * 3)
+        assert [r.reward for r in results] == want
+        assert [d.abstained for d in results[1].draws] == [1.0] * 4
+    absent = MCQ("What shape is in the bottom left?", ("circle", "square", "triangle", "star",
+                                                      "There is no shape in the bottom left."), "E", qtype="absent")
+    inventing = captions[0] + " In the bottom left there is a blue square."
+    reward = CapRLReward(RuleReaderEngine(), RewardConfig(mode=mode, n_draws=4, wrong_penalty=1.0, absent_abstain=True))
+    assert [r.reward for r in reward([captions[0], inventing], [[absent]] * 2)] == [1.0, -1.0]
+
+
+def test_negative_marking_with_probabilities_and_old_cache_entries() -> None:
+    """expected: right probability minus penalty x the probability of a wrong option; a cache entry from before
+    abstentions were kept is asked again under a penalty (and replayed as it is without one)."""
+    qs = [MCQ("Q?", ("w", "x", "y", "z"), "A")]
+
+    def policy(caption: str, question: str, options: list[str]) -> str:
+        if caption == "right":
+            return f" {LETTERS[options.index('w')]}"
+        if caption == "wrong":
+            return f" {LETTERS[options.index('x')]}"
+        return f" {LETTERS[options.index(CANNOT_ANSWER)]}"
+
+    reader = ScriptedReader(policy)
+    cfg = RewardConfig(mode="option_text", expected=True, n_draws=2, wrong_penalty=1.0)
+    results = CapRLReward(reader, cfg)(["right", "silent", "wrong"], [qs] * 3)
+    # 0.9 on the reader's choice, 0.025 on each of the other four options
+    assert [r.reward for r in results] == pytest.approx([0.9 - 0.075, 0.025 - 0.075, 0.025 - 0.95])
+    cache = RewardCache()
+    CapRLReward(reader, RewardConfig(n_draws=2), cache)(["wrong"], [qs])
+    for key in list(cache._data):
+        cache._data[key].pop("abstained")
+    reader.calls.clear()
+    assert CapRLReward(reader, RewardConfig(n_draws=2), cache)(["wrong"], [qs])[0].reward == 0.0
+    assert reader.calls == []
+    assert CapRLReward(reader, RewardConfig(n_draws=2, wrong_penalty=1.0), cache)(["wrong"], [qs])[0].reward == -1.0
+    assert reader.calls == [2]

@@ -9,11 +9,13 @@
 3. On `--heldout` scenes that training never saw (the nano eval's held-out stream, minus any scene equal to a
    training scene), captions greedily with the starting checkpoint and with the trained one (the hf engine,
    as annotate would) and scores both: the training reward (same reader and settings as in training, draws
-   keyed by scene, so both sides see the same questions), the audit reward (the demo's rule reader), and the
+   keyed by scene, so both sides see the same questions; a `wrong_penalty` is left out, so `reward` is the plain
+   CapRL utility in every run and the negatively marked one is reported beside it as `marked`), the audit reward (the demo's rule reader), and the
    attribute accuracy against the scene truth (`truth`); and the faithfulness metrics of pipeline.faithful:
    coverage and hallucination (the demo world's claim parser, pipeline/nano/claims.py), repetition (share of
    captions with a word 4-gram said 3+ times) and length (policy tokens). Questions: 5 ground-truth MCQs per
-   held-out scene. The training log's audits that raised the reward-hacking alarm are counted.
+   held-out scene. The training log's audits that raised the reward-hacking alarm are counted. The captions
+   before and after are kept in <work>/bench_<train.name>.json (to rescore them).
 Last line: reward_gain=<after - before> stderr=<standard error of the paired difference> truth_gain=<...>
 halluc_before=<...> halluc_after=<...> repeat_after=<...>
 """
@@ -59,16 +61,21 @@ def captions(model: str, policy: EngineConfig, prompt: str, scenes: list[world.S
         engine.close()
 
 
-def score(caps: list[str], scenes: list[world.Scene], reward: CapRLReward, audit: CapRLReward) -> dict[str, list[float]]:
+def score(caps: list[str], scenes: list[world.Scene], reward: CapRLReward, audit: CapRLReward,
+          wrong_penalty: float = 0.0) -> dict[str, list[float]]:
     rng = random.Random(20261128)
     mcqs = [world.pick_mcqs(s, rng, k=5) for s in scenes]
     keys = [f"bench|{i}" for i in range(len(scenes))]
-    train = [r.reward for r in reward(caps, mcqs, keys=keys)]
+    results = reward(caps, mcqs, keys=keys)
+    train = [r.reward for r in results]
     aud = [r.reward for r in audit(caps, mcqs, keys=keys)]
     truth = [world.caption_accuracy(s, c)["attribute_accuracy"] for s, c in zip(scenes, caps, strict=True)]
     if any(v is None for v in train + aud):
         raise RuntimeError("a held-out reward is missing")
-    return {"reward": train, "audit": aud, "truth": truth}  # type: ignore[dict-item]
+    out = {"reward": train, "audit": aud, "truth": truth}
+    if wrong_penalty:
+        out["marked"] = [statistics.fmean(d.score(wrong_penalty) for d in r.draws) for r in results]  # type: ignore[misc]
+    return out  # type: ignore[return-value]
 
 
 def faithfulness(caps: list[str], scenes: list[world.Scene], count_tokens: Any) -> dict[str, float | None]:
@@ -124,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     seen = set(pq.read_table(data_dir / "world.parquet", columns=["scene"]).column("scene").to_pylist())
     scenes = heldout(args.heldout, seen)
     cfg = config.train
-    reward_cfg: RewardConfig = cfg.reward.model_copy(update={"reader": resolve_model(cfg.reward.reader)})
+    penalty = cfg.reward.wrong_penalty
+    reward_cfg: RewardConfig = cfg.reward.model_copy(update={"reader": resolve_model(cfg.reward.reader),
+                                                              "wrong_penalty": 0.0})
     reward = CapRLReward.from_config(reward_cfg)
     audit = CapRLReward.from_config(RewardConfig(reader=EngineConfig(backend="nano-rule"), mode="option_text",
                                                  n_draws=reward_cfg.n_draws))
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return len(tokenizer(text)["input_ids"])
 
     before_caps = captions(start, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens)
-    before = score(before_caps, scenes, reward, audit)
+    before = score(before_caps, scenes, reward, audit, penalty)
     faithful_before = faithfulness(before_caps, scenes, count_tokens)
     print(f"before: {json.dumps(faithful_before)}", flush=True)
 
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.time() - t1
     trained = storage.path("checkpoints", cfg.name)
     after_caps = captions(trained, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens)
-    after = score(after_caps, scenes, reward, audit)
+    after = score(after_caps, scenes, reward, audit, penalty)
     summary = json.loads(Path(trained, "train_summary.json").read_text())
     out = {"scenes_train": args.scenes, "heldout": len(scenes), "steps": summary["steps"],
            "train_minutes": round(t_train / 60, 1), "data_minutes": round(t_data / 60, 1),
@@ -157,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     out["alarms"], out["audits"] = alarms(Path(trained, "train_log.jsonl"))
     out["faithfulness"] = {"before": faithful_before,
                            "after": faithfulness(after_caps, scenes, count_tokens)}
-    for name in ("reward", "audit", "truth"):
+    Path(work, f"bench_{cfg.name}.json").write_text(json.dumps(
+        {"scenes": [s.to_json() for s in scenes], "before": before_caps, "after": after_caps}))
+    for name in before:
         gain, err = paired(before[name], after[name])
         out[name] = {"before": round(statistics.fmean(before[name]), 4), "after": round(statistics.fmean(after[name]), 4),
                      "gain": round(gain, 4), "stderr": round(err, 4)}

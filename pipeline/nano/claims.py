@@ -8,9 +8,10 @@ Claims are extracted from the lower-cased caption in two passes (each claim coun
 2. **Positive claims**: "B background" (the background), "N shapes" / "N objects" (the count), and every
    "colour shape" mention. A mention is placed at a quadrant when the same clause says so, first in the
    forms "in the P there is a ..." / "the P has a ..." (position before the object), then "... in the P"
-   (position after); each quadrant phrase places at most one object. A placed object makes two claims
-   (its shape at P, its colour at P), both false when P is empty (an invented object); an unplaced one makes
-   one ("there is a red circle somewhere").
+   (position after), last the verbless "the P a X" for a mention still unplaced (after the other two, so a
+   run-on "a X in the P a Y in the Q" keeps Y at Q); each quadrant phrase places at most one object. A placed
+   object makes two claims (its shape at P, its colour at P), both false when P is empty (an invented object);
+   an unplaced one makes one ("there is a red circle somewhere").
 Coverage counts the scene's facts (background, count, each object's shape and colour at its quadrant: the
 attribute accuracy of `world.caption_accuracy`) that a true claim states.
 """
@@ -37,6 +38,7 @@ _BACKGROUND = re.compile(rf"\b({_B}) background\b")
 _COUNT = re.compile(rf"\b({'|'.join(COUNT_WORDS[1:])}) (?:shape|object)s?\b")
 _MENTION = re.compile(rf"\b(?P<color>{_C}) (?P<shape>{_S})s?\b|\b(?P<pos>{_P})\b")
 _BEFORE = re.compile(r"^\s*,?\s*(?:there (?:is|are)|has|contains|holds|is)\s+(?:a|an|one)\s*$")
+_VERBLESS = re.compile(r"^\s+(?:a|an|one)\s+$")
 _AFTER = re.compile(r"^\s*(?:(?:which|that) )?(?:is |are |sits )?(?:in|at) the\s*$")
 
 
@@ -123,6 +125,12 @@ def _objects(text: str) -> list[tuple[str, str, str | None]]:
         j = i + 1
         if i not in placed and j < len(tokens) and tokens[j].group("pos") and j not in used \
                 and _AFTER.match(text[tokens[i].end():tokens[j].start()]):
+            placed[i] = tokens[j].group("pos")
+            used.add(j)
+    for i in objects:  # "the P a X" (no verb, no comma: the list template's ", a X" is never placed here)
+        j = i - 1
+        if i not in placed and j >= 0 and tokens[j].group("pos") and j not in used \
+                and _VERBLESS.match(text[tokens[j].end():tokens[i].start()]):
             placed[i] = tokens[j].group("pos")
             used.add(j)
     return [(tokens[i].group("color"), tokens[i].group("shape"), placed.get(i)) for i in objects]
