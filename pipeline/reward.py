@@ -340,7 +340,7 @@ class CapRLReward:
         """The letters that count as right: the keyed one, and for an absent-thing question under
         `absent_abstain` also "cannot answer" (shown last)."""
         if self.config.absent_abstain and p.shown.mcq.qtype == "absent":
-            return (p.shown.answer, LETTERS[len(p.shown.options) - 1])
+            return (p.shown.answer, self._abstain_letter(p))
         return (p.shown.answer,)
 
     @staticmethod
@@ -356,7 +356,7 @@ class CapRLReward:
         right = [LETTERS.index(letter) for letter in self._right(p)]
         best = max(range(n), key=probs.__getitem__)
         prob = sum(probs[i] for i in right)
-        abstain = n - 1 if LETTERS[n - 1] not in self._right(p) else None
+        abstain = n - 1 if self._abstain_letter(p) not in self._right(p) else None
         if self.config.mode == "letter_prob" or self.config.expected:
             correct = prob
             abstained = probs[abstain] if abstain is not None else 0.0
