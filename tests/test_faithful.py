@@ -49,7 +49,7 @@ def test_position_before_and_after_the_object_and_unplaced_mentions():
                    "bottom right: blue": True}
     # verbless clauses (what RL's captions drift to) are placed; a run-on list keeps each object at its own "in
     # the P", and the list template's ", a X" is never bound to the quadrant before the comma
-    got = judged("The top left a red circle. The top right a yellow circle.")
+    got = judged("The top left a red circle. The top right there a yellow circle.")
     assert got == {"top left: circle": True, "top left: red": True, "top right: circle": False,
                    "top right: yellow": False}
     got = judged("a red circle in the top left a blue star in the bottom right")
