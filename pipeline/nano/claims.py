@@ -115,22 +115,20 @@ def _objects(text: str) -> list[tuple[str, str, str | None]]:
     objects = [i for i, t in enumerate(tokens) if t.group("pos") is None]
     placed: dict[int, str] = {}
     used: set[int] = set()
-    for i in objects:  # "in the P there is a X", "the P has a X"
-        j = i - 1
-        if j >= 0 and tokens[j].group("pos") and j not in used \
-                and _BEFORE.match(text[tokens[j].end():tokens[i].start()]):
-            placed[i] = tokens[j].group("pos")
-            used.add(j)
-    for i in objects:  # "a X in the P"
-        j = i + 1
-        if i not in placed and j < len(tokens) and tokens[j].group("pos") and j not in used \
-                and _AFTER.match(text[tokens[i].end():tokens[j].start()]):
-            placed[i] = tokens[j].group("pos")
-            used.add(j)
-    for i in objects:  # "the P a X" (no verb, no comma: the list template's ", a X" is never placed here)
-        j = i - 1
-        if i not in placed and j >= 0 and tokens[j].group("pos") and j not in used \
-                and _VERBLESS.match(text[tokens[j].end():tokens[i].start()]):
-            placed[i] = tokens[j].group("pos")
-            used.add(j)
+
+    def place(offset: int, gap: re.Pattern[str]) -> None:
+        """Bind each still unplaced mention to the unused quadrant phrase `offset` tokens away when the text
+        between the two matches `gap`."""
+        for i in objects:
+            j = i + offset
+            if i in placed or not 0 <= j < len(tokens) or not tokens[j].group("pos") or j in used:
+                continue
+            first, last = sorted((tokens[i], tokens[j]), key=lambda t: t.start())
+            if gap.match(text[first.end():last.start()]):
+                placed[i] = tokens[j].group("pos")
+                used.add(j)
+
+    place(-1, _BEFORE)    # "in the P there is a X", "the P has a X"
+    place(+1, _AFTER)     # "a X in the P"
+    place(-1, _VERBLESS)  # "the P a X" (no verb, no comma: the list template's ", a X" is never placed here)
     return [(tokens[i].group("color"), tokens[i].group("shape"), placed.get(i)) for i in objects]
