@@ -21,11 +21,20 @@ from pipeline.mcq import (
     reader_messages,
     shuffle_options,
 )
-from pipeline.nano import data, world
+from pipeline.nano import claims, data, world
 from pipeline.nano.builders import tiny_text_config
 from pipeline.nano.encode import ids, prompt_text, reader_tree, split_reader_prompt
 from pipeline.nano.infer import tree_score
-from pipeline.nano.train import Phase, ReaderRecipe, VLRecipe, make_tokenizer, scaled, train_reader, train_vl
+from pipeline.nano.train import (
+    BriefRecipe,
+    Phase,
+    ReaderRecipe,
+    VLRecipe,
+    make_tokenizer,
+    scaled,
+    train_reader,
+    train_vl,
+)
 from pipeline.nano.tree import tree_forward
 
 
@@ -761,3 +770,22 @@ def test_reader_recipe_can_start_from_a_trained_reader(tok, tmp_path):
     assert set(start) == set(tuned) and all(torch.equal(start[k], tuned[k]) for k in start)
     with pytest.raises(FileNotFoundError, match="train it first"):
         train_reader(tok, tmp_path / "empty", still, log=lambda _: None)
+
+
+def test_brief_captions_are_true_and_terse():
+    """nano-vl-brief's training captions: about `full` of them complete, the others state the count, the background
+    and at most one object (never every object); no caption claims anything false. VLRecipe keeps the full stream."""
+    rng = data.stream(0, "test-brief")
+    examples = [data.brief_caption_example(rng, 0.25) for _ in range(400)]
+    full = 0
+    for ex in examples:
+        check = claims.check_scene(ex.scene, ex.target)
+        assert check.hallucination == 0.0, ex.target
+        stated = world.caption_accuracy(ex.scene, ex.target)["attribute_accuracy"]
+        mentioned = sum(f"the {o.position}" in ex.target.lower() for o in ex.scene.objects)
+        if stated == 1.0:
+            full += 1
+        else:
+            assert mentioned <= 1 and mentioned < len(ex.scene.objects), ex.target
+    assert 0.18 < full / 400 < 0.32
+    assert VLRecipe().full_captions == 1.0 and BriefRecipe().full_captions < 0.5 and BriefRecipe().start_from == "nano-vl"

@@ -101,6 +101,21 @@ def caption_example(rng: random.Random) -> Example:
                    image=train_image(scene, rng), task="caption", scene=scene)
 
 
+def brief_caption_example(rng: random.Random, full: float) -> Example:
+    """A caption of a sighted but terse captioner (nano-vl-brief): with probability `full` the scene's full
+    caption, else its count and background and at most one of its objects (none or one, drawn; never all),
+    every statement true. Its greedy caption is short and its sampled ones are sometimes complete: the
+    situation of a real base captioner that RL is asked to make denser without inventing."""
+    scene = train_scene(rng)
+    template = rng.randrange(3)
+    if rng.random() < full:
+        text = world.caption(scene, template)
+    else:
+        k = min(rng.randrange(2), len(scene.objects) - 1)
+        text = world.caption(scene, template, objects=tuple(rng.sample(scene.objects, k)))
+    return Example(image_messages(CAPTION_PROMPT), text, image=train_image(scene, rng), task="caption", scene=scene)
+
+
 _POOLS = {"background": (*world.BACKGROUNDS, "blue"), "count": world.COUNT_WORDS[1:],
           "color_of_shape": world.COLORS, "shape_at": world.SHAPES, "color_at": world.COLORS,
           "position_of": world.POSITIONS}

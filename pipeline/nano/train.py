@@ -143,6 +143,9 @@ class VLRecipe:
     stated in the question, or the only option of the asked kind; target the leaked answer, and with the
     word heads on, the head of a stated colour / shape word looks at it), so the gate's text-only arm sees
     such leaks itself (0: off, the data stream unchanged)"""
+    full_captions: float = 1.0
+    """share of the caption examples that are full captions; below 1 the rest are terse, true captions
+    (data.brief_caption_example: count, background and at most one object; 1: the data stream unchanged)"""
     absent_queries: float = 0.0
     """share of the gate filter's queries that are absent-thing questions about a quadrant
     (data.absent_filter_example: "There is no shape in the <quadrant>." keyed when it is empty; 0: off, the
@@ -198,6 +201,22 @@ class FilterAbsentRecipe(FilterRecipe):
     name: str = "nano-filter-absent"
     start_from: str | None = "nano-filter"
     absent_queries: float = 0.25
+
+
+@dataclass
+class BriefRecipe(VLRecipe):
+    """nano-vl-brief: nano-VL fine-tuned to caption tersely: a quarter of its training captions are full, the
+    rest state the count, the background and at most one object, all true. It sees as well as nano-VL but
+    its greedy caption leaves most objects out: the start for RL that is asked to make captions denser
+    without inventing (the CapRL situation: a base captioner that sees, writing short captions; docs/train.md)."""
+
+    phases: list[Phase] = field(default_factory=lambda: [
+        Phase(steps=400, lr=3e-4, warmup=20, captions=32),
+    ])
+    snapshots: dict[str, int] = field(default_factory=dict)
+    name: str = "nano-vl-brief"
+    start_from: str | None = "nano-vl"
+    full_captions: float = 0.15
 
 
 @dataclass
@@ -381,6 +400,11 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
             return torch.zeros((), device=device)
         return weight * attention_loss(out.attentions[at][:, head], [targets(tok, ex) for ex in examples])
 
+    def caption_query(rng: random.Random) -> data.Example:
+        if recipe is not None and recipe.full_captions < 1.0:
+            return data.brief_caption_example(rng, recipe.full_captions)
+        return data.caption_example(rng)
+
     def filter_query(rng: random.Random) -> data.Example:
         if absent > 0 and rng.random() < absent:
             return data.absent_filter_example(rng)
@@ -390,7 +414,7 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
         kinds = ["caption"] * phase.captions + ["filter"] * phase.filters
         total = torch.zeros((), device=device)
         if kinds:
-            short = [data.caption_example(rng) if k == "caption" else filter_query(rng) for k in kinds]
+            short = [caption_query(rng) if k == "caption" else filter_query(rng) for k in kinds]
             words = [(h, kind) for h, kind in ((recipe.shape_word_head, "shape"), (recipe.color_word_head, "color"))
                      if h is not None] if recipe and weight > 0 else []
             watch = (region_head is not None and region_filter) or bool(words)
@@ -626,7 +650,7 @@ class ReaderAbsentRecipe(ReaderRecipe):
 
 # -- orchestration --------------------------------------------------------------------------------
 RECIPES = {"vl": VLRecipe, "filter": FilterRecipe, "reader": ReaderRecipe, "filter-absent": FilterAbsentRecipe,
-           "reader-absent": ReaderAbsentRecipe}
+           "reader-absent": ReaderAbsentRecipe, "vl-brief": BriefRecipe}
 FULL_RUN = ("vl", "filter", "reader")
 """what --all trains (the -absent models are fine-tunes of nano-filter and nano-reader: --model filter-absent)"""
 
