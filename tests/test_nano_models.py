@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from pipeline.mcq import MCQ, NONE_OF_THE_ABOVE
-from pipeline.nano import data, world
+from pipeline.nano import claims, data, world
 from pipeline.nano import eval as nano_eval
 from pipeline.nano.infer import NanoReaderEngine, NanoVL
 
@@ -85,6 +85,18 @@ def test_captioner(vl, scenes):
     for cap in caps:  # every caption states a background and a count in one of the templates
         stated = world.parse_caption(cap)
         assert stated["background"] is not None and stated["count"] is not None, cap
+
+
+def test_brief_captioner_is_terse_and_true(vl, scenes):
+    """nano-vl-brief (the faithful RL start) leaves objects out of its greedy captions but claims little that is
+    false: it sees like nano-VL and says less (100 held-out scenes: attribute accuracy 0.57, hallucination 0.02)."""
+    brief = NanoVL(MODELS / "nano-vl-brief")
+    res, caps = nano_eval.eval_captioner(brief, scenes)
+    full, _ = nano_eval.eval_captioner(vl, scenes)
+    assert res["caption_attribute_accuracy"] <= full["caption_attribute_accuracy"] - 0.2
+    checks = [claims.check_scene(s, c) for s, c in zip(scenes, caps, strict=True)]
+    made = sum(len(c.claims) for c in checks)
+    assert sum(len(c.false_claims) for c in checks) / made <= 0.1
 
 
 def test_mcq_generation_format_and_answers(vl, scenes):
