@@ -57,6 +57,10 @@ def test_position_before_and_after_the_object_and_unplaced_mentions():
                    "bottom right: blue": True}
     got = judged("shapes in the top left, a blue star")
     assert got == {"a blue star": True}
+    # the article dropped (RL's captions from nano-vl-brief: "The bottom left has green star.") is still placed
+    got = judged("The top left has red circle. The bottom right blue star. The top right there yellow circle.")
+    assert got == {"top left: circle": True, "top left: red": True, "bottom right: star": True,
+                   "bottom right: blue": True, "top right: circle": False, "top right: yellow": False}
 
 
 def test_negations_are_claims_of_their_own_and_never_count_as_the_thing_negated():

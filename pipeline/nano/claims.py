@@ -7,9 +7,9 @@ Claims are extracted from the lower-cased caption in two passes (each claim coun
    "the background is not B" / "not a B background".
 2. **Positive claims**: "B background" (the background), "N shapes" / "N objects" (the count), and every
    "colour shape" mention. A mention is placed at a quadrant when the same clause says so, first in the
-   forms "in the P there is a ..." / "the P has a ..." (position before the object), then "... in the P"
-   (position after), last the verbless "the P [there] a X" for a mention still unplaced (after the other two, so a
-   run-on "a X in the P a Y in the Q" keeps Y at Q); each quadrant phrase places at most one object. A placed
+   forms "in the P there is a ..." / "the P has a ..." (position before the object; the article may be dropped,
+   "the P has X"), then "... in the P" (position after), last the verbless "the P [there] [a] X" for a mention
+   still unplaced (after the other two, so a run-on "a X in the P a Y in the Q" keeps Y at Q); each quadrant phrase places at most one object. A placed
    object makes two claims (its shape at P, its colour at P), both false when P is empty (an invented object);
    an unplaced one makes one ("there is a red circle somewhere").
 Coverage counts the scene's facts (background, count, each object's shape and colour at its quadrant: the
@@ -37,8 +37,8 @@ _NEGATIONS = (
 _BACKGROUND = re.compile(rf"\b({_B}) background\b")
 _COUNT = re.compile(rf"\b({'|'.join(COUNT_WORDS[1:])}) (?:shape|object)s?\b")
 _MENTION = re.compile(rf"\b(?P<color>{_C}) (?P<shape>{_S})s?\b|\b(?P<pos>{_P})\b")
-_BEFORE = re.compile(r"^\s*,?\s*(?:there (?:is|are)|has|contains|holds|is)\s+(?:a|an|one)\s*$")
-_VERBLESS = re.compile(r"^\s+(?:there\s+)?(?:a|an|one)\s+$")
+_BEFORE = re.compile(r"^\s*,?\s*(?:there (?:is|are)|has|contains|holds|is)(?:\s+(?:a|an|one))?\s*$")
+_VERBLESS = re.compile(r"^\s+(?:there\s+)?(?:(?:a|an|one)\s+)?$")
 _AFTER = re.compile(r"^\s*(?:(?:which|that) )?(?:is |are |sits )?(?:in|at) the\s*$")
 
 
