@@ -103,8 +103,9 @@ def caption_example(rng: random.Random) -> Example:
 
 def brief_caption_example(rng: random.Random, full: float) -> Example:
     """A caption of a sighted but terse captioner (nano-vl-brief): with probability `full` the scene's full
-    caption, else its count and background and at most one of its objects (none or one, drawn; never all),
-    every statement true. Its greedy caption is short and its sampled ones are sometimes complete: the
+    caption, else its count and background and at most its first object in the world's reading order (none or
+    one, drawn; never all), every statement true: it stops early rather than picks, so what it says is what
+    nano-VL would say first. Its greedy caption is short and its sampled ones are sometimes complete: the
     situation of a real base captioner that RL is asked to make denser without inventing."""
     scene = train_scene(rng)
     template = rng.randrange(3)
@@ -112,7 +113,7 @@ def brief_caption_example(rng: random.Random, full: float) -> Example:
         text = world.caption(scene, template)
     else:
         k = min(rng.randrange(2), len(scene.objects) - 1)
-        text = world.caption(scene, template, objects=tuple(rng.sample(scene.objects, k)))
+        text = world.caption(scene, template, objects=scene.objects[:k])
     return Example(image_messages(CAPTION_PROMPT), text, image=train_image(scene, rng), task="caption", scene=scene)
 
 
