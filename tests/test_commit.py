@@ -144,7 +144,12 @@ def test_sigterm_aborts_cleanly_and_exits_for_requeue(tmp_path):
     root = tmp_path / "root"
     manifest = _manifest(tmp_path, str(root), delay=0.05)
     proc = _run_cli(manifest)
-    time.sleep(2.0)
+    # signal once a shard is claimed (the handlers are in place by then), not after a fixed sleep: on a loaded
+    # machine the interpreter may still be importing after 2 s and die of the default SIGTERM action
+    deadline = time.monotonic() + 60
+    while not any((root / "_running" / "synth").glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, (out, err)
