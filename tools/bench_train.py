@@ -57,8 +57,8 @@ PRESETS = {
     "demo": [],
     "faithful": ["train.policy.model=models/nano/nano-vl-brief", *LEVERS, "train.learning_rate=2e-5"],
 }
-"""--preset: demo = the manifest as it is (RL from nano-vl-step300, no lever); faithful = the run of docs/train.md
-that meets issue 29's targets (from nano-vl-brief, a captioner that sees but says little, all levers, lr 2e-5)"""
+"""--preset: demo = the manifest as it is (RL from nano-vl-step300, no lever); faithful = run F1 of docs/train.md
+(issue 29: from nano-vl-brief, a captioner that sees but says little, every faithfulness lever, lr 2e-5)"""
 
 
 def heldout(n: int, seen: set[str]) -> list[world.Scene]:
