@@ -776,7 +776,7 @@ def test_brief_captions_are_true_and_terse():
     """nano-vl-brief's training captions: about `full` of them complete, the others state the count, the background
     and at most the first object (never every object); no caption claims anything false. VLRecipe keeps the full stream."""
     rng = data.stream(0, "test-brief")
-    examples = [data.brief_caption_example(rng, 0.25) for _ in range(400)]
+    examples = [data.caption_example(rng, 0.25) for _ in range(400)]
     full = 0
     for ex in examples:
         check = claims.check_scene(ex.scene, ex.target)
@@ -791,3 +791,6 @@ def test_brief_captions_are_true_and_terse():
                 assert f"the {ex.scene.objects[0].position}" in ex.target.lower(), ex.target
     assert 0.18 < full / 400 < 0.32
     assert VLRecipe().full_captions == 1.0 and BriefRecipe().full_captions < 0.5 and BriefRecipe().start_from == "nano-vl"
+    plain, same = data.stream(0, "test-brief-full"), data.stream(0, "test-brief-full")
+    assert [data.caption_example(plain).target for _ in range(50)] == \
+        [data.caption_example(same, 1.0).target for _ in range(50)]

@@ -95,26 +95,20 @@ def option_target(text: str) -> str:
 
 
 # -- VL tasks -------------------------------------------------------------------------------------
-def caption_example(rng: random.Random) -> Example:
-    scene = train_scene(rng)
-    return Example(image_messages(CAPTION_PROMPT), world.caption(scene, rng.randrange(3)),
-                   image=train_image(scene, rng), task="caption", scene=scene)
-
-
-def brief_caption_example(rng: random.Random, full: float) -> Example:
-    """A caption of a sighted but terse captioner (nano-vl-brief): with probability `full` the scene's full
-    caption, else its count and background and at most its first object in the world's reading order (none or
-    one, drawn; never all), every statement true: it stops early rather than picks, so what it says is what
-    nano-VL would say first. Its greedy caption is short and its sampled ones are sometimes complete: the
-    situation of a real base captioner that RL is asked to make denser without inventing."""
+def caption_example(rng: random.Random, full: float = 1.0) -> Example:
+    """A captioning example: the scene's reference caption, or with `full` < 1 that of a sighted but terse
+    captioner (nano-vl-brief): with probability `full` the full caption, else the count, the background and at
+    most the first object in the world's reading order (none or one, drawn; never all), every statement true.
+    It stops early rather than picks, so what it says is what nano-VL would say first; its greedy caption is
+    short and its sampled ones are sometimes complete: a real base captioner that RL is asked to make denser
+    without inventing. `full` = 1 draws nothing extra (the data stream of nano-VL's recipe)."""
     scene = train_scene(rng)
     template = rng.randrange(3)
-    if rng.random() < full:
-        text = world.caption(scene, template)
-    else:
-        k = min(rng.randrange(2), len(scene.objects) - 1)
-        text = world.caption(scene, template, objects=scene.objects[:k])
-    return Example(image_messages(CAPTION_PROMPT), text, image=train_image(scene, rng), task="caption", scene=scene)
+    objects = None
+    if full < 1.0 and rng.random() >= full:
+        objects = scene.objects[:min(rng.randrange(2), len(scene.objects) - 1)]
+    return Example(image_messages(CAPTION_PROMPT), world.caption(scene, template, objects=objects),
+                   image=train_image(scene, rng), task="caption", scene=scene)
 
 
 _POOLS = {"background": (*world.BACKGROUNDS, "blue"), "count": world.COUNT_WORDS[1:],

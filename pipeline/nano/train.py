@@ -145,7 +145,7 @@ class VLRecipe:
     such leaks itself (0: off, the data stream unchanged)"""
     full_captions: float = 1.0
     """share of the caption examples that are full captions; below 1 the rest are terse, true captions
-    (data.brief_caption_example: count, background and at most one object; 1: the data stream unchanged)"""
+    (data.caption_example: count, background and at most the first object; 1: the data stream unchanged)"""
     absent_queries: float = 0.0
     """share of the gate filter's queries that are absent-thing questions about a quadrant
     (data.absent_filter_example: "There is no shape in the <quadrant>." keyed when it is empty; 0: off, the
@@ -205,8 +205,8 @@ class FilterAbsentRecipe(FilterRecipe):
 
 @dataclass
 class BriefRecipe(VLRecipe):
-    """nano-vl-brief: nano-VL fine-tuned to caption tersely: a quarter of its training captions are full, the
-    rest state the count, the background and at most one object, all true. It sees as well as nano-VL but
+    """nano-vl-brief: nano-VL fine-tuned to caption tersely: 15% of its training captions are full, the rest
+    state the count, the background and at most the first object, all true. It sees as well as nano-VL but
     its greedy caption leaves most objects out: the start for RL that is asked to make captions denser
     without inventing (the CapRL situation: a base captioner that sees, writing short captions; docs/train.md)."""
 
@@ -390,6 +390,7 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
     weights = recipe.filter_type_weights if recipe else {}
     leak = recipe.leak_queries if recipe else 0.0
     absent = recipe.absent_queries if recipe else 0.0
+    full = recipe.full_captions if recipe else 1.0
     probe_weights = {"position": recipe.position_probe, "shape": recipe.object_probe,
                      "color": recipe.object_probe} if recipe else {}
     probe = ImageProbe(model.config.text_config.hidden_size).to(device) \
@@ -400,11 +401,6 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
             return torch.zeros((), device=device)
         return weight * attention_loss(out.attentions[at][:, head], [targets(tok, ex) for ex in examples])
 
-    def caption_query(rng: random.Random) -> data.Example:
-        if recipe is not None and recipe.full_captions < 1.0:
-            return data.brief_caption_example(rng, recipe.full_captions)
-        return data.caption_example(rng)
-
     def filter_query(rng: random.Random) -> data.Example:
         if absent > 0 and rng.random() < absent:
             return data.absent_filter_example(rng)
@@ -414,7 +410,7 @@ def vl_loss_fn(model: torch.nn.Module, tok: PreTrainedTokenizerBase, processor, 
         kinds = ["caption"] * phase.captions + ["filter"] * phase.filters
         total = torch.zeros((), device=device)
         if kinds:
-            short = [caption_query(rng) if k == "caption" else filter_query(rng) for k in kinds]
+            short = [data.caption_example(rng, full) if k == "caption" else filter_query(rng) for k in kinds]
             words = [(h, kind) for h, kind in ((recipe.shape_word_head, "shape"), (recipe.color_word_head, "color"))
                      if h is not None] if recipe and weight > 0 else []
             watch = (region_head is not None and region_filter) or bool(words)
