@@ -276,6 +276,13 @@ def leaky_filter_example(rng: random.Random, kind: str | None = None) -> Example
                    task="filter_leak")
 
 
+def _no_image_filter_example(mcq: MCQ, rng: random.Random) -> Example:
+    """The gate's query without the image: the target is a uniformly random shown option (learn not to guess)."""
+    shown = shuffle_options(mcq, rng)
+    return Example(filter_messages(shown, False), option_target(rng.choice(shown.options)),
+                   prefill=READER_PREFILL, task="filter_noimg")
+
+
 def filter_example(rng: random.Random, with_image: bool | None = None,
                    type_weights: Mapping[str, float] | None = None, leak: float = 0.0) -> Example:
     """The gate's query. With the image: the right option (or NONE_OF_THE_ABOVE when no option is right).
@@ -296,9 +303,7 @@ def filter_example(rng: random.Random, with_image: bool | None = None,
         if not with_image and leak > 0 and rng.random() < leak:
             return leaky_filter_example(rng)
     if not with_image:
-        shown = shuffle_options(mcq, rng)
-        return Example(filter_messages(shown, False), option_target(rng.choice(shown.options)),
-                       prefill=READER_PREFILL, task="filter_noimg")
+        return _no_image_filter_example(mcq, rng)
     broken = _broken(mcq, _POOLS[mcq.qtype], rng) if rng.random() < 0.15 else None
     shown = shuffle_options(broken or mcq, rng, extra_option=NONE_OF_THE_ABOVE)
     answer = NONE_OF_THE_ABOVE if broken else mcq.answer_text
@@ -334,9 +339,7 @@ def absent_filter_example(rng: random.Random, with_image: bool | None = None) ->
     if with_image is None:
         with_image = rng.random() < 0.7
     if not with_image:
-        shown = shuffle_options(mcq, rng)
-        return Example(filter_messages(shown, False), option_target(rng.choice(shown.options)),
-                       prefill=READER_PREFILL, task="filter_noimg")
+        return _no_image_filter_example(mcq, rng)
     shown = shuffle_options(mcq, rng, extra_option=NONE_OF_THE_ABOVE)
     return Example(filter_messages(shown, True), option_target(mcq.answer_text), prefill=READER_PREFILL,
                    image=train_image(scene, rng), task="filter", about=(position,), scene=scene)
