@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import EngineConfig, RewardConfig, load_config
+from pipeline.config import EngineConfig, RewardConfig, RunConfig, changed_settings, load_config
 from pipeline.demo import URL_LIST, make_demo_data, serve_directory, write_url_list
 from pipeline.engines.base import Sampling, create_engine, image_request
 from pipeline.faithful import caption_metrics
@@ -99,6 +99,29 @@ def faithfulness(caps: list[str], scenes: list[world.Scene], count_tokens: Any) 
     return {k: (round(v, 4) if v is not None else None) for k, v in metrics.to_dict().items() if k != "captions"}
 
 
+def halluc_change(before: list[str], after: list[str], scenes: list[world.Scene]) -> dict[str, float | int]:
+    """The paired change of per-caption hallucination over the scenes whose captions make a claim before and
+    after (the metric's mean leaves a claimless caption out, so its two sides can differ in which captions count)."""
+    pairs = [(b, a) for b, a in ((claims.check_scene(s, cb).hallucination, claims.check_scene(s, ca).hallucination)
+                                 for s, cb, ca in zip(scenes, before, after, strict=True))
+             if b is not None and a is not None]
+    change, err = paired([b for b, _ in pairs], [a for _, a in pairs])
+    return {"pairs": len(pairs), "change": round(change, 4), "stderr": round(err, 4)}
+
+
+def reusable_qa(storage: Storage, config: RunConfig, shards: list[int], work: Path) -> bool:
+    """Whether `work` already holds this run's qa output (a rerun reuses it). Exits, naming the settings, when
+    it holds qa output made with other qa settings (e.g. a demo --work given to --preset faithful)."""
+    committed = storage.committed("qa")
+    if not set(shards) <= set(committed):
+        return False
+    changes = sorted({c for s in shards for c in changed_settings(committed[s].get("config"), config, "qa")})
+    if changes:
+        raise SystemExit(f"{work} holds qa output made with other settings (changed: "
+                         f"{', '.join('qa.' + c for c in changes[:6])}); give this run its own --work")
+    return True
+
+
 def alarms(log_file: Path) -> tuple[int, int]:
     """(audits that raised the reward-hacking alarm, audits) in a train_log.jsonl."""
     audits = [row["audit"] for row in map(json.loads, log_file.read_text().splitlines()) if row.get("audit")]
@@ -134,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train.max_steps={args.steps}", *PRESETS[args.preset], *args.overrides])
     shards = list(range(-(-args.scenes // config.shard_size)))
     storage = Storage(config.root, config.storage_options, config.work_dir)
-    if not set(shards) <= set(storage.committed("qa")):  # a rerun on the same --work reuses the qa output
+    if not reusable_qa(storage, config, shards, work):  # a rerun on the same --work reuses the qa output
         with serve_directory(data_dir, 0) as base_url:
             write_url_list(data_dir, base_url)
             for stage in ("download", "qa"):
@@ -183,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
            "examples_after": after_caps[:3]}
     out["alarms"], out["audits"] = alarms(Path(trained, "train_log.jsonl"))
     out["faithfulness"] = {"before": faithful_before,
-                           "after": faithfulness(after_caps, scenes, count_tokens)}
+                           "after": faithfulness(after_caps, scenes, count_tokens),
+                           "halluc_change": halluc_change(before_caps, after_caps, scenes)}
     Path(work, f"bench_{cfg.name}.json").write_text(json.dumps(
         {"scenes": [s.to_json() for s in scenes], "before": before_caps, "after": after_caps}))
     for name in before:
