@@ -50,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     storage.ensure_run_meta({"shard_size": args.scenes})
     absent_rng = random.Random(SEED + 2)  # its own stream: shards 0 and 1 stay as recorded
     scenes.append([world.sample_scene(absent_rng) for _ in range(args.scenes)])
-    keys0 = qa_eval.write_image_shard(storage, 0, scenes[0])
-    qa_eval.write_image_shard(storage, 1, scenes[1], [[q for k in qa_eval.PLANTED for q in p[k]] for p in planted])
-    keys2 = qa_eval.write_image_shard(storage, 2, scenes[2], [[] for _ in scenes[2]])
+    parts = {int(p) for p in args.parts.split(",")}
+    if not parts <= {0, 1, 2}:
+        ap.error(f"--parts: shards 0, 1 and 2 exist, not {args.parts}")
+    questions = [None, [[q for k in qa_eval.PLANTED for q in p[k]] for p in planted], [[] for _ in scenes[2]]]
+    keys = {shard: qa_eval.write_image_shard(storage, shard, scenes[shard], questions[shard])
+            for shard in sorted(parts)}  # the scenes of every part are drawn, so each part is the same alone
     base = [f"shard_size={args.scenes}", *args.overrides]
     res: dict[str, float] = {}
     absent = ["qa.generate=false", f"qa.absent.per_image={len(world.POSITIONS)}"]
-    parts = {int(p) for p in args.parts.split(",")}
     for shard, extra in ((0, []), (1, ["qa.generate=false"]), (2, absent)):
         if shard not in parts:
             continue
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         rows = shardio.read_manifest(storage.url("qa", f"{shard:05d}.parquet"))
         if shard == 0:
-            res.update(qa_eval.generated_report(rows, dict(zip(keys0, scenes[0], strict=True))))
+            res.update(qa_eval.generated_report(rows, dict(zip(keys[0], scenes[0], strict=True))))
             stats = json.loads(storage.fs.cat_file(storage.path("qa/00000_stats.json")))["extra"]
             res.update({"leak_rate": stats["leak_rate"], "kept_per_image": stats["kept_per_image"]})
             print("answer letters before / after the gate:", stats["answer_letters_before"], stats["answer_letters_after"])
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         elif shard == 1:
             res.update(qa_eval.planted_report(rows))
         else:
-            res.update(qa_eval.absent_report(rows, dict(zip(keys2, scenes[2], strict=True))))
+            res.update(qa_eval.absent_report(rows, dict(zip(keys[2], scenes[2], strict=True))))
         res[f"seconds_shard{shard}"] = round(time.time() - t0, 1)
     for k, v in res.items():
         print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
