@@ -36,7 +36,7 @@ from typing import Any
 from pipeline.config import EngineConfig, RewardConfig, RunConfig, changed_settings, load_config
 from pipeline.demo import URL_LIST, make_demo_data, serve_directory, write_url_list
 from pipeline.engines.base import Sampling, create_engine, image_request
-from pipeline.faithful import caption_metrics
+from pipeline.faithful import FactCheck, caption_metrics
 from pipeline.nano import claims, world
 from pipeline.nano import data as nano_data
 from pipeline.resources import repo_path, resolve_model
@@ -92,19 +92,22 @@ def score(caps: list[str], scenes: list[world.Scene], reward: CapRLReward, audit
     return out  # type: ignore[return-value]
 
 
-def faithfulness(caps: list[str], scenes: list[world.Scene], count_tokens: Any) -> dict[str, float | None]:
+def fact_checks(caps: list[str], scenes: list[world.Scene]) -> list[FactCheck]:
+    """Each held-out caption's claims checked against its scene."""
+    return [claims.check_scene(s, c) for s, c in zip(scenes, caps, strict=True)]
+
+
+def faithfulness(caps: list[str], checks: list[FactCheck], count_tokens: Any) -> dict[str, float | None]:
     """Mean coverage, hallucination, repetition and length (tokens) of held-out captions."""
-    metrics = caption_metrics(caps, [claims.check_scene(s, c) for s, c in zip(scenes, caps, strict=True)],
-                              count_tokens)
+    metrics = caption_metrics(caps, checks, count_tokens)
     return {k: (round(v, 4) if v is not None else None) for k, v in metrics.to_dict().items() if k != "captions"}
 
 
-def halluc_change(before: list[str], after: list[str], scenes: list[world.Scene]) -> dict[str, float | int]:
+def halluc_change(before: list[FactCheck], after: list[FactCheck]) -> dict[str, float | int]:
     """The paired change of per-caption hallucination over the scenes whose captions make a claim before and
     after (the metric's mean leaves a claimless caption out, so its two sides can differ in which captions count)."""
-    pairs = [(b, a) for b, a in ((claims.check_scene(s, cb).hallucination, claims.check_scene(s, ca).hallucination)
-                                 for s, cb, ca in zip(scenes, before, after, strict=True))
-             if b is not None and a is not None]
+    pairs = [(b.hallucination, a.hallucination) for b, a in zip(before, after, strict=True)
+             if b.hallucination is not None and a.hallucination is not None]
     change, err = paired([b for b, _ in pairs], [a for _, a in pairs])
     return {"pairs": len(pairs), "change": round(change, 4), "stderr": round(err, 4)}
 
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     before_caps = captions(start, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens)
     before = score(before_caps, scenes, reward, audit, penalty)
-    faithful_before = faithfulness(before_caps, scenes, count_tokens)
+    before_checks = fact_checks(before_caps, scenes)
+    faithful_before = faithfulness(before_caps, before_checks, count_tokens)
     print(f"before: {json.dumps(faithful_before)}", flush=True)
 
     t1 = time.time()
@@ -205,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
            "total_minutes": round((time.time() - t0) / 60, 1), "preset": args.preset, "overrides": args.overrides,
            "examples_after": after_caps[:3]}
     out["alarms"], out["audits"] = alarms(Path(trained, "train_log.jsonl"))
+    after_checks = fact_checks(after_caps, scenes)
     out["faithfulness"] = {"before": faithful_before,
-                           "after": faithfulness(after_caps, scenes, count_tokens),
-                           "halluc_change": halluc_change(before_caps, after_caps, scenes)}
+                           "after": faithfulness(after_caps, after_checks, count_tokens),
+                           "halluc_change": halluc_change(before_checks, after_checks)}
     Path(work, f"bench_{cfg.name}.json").write_text(json.dumps(
         {"scenes": [s.to_json() for s in scenes], "before": before_caps, "after": after_caps}))
     for name in before:

@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     storage.ensure_run_meta({"shard_size": args.scenes})
     absent_rng = random.Random(SEED + 2)  # its own stream: shards 0 and 1 stay as recorded
     scenes.append([world.sample_scene(absent_rng) for _ in range(args.scenes)])
-    parts = {int(p) for p in args.parts.split(",")}
-    if not parts <= {0, 1, 2}:
+    parts = {p.strip() for p in args.parts.split(",")}
+    if not parts <= {"0", "1", "2"}:
         ap.error(f"--parts: shards 0, 1 and 2 exist, not {args.parts}")
+    parts = {int(p) for p in parts}
     questions = [None, [[q for k in qa_eval.PLANTED for q in p[k]] for p in planted], [[] for _ in scenes[2]]]
     keys = {shard: qa_eval.write_image_shard(storage, shard, scenes[shard], questions[shard])
             for shard in sorted(parts)}  # the scenes of every part are drawn, so each part is the same alone
