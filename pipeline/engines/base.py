@@ -44,6 +44,9 @@ class Sampling:
     n: int = 1
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    """Return each generated token's text and the log-probability the model gave it (Generation.tokens):
+    the model's own distribution, before temperature and top-p (see pipeline.abstain)."""
 
     @classmethod
     def from_config(cls, cfg: SamplingConfig, **overrides: Any) -> Sampling:
@@ -59,6 +62,8 @@ class Generation:
     finish_reason: Literal["stop", "length", "error"] = "stop"
     num_tokens: int = 0
     error: str | None = None
+    tokens: tuple[tuple[str, float], ...] | None = None
+    """With Sampling(logprobs=True): (text piece, log-probability) per token, the pieces spelling `text`."""
 
 
 @runtime_checkable

@@ -1,4 +1,4 @@
-"""Helpers shared by the model backends: checkpoint identity and message flattening."""
+"""Helpers shared by the model backends: checkpoint identity, message flattening, token pieces."""
 
 from __future__ import annotations
 
@@ -48,3 +48,20 @@ def text_only(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
         out.append({**m, "content": content})
     return out
+
+
+def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text each token adds to the decoded string, decoded incrementally with a few tokens of context
+    (so tokenizers that drop a word's leading space when it is decoded alone still spell the string; a
+    character split over byte tokens belongs to the token that completes it; special tokens add nothing)."""
+    pieces: list[str] = []
+    prefix, read = 0, 0
+    for k in range(len(ids)):
+        before = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+        after = tokenizer.decode(ids[prefix:k + 1], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+            pieces.append(after[len(before):])
+            prefix, read = read, k + 1
+        else:
+            pieces.append("")
+    return pieces

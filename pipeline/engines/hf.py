@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from pipeline.abstain import spelling
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
-from pipeline.engines.common import ModelLoadError, model_identity, text_only
+from pipeline.engines.common import ModelLoadError, model_identity, text_only, token_pieces
 from pipeline.engines.grid import ImageGrid
 from pipeline.engines.memory import free_gpu_bytes, row_cost, rows_that_fit
 from pipeline.engines.prefix import PrefixPlan, plan_prefixes
@@ -35,6 +37,33 @@ def _out_cache(output: Any) -> Any:
     """The KV cache of a model output (named `cache` in recent transformers, `past_key_values` before)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+class ChosenLogprobs(LogitsProcessor):
+    """Records the log-probability of every token `generate` picks, from the logits as they reach it
+    (after a repetition penalty, before temperature and top-p): one [rows, vocab] distribution is held at
+    a time, and the next call (whose input ends with the picked token) reads the pick's share of it."""
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.picked: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(1, input_ids[:, -1:].to(self.previous.device)).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def result(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """[rows, new tokens] log-probabilities of `new_ids` (the last pick read here)."""
+        if self.previous is not None and len(self.picked) < new_ids.shape[1]:
+            last = new_ids[:, len(self.picked)].to(self.previous.device)
+            self.picked.append(self.previous.gather(1, last[:, None]).squeeze(1))
+        self.previous = None
+        if not self.picked:
+            return torch.zeros(new_ids.shape, dtype=torch.float32)
+        out = torch.stack(self.picked, dim=1).cpu()
+        return torch.nn.functional.pad(out, (0, new_ids.shape[1] - out.shape[1]))
 
 
 class HFEngine:
@@ -195,10 +224,14 @@ class HFEngine:
         """params.n generations per request, in request order (text after the prefill)."""
         out: list[list[Generation]] = [[] for _ in requests]
         for b, (idx, picked) in enumerate(self._encoded_batches(requests, params, self.memory_budget())):
-            new = self._generate_batch(picked, params, b)
+            recorder = ChosenLogprobs() if params.logprobs else None
+            new = self._generate_batch(picked, params, b, recorder)
+            logprobs = recorder.result(new) if recorder is not None else None
             for k, i in enumerate(idx):
                 for s in range(params.n):
-                    out[i].append(self._decode(new[k * params.n + s].tolist(), params))
+                    row = k * params.n + s
+                    out[i].append(self._decode(new[row].tolist(), params,
+                                               None if logprobs is None else logprobs[row].tolist()))
         return out
 
     def memory_budget(self) -> int | None:
@@ -261,8 +294,10 @@ class HFEngine:
             memo[key] = len(self.tokenizer(self.prompt_text(request), add_special_tokens=False)["input_ids"])
         return memo[key] - len(request.images) + tokens, patches  # one placeholder per image in the template
 
-    def _generate_batch(self, picked: Sequence[dict[str, torch.Tensor]], params: Sampling, b: int) -> torch.Tensor:
-        """The new token ids of one batch: params.n rows per request, in order."""
+    def _generate_batch(self, picked: Sequence[dict[str, torch.Tensor]], params: Sampling, b: int,
+                        recorder: ChosenLogprobs | None = None) -> torch.Tensor:
+        """The new token ids of one batch: params.n rows per request, in order (`recorder`: also the
+        log-probability of each chosen token)."""
         plan = self._plan(picked)
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens, "repetition_penalty": params.repetition_penalty,
@@ -274,6 +309,8 @@ class HFEngine:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if recorder is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([recorder])
         if plan is not None:
             batch, cache, _ = self._run_plan(picked, plan, params.n)
             kwargs[self._cache_kw] = self._static(cache, batch["input_ids"].shape[1] + params.max_new_tokens)
@@ -358,7 +395,7 @@ class HFEngine:
         full_mask = torch.cat([torch.ones((total, P), dtype=torch.long, device=dev), mid_mask[row_group], smask], dim=1)
         return {"input_ids": full_ids, "attention_mask": full_mask}, cache, P + width
 
-    def _decode(self, ids: list[int], params: Sampling) -> Generation:
+    def _decode(self, ids: list[int], params: Sampling, logprobs: list[float] | None = None) -> Generation:
         n = len(ids)
         eos_at = next((pos for pos, tok in enumerate(ids) if tok in self.eos_ids), None)
         if eos_at is not None:
@@ -372,7 +409,10 @@ class HFEngine:
             cut = text.find(stop)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
-        return Generation(text=text, finish_reason=finish, num_tokens=n)  # type: ignore[arg-type]
+        tokens = None
+        if logprobs is not None:
+            tokens = spelling(tuple(zip(token_pieces(self.tokenizer, ids[:n]), logprobs[:n], strict=True)), text)
+        return Generation(text=text, finish_reason=finish, num_tokens=n, tokens=tokens)  # type: ignore[arg-type]
 
     # -- choice scoring -----------------------------------------------------------------------------
     def choice_ids(self, choice: str) -> list[int]:

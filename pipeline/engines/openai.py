@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
 
+from pipeline.abstain import spelling
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
 from pipeline.engines.grid import ImageGrid, load_grid
@@ -84,6 +85,32 @@ def _run(coro_factory: Callable[[], Awaitable[T]]) -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _tokens(choice: dict[str, Any], text: str) -> tuple[tuple[str, float], ...] | None:
+    """(piece, log-probability) per token of a chat choice asked for `logprobs`: the pieces from each token's
+    `bytes` when the server gives them (a character split over byte tokens goes to the token completing it),
+    else its `token` string; None when absent or when the pieces do not spell the text."""
+    content = (choice.get("logprobs") or {}).get("content") or []
+    try:
+        logprobs = [float(t["logprob"]) for t in content]
+        if content and all(isinstance(t.get("bytes"), list) for t in content):
+            pieces, pending = [], b""
+            for t in content:
+                pending += bytes(t["bytes"])
+                try:
+                    pieces.append(pending.decode("utf-8"))
+                    pending = b""
+                except UnicodeDecodeError:
+                    pieces.append("")
+        else:
+            pieces = [str(t["token"]) for t in content]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not content:
+        return None
+    return spelling(tuple(zip(pieces, logprobs, strict=True)), text) or \
+        spelling(tuple(zip((str(t.get("token", "")) for t in content), logprobs, strict=True)), text)
 
 
 class OpenAIEngine:
@@ -236,6 +263,8 @@ class OpenAIEngine:
             body["stop"] = list(params.stop)
         if params.repetition_penalty != 1.0:
             body["repetition_penalty"] = params.repetition_penalty
+        if params.logprobs:
+            body["logprobs"] = True
         data = await self._call(client, "POST", "/chat/completions", body)
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         total = (data.get("usage") or {}).get("completion_tokens", 0)
@@ -245,7 +274,8 @@ class OpenAIEngine:
             if req.prefill and self.config.openai_prefill == "instruct" and text.startswith(req.prefill):
                 text = text[len(req.prefill):]
             finish = "length" if c.get("finish_reason") == "length" else "stop"
-            out.append(Generation(text=text, finish_reason=finish, num_tokens=total // max(1, len(choices))))
+            out.append(Generation(text=text, finish_reason=finish, num_tokens=total // max(1, len(choices)),
+                                  tokens=_tokens(c, text) if params.logprobs else None))
         if len(out) != params.n:
             raise RequestFailed(f"server returned {len(out)} choices, expected {params.n}")
         return out

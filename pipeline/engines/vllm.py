@@ -19,9 +19,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from pipeline.abstain import spelling
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
-from pipeline.engines.common import ModelLoadError, model_identity, text_only
+from pipeline.engines.common import ModelLoadError, model_identity, text_only, token_pieces
 from pipeline.engines.grid import ImageGrid, load_grid
 from pipeline.engines.preprocess import Prepared, map_ahead, prepare_image
 
@@ -109,6 +110,7 @@ class VLLMEngine:
             n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
             repetition_penalty=params.repetition_penalty, stop=list(params.stop) or None,
             seed=params.seed * 1_000_003 + index if params.temperature > 0 else None,
+            logprobs=0 if params.logprobs else None,
         )
 
     def generate(self, requests: Sequence[ChatRequest], params: Sampling) -> list[list[Generation]]:
@@ -131,9 +133,18 @@ class VLLMEngine:
                         gens.append(Generation(text=o.text, finish_reason="error", num_tokens=len(o.token_ids),
                                                error=f"vllm finish_reason={o.finish_reason}"))
                     else:
-                        gens.append(Generation(text=o.text, finish_reason=finish, num_tokens=len(o.token_ids)))
+                        gens.append(Generation(text=o.text, finish_reason=finish, num_tokens=len(o.token_ids),
+                                               tokens=self._tokens(o) if params.logprobs else None))
                 out[i] = gens
         return out
+
+    def _tokens(self, output: Any) -> tuple[tuple[str, float], ...] | None:
+        """(piece, log-probability) per token of a vLLM CompletionOutput asked for `logprobs=0`."""
+        if not output.logprobs:
+            return None
+        ids = list(output.token_ids)
+        logprobs = [float(step[tok].logprob) for step, tok in zip(output.logprobs, ids, strict=False)]
+        return spelling(tuple(zip(token_pieces(self.tokenizer, ids), logprobs, strict=False)), output.text)
 
     # -- choice scoring -----------------------------------------------------------------------------
     def score_choices(self, requests: Sequence[ChatRequest], choices: Sequence[Sequence[str]]) -> list[list[float]]:

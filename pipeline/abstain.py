@@ -1,0 +1,123 @@
+"""Abstention: drop the sentences of a caption that its captioner was unsure of, by its own token probabilities.
+
+A captioner that sees imperfectly is wrong mostly where it hesitated. On the demo world every false shape
+claim nano-VL makes on 1,000 held-out scenes is a word it wrote at probability < 0.96, 74 of 77 below 0.9,
+while 3,753 of its 3,930 true attribute words are above 0.9 (docs/train.md, "Abstention"). Utility RL teaches a
+captioner to say everything it can see; this gate takes back what it only guessed.
+
+The rule, per sentence (split after '.', '!', '?' or a line break): the sentence is dropped when one of its
+*content words* was written at a probability below `min_prob`. A word's probability is the lowest of the
+tokens it is made of (the first token carries the choice, the rest are usually ~1); a content word is a run
+of letters that is not a function word (STOPWORDS) and not the sentence's first word (sentence openers
+such as "The", "Additionally", "Overall" are a choice of style, not a claim). The probabilities are the
+model's own, before temperature or top-p (engines return them with `Sampling(logprobs=True)`).
+Dropped sentences are returned beside the kept text, so a manifest can keep them: nothing is lost.
+The threshold is per model: measure it on data with truth (tools/bench_train.py prints a sweep).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+TokenLogprob = tuple[str, float]
+"""One generated token: its text piece and the log-probability the model gave it."""
+
+STOPWORDS = frozenset("""
+a an the this that these those there here it its it's they them their he she his her we our you your
+is are was were be been being am has have had having do does did can could may might will would shall should
+of on in at to by for from with without into onto over under above below between among through across near
+and or but nor so yet as than then also too very just only both either neither each every some any
+which who whom whose what where when while whereas how if because although though thus therefore however
+image picture photo photograph shows show showing shown depicts depicting features featuring appears
+appear seems seem visible can see seen looks look like
+""".split())
+"""Function words never gated (plus words about the picture itself): their probability is a matter of style."""
+
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)|\n")
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+
+
+@dataclass(frozen=True)
+class Abstained:
+    """A caption after the gate: the text kept and the sentences dropped (in order)."""
+
+    text: str
+    dropped: tuple[str, ...] = ()
+    gated: bool = True
+    """False when the gate could not run (no token probabilities, or pieces that do not spell the text)."""
+
+
+def sentences(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the sentences of `text`; whitespace between them goes with the next."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    while pos < len(text):
+        m = _SENTENCE_END.search(text, pos)
+        end = m.end() if m else len(text)
+        spans.append((pos, end))
+        pos = end
+    return spans
+
+
+def _token_spans(tokens: Sequence[TokenLogprob]) -> list[tuple[int, int, float]]:
+    spans, pos = [], 0
+    for piece, logprob in tokens:
+        spans.append((pos, pos + len(piece), logprob))
+        pos += len(piece)
+    return spans
+
+
+def word_probs(text: str, tokens: Sequence[TokenLogprob], start: int = 0, end: int | None = None
+               ) -> list[tuple[str, float, int]]:
+    """(word, probability, index in its sentence) for every word of text[start:end], from the tokens that
+    overlap it (the lowest of them)."""
+    spans = _token_spans(tokens)
+    out = []
+    for k, m in enumerate(_WORD.finditer(text, start, len(text) if end is None else end)):
+        lps = [lp for a, b, lp in spans if a < m.end() and b > m.start()]
+        out.append((m.group(0), math.exp(min(lps)) if lps else 1.0, k))
+    return out
+
+
+def abstain(tokens: Sequence[TokenLogprob], min_prob: float) -> Abstained:
+    """The caption spelled by `tokens` with every sentence holding an unsure content word dropped."""
+    text = "".join(piece for piece, _ in tokens)
+    if min_prob <= 0:
+        return Abstained(text.strip())
+    kept: list[str] = []
+    dropped: list[str] = []
+    for start, end in sentences(text):
+        sentence = text[start:end]
+        if not sentence.strip():
+            continue
+        unsure = any(p < min_prob for word, p, k in word_probs(text, tokens, start, end)
+                     if k > 0 and word.lower() not in STOPWORDS)
+        (dropped if unsure else kept).append(sentence)
+    return Abstained("".join(kept).strip(), tuple(s.strip() for s in dropped))
+
+
+def gate(text: str, tokens: Sequence[TokenLogprob] | None, min_prob: float) -> Abstained:
+    """`abstain` when the engine returned token probabilities that spell `text`; else `text` unchanged with
+    `gated=False` (the gate off, a backend without probabilities, or pieces that do not spell the text)."""
+    if min_prob <= 0:
+        return Abstained(text.strip())
+    if not tokens or "".join(piece for piece, _ in tokens).strip() != text.strip():
+        return Abstained(text.strip(), gated=False)
+    return abstain(tokens, min_prob)
+
+
+def spelling(pieces: Sequence[TokenLogprob], text: str) -> tuple[TokenLogprob, ...] | None:
+    """The leading pieces that spell `text` (a stop string may have cut the text inside the last one, which
+    is then cut too); None when they do not."""
+    out: list[TokenLogprob] = []
+    pos = 0
+    for piece, logprob in pieces:
+        if pos >= len(text):
+            break
+        take = piece[: len(text) - pos]
+        out.append((take, logprob))
+        pos += len(take)
+    return tuple(out) if "".join(p for p, _ in out) == text else None
