@@ -393,6 +393,10 @@ class AnnotateConfig(Section):
     reencode: Literal["no", "jpg", "png", "webp"] = Field("no", description="re-encode images in the caption tars")
     reencode_quality: int = Field(95, ge=1, le=100)
     truncated_is_error: bool = Field(False, description="a caption cut at max_new_tokens (finish_reason=length) is a failed row")
+    abstain_below: float = Field(
+        0.0, ge=0.0, lt=1.0, description="abstention (pipeline.abstain): drop each caption sentence holding a content "
+        "word the captioner wrote at a probability below this; the dropped sentences stay in the manifest's "
+        "`abstained` column; 0: off. A threshold is per model: measure it (tools/bench_train.py prints a sweep)")
     retry_failed_rows: bool = Field(True, description="redo failed rows once in smaller batches before writing")
     retry_batch_size: int = runtime(4, ge=1)
     hold_images_mb: int = runtime(2048, ge=0, description="keep a shard's input bytes in memory up to this size "
@@ -471,6 +475,9 @@ class EvaluateConfig(Section):
     benchmarks: list[BenchmarkConfig] = Field(default_factory=list)
     judge: JudgeConfig | None = Field(None, description="an optional VLM judge of factuality, coverage and "
                                       "hallucination (real data, where no truth exists)")
+    abstain_below: dict[str, float] = Field(
+        default_factory=dict, description="captioner name -> the abstention threshold its captions are judged "
+        "with, as annotate.abstain_below writes them (pipeline.abstain); captioners not named: whole captions")
     seed: int = 0
     cache: str | None = runtime(None, description="fsspec folder of the caption cache (default ROOT/eval/_cache)")
     caption_chunk: int = Field(64, ge=1, description="images per captioning engine call; a benchmark's images are "

@@ -71,7 +71,8 @@ def test_vllm_offline_matches_hf(model_dir, hf_engine, tmp_path):
     reqs = requests()
     job = {"model": str(model_dir), "engine": ENGINE,
            "requests": [{"messages": r.messages, "prefill": r.prefill} for r in reqs],
-           "sampling": {"greedy": {"max_new_tokens": 8}, "sampled": {"max_new_tokens": 8, "temperature": 1.0, "n": 3}},
+           "sampling": {"greedy": {"max_new_tokens": 8}, "sampled": {"max_new_tokens": 8, "temperature": 1.0, "n": 3},
+                        "logprobs": {"max_new_tokens": 8, "logprobs": True}},
            "choices": CHOICES}
     (tmp_path / "job.json").write_text(json.dumps(job))
     proc = subprocess.run([str(VENV_PY), str(REPO / "tests" / "vllm_driver.py"), str(tmp_path / "job.json"),
@@ -83,6 +84,13 @@ def test_vllm_offline_matches_hf(model_dir, hf_engine, tmp_path):
     hf_greedy = hf_engine.generate(reqs, Sampling(max_new_tokens=8))
     assert [g[0]["text"] for g in out["greedy_batched"]] == [g[0].text for g in hf_greedy]
     assert all(g[0]["finish_reason"] == "length" and g[0]["num_tokens"] == 8 for g in out["greedy_batched"])
+    # token log-probabilities (pipeline.abstain): the same pieces and values as the hf engine records
+    assert [g[0]["text"] for g in out["logprobs_batched"]] == [g[0].text for g in hf_greedy]
+    hf_tokens = hf_engine.generate(reqs, Sampling(max_new_tokens=8, logprobs=True))
+    for v, h in zip(out["logprobs_batched"], hf_tokens, strict=True):
+        assert [p for p, _ in v[0]["tokens"]] == [p for p, _ in h[0].tokens]
+        assert [lp for _, lp in v[0]["tokens"]] == pytest.approx([lp for _, lp in h[0].tokens], abs=1e-3)
+    assert out["greedy_batched"][0][0]["tokens"] is None
     assert [len(g) for g in out["sampled_batched"]] == [3] * len(reqs)
     assert len({g["text"] for g in out["sampled_batched"][0]}) > 1
     hf_scores = hf_engine.score_choices(reqs, CHOICES)
@@ -112,6 +120,11 @@ def test_openai_engine_against_vllm_serve(vllm_server, hf_engine):
     assert all(g[0].finish_reason == "length" for g in greedy), greedy
     # the server renders the same chat template and continues the prefilled assistant turn
     assert [g[0].text for g in greedy] == [g[0].text for g in hf_engine.generate(reqs, Sampling(max_new_tokens=8))]
+    with_logprobs = engine.generate(reqs, Sampling(max_new_tokens=8, logprobs=True))
+    hf_tokens = hf_engine.generate(reqs, Sampling(max_new_tokens=8, logprobs=True))
+    for v, h in zip(with_logprobs, hf_tokens, strict=True):
+        assert v[0].tokens is not None and "".join(p for p, _ in v[0].tokens) == v[0].text
+        assert [lp for _, lp in v[0].tokens] == pytest.approx([lp for _, lp in h[0].tokens], abs=1e-3)
     sampled = engine.generate(reqs[:2], Sampling(max_new_tokens=6, temperature=1.0, n=2, seed=5))
     assert [len(g) for g in sampled] == [2, 2] and all(g.error is None for gens in sampled for g in gens)
     scores = engine.score_choices(reqs, CHOICES)

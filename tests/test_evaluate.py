@@ -30,9 +30,9 @@ def _vl(name: str) -> dict:
     return {"backend": "hf", "model": f"models/nano/{name}", "device": "cpu", "min_pixels": 12544, "max_pixels": 12544}
 
 
-def _manifest(tmp: Path, root: Path, bench: Path, captioners: list[str], **evaluate) -> Path:
+def _manifest(tmp: Path, root: Path, bench: Path, names: list[str], **evaluate) -> Path:
     demo = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
-    section = {**demo["evaluate"], "name": "t", "k": K, "caption_chunk": 4, "captioners": {c: _vl(c) for c in captioners},
+    section = {**demo["evaluate"], "name": "t", "k": K, "caption_chunk": 4, "captioners": {c: _vl(c) for c in names},
                "benchmarks": [{"name": "heldout", "kind": "jsonl", "path": str(bench), "truth": "demo-scene"}],
                **evaluate}
     path = tmp / f"m{len(list(tmp.glob('m*.yaml')))}.yaml"
@@ -352,3 +352,31 @@ def test_unrunnable_evaluation_is_one_error_line(tmp_path, bench, capsys):
     assert main(["run", "--stage", "evaluate", "-m", str(m)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: evaluate: no captioner and no baseline to evaluate (evaluate.captioners)"]
+
+
+def test_a_captioner_judged_with_abstention(tmp_path, bench):
+    """The same checkpoint, whole and through the abstention gate: the gated captions are the whole ones
+    less their unsure sentences, and claim less that is false."""
+    root = tmp_path / "root"
+    both = {"whole": _vl("nano-vl-step600"), "gated": _vl("nano-vl-step600")}
+    m = _manifest(tmp_path, root, bench, [], captioners=both, abstain_below={"gated": 0.9})
+    out = io.StringIO()
+    assert run_stage(load_config(m), "evaluate", None, progress=False, out=out).exit_code == 0, out.getvalue()
+    answers = pl.read_parquet(root / "eval" / "t" / "answers.parquet")
+    caps = {name: answers.filter(pl.col("captioner") == name).unique(["image_sha256", "caption_index"])
+            .sort("image_sha256", "caption_index")["caption"].to_list() for name in ("whole", "gated")}
+    assert len(caps["gated"]) == len(caps["whole"]) > 0
+    assert all(set(split_sentences(g)) <= set(split_sentences(w)) for g, w in zip(caps["gated"], caps["whole"],
+                                                                                  strict=True))
+    assert sum(len(g) for g in caps["gated"]) < sum(len(w) for w in caps["whole"])
+    f = json.loads((root / "eval" / "t" / "report.json").read_text())["captioners"]
+    assert f["gated"]["faithfulness"]["hallucination"] < f["whole"]["faithfulness"]["hallucination"]
+    bad = _manifest(tmp_path, root, bench, [], captioners=both, abstain_below={"nobody": 0.5})
+    with pytest.raises(Exception, match="no captioner of that name"):
+        evaluate_stage.check(load_config(bad).evaluate)
+
+
+def split_sentences(text: str) -> list[str]:
+    from pipeline.abstain import sentences
+
+    return [text[a:b].strip() for a, b in sentences(text) if text[a:b].strip()]

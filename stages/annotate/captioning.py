@@ -18,11 +18,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from PIL import Image
 
+from pipeline.abstain import gate
 from pipeline.engines.base import Engine, Generation, Sampling, image_request
 from pipeline.engines.grid import ImageGrid
 from pipeline.engines.preprocess import map_ahead
@@ -41,6 +42,9 @@ ERR_NO_IMAGE = "no_image"
 ERR_ENGINE = "engine_error"
 ERR_EMPTY = "empty_caption"
 ERR_TRUNCATED = "truncated"
+ERR_ABSTAINED = "abstained"
+_UNGATED_WARNED: list[bool] = []
+"""Set once this process has warned that the engine gave no token probabilities for the abstention gate."""
 
 
 T = TypeVar("T")
@@ -70,10 +74,12 @@ class CaptionResult:
     generations: list[Generation] = field(default_factory=list)
     status: str = "ok"
     reason: str | None = None
-    """Short error class (decode_error, engine_error, empty_caption, truncated, no_image)."""
+    """Short error class (decode_error, engine_error, empty_caption, truncated, abstained, no_image)."""
     error: str | None = None
     """Full error text."""
     attempts: int = 1
+    abstained: list[tuple[str, ...]] | None = None
+    """With abstention on: the sentences dropped from each generation (None: the gate did not run)."""
 
     @property
     def caption(self) -> str:
@@ -95,16 +101,44 @@ class FeedConfig:
     chunk_size: int = 4096
     workers: int = 2
     truncated_is_error: bool = False
+    abstain_below: float = 0.0
+    """Drop the sentences the captioner was unsure of (pipeline.abstain); needs sampling.logprobs."""
     retry: bool = True
     retry_batch_size: int = 4
 
 
-def _judge(gens: list[Generation], truncated_is_error: bool) -> tuple[str | None, str | None]:
+def _abstain(gens: list[Generation], min_prob: float) -> tuple[list[Generation], list[tuple[str, ...]] | None]:
+    """The generations with their unsure sentences dropped, and the sentences dropped from each (None when
+    a generation came without token probabilities: the gate could not run, the captions stay whole)."""
+    if min_prob <= 0:
+        return gens, None
+    kept, dropped = [], []
+    for g in gens:
+        if g.finish_reason == "error" or g.error:
+            kept.append(g)
+            dropped.append(())
+            continue
+        result = gate(g.text, g.tokens, min_prob)
+        if not result.gated:
+            if not _UNGATED_WARNED:
+                _UNGATED_WARNED.append(True)
+                log.warning("abstain_below is set but the engine returned no token probabilities that spell the "
+                            "caption: the caption is kept whole (counted as `ungated` in the shard's stats)")
+            return [replace(x, tokens=None) for x in gens], None
+        kept.append(replace(g, text=result.text, tokens=None))
+        dropped.append(result.dropped)
+    return kept, dropped
+
+
+def _judge(gens: list[Generation], truncated_is_error: bool,
+           abstained: list[tuple[str, ...]] | None = None) -> tuple[str | None, str | None]:
     """(reason, error text) for a row's generations, or (None, None) if they are acceptable."""
     for i, g in enumerate(gens):
         which = f"caption {i}: " if len(gens) > 1 else ""
         if g.finish_reason == "error" or g.error:
             return ERR_ENGINE, f"{which}{g.error or 'engine returned an error'}"
+        if abstained and abstained[i] and not g.text.strip():
+            return ERR_ABSTAINED, f"{which}every sentence held a word below abstain_below ({len(abstained[i])} dropped)"
         if not g.text.strip():
             return ERR_EMPTY, f"{which}empty caption"
         if truncated_is_error and g.finish_reason == "length":
@@ -204,8 +238,8 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
                 res.generations, res.reason, res.error = [], ERR_ENGINE, outcome
                 last_error[0] = outcome
             else:
-                res.generations = outcome[i]
-                res.reason, res.error = _judge(res.generations, cfg.truncated_is_error)
+                res.generations, res.abstained = _abstain(outcome[i], cfg.abstain_below)
+                res.reason, res.error = _judge(res.generations, cfg.truncated_is_error, res.abstained)
             res.status = "ok" if res.reason is None else "error"
             if res.status == "error" and cfg.retry and attempt == 1:
                 retry_queue.append((res, data))
@@ -247,7 +281,8 @@ def caption_images(engine: Engine | Callable[[], Engine], jobs: Iterable[Caption
 
 
 def summarize(results: Iterable[CaptionResult]) -> dict[str, Any]:
-    """Counts for stats: rows, ok, retried, finish reasons, generated tokens."""
+    """Counts for stats: rows, ok, retried, finish reasons, generated tokens; with abstention, the sentences
+    dropped (`abstained_sentences`) and the ok rows the gate could not run on (`ungated`)."""
     out: dict[str, Any] = {"rows": 0, "ok": 0, "retried": 0, "retried_ok": 0, "length": 0, "tokens": 0}
     for r in results:
         out["rows"] += 1
@@ -256,4 +291,8 @@ def summarize(results: Iterable[CaptionResult]) -> dict[str, Any]:
         out["retried_ok"] += r.attempts > 1 and r.status == "ok"
         out["length"] += sum(g.finish_reason == "length" for g in r.generations)
         out["tokens"] += sum(g.num_tokens for g in r.generations)
+        if r.abstained is not None:
+            out["abstained_sentences"] = out.get("abstained_sentences", 0) + sum(len(d) for d in r.abstained)
+        elif r.generations and r.status == "ok":
+            out["ungated"] = out.get("ungated", 0) + 1
     return out

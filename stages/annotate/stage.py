@@ -59,6 +59,7 @@ CAPTION_SCHEMA = pa.schema([
     pa.field("error_reason", pa.string()),
     pa.field("error", pa.string()),
     pa.field("attempts", pa.int32()),
+    pa.field("abstained", pa.list_(pa.list_(pa.string())), metadata=_J),
     pa.field("quality", pa.float64(), metadata=_J),
     pa.field("quality_questions", pa.int32()),
     pa.field("source_license", pa.string()),
@@ -68,7 +69,8 @@ CAPTION_SCHEMA = pa.schema([
 {"json": "1"} also go into each sample's .json in the caption tar (not the timestamp: the tar is then the
 same bytes on every greedy rerun even without SOURCE_DATE_EPOCH). The source_* columns come from the input
 sample's json (img2dataset's `license` from save_additional_columns, its caption column `caption`); the
-whole object stays in the tar json's `source`."""
+whole object stays in the tar json's `source`. `abstained` (annotate.abstain_below > 0): per caption, the
+sentences the gate dropped (pipeline.abstain); null when the gate is off or could not run."""
 JSON_FIELDS = shardio.json_fields(CAPTION_SCHEMA)
 
 
@@ -79,7 +81,11 @@ def prompt_hash(prompt: str) -> str:
 
 
 def sampling_json(cfg: AnnotateConfig) -> str:
-    return json.dumps(cfg.sampling.model_dump(), sort_keys=True)
+    """The sampling settings of a caption (with `abstain_below` when the abstention gate is on)."""
+    settings = cfg.sampling.model_dump()
+    if cfg.abstain_below:
+        settings["abstain_below"] = cfg.abstain_below
+    return json.dumps(settings, sort_keys=True)
 
 
 def captioner_key(cfg: EngineConfig) -> str:
@@ -201,7 +207,8 @@ def _annotate(ctx: ShardContext, shard: int, keep: dict[str, dict[str, Any]]) ->
     shardio.write_manifest(rows, CAPTION_SCHEMA, ctx.output(".parquet"))
     if local_tar != src.tar_url:
         os.remove(local_tar)
-    return _stats(rows, plan, src, engine_id, quality, len(keep), ctx.output(".tar"), ctx.output(".parquet"))
+    return _stats(rows, plan, src, engine_id, quality, len(keep), ctx.output(".tar"), ctx.output(".parquet"),
+                  cfg.abstain_below)
 
 
 def _ok_captions(plan: _Plan) -> dict[str, str]:
@@ -252,7 +259,8 @@ def _caption_pass(ctx: ShardContext, cfg: AnnotateConfig, local_tar: str, src: I
 
     ecfg = cfg.captioner
     feed = FeedConfig(
-        prompt=cfg.prompt, sampling=Sampling.from_config(cfg.sampling), grid=captioner_grid(ctx),
+        prompt=cfg.prompt, sampling=Sampling.from_config(cfg.sampling, logprobs=cfg.abstain_below > 0),
+        grid=captioner_grid(ctx), abstain_below=cfg.abstain_below,
         chunk_size=ecfg.chunk_size, workers=ecfg.preprocess_workers,
         truncated_is_error=cfg.truncated_is_error, retry=cfg.retry_failed_rows, retry_batch_size=cfg.retry_batch_size,
     )
@@ -300,6 +308,7 @@ def _row(cfg: AnnotateConfig, info: _SampleInfo, res: CaptionResult, engine_id: 
         "prompt_hash": prompt_hash(cfg.prompt), "sampling": sampling_json(cfg),
         "pipeline_version": code_version(), "timestamp": stamp,
         "status": res.status, "error_reason": res.reason, "error": res.error, "attempts": res.attempts,
+        "abstained": [list(d) for d in res.abstained] if res.abstained is not None else None,
         "quality": score[0] if score else None, "quality_questions": score[1] if score else None,
         **info.source,
     }
@@ -323,7 +332,7 @@ def _tar_files(cfg: AnnotateConfig, row: dict[str, Any], info: _SampleInfo, samp
 
 def _stats(rows: list[dict[str, Any]], plan: _Plan, src: InputShard, engine_id: str,
            quality: quality_monitor.QualityReport, kept: int,
-           tar_path: str, parquet_path: str) -> ShardStats:
+           tar_path: str, parquet_path: str, abstain_below: float = 0.0) -> ShardStats:
     stats = ShardStats.from_statuses([r["status"] for r in rows], [r["error_reason"] for r in rows])
     counts = summarize(plan.results.values())
     scored = [r["quality"] for r in rows if r["quality"] is not None]
@@ -336,6 +345,9 @@ def _stats(rows: list[dict[str, Any]], plan: _Plan, src: InputShard, engine_id: 
         "quality_mean": round(sum(scored) / len(scored), 4) if scored else None,
         "quality_missing": quality.missing, "quality_source": quality.source,
     }
+    if abstain_below:
+        stats.extra.update(abstain_below=abstain_below, abstained_sentences=counts.get("abstained_sentences", 0),
+                           ungated=counts.get("ungated", 0))
     return stats
 
 

@@ -3,7 +3,7 @@
 The engine gets chunks of `chunk` images (n = k captions each): a benchmark's images sorted by sha256 and cut
 in order, so a chunk's make-up depends only on the benchmark, and its sampling seed is the run's seed mixed
 with the chunk's image hashes. A caption set is therefore a pure function of (captioner model id, prompt, k,
-sampling, pixel budget, seed, chunk, image): the same whether or not the cache held part of it, and the same
+sampling, pixel budget, seed, abstention threshold, chunk, image): the same whether or not the cache held part of it, and the same
 after a kill and rerun. The cache is a folder of parquet parts (local or any fsspec URL), one per finished
 chunk, each written under a temporary name and then moved into place: a killed run leaves only whole parts,
 and a rerun, a report with one more captioner or another reader, reuses every caption already made.
@@ -23,8 +23,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.abstain import gate
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines.base import Engine, Sampling, image_request
+from pipeline.engines.base import Engine, Generation, Sampling, image_request
 from pipeline.engines.grid import ImageGrid
 from pipeline.engines.preprocess import prepare_image
 
@@ -45,11 +46,16 @@ class CaptionSpec:
     min_pixels: int
     max_pixels: int
     seed: int
+    abstain_below: float = 0.0
+    """Captions as annotate writes them with this abstention threshold (pipeline.abstain); 0: whole."""
 
     def key(self, chunk: str, image_sha256: str) -> str:
-        blob = json.dumps({"model": self.model_id, "prompt": self.prompt, "k": self.k,
-                           "sampling": self.sampling.model_dump(), "pixels": [self.min_pixels, self.max_pixels],
-                           "seed": self.seed, "chunk": chunk, "image": image_sha256}, sort_keys=True)
+        fields = {"model": self.model_id, "prompt": self.prompt, "k": self.k,
+                  "sampling": self.sampling.model_dump(), "pixels": [self.min_pixels, self.max_pixels],
+                  "seed": self.seed, "chunk": chunk, "image": image_sha256}
+        if self.abstain_below:
+            fields["abstain_below"] = self.abstain_below
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def chunk_seed(self, chunk: str) -> int:
@@ -120,13 +126,23 @@ def spec_for(engine: Engine, cfg: EngineConfig, prompt: str, k: int, sampling: S
                        min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, seed=seed)
 
 
+def _gated(spec: CaptionSpec, generation: Generation, sha: str) -> str:
+    """The caption with the abstention gate applied (raises when the gate cannot run: a report of whole captions
+    under a threshold's name would be wrong)."""
+    result = gate(generation.text, generation.tokens, spec.abstain_below)
+    if not result.gated:
+        raise RuntimeError(f"captioner {spec.model_id} returned no token probabilities for image {sha[:12]}: "
+                           "evaluate.abstain_below needs an engine that gives them (hf, vllm, openai with logprobs)")
+    return result.text
+
+
 def caption_all(engine: Callable[[], Engine], spec: CaptionSpec, images: Sequence[tuple[str, bytes]],
                 cache: CaptionCache, chunk: int = 64) -> dict[str, list[str]]:
     """k captions for every (sha256, bytes) image of one benchmark: a chunk whose captions are all cached is
     read back, any other chunk is generated whole (one engine call) and cached. Returns sha256 -> captions.
     Raises if the engine fails on an image: an evaluation with missing captions would be wrong, not partial."""
     out: dict[str, list[str]] = {}
-    params = replace(Sampling.from_config(spec.sampling), n=spec.k)
+    params = replace(Sampling.from_config(spec.sampling), n=spec.k, logprobs=spec.abstain_below > 0)
     for part in chunks(images, chunk):
         digest = chunk_digest(part)
         keys = [spec.key(digest, sha) for sha, _ in part]
@@ -145,7 +161,7 @@ def caption_all(engine: Callable[[], Engine], spec: CaptionSpec, images: Sequenc
             if bad or len(gens) != spec.k:
                 raise RuntimeError(f"captioner {spec.model_id} failed on image {sha[:12]}: "
                                    f"{bad[0].error if bad else f'{len(gens)} of {spec.k} captions'}")
-            out[sha] = [g.text.strip() for g in gens]
+            out[sha] = [_gated(spec, g, sha) for g in gens]
             cache.put(key, out[sha], spec.model_id, sha)
         cache.flush()
     return out

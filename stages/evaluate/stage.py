@@ -82,6 +82,11 @@ def check(cfg: EvaluateConfig) -> None:
     for name, ecfg in cfg.captioners.items():
         if not ecfg.model and ecfg.backend != "noop":
             raise ConfigError(f"evaluate.captioners.{name}.model is not set")
+    for name, threshold in cfg.abstain_below.items():
+        if name not in cfg.captioners:
+            raise ConfigError(f"evaluate.abstain_below.{name}: no captioner of that name (evaluate.captioners)")
+        if not 0.0 <= threshold < 1.0:
+            raise ConfigError(f"evaluate.abstain_below.{name} = {threshold}: a probability in [0, 1)")
 
 
 def captioner_config(ctx: ShardContext, cfg: EngineConfig) -> EngineConfig:
@@ -179,7 +184,7 @@ def _caption(ctx: ShardContext, cfg: EvaluateConfig, images: dict[str, list[Benc
 
         models[name] = model_ident(ecfg, load)
         spec = CaptionSpec(cache_id(models[name]), cfg.prompt, cfg.k, cfg.sampling, ecfg.min_pixels,
-                           ecfg.max_pixels, cfg.seed)
+                           ecfg.max_pixels, cfg.seed, cfg.abstain_below.get(name, 0.0))
         captions[name], made = {}, 0
         for bench, ims in images.items():
             hits = cache.hits
