@@ -2,6 +2,7 @@
 
     python tools/bench_train.py [--preset demo|faithful] [--scenes 400] [--heldout 200] [--steps 800]
                                 [--work /tmp/bench_train] [--set train.learning_rate=5e-5 ...]
+                                [--checkpoint <trained folder>]
 
 1. Renders `--scenes` demo-world scenes, serves them on 127.0.0.1 and runs `download` and `qa` (nano-VL writes
    MCQs, nano-filter gates them) with manifests/demo.yaml.
@@ -16,6 +17,11 @@
    captions with a word 4-gram said 3+ times) and length (policy tokens). Questions: 5 ground-truth MCQs per
    held-out scene. The training log's audits that raised the reward-hacking alarm are counted. The captions
    before and after are kept in <work>/bench_<train.name>.json (to rescore them).
+4. With `annotate.abstain_below` set (the abstention gate of pipeline.abstain), both sides' captions are scored
+   as annotate writes them: each sentence holding a word the captioner wrote below that probability dropped;
+   the whole captions' figures follow as `without_abstention`. Either way the JSON's `abstain_sweep` gives
+   coverage and hallucination on both sides at several thresholds.
+`--checkpoint` scores a checkpoint trained before (its train_log.jsonl gives the alarms) instead of training.
 Last line: reward_gain=<after - before> stderr=<standard error of the paired difference> truth_gain=<...>
 halluc_before=<...> halluc_after=<...> repeat_after=<...>
 """
@@ -33,9 +39,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.abstain import gate
 from pipeline.config import EngineConfig, RewardConfig, RunConfig, changed_settings, load_config
 from pipeline.demo import URL_LIST, make_demo_data, serve_directory, write_url_list
-from pipeline.engines.base import Sampling, create_engine, image_request
+from pipeline.engines.base import Generation, Sampling, create_engine, image_request
 from pipeline.faithful import FactCheck, caption_metrics
 from pipeline.nano import claims, world
 from pipeline.nano import data as nano_data
@@ -61,18 +68,45 @@ PRESETS = {
 (issue 29: from nano-vl-brief, a captioner that sees but says little, every faithfulness lever, lr 2e-5)"""
 
 
+ABSTAIN_SWEEP = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
+"""Thresholds of the abstention sweep in the JSON (`abstain_sweep`)."""
+
+
 def heldout(n: int, seen: set[str]) -> list[world.Scene]:
     scenes = [s for s in nano_data.eval_scenes(n + 50) if s.to_json() not in seen]
     return scenes[:n]
 
 
-def captions(model: str, policy: EngineConfig, prompt: str, scenes: list[world.Scene], max_new_tokens: int) -> list[str]:
+def captions(model: str, policy: EngineConfig, prompt: str, scenes: list[world.Scene], max_new_tokens: int
+             ) -> list[Generation]:
+    """Greedy captions with their token log-probabilities (recording them does not change the text)."""
     engine = create_engine(policy.model_copy(update={"model": model, "backend": "hf"}))
     try:
         reqs = [image_request(prompt, world.render(s)) for s in scenes]
-        return [g[0].text for g in engine.generate(reqs, Sampling(max_new_tokens=max_new_tokens))]
+        return [g[0] for g in engine.generate(reqs, Sampling(max_new_tokens=max_new_tokens, logprobs=True))]
     finally:
         engine.close()
+
+
+def gated(gens: list[Generation], min_prob: float) -> list[str]:
+    """The captions as annotate writes them with `abstain_below=min_prob` (pipeline.abstain; an all-dropped
+    caption is empty here, a failed row there)."""
+    return [gate(g.text, g.tokens, min_prob).text for g in gens]
+
+
+def abstain_sweep(before: list[Generation], after: list[Generation], scenes: list[world.Scene],
+                  count_tokens: Any) -> dict[str, dict[str, Any]]:
+    """Coverage and hallucination before and after at several abstention thresholds (0: off), to choose one."""
+    out = {}
+    for t in ABSTAIN_SWEEP:
+        sides = {}
+        for side, gens in (("before", before), ("after", after)):
+            caps = gated(gens, t)
+            m = faithfulness(caps, fact_checks(caps, scenes), count_tokens)
+            sides[side] = {"coverage": m["coverage"], "hallucination": m["hallucination"],
+                           "empty": sum(1 for c in caps if not c)}
+        out[str(t)] = sides
+    return out
 
 
 def score(caps: list[str], scenes: list[world.Scene], reward: CapRLReward, audit: CapRLReward,
@@ -147,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=list(PRESETS), default="demo",
                     help="named settings applied before --set (faithful: docs/train.md, issue 29's run)")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--checkpoint", default=None,
+                    help="score this trained checkpoint folder instead of training (e.g. at another abstain_below)")
     ap.add_argument("--data-only", action="store_true",
                     help="stop once download and qa are committed (prepare --work for runs that follow)")
     args = ap.parse_args(argv)
@@ -189,23 +225,29 @@ def main(argv: list[str] | None = None) -> int:
     def count_tokens(text: str) -> int:
         return len(tokenizer(text)["input_ids"])
 
-    before_caps = captions(start, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens)
+    abstain_below = config.annotate.abstain_below
+    before_gens = captions(start, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens)
+    before_caps = gated(before_gens, abstain_below)
     before = score(before_caps, scenes, reward, audit, penalty)
     before_checks = fact_checks(before_caps, scenes)
     faithful_before = faithfulness(before_caps, before_checks, count_tokens)
     print(f"before: {json.dumps(faithful_before)}", flush=True)
 
     t1 = time.time()
-    shutil.rmtree(work / "root" / "checkpoints" / "_progress" / cfg.name, ignore_errors=True)  # never resume
-    if run_stage(config, "train", None, force=True).exit_code:  # a benchmark always trains afresh
-        return 1
+    if args.checkpoint:
+        trained = args.checkpoint
+    else:
+        shutil.rmtree(work / "root" / "checkpoints" / "_progress" / cfg.name, ignore_errors=True)  # never resume
+        if run_stage(config, "train", None, force=True).exit_code:  # a benchmark always trains afresh
+            return 1
+        trained = storage.path("checkpoints", cfg.name)
     t_train = time.time() - t1
-    trained = storage.path("checkpoints", cfg.name)
-    after_caps = captions(trained, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens)
+    after_gens = captions(trained, cfg.policy, cfg.prompt, scenes, cfg.max_new_tokens)
+    after_caps = gated(after_gens, abstain_below)
     after = score(after_caps, scenes, reward, audit, penalty)
     summary = json.loads(Path(trained, "train_summary.json").read_text())
     out = {"scenes_train": args.scenes, "heldout": len(scenes), "steps": summary["steps"],
-           "train_minutes": round(t_train / 60, 1), "data_minutes": round(t_data / 60, 1),
+           "train_minutes": None if args.checkpoint else round(t_train / 60, 1), "checkpoint": args.checkpoint, "data_minutes": round(t_data / 60, 1),
            "total_minutes": round((time.time() - t0) / 60, 1), "preset": args.preset, "overrides": args.overrides,
            "examples_after": after_caps[:3]}
     out["alarms"], out["audits"] = alarms(Path(trained, "train_log.jsonl"))
@@ -213,13 +255,35 @@ def main(argv: list[str] | None = None) -> int:
     out["faithfulness"] = {"before": faithful_before,
                            "after": faithfulness(after_caps, after_checks, count_tokens),
                            "halluc_change": halluc_change(before_checks, after_checks)}
-    Path(work, f"bench_{cfg.name}.json").write_text(json.dumps(
-        {"scenes": [s.to_json() for s in scenes], "before": before_caps, "after": after_caps}))
+    out["abstain_below"] = abstain_below
+    out["abstain_sweep"] = abstain_sweep(before_gens, after_gens, scenes, count_tokens)
+    if abstain_below:  # the same run's captions whole: what RL alone did
+        raw_before, raw_after = [g.text for g in before_gens], [g.text for g in after_gens]
+        raw_checks = fact_checks(raw_before, scenes), fact_checks(raw_after, scenes)
+        raw_b, raw_a = score(raw_before, scenes, reward, audit), score(raw_after, scenes, reward, audit)
+        gain, err = paired(raw_b["reward"], raw_a["reward"])
+        out["without_abstention"] = {
+            "reward_gain": round(gain, 4), "stderr": round(err, 4),
+            "truth_gain": round(statistics.fmean(raw_a["truth"]) - statistics.fmean(raw_b["truth"]), 4),
+            "before": faithfulness(raw_before, raw_checks[0], count_tokens),
+            "after": faithfulness(raw_after, raw_checks[1], count_tokens),
+            "halluc_change": halluc_change(*raw_checks)}
+    saved = f"bench_{Path(args.checkpoint).name}_rescored.json" if args.checkpoint else f"bench_{cfg.name}.json"
+    Path(work, saved).write_text(json.dumps(
+        {"scenes": [s.to_json() for s in scenes], "before": before_caps, "after": after_caps,
+         "abstain_below": abstain_below, "before_whole": [g.text for g in before_gens],
+         "after_whole": [g.text for g in after_gens], "before_tokens": [g.tokens for g in before_gens],
+         "after_tokens": [g.tokens for g in after_gens]}))
     for name in before:
         gain, err = paired(before[name], after[name])
         out[name] = {"before": round(statistics.fmean(before[name]), 4), "after": round(statistics.fmean(after[name]), 4),
                      "gain": round(gain, 4), "stderr": round(err, 4)}
     print(json.dumps(out, indent=2))
+    if abstain_below:
+        w = out["without_abstention"]
+        print(f"without abstention: reward_gain={w['reward_gain']:.4f} stderr={w['stderr']:.4f} "
+              f"truth_gain={w['truth_gain']:.4f} halluc_before={w['before']['hallucination']} "
+              f"halluc_after={w['after']['hallucination']} repeat_after={w['after']['repetition']}")
     r, t = out["reward"], out["truth"]
     f_before, f_after = out["faithfulness"]["before"], out["faithfulness"]["after"]
     print(f"reward_gain={r['gain']:.4f} stderr={r['stderr']:.4f} truth_gain={t['gain']:.4f} "
