@@ -160,19 +160,28 @@ class TokenCaptioner(ScriptedCaptioner):
         return out
 
 
-def test_annotate_drops_unsure_sentences_and_keeps_them_in_the_manifest(tmp_path):
-    storage = Storage(str(tmp_path))
-    rows = scene_rows(12)
-    commit_image_shard(storage, 0, rows)
+def annotate_scenes(tmp_path, n: int, threshold: float, logprobs: bool = True):
+    """Annotate n fixture scenes with the token captioner and abstain_below=threshold: (scene rows, manifest rows,
+    shard stats, the sampling the engine was asked for)."""
+    rows = scene_rows(n)
+    commit_image_shard(Storage(str(tmp_path)), 0, rows)
     config = load_config(None, ["annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
-                                "annotate.captioner.chunk_size=4", "shard_size=20", "annotate.abstain_below=0.8"],
-                         root=str(tmp_path))
+                                "annotate.captioner.chunk_size=4", "shard_size=20",
+                                f"annotate.abstain_below={threshold}"], root=str(tmp_path))
     engine = TokenCaptioner(rows)
-    out = io.StringIO()
-    run_stage(config, "annotate", [0], progress=False, out=out,
+    if not logprobs:  # a backend that gives no token probabilities
+        plain = engine.generate
+        engine.generate = lambda requests, params: plain(requests, Sampling())
+    run_stage(config, "annotate", [0], progress=False, out=io.StringIO(),
               resources={annotate.captioner_key(config.annotate.captioner): engine})
-    assert engine.sampling and all(p.logprobs for p in engine.sampling)
     manifest = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    stats = json.loads((tmp_path / "captions/00000_stats.json").read_text())["extra"]
+    return rows, manifest, stats, engine.sampling
+
+
+def test_annotate_drops_unsure_sentences_and_keeps_them_in_the_manifest(tmp_path):
+    rows, manifest, stats, sampling = annotate_scenes(tmp_path, 12, 0.8)
+    assert sampling and all(p.logprobs for p in sampling)
     assert len(manifest) == 12
     for r, row in zip(rows, manifest, strict=True):
         scene = world.Scene.from_dict(json.loads(r["scene"]))
@@ -187,37 +196,18 @@ def test_annotate_drops_unsure_sentences_and_keeps_them_in_the_manifest(tmp_path
     with tarfile.open(tmp_path / "captions/00000.tar") as tar:
         meta = {m.name: json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")}
     assert [m["abstained"] for m in meta.values()] == [r["abstained"] for r in manifest]
-    stats = json.loads((tmp_path / "captions/00000_stats.json").read_text())["extra"]
     assert stats["abstained_sentences"] == sum(len(r["abstained"][0]) for r in manifest) > 0
     assert stats["ungated"] == 0 and stats["abstain_below"] == 0.8
 
 
 def test_annotate_without_probabilities_says_the_gate_did_not_run(tmp_path):
-    storage = Storage(str(tmp_path))
-    rows = scene_rows(4)
-    commit_image_shard(storage, 0, rows)
-    config = load_config(None, ["annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
-                                "shard_size=20", "annotate.abstain_below=0.8"], root=str(tmp_path))
-    engine = TokenCaptioner(rows)
-    plain = engine.generate
-    engine.generate = lambda requests, params: plain(requests, Sampling())  # a backend without logprobs
-    run_stage(config, "annotate", [0], progress=False, out=io.StringIO(),
-              resources={annotate.captioner_key(config.annotate.captioner): engine})
-    manifest = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    _, manifest, stats, _ = annotate_scenes(tmp_path, 4, 0.8, logprobs=False)
     assert all(r["status"] == "ok" and r["abstained"] is None and "background" in r["caption"] for r in manifest)
-    assert json.loads((tmp_path / "captions/00000_stats.json").read_text())["extra"]["ungated"] == 4
+    assert stats["ungated"] == 4
 
 
 def test_a_caption_with_every_sentence_dropped_is_a_failed_row_that_keeps_them(tmp_path):
-    storage = Storage(str(tmp_path))
-    rows = scene_rows(3)
-    commit_image_shard(storage, 0, rows)
-    config = load_config(None, ["annotate.captioner.backend=hf", "annotate.captioner.model=scripted",
-                                "shard_size=20", "annotate.abstain_below=0.999"], root=str(tmp_path))
-    engine = TokenCaptioner(rows)
-    run_stage(config, "annotate", [0], progress=False, out=io.StringIO(),
-              resources={annotate.captioner_key(config.annotate.captioner): engine})
-    manifest = pq.read_table(tmp_path / "captions/00000.parquet").to_pylist()
+    _, manifest, stats, _ = annotate_scenes(tmp_path, 3, 0.999)  # even the sure words (0.99) are below
     for r in manifest:
         assert r["status"] == "error" and r["error_reason"] == "abstained" and r["caption"] is None
         assert r["abstained"][0][0].startswith("On a ")
