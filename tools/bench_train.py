@@ -60,15 +60,20 @@ LEVERS = [
 ]
 """the faithfulness levers of docs/train.md: absent-thing questions (one per image, with the -absent filter and
 reader), the repetition and length terms, negative marking at 1.0"""
+F1 = ["train.policy.model=models/nano/nano-vl-brief", *LEVERS, "train.learning_rate=2e-5"]
 PRESETS = {
     "demo": [],
-    "faithful": ["train.policy.model=models/nano/nano-vl-brief", *LEVERS, "train.learning_rate=2e-5"],
+    "faithful-f1": F1,
+    "faithful": [*F1, "train.reward.wrong_penalty=3.0", "train.beta=0.05", "annotate.abstain_below=0.995"],
 }
-"""--preset: demo = the manifest as it is (RL from nano-vl-step300, no lever); faithful = run F1 of docs/train.md
-(issue 29: from nano-vl-brief, a captioner that sees but says little, every faithfulness lever, lr 2e-5)"""
+"""--preset: demo = the manifest as it is (RL from nano-vl-step300, no lever); faithful-f1 = run F1 of docs/train.md
+(issue 29: from nano-vl-brief, a captioner that sees but says little, every faithfulness lever, lr 2e-5);
+faithful = run F6: F1 with marking 3.0 and a KL term to the start (F4), its captions scored as annotate writes
+them with the abstention gate at 0.995 (the threshold tools/calibrate_abstain.py chose for F4's checkpoint on
+2,706 validation scenes)"""
 
 
-ABSTAIN_SWEEP = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95)
+ABSTAIN_SWEEP = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 """Thresholds of the abstention sweep in the JSON (`abstain_sweep`)."""
 
 

@@ -1,6 +1,6 @@
 """Choose an abstention threshold (annotate.abstain_below) on demo-world scenes that bench_train never scores.
 
-    python tools/calibrate_abstain.py --start models/nano/nano-vl-brief --trained <checkpoint> [--scenes 1000]
+    python tools/calibrate_abstain.py --start models/nano/nano-vl-brief --trained <checkpoint> [--scenes 3000]
 
 Captions `--scenes` validation scenes greedily with both checkpoints (the nano eval stream after the first
 `--skip` scenes, which hold bench_train's held-out set, and without any scene equal to one of those), gates
@@ -20,7 +20,7 @@ from pipeline.nano import data as nano_data
 from pipeline.resources import repo_path
 from tools.bench_train import captions, fact_checks, faithfulness, gated
 
-SWEEP = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+SWEEP = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
 PROMPT = "Please describe this image in detail."
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--start", required=True)
     ap.add_argument("--trained", required=True)
-    ap.add_argument("--scenes", type=int, default=1000)
+    ap.add_argument("--scenes", type=int, default=3000)
     ap.add_argument("--skip", type=int, default=250, help="eval-stream scenes left to bench_train's held-out set")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     args = ap.parse_args(argv)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             caps = gated(g, t)
             rows[t][side] = faithfulness(caps, fact_checks(caps, scenes), lambda text: len(text.split()))
         s, r = rows[t]["start"], rows[t]["trained"]
-        print(f"{t:9.2f}  {s['coverage']:.4f} / {s['hallucination']:.4f}            "
+        print(f"{t:9.3f}  {s['coverage']:.4f} / {s['hallucination']:.4f}            "
               f"{r['coverage']:.4f} / {r['hallucination']:.4f}")
     chosen = next((t for t in SWEEP if rows[t]["trained"]["hallucination"] <= rows[t]["start"]["hallucination"]), None)
     at = rows[chosen] if chosen is not None else rows[SWEEP[0]]

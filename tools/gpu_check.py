@@ -389,7 +389,21 @@ def bench_engine(model_dir: Path, images: list, first: bool = True):
     # the same images and batches as the stage phase below, for a like-for-like stage / engine ratio
     seconds, tokens = timed_generate(engine, prepared[:STAGE_IMAGES], sampling)
     report("engine_stage_images", min(STAGE_IMAGES, len(prepared)), seconds, tokens)
+    if first:
+        bench_logprobs(engine, prepared[:STAGE_IMAGES], sampling, seconds)
     return engine
+
+
+@phase("logprobs")
+def bench_logprobs(engine, prepared: list, sampling, plain_seconds: float) -> None:
+    """What recording token log-probabilities costs (annotate.abstain_below asks for them): the images of
+    engine_stage_images again, with Sampling(logprobs=True)."""
+    from dataclasses import replace
+
+    seconds, tokens = timed_generate(engine, prepared, replace(sampling, logprobs=True))
+    report("engine_logprobs", len(prepared), seconds, tokens)
+    print(f"  seconds with / without log-probabilities: {seconds / plain_seconds:.3f}")
+    OUT["logprobs_cost"] = round(seconds / plain_seconds, 3)
 
 
 @phase("engine_fallback")
