@@ -121,3 +121,49 @@ def spelling(pieces: Sequence[TokenLogprob], text: str) -> tuple[TokenLogprob, .
         out.append((take, logprob))
         pos += len(take)
     return tuple(out) if "".join(p for p, _ in out) == text else None
+
+
+MAX_GAP = 4
+"""`align` gives at most this many characters of the text to tokens whose own piece is unknown."""
+
+
+def align(pieces: Sequence[TokenLogprob], text: str) -> tuple[TokenLogprob, ...] | None:
+    """Pieces as a server reports them, fitted to the text it returned: a piece that is not the text's next
+    characters (a special token the text skips, a byte of a character that arrives as '') spells nothing, and
+    the few characters no piece spells (a replacement character for invalid bytes; never a letter or digit) go
+    to the last such token before them. None when the pieces cannot be fitted."""
+    out: list[TokenLogprob] = []
+    pos = 0
+    unspelled: list[int] = []  # tokens since the last fitted piece that spelled nothing
+
+    def give_gap(upto: int) -> bool:
+        nonlocal pos
+        gap = text[pos:upto]
+        if not gap:
+            return True
+        if len(gap) > MAX_GAP or any(ch.isalnum() for ch in gap):  # a gap never holds a word's letters
+            return False
+        if unspelled:
+            k = unspelled[-1]
+            out[k] = (out[k][0] + gap, out[k][1])
+        elif out:
+            out[-1] = (out[-1][0] + gap, out[-1][1])
+        else:
+            return False
+        pos = upto
+        return True
+
+    for piece, logprob in pieces:
+        at = text.find(piece, pos, pos + MAX_GAP + len(piece)) if piece else -1
+        if at < 0:
+            out.append(("", logprob))
+            unspelled.append(len(out) - 1)
+            continue
+        if not give_gap(at):
+            return None
+        out.append((piece, logprob))
+        pos = at + len(piece)
+        unspelled = []
+    if not give_gap(len(text)):
+        return None
+    return tuple(out) if "".join(p for p, _ in out) == text else None

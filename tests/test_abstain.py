@@ -130,7 +130,15 @@ def test_openai_logprobs_are_read_from_the_choice():
     split = {"logprobs": {"content": [{"token": "A", "logprob": -0.1, "bytes": [65]},
                                       {"token": "bytes:\\xe2\\x98", "logprob": -0.2, "bytes": [32, 0xE2, 0x98]},
                                       {"token": "bytes:\\x95", "logprob": -0.3, "bytes": [0x95]}]}}
-    assert _tokens(split, "A \u2615") == (("A", -0.1), ("", -0.2), (" \u2615", -0.3))
+    assert _tokens(split, "A \u2615") == (("A", -0.1), (" ", -0.2), ("\u2615", -0.3))
+    # vLLM's report: a byte of a split character as '' with no bytes, a special token the text skips
+    served = {"logprobs": {"content": [{"token": "<|vision_start|>", "logprob": -0.5, "bytes": [60, 124]},
+                                       {"token": " Re", "logprob": -0.1, "bytes": [32, 82, 101]},
+                                       {"token": "", "logprob": -0.2, "bytes": []},
+                                       {"token": "", "logprob": -0.3, "bytes": []},
+                                       {"token": "d", "logprob": -0.4, "bytes": [100]}]}}
+    assert _tokens(served, " Re\ufffdd") == (("", -0.5), (" Re", -0.1), ("", -0.2), ("\ufffd", -0.3), ("d", -0.4))
+    assert _tokens(served, " Rexxd") is None  # letters no piece spells are never given away
 
 
 class TokenCaptioner(ScriptedCaptioner):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import io
 import math
 import os
@@ -26,7 +27,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
 
-from pipeline.abstain import spelling
+from pipeline.abstain import align, spelling
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
 from pipeline.engines.grid import ImageGrid, load_grid
@@ -89,20 +90,15 @@ def _run(coro_factory: Callable[[], Awaitable[T]]) -> T:
 
 def _tokens(choice: dict[str, Any], text: str) -> tuple[tuple[str, float], ...] | None:
     """(piece, log-probability) per token of a chat choice asked for `logprobs`: the pieces from each token's
-    `bytes` when the server gives them (a character split over byte tokens goes to the token completing it),
-    else its `token` string; None when absent or when the pieces do not spell the text."""
+    `bytes` when the server gives them and they spell the text, else its `token` strings fitted to the text
+    (`pipeline.abstain.align`: vLLM reports a byte of a split character as '' and names special tokens the
+    text skips); None when absent or when nothing fits."""
     content = (choice.get("logprobs") or {}).get("content") or []
     try:
         logprobs = [float(t["logprob"]) for t in content]
         if content and all(isinstance(t.get("bytes"), list) for t in content):
-            pieces, pending = [], b""
-            for t in content:
-                pending += bytes(t["bytes"])
-                try:
-                    pieces.append(pending.decode("utf-8"))
-                    pending = b""
-                except UnicodeDecodeError:
-                    pieces.append("")
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # invalid bytes -> U+FFFD, as servers do
+            pieces = [decoder.decode(bytes(t["bytes"]), final=k == len(content) - 1) for k, t in enumerate(content)]
         else:
             pieces = [str(t["token"]) for t in content]
     except (KeyError, TypeError, ValueError):
@@ -110,7 +106,7 @@ def _tokens(choice: dict[str, Any], text: str) -> tuple[tuple[str, float], ...] 
     if not content:
         return None
     return spelling(tuple(zip(pieces, logprobs, strict=True)), text) or \
-        spelling(tuple(zip((str(t.get("token", "")) for t in content), logprobs, strict=True)), text)
+        align(tuple(zip((str(t.get("token", "")) for t in content), logprobs, strict=True)), text)
 
 
 class OpenAIEngine:
