@@ -2,7 +2,8 @@
 
 A captioner that sees imperfectly is wrong mostly where it hesitated. On the demo world every false shape
 claim nano-VL makes on 1,000 held-out scenes is a word it wrote at probability < 0.96, 74 of 77 below 0.9,
-while 3,753 of its 3,930 true attribute words are above 0.9 (docs/train.md, "Abstention"). Utility RL teaches a
+while the 3,753 of its 4,008 colour and shape words written above 0.9 hold only 3 of the 77 (docs/train.md,
+"Abstention"). Utility RL teaches a
 captioner to say everything it can see; this gate takes back what it only guessed.
 
 The rule, per sentence (split after '.', '!', '?' or a line break): the sentence is dropped when one of its
@@ -12,7 +13,8 @@ of letters that is not a function word (STOPWORDS) and not the sentence's first 
 such as "The", "Additionally", "Overall" are a choice of style, not a claim). The probabilities are the
 model's own, before temperature or top-p (engines return them with `Sampling(logprobs=True)`).
 Dropped sentences are returned beside the kept text, so a manifest can keep them: nothing is lost.
-The threshold is per model: measure it on data with truth (tools/bench_train.py prints a sweep).
+The threshold is per model: choose it on data with truth (tools/calibrate_abstain.py on the demo world) or with
+evaluate's judge on a sample.
 """
 
 from __future__ import annotations
@@ -62,23 +64,29 @@ def sentences(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _token_spans(tokens: Sequence[TokenLogprob]) -> list[tuple[int, int, float]]:
-    spans, pos = [], 0
-    for piece, logprob in tokens:
-        spans.append((pos, pos + len(piece), logprob))
+def word_probs(tokens: Sequence[TokenLogprob]) -> list[tuple[str, float, int, int]]:
+    """(word, probability, start, end) for every word of the text the tokens spell; a word's probability is that
+    of the least sure token overlapping it (with the tokens spelling nothing just before it: the first bytes of a
+    split character). One pass over words and tokens together (linear in the caption)."""
+    text = "".join(piece for piece, _ in tokens)
+    ends, pos = [], 0
+    for piece, _ in tokens:
         pos += len(piece)
-    return spans
-
-
-def word_probs(text: str, tokens: Sequence[TokenLogprob], start: int = 0, end: int | None = None
-               ) -> list[tuple[str, float, int]]:
-    """(word, probability, index in its sentence) for every word of text[start:end], from the tokens that
-    overlap it (the lowest of them)."""
-    spans = _token_spans(tokens)
+        ends.append(pos)
     out = []
-    for k, m in enumerate(_WORD.finditer(text, start, len(text) if end is None else end)):
-        lps = [lp for a, b, lp in spans if a < m.end() and b > m.start()]
-        out.append((m.group(0), math.exp(min(lps)) if lps else 1.0, k))
+    t = 0  # the first token that may overlap the current word
+    for m in _WORD.finditer(text):
+        while t < len(tokens) and ends[t] <= m.start():
+            t += 1
+        lowest, k = 0.0, t
+        while k < len(tokens) and ends[k] - len(tokens[k][0]) < m.end():
+            lowest = min(lowest, tokens[k][1])
+            k += 1
+        k = t - 1  # the byte tokens of a character split over several spell nothing: the first carries the choice
+        while k >= 0 and not tokens[k][0]:
+            lowest = min(lowest, tokens[k][1])
+            k -= 1
+        out.append((m.group(0), math.exp(lowest), m.start(), m.end()))
     return out
 
 
@@ -87,14 +95,19 @@ def abstain(tokens: Sequence[TokenLogprob], min_prob: float) -> Abstained:
     text = "".join(piece for piece, _ in tokens)
     if min_prob <= 0:
         return Abstained(text.strip())
+    words = word_probs(tokens)
     kept: list[str] = []
     dropped: list[str] = []
+    w = 0
     for start, end in sentences(text):
+        inside = []
+        while w < len(words) and words[w][2] < end:
+            inside.append(words[w])
+            w += 1
         sentence = text[start:end]
         if not sentence.strip():
             continue
-        unsure = any(p < min_prob for word, p, k in word_probs(text, tokens, start, end)
-                     if k > 0 and word.lower() not in STOPWORDS)
+        unsure = any(p < min_prob for k, (word, p, _, _) in enumerate(inside) if k > 0 and word.lower() not in STOPWORDS)
         (dropped if unsure else kept).append(sentence)
     return Abstained("".join(kept).strip(), tuple(s.strip() for s in dropped))
 

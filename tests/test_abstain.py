@@ -12,7 +12,7 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.abstain import Abstained, abstain, gate, sentences, spelling
+from pipeline.abstain import Abstained, abstain, gate, sentences, spelling, word_probs
 from pipeline.config import EngineConfig, load_config
 from pipeline.engines.base import Generation, Sampling, create_engine, image_request
 from pipeline.engines.common import token_pieces
@@ -55,6 +55,14 @@ def test_a_word_split_over_tokens_counts_at_its_least_sure_token():
     tokens = [("A", SURE), (" tri", SURE), ("angle", UNSURE), (" sits", SURE), (".", SURE), (" Grass", SURE),
               (" grows", SURE), (".", SURE)]
     assert abstain(tokens, 0.8) == Abstained("Grass grows.", ("A triangle sits.",))
+
+
+def test_the_first_bytes_of_a_split_character_carry_the_words_probability():
+    tokens = [("Un", SURE), (" ", SURE), ("", UNSURE), ("\u732b", SURE), (".", SURE), (" Two", SURE), (" dogs", SURE),
+              (".", SURE)]
+    assert [(w, round(p, 2)) for w, p, _, _ in word_probs(tokens)] == [
+        ("Un", 0.99), ("\u732b", 0.4), ("Two", 0.99), ("dogs", 0.99)]
+    assert abstain(tokens, 0.8) == Abstained("Two dogs.", ("Un \u732b.",))
 
 
 def test_sentence_spans_keep_decimals_and_split_on_line_breaks():
