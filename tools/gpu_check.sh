@@ -3,7 +3,8 @@
 # Qwen2.5-VL-3B and Qwen3-VL-4B architectures on the hf engine, each on its own image grid (28 / 32 px):
 # 512 images x 256 new tokens at the engine's own settings (compiled decode, batches from free memory,
 # encoding ahead), the annotate stage over one shard, then seconds per TRL GRPO step (GPU_CHECK_GRPO=0 skips
-# it); for the first family also the old settings (eager, batch 256) and a decode profile.
+# it); for the first family also the old settings (eager, batch 256), a decode profile and what recording token
+# log-probabilities costs (the abstention gate's `logprobs_cost`, seconds with / without).
 #   GPU_CHECK_FAMILIES=qwen3-vl tools/gpu_check.sh    # one family only (default: qwen2.5-vl,qwen3-vl)
 # Installs nothing (the GPU machine may be offline); prints what is missing and runs what it can.
 #   tools/gpu_check.sh                 # on the GPU machine, from anywhere
