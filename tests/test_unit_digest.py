@@ -4,6 +4,7 @@ current (the stats file's timing and the summary's seconds change, the weights d
 from __future__ import annotations
 
 import io
+import time
 
 from pipeline.config import load_config
 from pipeline.demo import DEMO_MANIFEST
@@ -32,7 +33,8 @@ def test_train_force_with_the_same_weights_keeps_consumers_current(tmp_path):
     consumer = {"inputs": {"train/all": marker_digest(first)}}
     legacy = {"inputs": {"train/all": marker_digest(first, with_records=True)}}  # recorded by an older version
     assert stale_inputs(legacy, InputCache(storage)) == []
+    time.sleep(1.1)  # committed_at has whole seconds: the rerun's records must differ (its stats may not)
     assert run_stage(config, "train", None, force=True, progress=False, out=io.StringIO()).exit_code == 0
     second = storage.marker("train", "all")
-    assert second["committed_at"] >= first["committed_at"] and second["stats"] != first["stats"]
+    assert second["committed_at"] > first["committed_at"]
     assert stale_inputs(consumer, InputCache(storage)) == []
