@@ -222,6 +222,19 @@ def test_annotate_without_probabilities_says_the_gate_did_not_run(tmp_path):
     assert stats["ungated"] == 4
 
 
+def test_the_dataset_card_says_what_the_gate_dropped(tmp_path):
+    from pipeline.publish.export import export
+    from pipeline.publish.rows import Selection
+    from pipeline.publish.source import CommittedSource
+
+    _, manifest, stats, _ = annotate_scenes(tmp_path / "root", 12, 0.8)
+    export(CommittedSource(Storage(str(tmp_path / "root"))), "hf", str(tmp_path / "out"), Selection(),
+           stream=io.StringIO())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert (f"abstention gate (`annotate.abstain_below` 0.8): {stats['abstained_sentences']} sentence(s)" in card
+            and stats["abstained_sentences"] > 0)
+
+
 def test_a_caption_with_every_sentence_dropped_is_a_failed_row_that_keeps_them(tmp_path):
     _, manifest, stats, _ = annotate_scenes(tmp_path, 3, 0.999)  # even the sure words (0.99) are below
     for r in manifest:

@@ -123,6 +123,7 @@ def facts(source: CommittedSource, tally: Tally, sel: Selection, fmt: str) -> di
         "models": dict(tally.models.most_common()),
         "prompts": _distinct([s.get("prompt") for s in settings if s.get("prompt")]),
         "sampling": _distinct([s.get("sampling") for s in settings if s.get("sampling")]),
+        "abstention": _abstention(annotate, settings),
         "captioners": captioners,
         "quality_settings": _distinct([{"quality": s.get("quality"), "reward": s.get("reward")} for s in settings]),
         "qa": {"shards": len(qa), "rows": _sum_rows(qa, "total"), "ok": _sum_rows(qa, "ok"),
@@ -135,6 +136,16 @@ def facts(source: CommittedSource, tally: Tally, sel: Selection, fmt: str) -> di
         "export_code_version": code_version(),
     }
     return out
+
+
+def _abstention(annotate: dict[str, dict[str, Any]], settings: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The abstention gate's thresholds and what it dropped over the run (None: never on)."""
+    thresholds = _distinct([s.get("abstain_below") for s in settings if s.get("abstain_below")])
+    if not thresholds:
+        return None
+    extra = [((m.get("stats") or {}).get("extra") or {}) for m in annotate.values()]
+    return {"abstain_below": thresholds, "sentences_dropped": sum(int(e.get("abstained_sentences", 0)) for e in extra),
+            "rows_ungated": sum(int(e.get("ungated", 0)) for e in extra)}
 
 
 def _lineage(train: dict[str, dict[str, Any]], captioners: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -221,6 +232,12 @@ def body(f: dict[str, Any]) -> str:
         if d:
             parts.append(f"- length in {label}: min {d['min']}, p10 {d['p10']}, median {d['median']}, mean {d['mean']}, "
                          f"p90 {d['p90']}, max {d['max']} ({d['rows']} rows)")
+    if f.get("abstention"):
+        a = f["abstention"]
+        parts.append(f"- abstention gate (`annotate.abstain_below` {', '.join(map(str, a['abstain_below']))}): "
+                     f"{a['sentences_dropped']} sentence(s) the captioner wrote below that probability were dropped "
+                     f"(kept in the manifests' `abstained` column); rows with every sentence dropped are failed rows "
+                     f"(`abstained`); {a['rows_ungated']} ok row(s) came without token probabilities and were not gated")
     if f["quality_mean"] is not None:
         parts.append(f"- quality (CapRL reward of the scored rows): mean {f['quality_mean']} over {f['quality_rows']} rows")
     parts += ["", "## Captioner", ""]
