@@ -134,6 +134,8 @@ def test_openai_logprobs_are_read_from_the_choice():
     assert _tokens(choice, "Something else") is None
     assert _tokens({"logprobs": None}, "A") is None
     assert _tokens({"logprobs": {"content": [{"token": "A"}]}}, "A") is None
+    assert _tokens({"logprobs": {"content": [{"token": "A", "logprob": None}]}}, "A") is None
+    assert _tokens({"logprobs": {"content": [{"token": "A", "logprob": "NaN"}]}}, "A") is None
     # a character split over byte tokens: read from the tokens' bytes, it belongs to the token completing it
     split = {"logprobs": {"content": [{"token": "A", "logprob": -0.1, "bytes": [65]},
                                       {"token": "bytes:\\xe2\\x98", "logprob": -0.2, "bytes": [32, 0xE2, 0x98]},

@@ -92,7 +92,7 @@ def _tokens(choice: dict[str, Any], text: str) -> tuple[tuple[str, float], ...] 
     """(piece, log-probability) per token of a chat choice asked for `logprobs`: the pieces from each token's
     `bytes` when the server gives them and they spell the text, else its `token` strings fitted to the text
     (`pipeline.abstain.align`: vLLM reports a byte of a split character as '' and names special tokens the
-    text skips); None when absent or when nothing fits."""
+    text skips); None when absent, not a number, or when nothing fits."""
     content = (choice.get("logprobs") or {}).get("content") or []
     try:
         logprobs = [float(t["logprob"]) for t in content]
@@ -103,7 +103,7 @@ def _tokens(choice: dict[str, Any], text: str) -> tuple[tuple[str, float], ...] 
             pieces = [str(t["token"]) for t in content]
     except (KeyError, TypeError, ValueError):
         return None
-    if not content:
+    if not content or any(math.isnan(lp) for lp in logprobs):  # an unknown probability must not read as sure
         return None
     return spelling(tuple(zip(pieces, logprobs, strict=True)), text) or \
         align(tuple(zip((str(t.get("token", "")) for t in content), logprobs, strict=True)), text)
