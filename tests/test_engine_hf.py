@@ -327,3 +327,23 @@ def test_chat_template_options_reach_the_template(text_model_dir, generation):
         assert reader.prompt_text(req).endswith(empty_think + READER_PREFILL)
     else:  # Qwen2's template has no such option: the prompt is unchanged
         assert reader.prompt_text(req) == plain.prompt_text(req)
+
+
+def test_template_options_the_template_never_reads_are_not_passed(vl_model_dir, generation):
+    """A processor takes a chat-template option its template does not name for its own call and warns on every
+    prompt (transformers >= 5.25): the readers' enable_thinking reaches only a template that reads it, and the
+    prompt is the one without the option."""
+    from pipeline.engines.common import template_options
+
+    class Owner:
+        chat_template = {"default": "{% if enable_thinking %}x{% endif %}", "tool_use": "{{ tools }}"}
+
+    assert template_options(Owner(), {"enable_thinking": False, "other": 1}) == {"enable_thinking": False}
+    assert template_options(object(), {"enable_thinking": False}) == {"enable_thinking": False}
+    reader = HFEngine(RewardConfig(reader=EngineConfig(model=str(vl_model_dir))).reader)
+    plain = HFEngine(EngineConfig(model=str(vl_model_dir)))
+    names = "enable_thinking" in str(reader.processor.chat_template)
+    assert reader._template_kwargs == ({"enable_thinking": False} if names else {})
+    req = vl_requests()[0]
+    if not names:
+        assert reader.prompt_text(req) == plain.prompt_text(req)

@@ -65,3 +65,15 @@ def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
         else:
             pieces.append("")
     return pieces
+
+
+def template_options(owner: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The chat-template options that `owner`'s template (a tokenizer's or a processor's) names. An option a
+    template never reads changes nothing, and a processor takes one it does not know for its own `__call__`
+    and warns on every prompt (transformers >= 5.25), e.g. the readers' default `enable_thinking` with a model
+    that has no thinking mode."""
+    template = getattr(owner, "chat_template", None)
+    if not options or template is None:
+        return dict(options)
+    text = " ".join(map(str, template.values())) if isinstance(template, dict) else str(template)
+    return {name: value for name, value in options.items() if name in text}

@@ -22,7 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from pipeline.abstain import spelling
 from pipeline.config import EngineConfig
 from pipeline.engines.base import ChatRequest, Generation, Sampling
-from pipeline.engines.common import ModelLoadError, model_identity, text_only, token_pieces
+from pipeline.engines.common import ModelLoadError, model_identity, template_options, text_only, token_pieces
 from pipeline.engines.grid import ImageGrid
 from pipeline.engines.memory import free_gpu_bytes, row_cost, rows_that_fit
 from pipeline.engines.prefix import PrefixPlan, plan_prefixes
@@ -105,7 +105,7 @@ class HFEngine:
             self.processor = None
             self.tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
             self.image_grid = ImageGrid.budget_only(config)
-        self._template_kwargs = dict(config.chat_template_kwargs or {})
+        self._template_kwargs = template_options(self.processor or self.tokenizer, config.chat_template_kwargs or {})
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
