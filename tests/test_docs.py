@@ -190,3 +190,21 @@ def test_declared_folders_are_in_the_layout():
                 storage.RUN_META, INPUTS_DIR, PROGRESS_DIR, CACHE_DIR.rsplit("/", 1)[0], "gallery",
                 *stage_folders(load_config()).values()}
     assert sorted(declared - layout_folders()) == []
+
+
+# -- the tools start as the docs show them ----------------------------------------------------------------
+
+TOOLS_IMPORTING_TOOLS = sorted(p for p in (REPO_ROOT / "tools").glob("*.py")
+                               if re.search(r"^\s*from tools[.\s]|^\s*import tools\b", p.read_text(), re.M))
+
+
+@pytest.mark.parametrize("tool", TOOLS_IMPORTING_TOOLS, ids=lambda p: p.name)
+def test_a_tool_that_imports_its_siblings_starts_as_a_script(tool, tmp_path):
+    """`python tools/x.py` puts tools/ on the path, not the repository: a tool importing `tools.<y>` must add it."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(tool), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from pipeline.config import EngineConfig
-from pipeline.nano import data as nano_data
-from pipeline.resources import repo_path
-from tools.bench_train import captions, fact_checks, faithfulness, gated
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python tools/calibrate_abstain.py` from anywhere
+
+from pipeline.config import EngineConfig  # noqa: E402
+from pipeline.nano import data as nano_data  # noqa: E402
+from pipeline.resources import repo_path  # noqa: E402
+from tools.bench_train import captions, fact_checks, faithfulness, gated  # noqa: E402
 
 SWEEP = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
 PROMPT = "Please describe this image in detail."
