@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import re
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,9 +203,6 @@ TOOLS_IMPORTING_TOOLS = sorted(p for p in (REPO_ROOT / "tools").glob("*.py")
 @pytest.mark.parametrize("tool", TOOLS_IMPORTING_TOOLS, ids=lambda p: p.name)
 def test_a_tool_that_imports_its_siblings_starts_as_a_script(tool, tmp_path):
     """`python tools/x.py` puts tools/ on the path, not the repository: a tool importing `tools.<y>` must add it."""
-    import os
-    import subprocess
-
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, str(tool), "--help"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)

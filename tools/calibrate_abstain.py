@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python tools
 
 from pipeline.config import EngineConfig  # noqa: E402
 from pipeline.nano import data as nano_data  # noqa: E402
-from pipeline.resources import repo_path  # noqa: E402
+from pipeline.resources import resolve_resource  # noqa: E402
 from tools.bench_train import captions, fact_checks, faithfulness, gated  # noqa: E402
 
 SWEEP = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     held = {s.to_json() for s in stream[:args.skip]}
     scenes = [s for s in stream[args.skip:] if s.to_json() not in held]
     policy = EngineConfig(backend="hf", device="cpu", min_pixels=12544, max_pixels=12544)
-    gens = {side: captions(str(repo_path(path)) if not path.startswith("/") else path, policy, PROMPT, scenes,
-                           args.max_new_tokens) for side, path in (("start", args.start), ("trained", args.trained))}
+    gens = {side: captions(resolve_resource(path), policy, PROMPT, scenes, args.max_new_tokens)
+            for side, path in (("start", args.start), ("trained", args.trained))}
     print(f"{len(scenes)} validation scenes (eval stream {args.skip}..{args.skip + args.scenes})")
     print("threshold  start coverage / hallucination   trained coverage / hallucination")
     rows = {}
